@@ -1,0 +1,571 @@
+//! Commands: argument parsing (clap) and each command's composition of the modules, with
+//! its human and `--json` output. Output goes to stdout, logs to stderr.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::codec::{Identities, generate_identity, parse_recipients, recipient_fingerprint};
+use crate::config::{Config, StorageLocation, redact_url};
+use crate::error::Error;
+use crate::replication::ReplicationConnection;
+use crate::repository::{RepoInfo, Repository, reader};
+use crate::restore::{RestoreRequest, RestoreTarget, plan};
+use crate::source::snapshot::{SnapshotRequest, validate_tenant};
+use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "updog-backup",
+    version,
+    about = "Per-tenant backup and point-in-time restore for multi-tenant PostgreSQL"
+)]
+pub struct Cli {
+    /// Config file (TOML); default: $UPDOG_BACKUP_CONFIG
+    #[arg(long, global = true, value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Check the source and initialise the repository (idempotent)
+    Init,
+    /// Preflight report: settings, privileges, replica identities, how every table reaches its tenant
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take one consistent snapshot now (every tenant unless --org is given)
+    Backup {
+        /// Only this tenant (repeatable)
+        #[arg(long = "org", value_name = "ORG")]
+        orgs: Vec<String>,
+    },
+    /// Snapshots, and a tenant's restorable window
+    List {
+        #[arg(long, value_name = "ORG")]
+        org: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore one tenant into a NEW database
+    Restore(RestoreArgs),
+    /// Check stored objects against their digests (--deep: also decrypt and parse them)
+    Verify {
+        #[arg(long, value_name = "ORG")]
+        org: Option<String>,
+        #[arg(long)]
+        deep: bool,
+    },
+    /// Create a new age identity; prints its recipient (public key)
+    Keygen {
+        /// Write the identity here (mode 0600) instead of stdout
+        #[arg(long, value_name = "FILE")]
+        output: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    #[arg(long, value_name = "ORG")]
+    pub org: String,
+    /// Restore point (RFC 3339), inclusive: the last transaction committed at or before it
+    #[arg(
+        long,
+        value_name = "RFC3339",
+        conflicts_with = "latest",
+        required_unless_present = "latest"
+    )]
+    pub at: Option<String>,
+    /// Everything the repository covers
+    #[arg(long)]
+    pub latest: bool,
+    /// Name of the database to create (default recovery_<org8>_<yyyymmddThhmmss>)
+    #[arg(long, value_name = "NAME")]
+    pub target_db: Option<String>,
+    /// Server to create it on (default: restore.target_url)
+    #[arg(long, value_name = "URL")]
+    pub target_url: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(cli: Cli) -> Result<(), Error> {
+    match cli.command {
+        Command::Keygen { output } => keygen(output.as_deref()),
+        command => {
+            let config = Config::load(cli.config.as_deref())?;
+            match command {
+                Command::Init => init(&config).await,
+                Command::Check { json } => check(&config, json).await,
+                Command::Backup { orgs } => backup(&config, orgs).await,
+                Command::List { org, json } => list(&config, org, json).await,
+                Command::Restore(args) => restore(&config, args).await,
+                Command::Verify { org, deep } => verify(&config, org, deep).await,
+                Command::Keygen { .. } => unreachable!("handled above"),
+            }
+        }
+    }
+}
+
+/// The configured object store.
+pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, Error> {
+    Ok(match config.storage_location()? {
+        StorageLocation::Directory(path) => Arc::new(LocalStore::new(path)),
+        StorageLocation::S3 { bucket, prefix } => Arc::new(
+            S3Store::new(S3Settings {
+                bucket,
+                prefix,
+                endpoint: config.storage.s3_endpoint.clone(),
+                region: config.storage.s3_region.clone(),
+                force_path_style: config.storage.s3_force_path_style,
+            })
+            .await?,
+        ),
+    })
+}
+
+fn print_json<T: Serialize>(value: &T) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).expect("reports serialize")
+    );
+}
+
+fn time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn keygen(output: Option<&Path>) -> Result<(), Error> {
+    let (identity, recipient) = generate_identity();
+    match output {
+        Some(path) => {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "cannot create {}: {e} (keygen never overwrites an identity)",
+                        path.display()
+                    ))
+                })?;
+            file.write_all(identity.as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|e| Error::Failed(format!("writing {}: {e}", path.display())))?;
+            eprintln!(
+                "identity written to {} (keep it secret, keep a copy offline: without it no backup can be restored)",
+                path.display()
+            );
+            println!("{recipient}");
+        }
+        None => {
+            print!("{identity}");
+            eprintln!("public key: {recipient}");
+        }
+    }
+    Ok(())
+}
+
+async fn init(config: &Config) -> Result<(), Error> {
+    let pg_config = crate::config::pg_config(&config.source.url)?;
+    let mut replication = ReplicationConnection::connect(&pg_config)
+        .await
+        .map_err(|e| {
+            Error::Failed(format!(
+                "replication connection to {}: {e}",
+                redact_url(&config.source.url)
+            ))
+        })?;
+    let system = replication
+        .identify_system()
+        .await
+        .map_err(|e| Error::Failed(format!("IDENTIFY_SYSTEM: {e}")))?;
+    let _ = replication.close().await;
+    let client = crate::source::connect(&config.source.url).await?;
+    let identity = crate::source::snapshot::source_identity(&client, system.system_id).await?;
+    // The catalog must classify every table before the first backup can work.
+    crate::source::catalog::Catalog::load(&client, &config.source)
+        .await
+        .map_err(crate::source::SourceError::from)?;
+    let store = open_store(config).await?;
+    let repo = Repository::new(store.clone());
+    let info = RepoInfo {
+        format_version: crate::repository::FORMAT_VERSION,
+        system_identifier: identity.system_identifier,
+        database: identity.database,
+        tenant_column: config.source.tenant_column.clone(),
+        recipients: parse_recipients(&config.encryption.recipients)?
+            .iter()
+            .map(recipient_fingerprint)
+            .collect(),
+        created_at: Utc::now(),
+    };
+    if repo.init(&info).await? {
+        println!(
+            "initialised repository {} for {}",
+            store.describe(),
+            info.source_label()
+        );
+    } else {
+        println!(
+            "repository {} already initialised for {}",
+            store.describe(),
+            info.source_label()
+        );
+    }
+    Ok(())
+}
+
+async fn check(config: &Config, json: bool) -> Result<(), Error> {
+    let report = crate::source::check::run(config).await?;
+    if json {
+        print_json(&report);
+    } else {
+        println!("{report}");
+    }
+    if report.errors() > 0 {
+        return Err(Error::Failed(format!(
+            "check found {} error(s): apply the fixes above",
+            report.errors()
+        )));
+    }
+    Ok(())
+}
+
+async fn backup(config: &Config, orgs: Vec<String>) -> Result<(), Error> {
+    let repo = Repository::new(open_store(config).await?);
+    let manifest =
+        crate::source::snapshot::take(config, &repo, &SnapshotRequest { tenants: orgs }).await?;
+    let bytes: u64 = manifest.objects().map(|o| o.bytes).sum();
+    let rows: u64 = manifest.tenants.values().map(|t| t.total_rows()).sum();
+    println!(
+        "snapshot {} at {} (LSN {}): {} tenant(s), {rows} rows, {} stored in {:.1}s",
+        manifest.id,
+        time(manifest.consistent_time),
+        manifest.consistent_lsn,
+        manifest.tenants.len(),
+        human_bytes(bytes),
+        (manifest.finished_at - manifest.started_at).num_milliseconds() as f64 / 1000.0
+    );
+    Ok(())
+}
+
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[derive(Serialize)]
+struct SnapshotLine {
+    id: String,
+    consistent_time: DateTime<Utc>,
+    consistent_lsn: String,
+    tenants: usize,
+    all_tenants: bool,
+    bytes: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_rows: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant_bytes: Option<u64>,
+}
+
+#[derive(Serialize)]
+struct ListReport {
+    repository: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    window: Option<crate::restore::Window>,
+    snapshots: Vec<SnapshotLine>,
+}
+
+async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
+    let store = open_store(config).await?;
+    let repo = Repository::new(store.clone());
+    repo.info().await?;
+    let org = match org {
+        Some(o) => Some(resolve_tenant(&repo, &o).await?),
+        None => None,
+    };
+    let mut snapshots = Vec::new();
+    for id in repo.snapshots().await? {
+        let m = repo.manifest(&id).await?;
+        let tenant = org.as_ref().and_then(|o| m.tenants.get(o));
+        if org.is_some() && tenant.is_none() {
+            continue;
+        }
+        snapshots.push(SnapshotLine {
+            id: m.id.to_string(),
+            consistent_time: m.consistent_time,
+            consistent_lsn: m.consistent_lsn.to_string(),
+            tenants: m.tenants.len(),
+            all_tenants: m.all_tenants,
+            bytes: m.objects().map(|o| o.bytes).sum(),
+            tenant_rows: tenant.map(|t| t.total_rows()),
+            tenant_bytes: tenant.map(|t| t.object.bytes),
+        });
+    }
+    let window = match (&org, snapshots.first(), snapshots.last()) {
+        (Some(_), Some(first), Some(last)) => Some(crate::restore::Window {
+            earliest: first.consistent_time,
+            covered_until: last.consistent_time,
+            snapshots: snapshots.len(),
+        }),
+        _ => None,
+    };
+    if let (Some(o), None) = (&org, &window) {
+        return Err(Error::Usage(format!(
+            "tenant {o} is in no snapshot of {}",
+            store.describe()
+        )));
+    }
+    let report = ListReport {
+        repository: store.describe(),
+        tenant: org,
+        window,
+        snapshots,
+    };
+    if json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!("repository {}", report.repository);
+    if let (Some(t), Some(w)) = (&report.tenant, &report.window) {
+        println!(
+            "tenant {t}: restorable from {} to {} ({} snapshot(s))",
+            time(w.earliest),
+            time(w.covered_until),
+            w.snapshots
+        );
+    }
+    if report.snapshots.is_empty() {
+        println!("no snapshots yet: run `updog-backup backup`");
+    }
+    println!(
+        "{:<34} {:<28} {:>8} {:>11}  TENANT ROWS / BYTES",
+        "SNAPSHOT", "CONSISTENT TIME", "TENANTS", "STORED"
+    );
+    for s in &report.snapshots {
+        let tenant = match (s.tenant_rows, s.tenant_bytes) {
+            (Some(r), Some(b)) => format!("{r} / {}", human_bytes(b)),
+            _ => String::new(),
+        };
+        let partial = if s.all_tenants { "" } else { " (partial)" };
+        println!(
+            "{:<34} {:<28} {:>8} {:>11}  {tenant}{partial}",
+            s.id,
+            time(s.consistent_time),
+            s.tenants,
+            human_bytes(s.bytes)
+        );
+    }
+    Ok(())
+}
+
+/// A tenant value from the command line in the repository's canonical form (uuids in
+/// lowercase), checked against the tenant column's type recorded by the newest snapshot.
+async fn resolve_tenant(repo: &Repository, org: &str) -> Result<String, Error> {
+    if uuid::Uuid::parse_str(org).is_ok() {
+        return validate_tenant(org, "uuid").map_err(Error::Usage);
+    }
+    let tenant_type = match repo.snapshots().await?.last() {
+        Some(id) => repo.manifest(id).await?.tenant_type,
+        None => "text".to_string(),
+    };
+    validate_tenant(org, &tenant_type).map_err(Error::Usage)
+}
+
+async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
+    let target = match (&args.at, args.latest) {
+        (Some(at), false) => RestoreTarget::At(
+            DateTime::parse_from_rfc3339(at)
+                .map_err(|e| {
+                    Error::Usage(format!(
+                        "--at {at:?} is not an RFC 3339 time ({e}), e.g. 2026-11-26T10:41:07Z"
+                    ))
+                })?
+                .with_timezone(&Utc),
+        ),
+        _ => RestoreTarget::Latest,
+    };
+    let target_url = args
+        .target_url
+        .clone()
+        .or_else(|| config.restore.target_url.clone())
+        .ok_or(crate::restore::RestoreError::NoTarget)?;
+    let identities = Arc::new(Identities::load(
+        config.encryption.identity_file.as_deref(),
+    )?);
+    let repo = Repository::new(open_store(config).await?);
+    repo.info().await?;
+    let tenant = resolve_tenant(&repo, &args.org).await?;
+    let request = RestoreRequest {
+        tenant,
+        target,
+        target_db: args.target_db,
+        target_url,
+    };
+    let report = crate::restore::run(&repo, identities, &request).await?;
+    if args.json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!(
+        "restored tenant {} into database {} on {}",
+        report.tenant, report.database, report.target
+    );
+    println!(
+        "restore point: snapshot {} — LSN {}, {} (window {})",
+        report.snapshot,
+        report.restore_point.lsn,
+        time(report.restore_point.time),
+        report.window
+    );
+    for (table, rows) in &report.tenant_rows {
+        println!("  {table:<40} {rows:>10} rows");
+    }
+    for (table, rows) in &report.global_rows {
+        println!("  {table:<40} {rows:>10} rows (global)");
+    }
+    for skipped in &report.not_recreated {
+        println!("  NOT RECREATED {}: {}", skipped.entry, skipped.error);
+    }
+    println!("{} rows in {:.1}s", report.total_rows(), report.seconds);
+    Ok(())
+}
+
+async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), Error> {
+    let store = open_store(config).await?;
+    let repo = Repository::new(store.clone());
+    repo.info().await?;
+    let org = match org {
+        Some(o) => Some(resolve_tenant(&repo, &o).await?),
+        None => None,
+    };
+    let identities = if deep {
+        Some(Arc::new(Identities::load(
+            config.encryption.identity_file.as_deref(),
+        )?))
+    } else {
+        None
+    };
+    let (mut checked, mut failed) = (0usize, Vec::new());
+    let ids = match &org {
+        Some(o) => plan::tenant_snapshots(&repo, o)
+            .await
+            .map_err(crate::restore::RestoreError::from)?
+            .0
+            .into_iter()
+            .map(|m| m.id)
+            .collect(),
+        None => repo.snapshots().await?,
+    };
+    for id in ids {
+        let manifest = match repo.manifest(&id).await {
+            Ok(m) => m,
+            Err(e) => {
+                failed.push(format!("{id}: {e}"));
+                continue;
+            }
+        };
+        let mut work: Vec<(
+            &crate::repository::StoredObject,
+            Option<crate::repository::archive::ArchiveHeader>,
+        )> = Vec::new();
+        let header = |kind, tenant: Option<&String>| crate::repository::archive::ArchiveHeader {
+            kind,
+            snapshot: manifest.id.to_string(),
+            tenant: tenant.cloned(),
+        };
+        work.push((&manifest.schema, None));
+        work.push((
+            &manifest.global.object,
+            Some(header(
+                crate::repository::archive::ArchiveKind::Global,
+                None,
+            )),
+        ));
+        for (tenant, entry) in &manifest.tenants {
+            if org.as_ref().is_none_or(|o| o == tenant) {
+                work.push((
+                    &entry.object,
+                    Some(header(
+                        crate::repository::archive::ArchiveKind::Tenant,
+                        Some(tenant),
+                    )),
+                ));
+            }
+        }
+        for (object, archive) in work {
+            let result = match (&identities, archive) {
+                (None, _) => reader::verify_digest(&store, object).await.map(|_| ()),
+                (Some(ids), None) => reader::read_sealed(&store, object, ids.clone())
+                    .await
+                    .map(|_| ()),
+                (Some(ids), Some(h)) => {
+                    let expected = if h.kind == crate::repository::archive::ArchiveKind::Global {
+                        &manifest.global.rows
+                    } else {
+                        &manifest.tenants[h
+                            .tenant
+                            .as_ref()
+                            .expect("tenant archives name their tenant")]
+                        .rows
+                    };
+                    reader::verify_archive(&store, object, ids.clone(), h)
+                        .await
+                        .and_then(|rows| {
+                            if &rows == expected {
+                                Ok(())
+                            } else {
+                                Err(crate::repository::RepositoryError::Archive {
+                                    key: object.key.clone(),
+                                    message: format!(
+                                        "rows {rows:?} differ from the manifest's {expected:?}"
+                                    ),
+                                })
+                            }
+                        })
+                }
+            };
+            checked += 1;
+            if let Err(e) = result {
+                println!("FAILED {}: {e}", object.key);
+                failed.push(e.to_string());
+            }
+        }
+    }
+    let what = if deep {
+        "decrypted and parsed"
+    } else {
+        "digests checked"
+    };
+    println!("{checked} object(s) {what}, {} failed", failed.len());
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::Failed(format!(
+            "{} object(s) failed verification",
+            failed.len()
+        )))
+    }
+}

@@ -1,0 +1,29 @@
+//! updog-backup: per-tenant backup and point-in-time restore for multi-tenant PostgreSQL.
+//!
+//! ```text
+//!             replication connection (walsender)             ┌──────────────┐
+//! PostgreSQL ───────────────► exported snapshot ───────────► │ snapshot     │
+//!    │                         (CREATE_REPLICATION_SLOT)     │ exporter     │──► codec (zstd ─► age) ──► storage
+//!    │  COPY (SELECT … WHERE tenant) per table per tenant ──►│ per tenant   │        (S3 / directory)
+//!    │                                                       └──────────────┘
+//!    └─ catalog: every table in the configured schemas is tenant (own column or a
+//!       foreign-key path to it), global, or excluded — never silently skipped
+//!
+//! restore: repository ─► manifest ─► verify (digest + decrypt) ─► CREATE DATABASE ─► pre-data
+//!          ─► COPY global + tenant rows ─► post-data (indexes, constraints, RLS) ─► report
+//! ```
+//!
+//! Module map: [`config`] (TOML + environment), [`storage`] (object stores), [`codec`]
+//! (zstd then age, streaming), [`repository`] (keys, manifests, tenant archives),
+//! [`source`] (PostgreSQL side: connections, catalog, snapshot export), [`replication`]
+//! (walsender protocol), [`restore`] (recovery databases), [`cli`] (commands).
+
+pub mod cli;
+pub mod codec;
+pub mod config;
+pub mod error;
+pub mod replication;
+pub mod repository;
+pub mod restore;
+pub mod source;
+pub mod storage;

@@ -1,0 +1,21 @@
+//! The PostgreSQL side of change capture: the walsender (replication) protocol.
+//!
+//! Owns the replication connection — startup and authentication on a `replication=database`
+//! session, the replication commands (`IDENTIFY_SYSTEM`, `CREATE_REPLICATION_SLOT`,
+//! `DROP_REPLICATION_SLOT`), and the framing that the CopyBoth stream of `START_REPLICATION` will
+//! use — and the [`Lsn`] type that names positions in the WAL everywhere in the crate.
+//!
+//! It must never decide what to back up: which slot, from which position, which tables and
+//! tenants are the caller's decisions, and WAL payloads pass through it undecoded. It also never
+//! acknowledges a position on its own; only the caller knows what is durable (invariant 1).
+//!
+//! It is written directly on `postgres-protocol` because tokio-postgres has no replication mode.
+
+mod connection;
+mod lsn;
+
+pub use connection::{
+    CreatedSlot, DEFAULT_APPLICATION_NAME, ReplicationConnection, ReplicationError, Row,
+    SlotSnapshot, Socket, SystemIdentity,
+};
+pub use lsn::{Lsn, LsnParseError};

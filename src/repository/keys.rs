@@ -1,0 +1,74 @@
+//! Object keys (format version 1). LSNs are 16 hex digits so that keys sort.
+
+use super::SnapshotId;
+
+pub const REPO_INFO: &str = "repo.json";
+pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
+const MANIFEST: &str = "manifest.json";
+
+pub fn snapshot_prefix(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_PREFIX}{id}/")
+}
+
+pub fn manifest(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_PREFIX}{id}/{MANIFEST}")
+}
+
+pub fn schema(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_PREFIX}{id}/schema.sql.zst.age")
+}
+
+pub fn global(id: &SnapshotId) -> String {
+    format!("{SNAPSHOTS_PREFIX}{id}/global.zst.age")
+}
+
+pub fn tenant(id: &SnapshotId, tenant: &str) -> String {
+    format!(
+        "{SNAPSHOTS_PREFIX}{id}/tenants/{}.zst.age",
+        encode_tenant(tenant)
+    )
+}
+
+/// The snapshot a `…/manifest.json` key belongs to.
+pub fn snapshot_of_manifest(key: &str) -> Option<SnapshotId> {
+    let rest = key
+        .strip_prefix(SNAPSHOTS_PREFIX)?
+        .strip_suffix(MANIFEST)?
+        .strip_suffix('/')?;
+    rest.parse().ok()
+}
+
+/// Tenant values become one key segment: uuids and other plain values stay as they are,
+/// anything else is percent-encoded (so a text tenant value can never escape its folder).
+pub fn encode_tenant(tenant: &str) -> String {
+    let mut out = String::with_capacity(tenant.len());
+    for b in tenant.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'-' || b == b'_' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_keys_stay_in_their_folder() {
+        assert_eq!(
+            encode_tenant("0b1f9a4e-7c1d-4d4a-9f67-000000000001"),
+            "0b1f9a4e-7c1d-4d4a-9f67-000000000001"
+        );
+        assert_eq!(encode_tenant("../x/y z"), "%2E%2E%2Fx%2Fy%20z");
+    }
+
+    #[test]
+    fn manifest_keys_round_trip() {
+        let id: SnapshotId = "20261126T120000Z-0000000016B3748A".parse().unwrap();
+        assert_eq!(snapshot_of_manifest(&manifest(&id)), Some(id.clone()));
+        assert_eq!(snapshot_of_manifest(&schema(&id)), None);
+    }
+}

@@ -1,0 +1,169 @@
+//! The repository: the self-describing set of objects that restore needs, and nothing else.
+//!
+//! Owns the format (FORMAT.md): keys, `repo.json`, snapshot manifests, tenant archives and the
+//! sealed-object plumbing between the codec and the store. It never talks to PostgreSQL.
+//! Visibility rule: a snapshot exists only once its manifest — written last — exists.
+
+pub mod archive;
+pub mod copy_binary;
+pub mod info;
+pub mod keys;
+pub mod manifest;
+pub mod object;
+pub mod reader;
+
+use std::sync::Arc;
+
+use crate::codec::CodecError;
+use crate::storage::{ObjectStore, PutMode, StorageError};
+
+pub use info::RepoInfo;
+pub use manifest::{Manifest, SnapshotId, StoredObject};
+
+/// The newest format this build reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RepositoryError {
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("no repository at {location}: run `updog-backup init` first")]
+    NotInitialized { location: String },
+    #[error(
+        "{key} has format version {found}; this build reads version {FORMAT_VERSION}: upgrade updog-backup"
+    )]
+    UnknownFormat { key: String, found: u32 },
+    #[error("{key}: {source}")]
+    Object {
+        key: String,
+        #[source]
+        source: CodecError,
+    },
+    #[error("{key} is not valid: {message}")]
+    Malformed { key: String, message: String },
+    #[error(
+        "{key}: stored bytes do not match the manifest (expected {expected_bytes} bytes sha256 {expected}, found {found_bytes} bytes sha256 {found}): the object was modified or truncated"
+    )]
+    DigestMismatch {
+        key: String,
+        expected: String,
+        found: String,
+        expected_bytes: u64,
+        found_bytes: u64,
+    },
+    #[error("{key}: {message}")]
+    Archive { key: String, message: String },
+    #[error(
+        "the repository at {location} belongs to database {found}, not {expected}: use another storage.url"
+    )]
+    ForeignRepository {
+        location: String,
+        expected: String,
+        found: String,
+    },
+    #[error("snapshot {0} not found (see `updog-backup list`)")]
+    NoSuchSnapshot(String),
+}
+
+pub type Result<T, E = RepositoryError> = std::result::Result<T, E>;
+
+/// A handle on the repository's objects.
+#[derive(Debug, Clone)]
+pub struct Repository {
+    store: Arc<dyn ObjectStore>,
+}
+
+impl Repository {
+    pub fn new(store: Arc<dyn ObjectStore>) -> Self {
+        Self { store }
+    }
+
+    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// `repo.json`, or [`RepositoryError::NotInitialized`].
+    pub async fn info(&self) -> Result<RepoInfo> {
+        let bytes = match self.store.get_bytes(keys::REPO_INFO, None).await {
+            Ok(b) => b,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(RepositoryError::NotInitialized {
+                    location: self.store.describe(),
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        RepoInfo::parse(&bytes)
+    }
+
+    /// Writes `repo.json` if absent. If present, it must describe the same source database;
+    /// returns whether it was created now.
+    pub async fn init(&self, info: &RepoInfo) -> Result<bool> {
+        match self
+            .store
+            .put_bytes(keys::REPO_INFO, info.to_json().into(), PutMode::CreateNew)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(StorageError::AlreadyExists { .. }) => {
+                let existing = self.info().await?;
+                existing.check_same_source(info, &self.store.describe())?;
+                Ok(false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Snapshots that are complete (their manifest exists), oldest first.
+    pub async fn snapshots(&self) -> Result<Vec<SnapshotId>> {
+        let mut ids: Vec<SnapshotId> = self
+            .store
+            .list(keys::SNAPSHOTS_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| keys::snapshot_of_manifest(&o.key))
+            .collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    pub async fn manifest(&self, id: &SnapshotId) -> Result<Manifest> {
+        let key = keys::manifest(id);
+        let bytes = match self.store.get_bytes(&key, None).await {
+            Ok(b) => b,
+            Err(StorageError::NotFound { .. }) => {
+                return Err(RepositoryError::NoSuchSnapshot(id.to_string()));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        Manifest::parse(&key, &bytes)
+    }
+
+    /// Makes the snapshot visible. Must be the last write of a snapshot.
+    pub async fn put_manifest(&self, manifest: &Manifest) -> Result<()> {
+        let key = keys::manifest(&manifest.id);
+        self.store
+            .put_bytes(&key, manifest.to_json().into(), PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// Best-effort removal of the objects of a snapshot that never got its manifest.
+    pub async fn discard_incomplete(&self, id: &SnapshotId) {
+        let prefix = keys::snapshot_prefix(id);
+        match self.store.list(&prefix).await {
+            Ok(objects) => {
+                for o in objects {
+                    if let Err(e) = self.store.delete(&o.key).await {
+                        tracing::warn!(key = %o.key, error = %e, "could not delete object of a failed snapshot");
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(snapshot = %id, error = %e, "could not list objects of a failed snapshot")
+            }
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! Restore: one tenant into a NEW recovery database, never touching the source.
+//!
+//! Order of work: plan (which snapshot) ─► verify every object needed (digest, decryption,
+//! archive structure and identity) BEFORE creating anything ─► CREATE DATABASE ─► pre-data ─►
+//! COPY the global and the tenant's rows ─► sequences ─► post-data ─► report. A failure after
+//! the database was created drops it: a restore either completes or leaves nothing.
+
+pub mod plan;
+pub mod schema;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use futures::SinkExt;
+use serde::Serialize;
+use tokio_postgres::Client;
+
+use crate::codec::Identities;
+use crate::config::redact_url;
+use crate::replication::Lsn;
+use crate::repository::archive::{ArchiveEvent, ArchiveHeader, ArchiveKind};
+use crate::repository::manifest::ArchiveEntry;
+use crate::repository::{Manifest, Repository, RepositoryError, reader};
+use crate::source::catalog::{quote_ident, quote_literal};
+use crate::source::{SourceError, describe_db_error};
+
+pub use plan::{PlanError, RestoreTarget, Window};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error(transparent)]
+    Plan(#[from] PlanError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Tool(#[from] crate::source::pg_tools::ToolError),
+    #[error(
+        "database {0:?} already exists on the target: choose another name with --target-db (a restore never writes into an existing database)"
+    )]
+    TargetExists(String),
+    #[error("{0:?} is not a usable database name: use 1 to 63 letters, digits and _")]
+    TargetName(String),
+    #[error("no restore target: set restore.target_url in the config or pass --target-url")]
+    NoTarget,
+    #[error("creating database {name:?}: {message}")]
+    CreateDatabase { name: String, message: String },
+    #[error("restoring {step} into {database:?}: {message} (the recovery database was dropped)")]
+    Load {
+        database: String,
+        step: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub tenant: String,
+    pub target: RestoreTarget,
+    pub target_db: Option<String>,
+    pub target_url: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestorePoint {
+    pub lsn: Lsn,
+    pub time: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreReport {
+    pub database: String,
+    pub target: String,
+    pub tenant: String,
+    pub snapshot: String,
+    /// The last transaction whose effects the database holds.
+    pub restore_point: RestorePoint,
+    pub window: Window,
+    pub tenant_rows: BTreeMap<String, u64>,
+    pub global_rows: BTreeMap<String, u64>,
+    /// Schema entries the target refused (e.g. grants or policies for absent roles).
+    pub not_recreated: Vec<schema::Skipped>,
+    pub seconds: f64,
+}
+
+impl RestoreReport {
+    pub fn total_rows(&self) -> u64 {
+        self.tenant_rows.values().sum()
+    }
+}
+
+/// The default recovery database name: `recovery_<first 8 of the tenant>_<restore point>`.
+pub fn default_database_name(tenant: &str, point: DateTime<Utc>) -> String {
+    let short: String = tenant
+        .chars()
+        .filter(char::is_ascii_alphanumeric)
+        .take(8)
+        .collect::<String>()
+        .to_ascii_lowercase();
+    format!("recovery_{short}_{}", point.format("%Y%m%dT%H%M%S"))
+}
+
+fn check_database_name(name: &str) -> Result<(), RestoreError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if ok {
+        Ok(())
+    } else {
+        Err(RestoreError::TargetName(name.into()))
+    }
+}
+
+pub async fn run(
+    repo: &Repository,
+    identities: Arc<Identities>,
+    request: &RestoreRequest,
+) -> Result<RestoreReport, RestoreError> {
+    let clock = Instant::now();
+    let plan = plan::plan(repo, &request.tenant, request.target).await?;
+    let manifest = plan.manifest;
+    let database = match &request.target_db {
+        Some(name) => name.clone(),
+        None => default_database_name(&request.tenant, manifest.consistent_time),
+    };
+    check_database_name(&database)?;
+    let tenant_entry = manifest.tenants[&request.tenant].clone();
+    tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, database = %database, "restore planned");
+
+    // Everything is checked before anything is created.
+    let store = repo.store();
+    let dump = reader::read_sealed(store, &manifest.schema, identities.clone()).await?;
+    let global_header = header(&manifest, ArchiveKind::Global, None);
+    let tenant_header = header(&manifest, ArchiveKind::Tenant, Some(&request.tenant));
+    check_rows(
+        &manifest.global,
+        reader::verify_archive(
+            store,
+            &manifest.global.object,
+            identities.clone(),
+            global_header.clone(),
+        )
+        .await?,
+    )?;
+    check_rows(
+        &tenant_entry,
+        reader::verify_archive(
+            store,
+            &tenant_entry.object,
+            identities.clone(),
+            tenant_header.clone(),
+        )
+        .await?,
+    )?;
+    let pg_restore = schema::pg_restore(manifest.server_version_num / 10000).await?;
+    let (pre_preamble, pre) = schema::entries(&pg_restore, &dump, schema::Section::PreData).await?;
+    let (post_preamble, post) =
+        schema::entries(&pg_restore, &dump, schema::Section::PostData).await?;
+    drop(dump);
+    tracing::info!(objects = 3, "repository objects verified");
+
+    let maintenance = crate::source::connect(&request.target_url).await?;
+    create_database(&maintenance, &database).await?;
+    let loading = async {
+        let mut target_config = crate::config::pg_config(&request.target_url)?;
+        target_config.dbname(&database);
+        let (client, connection) =
+            target_config
+                .connect(tokio_postgres::NoTls)
+                .await
+                .map_err(|source| SourceError::Connect {
+                    target: format!("{} database {database}", redact_url(&request.target_url)),
+                    source,
+                })?;
+        let connection = tokio::spawn(connection);
+        let result = load(
+            &client,
+            repo,
+            &identities,
+            &manifest,
+            &request.tenant,
+            (&pre_preamble, &pre),
+            (&post_preamble, &post),
+        )
+        .await;
+        drop(client);
+        let _ = connection.await;
+        result
+    };
+    match loading.await {
+        Ok(mut report) => {
+            report.database = database;
+            report.target = redact_url(&request.target_url);
+            report.tenant = request.tenant.clone();
+            report.window = plan.window;
+            report.seconds = clock.elapsed().as_secs_f64();
+            tracing::info!(database = %report.database, rows = report.total_rows(), seconds = report.seconds, "restore complete");
+            Ok(report)
+        }
+        Err(e) => {
+            let message = e.to_string();
+            drop_database(&maintenance, &database).await;
+            Err(match e {
+                LoadError::Step(step, message) => RestoreError::Load {
+                    database,
+                    step,
+                    message,
+                },
+                _ => RestoreError::Load {
+                    database,
+                    step: "the recovery database".into(),
+                    message,
+                },
+            })
+        }
+    }
+}
+
+fn header(manifest: &Manifest, kind: ArchiveKind, tenant: Option<&str>) -> ArchiveHeader {
+    ArchiveHeader {
+        kind,
+        snapshot: manifest.id.to_string(),
+        tenant: tenant.map(str::to_string),
+    }
+}
+
+fn check_rows(entry: &ArchiveEntry, found: BTreeMap<String, u64>) -> Result<(), RepositoryError> {
+    if found != entry.rows {
+        return Err(RepositoryError::Archive {
+            key: entry.object.key.clone(),
+            message: format!(
+                "holds rows {found:?}, the manifest records {:?}",
+                entry.rows
+            ),
+        });
+    }
+    Ok(())
+}
+
+async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError> {
+    let sql = format!(
+        "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'",
+        quote_ident(name)
+    );
+    match client.batch_execute(&sql).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+            Err(RestoreError::TargetExists(name.into()))
+        }
+        Err(e) => Err(RestoreError::CreateDatabase {
+            name: name.into(),
+            message: describe_db_error(&e),
+        }),
+    }
+}
+
+async fn drop_database(client: &Client, name: &str) {
+    let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
+    if let Err(e) = client.batch_execute(&sql).await {
+        tracing::error!(database = name, error = %describe_db_error(&e), "could not drop the incomplete recovery database: drop it by hand");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum LoadError {
+    #[error("{0}: {1}")]
+    Step(String, String),
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+}
+
+fn step(name: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> LoadError {
+    let name = name.into();
+    move |e| LoadError::Step(name, describe_db_error(&e))
+}
+
+async fn load(
+    client: &Client,
+    repo: &Repository,
+    identities: &Arc<Identities>,
+    manifest: &Manifest,
+    tenant: &str,
+    pre: (&str, &[schema::Entry]),
+    post: (&str, &[schema::Entry]),
+) -> Result<RestoreReport, LoadError> {
+    let mut not_recreated = schema::apply(client, pre.0, pre.1)
+        .await
+        .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?;
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(step("starting the data load"))?;
+    let global_rows = load_archive(
+        client,
+        repo,
+        identities,
+        &manifest.global,
+        header(manifest, ArchiveKind::Global, None),
+    )
+    .await?;
+    let tenant_rows = load_archive(
+        client,
+        repo,
+        identities,
+        &manifest.tenants[tenant],
+        header(manifest, ArchiveKind::Tenant, Some(tenant)),
+    )
+    .await?;
+    for seq in &manifest.sequences {
+        let name = format!("{}.{}", quote_ident(&seq.schema), quote_ident(&seq.name));
+        let sql = format!(
+            "SELECT pg_catalog.setval({}, {}, {})",
+            quote_literal(&name),
+            seq.last_value,
+            seq.is_called
+        );
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(step(format!("sequence {}.{}", seq.schema, seq.name)))?;
+    }
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(step("committing the data load"))?;
+    not_recreated.extend(
+        schema::apply(client, post.0, post.1)
+            .await
+            .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?,
+    );
+    // Only the restored tables: a database-wide ANALYZE would touch catalogs the restore
+    // role does not own.
+    for table in tenant_rows.keys().chain(global_rows.keys()) {
+        let (schema, name) = table
+            .split_once('.')
+            .expect("archive tables are schema-qualified");
+        let sql = format!("ANALYZE {}.{}", quote_ident(schema), quote_ident(name));
+        client
+            .batch_execute(&sql)
+            .await
+            .map_err(step(format!("ANALYZE {table}")))?;
+    }
+    Ok(RestoreReport {
+        database: String::new(),
+        target: String::new(),
+        tenant: String::new(),
+        snapshot: manifest.id.to_string(),
+        restore_point: RestorePoint {
+            lsn: manifest.consistent_lsn,
+            time: manifest.consistent_time,
+        },
+        window: Window {
+            earliest: manifest.consistent_time,
+            covered_until: manifest.consistent_time,
+            snapshots: 1,
+        },
+        tenant_rows,
+        global_rows,
+        not_recreated,
+        seconds: 0.0,
+    })
+}
+
+/// COPYs every table of an archive into the target; returns rows per table as PostgreSQL
+/// counted them, checked against the archive's own counts.
+async fn load_archive(
+    client: &Client,
+    repo: &Repository,
+    identities: &Arc<Identities>,
+    entry: &ArchiveEntry,
+    expect: ArchiveHeader,
+) -> Result<BTreeMap<String, u64>, LoadError> {
+    let key = entry.object.key.clone();
+    let mut events =
+        reader::stream_archive(repo.store(), &entry.object, identities.clone(), expect)
+            .await
+            .map_err(|e| LoadError::Step(key.clone(), e.to_string()))?;
+    let mut rows = BTreeMap::new();
+    let mut sink = None;
+    let mut table_name = String::new();
+    while let Some(event) = events.recv().await {
+        match event.map_err(|e| LoadError::Step(key.clone(), e.to_string()))? {
+            ArchiveEvent::Table(t) => {
+                table_name = format!("{}.{}", t.schema, t.name);
+                let columns = t
+                    .columns
+                    .iter()
+                    .map(|c| quote_ident(c))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "COPY {}.{} ({columns}) FROM STDIN (FORMAT {})",
+                    quote_ident(&t.schema),
+                    quote_ident(&t.name),
+                    t.format.sql()
+                );
+                let copy = client
+                    .copy_in::<_, Bytes>(&sql)
+                    .await
+                    .map_err(step(format!("table {table_name}")))?;
+                sink = Some(Box::pin(copy));
+            }
+            ArchiveEvent::Data(bytes) => {
+                let copy = sink
+                    .as_mut()
+                    .ok_or_else(|| LoadError::Step(key.clone(), "data outside a table".into()))?;
+                copy.send(Bytes::from(bytes))
+                    .await
+                    .map_err(step(format!("table {table_name}")))?;
+            }
+            ArchiveEvent::TableEnd { rows: recorded } => {
+                let mut copy = sink.take().ok_or_else(|| {
+                    LoadError::Step(key.clone(), "table end outside a table".into())
+                })?;
+                let loaded = copy
+                    .as_mut()
+                    .finish()
+                    .await
+                    .map_err(step(format!("table {table_name}")))?;
+                if loaded != recorded {
+                    return Err(LoadError::Step(
+                        format!("table {table_name}"),
+                        format!("loaded {loaded} rows, the archive records {recorded}"),
+                    ));
+                }
+                rows.insert(table_name.clone(), loaded);
+            }
+        }
+    }
+    Ok(rows)
+}

@@ -1,0 +1,682 @@
+//! Snapshot export: every tenant's rows from ONE consistent snapshot, each tenant in its own
+//! sealed archive, then the manifest — last, so the snapshot is invisible until complete.
+//!
+//! The consistent point comes from a temporary logical replication slot created with
+//! `SNAPSHOT 'export'`: its LSN is where a change stream started from the same slot position
+//! continues without gap or overlap. Worker connections import the snapshot and export
+//! tenants in parallel with tenant-filtered `COPY (SELECT …) TO STDOUT (FORMAT binary)`.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::io::IsTerminal;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use chrono::{DateTime, Utc};
+use futures::{StreamExt, pin_mut};
+use tokio::io::AsyncReadExt;
+use tokio_postgres::Client;
+
+use super::catalog::{Catalog, CatalogError, Table, quote_ident, quote_literal};
+use super::{SourceError, connect, pg_tools, query_context};
+use crate::config::Config;
+use crate::replication::{Lsn, ReplicationConnection, ReplicationError, SlotSnapshot};
+use crate::repository::archive::{self, ArchiveHeader, ArchiveKind, TableHeader};
+use crate::repository::copy_binary::CopyChecker;
+use crate::repository::manifest::{ArchiveEntry, SequenceState};
+use crate::repository::object::ObjectWriter;
+use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId, StoredObject, keys};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("replication connection: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Tool(#[from] pg_tools::ToolError),
+    #[error("tenant {tenant:?}: {message}")]
+    Tenant { tenant: String, message: String },
+    #[error("exporting {table}: {message}")]
+    Export { table: String, message: String },
+}
+
+/// What `backup` was asked for.
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotRequest {
+    /// Only these tenants (all when empty).
+    pub tenants: Vec<String>,
+}
+
+/// Source facts a snapshot records, read once per run.
+#[derive(Debug, Clone)]
+pub struct SourceIdentity {
+    pub system_identifier: String,
+    pub database: String,
+    pub server_version_num: u32,
+}
+
+pub async fn source_identity(
+    client: &Client,
+    system_identifier: String,
+) -> Result<SourceIdentity, SourceError> {
+    let row = client
+        .query_one(
+            "SELECT current_database(), current_setting('server_version_num')::int",
+            &[],
+        )
+        .await
+        .map_err(query_context("reading the source's identity"))?;
+    Ok(SourceIdentity {
+        system_identifier,
+        database: row.get(0),
+        server_version_num: row.get::<_, i32>(1) as u32,
+    })
+}
+
+/// Checks a tenant value given on the command line against the tenant column's type, so a
+/// typo is reported as such instead of as "no rows".
+pub fn validate_tenant(value: &str, tenant_type: &str) -> Result<String, String> {
+    if tenant_type == "uuid" {
+        return uuid::Uuid::parse_str(value)
+            .map(|u| u.hyphenated().to_string())
+            .map_err(|_| format!("{value:?} is not a uuid (the tenant column is a uuid), e.g. 3f2a5c1e-0b9d-4f6e-8a7b-1c2d3e4f5a6b"));
+    }
+    if value.is_empty() || value.chars().any(char::is_control) {
+        return Err(format!("{value:?} is not a valid tenant value"));
+    }
+    Ok(value.to_string())
+}
+
+struct Job {
+    tenant: Option<String>,
+}
+
+struct Exporter {
+    catalog: Catalog,
+    repo: Repository,
+    id: SnapshotId,
+    recipients: Vec<age::x25519::Recipient>,
+    level: i32,
+    jobs: Mutex<VecDeque<Job>>,
+    progress: Progress,
+}
+
+/// Takes one snapshot and returns its manifest (already stored).
+pub async fn take(
+    config: &Config,
+    repo: &Repository,
+    request: &SnapshotRequest,
+) -> Result<Manifest, SnapshotError> {
+    let started_at = Utc::now();
+    let clock = Instant::now();
+    let info = repo.info().await?;
+    let admin = connect(&config.source.url).await?;
+    let catalog = Catalog::load(&admin, &config.source).await?;
+
+    let pg_config = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
+    let mut replication = ReplicationConnection::connect(&pg_config).await?;
+    let system = replication.identify_system().await?;
+    let identity = source_identity(&admin, system.system_id.clone()).await?;
+    let expected = crate::repository::RepoInfo {
+        system_identifier: identity.system_identifier.clone(),
+        database: identity.database.clone(),
+        ..info.clone()
+    };
+    info.check_same_source(&expected, &repo.store().describe())?;
+
+    let slot_name = format!("updog_snap_{}_{}", std::process::id(), fastrand::u32(..));
+    let slot = replication
+        .create_logical_slot(&slot_name, true, SlotSnapshot::Export)
+        .await?;
+    let snapshot_name = slot
+        .snapshot_name
+        .clone()
+        .ok_or_else(|| SnapshotError::Export {
+            table: "(snapshot)".into(),
+            message: "the server did not export a snapshot".into(),
+        })?;
+    let consistent_time: DateTime<Utc> = admin
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .map_err(query_context("reading the server clock"))?
+        .get(0);
+    let id = SnapshotId::new(consistent_time, slot.consistent_point);
+    tracing::info!(snapshot = %id, lsn = %slot.consistent_point, tables = catalog.tables.len(), "snapshot started");
+
+    let result = export(
+        config,
+        repo,
+        catalog,
+        &id,
+        &snapshot_name,
+        &identity,
+        request,
+        slot.consistent_point,
+        consistent_time,
+        started_at,
+    )
+    .await;
+    // The exported snapshot must live until every worker and pg_dump imported it; closing
+    // the replication connection drops the temporary slot.
+    if let Err(e) = replication.close().await {
+        tracing::debug!(error = %e, "closing the replication connection");
+    }
+    match result {
+        Ok(manifest) => {
+            tracing::info!(
+                snapshot = %id, tenants = manifest.tenants.len(),
+                bytes = manifest.objects().map(|o| o.bytes).sum::<u64>(),
+                seconds = clock.elapsed().as_secs_f64(), "snapshot stored"
+            );
+            Ok(manifest)
+        }
+        Err(e) => {
+            repo.discard_incomplete(&id).await;
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn export(
+    config: &Config,
+    repo: &Repository,
+    catalog: Catalog,
+    id: &SnapshotId,
+    snapshot_name: &str,
+    identity: &SourceIdentity,
+    request: &SnapshotRequest,
+    consistent_lsn: Lsn,
+    consistent_time: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+) -> Result<Manifest, SnapshotError> {
+    let mut workers = Vec::new();
+    for _ in 0..config.snapshot.parallel {
+        workers.push(snapshot_client(&config.source.url, snapshot_name).await?);
+    }
+    let tenants = if request.tenants.is_empty() {
+        workers[0]
+            .query(&catalog.tenants_query(), &[])
+            .await
+            .map_err(query_context("listing tenants"))?
+            .into_iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect::<Vec<_>>()
+    } else {
+        let mut found = Vec::new();
+        for tenant in &request.tenants {
+            let tenant = validate_tenant(tenant, catalog.tenant_type()).map_err(|message| {
+                SnapshotError::Tenant {
+                    tenant: tenant.clone(),
+                    message,
+                }
+            })?;
+            if !tenant_exists(&workers[0], &catalog, &tenant).await? {
+                return Err(SnapshotError::Tenant {
+                    tenant,
+                    message:
+                        "has no rows in any tenant table (check the value with `updog-backup list`)"
+                            .into(),
+                });
+            }
+            found.push(tenant);
+        }
+        found
+    };
+    let sequences = read_sequences(&workers[0], &config.source.schemas).await?;
+
+    let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
+        .map_err(RepositoryError::from)?;
+    let mut jobs: VecDeque<Job> = tenants
+        .iter()
+        .map(|t| Job {
+            tenant: Some(t.clone()),
+        })
+        .collect();
+    jobs.push_front(Job { tenant: None });
+    let exporter = Arc::new(Exporter {
+        catalog,
+        repo: repo.clone(),
+        id: id.clone(),
+        recipients,
+        level: config.compression.level,
+        jobs: Mutex::new(jobs),
+        progress: Progress::new(tenants.len() as u64 + 1),
+    });
+
+    let schema_task = {
+        let exporter = exporter.clone();
+        let pg_config = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
+        let schemas = config.source.schemas.clone();
+        let snapshot_name = snapshot_name.to_string();
+        let major = identity.server_version_num / 10000;
+        tokio::spawn(async move {
+            exporter
+                .export_schema(&pg_config, major, &schemas, &snapshot_name)
+                .await
+        })
+    };
+    let mut tasks = Vec::new();
+    for client in workers {
+        let exporter = exporter.clone();
+        tasks.push(tokio::spawn(async move { exporter.work(client).await }));
+    }
+    let mut archives = BTreeMap::new();
+    let mut first_error = None;
+    for task in tasks {
+        match task.await {
+            Ok(Ok(done)) => archives.extend(done),
+            Ok(Err(e)) => {
+                first_error.get_or_insert(e);
+                exporter
+                    .jobs
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clear();
+            }
+            Err(e) => {
+                first_error.get_or_insert(SnapshotError::Export {
+                    table: "(worker)".into(),
+                    message: e.to_string(),
+                });
+            }
+        }
+    }
+    let schema = match schema_task.await {
+        Ok(r) => r,
+        Err(e) => Err(SnapshotError::Export {
+            table: "(schema)".into(),
+            message: e.to_string(),
+        }),
+    };
+    exporter.progress.finish();
+    if let Some(e) = first_error {
+        return Err(e);
+    }
+    let schema = schema?;
+    let global = archives
+        .remove(&None)
+        .expect("the global job always runs first");
+    let tenants = archives
+        .into_iter()
+        .map(|(k, v)| (k.expect("only the global job has no tenant"), v))
+        .collect();
+
+    let manifest = Manifest {
+        format_version: crate::repository::FORMAT_VERSION,
+        id: id.clone(),
+        system_identifier: identity.system_identifier.clone(),
+        database: identity.database.clone(),
+        server_version_num: identity.server_version_num,
+        tenant_column: exporter.catalog.tenant_column.clone(),
+        tenant_type: exporter.catalog.tenant_type().to_string(),
+        consistent_lsn,
+        consistent_time,
+        started_at,
+        finished_at: Utc::now(),
+        all_tenants: request.tenants.is_empty(),
+        tables: exporter.catalog.manifest_tables(),
+        sequences,
+        schema,
+        global,
+        tenants,
+    };
+    repo.put_manifest(&manifest).await?;
+    Ok(manifest)
+}
+
+/// A connection inside the exported snapshot. `row_security = off` makes a role that is
+/// subject to row level security fail loudly instead of exporting a filtered, incomplete view.
+async fn snapshot_client(url: &str, snapshot_name: &str) -> Result<Client, SourceError> {
+    let client = connect(url).await?;
+    client
+        .batch_execute(&format!(
+            "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = 0;
+             SET row_security = off; SET standard_conforming_strings = on; SET DateStyle = ISO;
+             BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET TRANSACTION SNAPSHOT {}",
+            quote_literal(snapshot_name)
+        ))
+        .await
+        .map_err(query_context("importing the exported snapshot"))?;
+    Ok(client)
+}
+
+async fn tenant_exists(
+    client: &Client,
+    catalog: &Catalog,
+    tenant: &str,
+) -> Result<bool, SourceError> {
+    for table in catalog.tenant_tables() {
+        let Some(filter) = catalog.tenant_filter(table, tenant) else {
+            continue;
+        };
+        let sql = format!(
+            "SELECT EXISTS (SELECT 1 FROM {} WHERE {filter})",
+            table.sql_name()
+        );
+        if client
+            .query_one(&sql, &[])
+            .await
+            .map_err(query_context(format!(
+                "looking up the tenant in {}",
+                table.qualified()
+            )))?
+            .get(0)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+async fn read_sequences(
+    client: &Client,
+    schemas: &[String],
+) -> Result<Vec<SequenceState>, SourceError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname, c.relname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.relkind = 'S' AND n.nspname = ANY($1) ORDER BY 1, 2",
+            &[&schemas],
+        )
+        .await
+        .map_err(query_context("listing sequences"))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (schema, name): (String, String) = (row.get(0), row.get(1));
+        let sql = format!(
+            "SELECT last_value, is_called FROM {}.{}",
+            quote_ident(&schema),
+            quote_ident(&name)
+        );
+        let state = client
+            .query_one(&sql, &[])
+            .await
+            .map_err(query_context(format!("reading sequence {schema}.{name}")))?;
+        out.push(SequenceState {
+            schema,
+            name,
+            last_value: state.get(0),
+            is_called: state.get(1),
+        });
+    }
+    Ok(out)
+}
+
+impl Exporter {
+    async fn work(
+        &self,
+        client: Client,
+    ) -> Result<Vec<(Option<String>, ArchiveEntry)>, SnapshotError> {
+        let mut done = Vec::new();
+        loop {
+            let job = self
+                .jobs
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .pop_front();
+            let Some(job) = job else { break };
+            let started = Instant::now();
+            let entry = self.export_archive(&client, job.tenant.as_deref()).await?;
+            tracing::debug!(
+                tenant = job.tenant.as_deref().unwrap_or("(global)"),
+                rows = entry.total_rows(),
+                bytes = entry.object.bytes,
+                seconds = started.elapsed().as_secs_f64(),
+                "archive stored"
+            );
+            self.progress.advance(entry.object.bytes);
+            done.push((job.tenant, entry));
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(query_context("ending the snapshot transaction"))?;
+        Ok(done)
+    }
+
+    async fn export_archive(
+        &self,
+        client: &Client,
+        tenant: Option<&str>,
+    ) -> Result<ArchiveEntry, SnapshotError> {
+        let (key, kind, tables): (String, ArchiveKind, Vec<&Table>) = match tenant {
+            Some(t) => (
+                keys::tenant(&self.id, t),
+                ArchiveKind::Tenant,
+                self.catalog.tenant_tables().collect(),
+            ),
+            None => (
+                keys::global(&self.id),
+                ArchiveKind::Global,
+                self.catalog.global_tables().collect(),
+            ),
+        };
+        let mut writer =
+            ObjectWriter::create(self.repo.store().clone(), key, &self.recipients, self.level)?;
+        let header = ArchiveHeader {
+            kind,
+            snapshot: self.id.to_string(),
+            tenant: tenant.map(str::to_string),
+        };
+        writer.write(&archive::header_record(&header)).await?;
+        let mut rows = BTreeMap::new();
+        for table in &tables {
+            let filter = tenant.map(|t| {
+                self.catalog
+                    .tenant_filter(table, t)
+                    .expect("tenant tables have a route")
+            });
+            let n = export_table(client, &mut writer, table, filter.as_deref()).await?;
+            rows.insert(table.qualified(), n);
+        }
+        writer
+            .write(&archive::end_record(tables.len() as u64))
+            .await?;
+        let (object, _) = writer.finish().await?;
+        Ok(ArchiveEntry { object, rows })
+    }
+
+    async fn export_schema(
+        &self,
+        pg_config: &tokio_postgres::Config,
+        major: u32,
+        schemas: &[String],
+        snapshot_name: &str,
+    ) -> Result<StoredObject, SnapshotError> {
+        let pg_dump = pg_tools::find("pg_dump", major).await?;
+        let mut cmd = pg_tools::command(&pg_dump, pg_config);
+        cmd.args([
+            "--schema-only",
+            "--format=custom",
+            "--compress=0",
+            "--snapshot",
+            snapshot_name,
+        ]);
+        for schema in schemas {
+            // Quoted: pg_dump reads -n as a pattern; quotes make it the literal name.
+            cmd.arg("--schema")
+                .arg(format!("\"{}\"", schema.replace('"', "\"\"")));
+        }
+        let mut child = cmd.spawn().map_err(|e| pg_tools::ToolError::Failed {
+            tool: "pg_dump",
+            message: e.to_string(),
+        })?;
+        let mut stdout = child.stdout.take().expect("stdout is piped");
+        let mut stderr = child.stderr.take().expect("stderr is piped");
+        let errors = tokio::spawn(async move {
+            let mut text = String::new();
+            let _ = stderr.read_to_string(&mut text).await;
+            text
+        });
+        let mut writer = ObjectWriter::create(
+            self.repo.store().clone(),
+            keys::schema(&self.id),
+            &self.recipients,
+            self.level,
+        )?;
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = stdout
+                .read(&mut buf)
+                .await
+                .map_err(|e| pg_tools::ToolError::Failed {
+                    tool: "pg_dump",
+                    message: e.to_string(),
+                })?;
+            if n == 0 {
+                break;
+            }
+            writer.write(&buf[..n]).await?;
+        }
+        let status = child
+            .wait()
+            .await
+            .map_err(|e| pg_tools::ToolError::Failed {
+                tool: "pg_dump",
+                message: e.to_string(),
+            })?;
+        let stderr = errors.await.unwrap_or_default();
+        if !status.success() {
+            return Err(pg_tools::ToolError::Failed {
+                tool: "pg_dump",
+                message: format!("{status}: {}", stderr.trim()),
+            }
+            .into());
+        }
+        let (object, _) = writer.finish().await?;
+        Ok(object)
+    }
+}
+
+/// Streams one table's (filtered) rows into the archive; returns the row count.
+async fn export_table(
+    client: &Client,
+    writer: &mut ObjectWriter,
+    table: &Table,
+    filter: Option<&str>,
+) -> Result<u64, SnapshotError> {
+    let header = TableHeader {
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+        columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+        format: table.copy_format(),
+    };
+    writer.write(&archive::table_record(&header)).await?;
+    let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+    let sql = format!(
+        "COPY (SELECT {} FROM {}{filter}) TO STDOUT (FORMAT {})",
+        table.column_list(),
+        table.sql_name(),
+        header.format.sql()
+    );
+    let fail = |message: String| SnapshotError::Export {
+        table: table.qualified(),
+        message,
+    };
+    let stream = client
+        .copy_out(&sql)
+        .await
+        .map_err(|e| fail(super::describe_db_error(&e)))?;
+    pin_mut!(stream);
+    let mut checker = CopyChecker::new(header.format);
+    let mut pending = BytesMut::with_capacity(archive::DATA_RECORD + 64 * 1024);
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| fail(super::describe_db_error(&e)))?;
+        checker.feed(&chunk).map_err(&fail)?;
+        pending.extend_from_slice(&chunk);
+        if pending.len() >= archive::DATA_RECORD {
+            flush_data(writer, &mut pending).await?;
+        }
+    }
+    if !pending.is_empty() {
+        flush_data(writer, &mut pending).await?;
+    }
+    if !checker.is_complete() {
+        return Err(fail("COPY stream ended without its trailer".into()));
+    }
+    writer
+        .write(&archive::table_end_record(checker.rows()))
+        .await?;
+    Ok(checker.rows())
+}
+
+async fn flush_data(
+    writer: &mut ObjectWriter,
+    pending: &mut BytesMut,
+) -> Result<(), RepositoryError> {
+    writer
+        .write(&archive::record_prefix(archive::TAG_DATA, pending.len()))
+        .await?;
+    writer.write(pending).await?;
+    pending.clear();
+    Ok(())
+}
+
+/// A progress bar on a terminal, a log line every few seconds otherwise.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    total: u64,
+    state: Mutex<(u64, u64, Instant)>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total);
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} archives {pos}/{len} [{bar:30}] {msg} {elapsed}",
+                )
+                .expect("static template")
+                .progress_chars("=> "),
+            );
+            bar
+        });
+        Self {
+            bar,
+            total,
+            state: Mutex::new((0, 0, Instant::now())),
+        }
+    }
+
+    fn advance(&self, bytes: u64) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state.0 += 1;
+        state.1 += bytes;
+        match &self.bar {
+            Some(bar) => {
+                bar.inc(1);
+                bar.set_message(format!(
+                    "{:.1} MiB stored",
+                    state.1 as f64 / (1 << 20) as f64
+                ));
+            }
+            None if state.2.elapsed() >= Duration::from_secs(5) || state.0 == self.total => {
+                state.2 = Instant::now();
+                tracing::info!(
+                    archives = state.0,
+                    of = self.total,
+                    bytes = state.1,
+                    "snapshot progress"
+                );
+            }
+            None => {}
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
