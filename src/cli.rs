@@ -407,6 +407,15 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         ),
         _ => RestoreTarget::Latest,
     };
+    if let Some(url) = &args.target_url {
+        if redact_url(url) != *url {
+            return Err(Error::Usage(
+                "--target-url contains a password, which other users can read on the command line: \
+                 put it in PGPASSWORD or a passfile instead"
+                    .into(),
+            ));
+        }
+    }
     let target_url = args
         .target_url
         .clone()

@@ -354,41 +354,43 @@ impl Catalog {
             }
         }
         // Then breadth first through the remaining foreign keys, so each table takes the
-        // shortest route, preferring keys whose columns are NOT NULL (a NULL reaches no tenant).
-        loop {
-            let mut assigned = Vec::new();
-            for t in 0..self.tables.len() {
-                if scope[t].is_some() || configured(t) {
-                    continue;
-                }
-                let best = fks
-                    .iter()
-                    .filter(|fk| fk.child == t && fk.parent != t && scope[fk.parent].is_some())
-                    .map(|fk| {
-                        let nullable = fk
-                            .columns
-                            .iter()
-                            .any(|c| !self.tables[t].column(c).is_some_and(|c| c.not_null));
-                        (nullable, fk)
-                    })
-                    .min_by(|(na, a), (nb, b)| (na, &a.name).cmp(&(nb, &b.name)));
-                if let Some((nullable, fk)) = best {
-                    assigned.push((
-                        t,
-                        Route::Via {
+        // shortest route — through NOT NULL keys first, whatever the length: a row whose key is
+        // NULL reaches no tenant, so a nullable route is taken only when there is no other.
+        for allow_nullable in [false, true] {
+            loop {
+                let mut assigned = Vec::new();
+                for t in 0..self.tables.len() {
+                    if scope[t].is_some() || configured(t) {
+                        continue;
+                    }
+                    let best = fks
+                        .iter()
+                        .filter(|fk| fk.child == t && fk.parent != t && scope[fk.parent].is_some())
+                        .map(|fk| {
+                            let nullable = fk
+                                .columns
+                                .iter()
+                                .any(|c| !self.tables[t].column(c).is_some_and(|c| c.not_null));
+                            (nullable, fk)
+                        })
+                        .filter(|(nullable, _)| allow_nullable || !nullable)
+                        .min_by(|(na, a), (nb, b)| (na, &a.name).cmp(&(nb, &b.name)));
+                    if let Some((nullable, fk)) = best {
+                        let route = Route::Via {
                             columns: fk.columns.clone(),
                             parent: fk.parent,
                             parent_columns: fk.parent_columns.clone(),
                             nullable,
-                        },
-                    ));
+                        };
+                        assigned.push((t, route));
+                    }
                 }
-            }
-            if assigned.is_empty() {
-                break;
-            }
-            for (t, route) in assigned {
-                scope[t] = Some(route);
+                if assigned.is_empty() {
+                    break;
+                }
+                for (t, route) in assigned {
+                    scope[t] = Some(route);
+                }
             }
         }
 

@@ -101,6 +101,21 @@ async fn config_and_argument_errors() {
         Some(2),
         "--at or --latest is required"
     );
+    let err = env.fails(
+        &[
+            "restore",
+            "--org",
+            absent,
+            "--latest",
+            "--target-url",
+            "postgres://u:hunter2@127.0.0.1/postgres",
+        ],
+        2,
+    );
+    assert!(
+        err.contains("PGPASSWORD") && !err.contains("hunter2"),
+        "{err}"
+    );
     assert!(
         env.fails(
             &[

@@ -360,3 +360,175 @@ async fn policies_for_missing_roles_are_reported_not_dropped() {
     let owner: String = recovered.query_one("SELECT tableowner::text FROM pg_tables WHERE schemaname = 'app' AND tablename = 'funds'", &[]).await.unwrap().get(0);
     assert_eq!(owner, "updog_restore", "restored by a CREATEDB-only role");
 }
+
+/// Routes the reference schema does not have: a composite foreign key that carries the tenant
+/// column (the child is routed by its own copy of it), a composite key chain without it, and a
+/// chain through both. Checked against hand-written filters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_and_mapped_foreign_keys_route_rows() {
+    let pg = cluster().await;
+    let db = pg.fresh_db("routes").await;
+    pg.client(&db)
+        .await
+        .batch_execute(
+            r#"
+            CREATE SCHEMA r;
+            CREATE TABLE r.orgs (id uuid PRIMARY KEY);
+            CREATE TABLE r.projects (organization_id uuid REFERENCES r.orgs, id int, PRIMARY KEY (organization_id, id));
+            -- the tenant value arrives under another name through a composite key
+            CREATE TABLE r.tasks (id serial PRIMARY KEY, owner_org uuid NOT NULL, project int NOT NULL,
+                                  FOREIGN KEY (owner_org, project) REFERENCES r.projects (organization_id, id));
+            CREATE TABLE r.regions (a int, b int, organization_id uuid NOT NULL, PRIMARY KEY (a, b));
+            -- composite key, no tenant column: routed through r.regions
+            CREATE TABLE r.sites (id serial PRIMARY KEY, a int NOT NULL, b int NOT NULL, FOREIGN KEY (a, b) REFERENCES r.regions);
+            CREATE TABLE r.site_notes (id serial PRIMARY KEY, site int NOT NULL REFERENCES r.sites, task int REFERENCES r.tasks, body text);
+            INSERT INTO r.orgs SELECT md5('o' || g)::uuid FROM generate_series(1, 3) g;
+            INSERT INTO r.projects SELECT id, p FROM r.orgs, generate_series(1, 2) p;
+            INSERT INTO r.tasks (owner_org, project) SELECT organization_id, id FROM r.projects, generate_series(1, 3);
+            INSERT INTO r.regions SELECT g, g * 10, md5('o' || (1 + g % 3))::uuid FROM generate_series(1, 6) g;
+            INSERT INTO r.sites (a, b) SELECT a, b FROM r.regions, generate_series(1, 2);
+            INSERT INTO r.site_notes (site, task, body) SELECT id, NULL, 'note ' || id FROM r.sites;
+            GRANT USAGE ON SCHEMA r TO updog_backup;
+            GRANT SELECT ON ALL TABLES IN SCHEMA r TO updog_backup;
+            GRANT SELECT ON ALL SEQUENCES IN SCHEMA r TO updog_backup;
+            "#,
+        )
+        .await
+        .unwrap();
+    let env = TestEnv::new(&db, Repo::Directory).await;
+    let config = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace(r#"schemas = ["app", "audit"]"#, r#"schemas = ["r"]"#)
+        .replace(r#"global_tables = ["app.currencies"]"#, "");
+    std::fs::write(&env.config_path, config).unwrap();
+    let check = env.ok(&["check"]);
+    let lines: Vec<String> = check
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .collect();
+    for route in [
+        "r.orgs tenant own column id",
+        "r.tasks tenant own column owner_org",
+        "r.sites tenant (a, b) → r.regions(a, b).organization_id",
+        // through the NOT NULL key, not the shorter nullable one (task)
+        "r.site_notes tenant (site) → r.sites(id) → (a, b) → r.regions(a, b).organization_id",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == route),
+            "missing {route:?} in\n{check}"
+        );
+    }
+    env.ok(&["init"]);
+    env.ok(&["backup"]);
+    let source = pg.client(&db).await;
+    for k in 1..=3 {
+        let org: String = source
+            .query_one("SELECT md5('o' || $1::int)::uuid::text", &[&k])
+            .await
+            .unwrap()
+            .get(0);
+        let target = format!("routes_{k}_{db}");
+        env.ok(&["restore", "--org", &org, "--latest", "--target-db", &target]);
+        let recovered = pg.client(&target).await;
+        for (table, filter) in [
+            ("r.orgs", format!("id = '{org}'")),
+            ("r.projects", format!("organization_id = '{org}'")),
+            ("r.tasks", format!("owner_org = '{org}'")),
+            ("r.regions", format!("organization_id = '{org}'")),
+            (
+                "r.sites",
+                format!("(a, b) IN (SELECT a, b FROM r.regions WHERE organization_id = '{org}')"),
+            ),
+            (
+                "r.site_notes",
+                format!(
+                    "site IN (SELECT s.id FROM r.sites s JOIN r.regions g USING (a, b) WHERE g.organization_id = '{org}')"
+                ),
+            ),
+        ] {
+            let expected = digest(&source, table, Some(&filter)).await;
+            assert!(expected.0 > 0, "{table} has rows of {org}");
+            assert_eq!(
+                digest(&recovered, table, None).await,
+                expected,
+                "{table} of {org}"
+            );
+        }
+    }
+}
+
+/// A schema entry the target cannot create (a type outside the backed-up schemas) fails the
+/// restore after CREATE DATABASE: the database is dropped again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restore_that_fails_midway_drops_its_database() {
+    let pg = cluster().await;
+    let db = pg.fixture_db("midway", 2, "0.1").await;
+    pg.client(&db)
+        .await
+        .batch_execute("CREATE TYPE public.colour AS ENUM ('red'); ALTER TABLE app.users ADD COLUMN colour public.colour;")
+        .await
+        .unwrap();
+    let env = TestEnv::new(&db, Repo::Directory).await;
+    env.ok(&["init"]);
+    env.ok(&["backup"]);
+    let target = format!("midway_{db}");
+    let err = env.fails(
+        &[
+            "restore",
+            "--org",
+            &fixture_tenant(1).await,
+            "--latest",
+            "--target-db",
+            &target,
+        ],
+        1,
+    );
+    assert!(
+        err.contains("TABLE app.users") && err.contains("was dropped"),
+        "{err}"
+    );
+    let exists: bool = pg
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
+            &[&target],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!exists, "the half-restored database is gone");
+}
+
+/// `check` prints the SQL that fixes what the backup role lacks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_names_missing_privileges_with_their_fix() {
+    let pg = cluster().await;
+    let db = pg.fixture_db("privileges", 2, "0.1").await;
+    let role = format!("weak_{}", fastrand::u32(..));
+    pg.client(&db)
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; GRANT USAGE ON SCHEMA app, audit TO {role}; \
+             GRANT SELECT ON ALL TABLES IN SCHEMA app TO {role}; REVOKE SELECT ON app.funds FROM {role};"
+        ))
+        .await
+        .unwrap();
+    let env = TestEnv::new(&db, Repo::Directory).await;
+    let config = std::fs::read_to_string(&env.config_path)
+        .unwrap()
+        .replace("updog_backup@", &format!("{role}@"));
+    std::fs::write(&env.config_path, config).unwrap();
+    let out = env.run(&["check"]);
+    assert_eq!(out.status.code(), Some(1));
+    let report = String::from_utf8_lossy(&out.stdout);
+    for fix in [
+        format!("ALTER ROLE \"{role}\" REPLICATION;"),
+        format!("ALTER ROLE \"{role}\" BYPASSRLS;"),
+        format!("GRANT SELECT ON \"app\".\"funds\" TO \"{role}\";"),
+        format!("GRANT SELECT ON \"audit\".\"events\" TO \"{role}\";"),
+        format!("GRANT SELECT ON SEQUENCE app.investments_id_seq TO \"{role}\";"),
+    ] {
+        assert!(report.contains(&fix), "missing {fix:?} in\n{report}");
+    }
+}

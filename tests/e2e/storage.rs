@@ -720,22 +720,66 @@ async fn storage_conformance_s3() {
         !description.contains(server.secret_access_key())
             && !format!("{store:?}").contains(server.secret_access_key())
     );
+
+    // The leftover check below must be able to see an upload in progress.
+    let probe_key = format!("{}/probe", store.prefix());
+    let probe = store
+        .client()
+        .create_multipart_upload()
+        .bucket(server.bucket())
+        .key(&probe_key)
+        .send()
+        .await
+        .expect("CreateMultipartUpload");
+    assert_eq!(
+        pending_uploads(&store).await.len(),
+        1,
+        "the probe upload is not listed"
+    );
+    store
+        .client()
+        .abort_multipart_upload()
+        .bucket(server.bucket())
+        .key(&probe_key)
+        .upload_id(probe.upload_id().expect("upload id"))
+        .send()
+        .await
+        .expect("AbortMultipartUpload");
+
     conformance(Arc::new(store.clone())).await;
 
+    // The large object really went up in parts (8 + 8 + 4 MiB): S3 marks such ETags `-<parts>`.
+    let large = store
+        .client()
+        .head_object()
+        .bucket(server.bucket())
+        .key(format!("{}/large", store.prefix()))
+        .send()
+        .await
+        .expect("HeadObject");
+    let etag = large.e_tag().unwrap_or_default();
+    assert!(etag.trim_matches('"').ends_with("-3"), "ETag {etag}");
+
     // Failed and lost races' multipart uploads were aborted, not left behind.
+    let pending = pending_uploads(&store).await;
+    assert!(pending.is_empty(), "multipart uploads left: {pending:?}");
+}
+
+/// Keys of the multipart uploads in progress under the store's prefix.
+async fn pending_uploads(store: &updog_backup::storage::S3Store) -> Vec<String> {
     let uploads = store
         .client()
         .list_multipart_uploads()
-        .bucket(server.bucket())
+        .bucket(store.bucket())
         .prefix(format!("{}/", store.prefix()))
         .send()
         .await
         .expect("ListMultipartUploads");
-    assert!(
-        uploads.uploads().is_empty(),
-        "multipart uploads left: {:?}",
-        uploads.uploads()
-    );
+    uploads
+        .uploads()
+        .iter()
+        .filter_map(|u| u.key().map(str::to_string))
+        .collect()
 }
 
 #[tokio::test]
