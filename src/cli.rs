@@ -13,7 +13,7 @@ use crate::codec::{Identities, generate_identity, parse_recipients, recipient_fi
 use crate::config::{Config, StorageLocation, redact_url};
 use crate::error::Error;
 use crate::replication::ReplicationConnection;
-use crate::repository::{RepoInfo, Repository, reader};
+use crate::repository::{Part, RepoInfo, Repository, reader};
 use crate::restore::{RestoreRequest, RestoreTarget, plan};
 use crate::source::snapshot::{SnapshotRequest, validate_tenant};
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
@@ -298,14 +298,23 @@ struct ListReport {
     snapshots: Vec<SnapshotLine>,
 }
 
-async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
-    let store = open_store(config).await?;
-    let repo = Repository::new(store.clone());
+/// The configured repository, checked to be initialised, and `--org` resolved against it.
+async fn open_repository(
+    config: &Config,
+    org: Option<&str>,
+) -> Result<(Repository, Option<String>), Error> {
+    let repo = Repository::new(open_store(config).await?);
     repo.info().await?;
     let org = match org {
-        Some(o) => Some(resolve_tenant(&repo, &o).await?),
+        Some(o) => Some(resolve_tenant(&repo, o).await?),
         None => None,
     };
+    Ok((repo, org))
+}
+
+async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
+    let (repo, org) = open_repository(config, org.as_deref()).await?;
+    let store = repo.store().clone();
     let mut snapshots = Vec::new();
     for id in repo.snapshots().await? {
         let m = repo.manifest(&id).await?;
@@ -424,9 +433,8 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     let identities = Arc::new(Identities::load(
         config.encryption.identity_file.as_deref(),
     )?);
-    let repo = Repository::new(open_store(config).await?);
-    repo.info().await?;
-    let tenant = resolve_tenant(&repo, &args.org).await?;
+    let (repo, tenant) = open_repository(config, Some(&args.org)).await?;
+    let tenant = tenant.expect("an org was given");
     let request = RestoreRequest {
         tenant,
         target,
@@ -463,13 +471,8 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
 }
 
 async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), Error> {
-    let store = open_store(config).await?;
-    let repo = Repository::new(store.clone());
-    repo.info().await?;
-    let org = match org {
-        Some(o) => Some(resolve_tenant(&repo, &o).await?),
-        None => None,
-    };
+    let (repo, org) = open_repository(config, org.as_deref()).await?;
+    let store = repo.store().clone();
     let identities = if deep {
         Some(Arc::new(Identities::load(
             config.encryption.identity_file.as_deref(),
@@ -477,7 +480,7 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
     } else {
         None
     };
-    let (mut checked, mut failed) = (0usize, Vec::new());
+    let (mut checked, mut failed) = (0usize, 0usize);
     let ids = match &org {
         Some(o) => plan::tenant_snapshots(&repo, o)
             .await
@@ -492,74 +495,20 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
         let manifest = match repo.manifest(&id).await {
             Ok(m) => m,
             Err(e) => {
-                failed.push(format!("{id}: {e}"));
+                println!("FAILED {id}: {e}");
+                failed += 1;
                 continue;
             }
         };
-        let mut work: Vec<(
-            &crate::repository::StoredObject,
-            Option<crate::repository::archive::ArchiveHeader>,
-        )> = Vec::new();
-        let header = |kind, tenant: Option<&String>| crate::repository::archive::ArchiveHeader {
-            kind,
-            snapshot: manifest.id.to_string(),
-            tenant: tenant.cloned(),
+        let wanted = |part: &Part<'_>| match (part, &org) {
+            (Part::Tenant(t), Some(o)) => t == o,
+            _ => true,
         };
-        work.push((&manifest.schema, None));
-        work.push((
-            &manifest.global.object,
-            Some(header(
-                crate::repository::archive::ArchiveKind::Global,
-                None,
-            )),
-        ));
-        for (tenant, entry) in &manifest.tenants {
-            if org.as_ref().is_none_or(|o| o == tenant) {
-                work.push((
-                    &entry.object,
-                    Some(header(
-                        crate::repository::archive::ArchiveKind::Tenant,
-                        Some(tenant),
-                    )),
-                ));
-            }
-        }
-        for (object, archive) in work {
-            let result = match (&identities, archive) {
-                (None, _) => reader::verify_digest(&store, object).await.map(|_| ()),
-                (Some(ids), None) => reader::read_sealed(&store, object, ids.clone())
-                    .await
-                    .map(|_| ()),
-                (Some(ids), Some(h)) => {
-                    let expected = if h.kind == crate::repository::archive::ArchiveKind::Global {
-                        &manifest.global.rows
-                    } else {
-                        &manifest.tenants[h
-                            .tenant
-                            .as_ref()
-                            .expect("tenant archives name their tenant")]
-                        .rows
-                    };
-                    reader::verify_archive(&store, object, ids.clone(), h)
-                        .await
-                        .and_then(|rows| {
-                            if &rows == expected {
-                                Ok(())
-                            } else {
-                                Err(crate::repository::RepositoryError::Archive {
-                                    key: object.key.clone(),
-                                    message: format!(
-                                        "rows {rows:?} differ from the manifest's {expected:?}"
-                                    ),
-                                })
-                            }
-                        })
-                }
-            };
+        for part in manifest.parts().filter(wanted) {
             checked += 1;
-            if let Err(e) = result {
-                println!("FAILED {}: {e}", object.key);
-                failed.push(e.to_string());
+            if let Err(e) = reader::check_part(&store, &manifest, part, identities.clone()).await {
+                println!("FAILED {e}");
+                failed += 1;
             }
         }
     }
@@ -568,13 +517,12 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
     } else {
         "digests checked"
     };
-    println!("{checked} object(s) {what}, {} failed", failed.len());
-    if failed.is_empty() {
+    println!("{checked} object(s) {what}, {failed} failed");
+    if failed == 0 {
         Ok(())
     } else {
         Err(Error::Failed(format!(
-            "{} object(s) failed verification",
-            failed.len()
+            "{failed} object(s) failed verification"
         )))
     }
 }

@@ -2,8 +2,8 @@
 //!
 //! Upstream tokio-postgres refuses `replication=database` and cannot enter CopyBoth mode, so this
 //! module does the frontend/backend protocol itself: startup, authentication (cleartext, MD5,
-//! SCRAM-SHA-256), simple queries for the replication commands, and — in a later step — the
-//! CopyBoth stream of `START_REPLICATION`. It owns the byte stream and the message framing; it
+//! SCRAM-SHA-256) and simple queries for the replication commands. It owns the byte stream and the
+//! message framing, which the CopyBoth stream of `START_REPLICATION` (`super::stream`) reuses; it
 //! never interprets WAL payloads (that is the pgoutput decoder's job) and never chooses slots,
 //! positions or tables (that is the caller's).
 //!
@@ -100,6 +100,9 @@ pub enum ReplicationError {
     /// A slot name PostgreSQL would reject.
     #[error("invalid replication slot name {name:?}: use 1 to 63 characters of a-z, 0-9 and _")]
     InvalidSlotName { name: String },
+    /// An output plugin option that cannot be sent (empty name, NUL byte), refused before sending.
+    #[error("invalid replication option: {0}")]
+    InvalidOption(String),
 }
 
 impl ReplicationError {
@@ -121,7 +124,8 @@ impl ReplicationError {
             ReplicationError::Protocol(_)
             | ReplicationError::Auth(_)
             | ReplicationError::Config(_)
-            | ReplicationError::InvalidSlotName { .. } => false,
+            | ReplicationError::InvalidSlotName { .. }
+            | ReplicationError::InvalidOption(_) => false,
         }
     }
 
@@ -134,7 +138,7 @@ impl ReplicationError {
         }
     }
 
-    fn io(context: impl Into<String>, source: io::Error) -> ReplicationError {
+    pub(super) fn io(context: impl Into<String>, source: io::Error) -> ReplicationError {
         ReplicationError::Io {
             context: context.into(),
             source,
@@ -361,7 +365,7 @@ pub struct CreatedSlot {
 
 /// A backend message as this connection sees it: `postgres_protocol`'s messages plus the ones it
 /// does not know.
-enum BackendMessage {
+pub(super) enum BackendMessage {
     /// `'W'`: the server entered CopyBoth mode (the answer to `START_REPLICATION`).
     CopyBothResponse(CopyBothResponse),
     Message(Message),
@@ -370,9 +374,9 @@ enum BackendMessage {
 /// Body of a CopyBothResponse. For replication the server always sends format 0 and no columns;
 /// the fields are kept to report anything else.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct CopyBothResponse {
-    format: u8,
-    column_formats: Vec<u16>,
+pub(super) struct CopyBothResponse {
+    pub(super) format: u8,
+    pub(super) column_formats: Vec<u16>,
 }
 
 impl CopyBothResponse {
@@ -401,7 +405,7 @@ impl CopyBothResponse {
 /// from a socket into this buffer and parsing from it is cancel-safe — which the CopyBoth loop
 /// needs, as it waits for the next message and a status-update timer at the same time.
 #[derive(Default)]
-struct MessageReader {
+pub(super) struct MessageReader {
     buf: BytesMut,
 }
 
@@ -459,7 +463,7 @@ impl MessageReader {
     }
 }
 
-fn tag_name(tag: u8) -> String {
+pub(super) fn tag_name(tag: u8) -> String {
     if tag.is_ascii_graphic() {
         format!("'{}'", char::from(tag))
     } else {
@@ -469,7 +473,7 @@ fn tag_name(tag: u8) -> String {
 
 /// The fields of an ErrorResponse or NoticeResponse that this client uses.
 #[derive(Debug, Default)]
-struct ServerFields {
+pub(super) struct ServerFields {
     severity: String,
     code: String,
     message: String,
@@ -478,7 +482,7 @@ struct ServerFields {
 }
 
 impl ServerFields {
-    fn parse(mut fields: ErrorFields<'_>) -> Result<ServerFields, ReplicationError> {
+    pub(super) fn parse(mut fields: ErrorFields<'_>) -> Result<ServerFields, ReplicationError> {
         let mut out = ServerFields::default();
         let mut localized_severity = None;
         while let Some(field) = fields.next().map_err(|e| {
@@ -504,11 +508,11 @@ impl ServerFields {
     }
 
     /// The server ends the session after these.
-    fn is_fatal(&self) -> bool {
+    pub(super) fn is_fatal(&self) -> bool {
         matches!(self.severity.as_str(), "FATAL" | "PANIC")
     }
 
-    fn into_error(self) -> ReplicationError {
+    pub(super) fn into_error(self) -> ReplicationError {
         ReplicationError::Server {
             code: self.code,
             message: self.message,
@@ -534,13 +538,14 @@ struct BackendKey {
 /// server is in the protocol and every later call returns [`ReplicationError::Closed`]; open a new
 /// connection.
 pub struct ReplicationConnection<S = Socket> {
-    stream: S,
-    reader: MessageReader,
-    write_buf: BytesMut,
+    // The CopyBoth stream (`super::stream`) takes the connection over and speaks on these.
+    pub(super) stream: S,
+    pub(super) reader: MessageReader,
+    pub(super) write_buf: BytesMut,
     parameters: HashMap<String, String>,
     backend_key: Option<BackendKey>,
     /// False from the start of each exchange until it completes cleanly.
-    in_sync: bool,
+    pub(super) in_sync: bool,
 }
 
 impl<S> fmt::Debug for ReplicationConnection<S> {
@@ -854,7 +859,7 @@ where
     }
 
     /// Marks the start of a request/response exchange; refuses if the previous one did not end.
-    fn begin_exchange(&mut self) -> Result<(), ReplicationError> {
+    pub(super) fn begin_exchange(&mut self) -> Result<(), ReplicationError> {
         if !self.in_sync {
             return Err(ReplicationError::Closed);
         }
@@ -864,7 +869,7 @@ where
     }
 
     /// Writes out `write_buf`.
-    async fn send(&mut self) -> Result<(), ReplicationError> {
+    pub(super) async fn send(&mut self) -> Result<(), ReplicationError> {
         self.stream
             .write_all(&self.write_buf)
             .await
@@ -879,7 +884,7 @@ where
 
     /// The next message that needs an answer. Asynchronous messages the server may send at any
     /// time are dealt with here: notices are logged, parameter changes remembered.
-    async fn read_message(&mut self) -> Result<BackendMessage, ReplicationError> {
+    pub(super) async fn read_message(&mut self) -> Result<BackendMessage, ReplicationError> {
         loop {
             match self.read_frame().await? {
                 BackendMessage::Message(Message::NoticeResponse(body)) => {
@@ -1160,7 +1165,7 @@ fn required<'r>(row: &'r Row, command: &str, column: &str) -> Result<&'r str, Re
 }
 
 /// Refuses what PostgreSQL's `ReplicationSlotValidateName` refuses, before anything is sent.
-fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
+pub(super) fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
     let valid = !name.is_empty()
         && name.len() <= MAX_SLOT_NAME_LEN
         && name
@@ -1178,11 +1183,11 @@ fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
 
 /// Double-quotes an identifier for the replication grammar. Validated slot names never contain
 /// `"`, but quoting keeps names like `select` or `user` from being read as keywords.
-fn quote_identifier(name: &str) -> String {
+pub(super) fn quote_identifier(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
-fn message_name(message: &Message) -> &'static str {
+pub(super) fn message_name(message: &Message) -> &'static str {
     match message {
         Message::AuthenticationCleartextPassword => "AuthenticationCleartextPassword",
         Message::AuthenticationGss => "AuthenticationGSS",
@@ -1220,7 +1225,8 @@ fn message_name(message: &Message) -> &'static str {
 }
 
 #[cfg(test)]
-mod tests {
+// The stream's tests (`super::stream`) drive the same scripted server.
+pub(super) mod tests {
     use std::time::Duration;
 
     use tokio::io::{DuplexStream, duplex};
@@ -1230,7 +1236,7 @@ mod tests {
 
     // ---- backend messages, built by hand as a server would send them ----
 
-    fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
+    pub(in crate::replication) fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
         let len = u32::try_from(body.len() + 4).expect("test message fits");
         let mut out = vec![tag];
         out.extend(len.to_be_bytes());
@@ -1244,7 +1250,7 @@ mod tests {
         backend(b'R', &body)
     }
 
-    fn cstrs(parts: &[&str]) -> Vec<u8> {
+    pub(in crate::replication) fn cstrs(parts: &[&str]) -> Vec<u8> {
         let mut out = Vec::new();
         for part in parts {
             out.extend(part.as_bytes());
@@ -1263,11 +1269,11 @@ mod tests {
         backend(b'K', &body)
     }
 
-    fn ready() -> Vec<u8> {
+    pub(in crate::replication) fn ready() -> Vec<u8> {
         backend(b'Z', b"I")
     }
 
-    fn server_fields(
+    pub(in crate::replication) fn server_fields(
         tag: u8,
         severity: &str,
         code: &str,
@@ -1292,7 +1298,12 @@ mod tests {
         backend(tag, &body)
     }
 
-    fn error_response(severity: &str, code: &str, message: &str, hint: Option<&str>) -> Vec<u8> {
+    pub(in crate::replication) fn error_response(
+        severity: &str,
+        code: &str,
+        message: &str,
+        hint: Option<&str>,
+    ) -> Vec<u8> {
         server_fields(b'E', severity, code, message, hint)
     }
 
@@ -1330,11 +1341,11 @@ mod tests {
         backend(b'D', &body)
     }
 
-    fn command_complete(tag: &str) -> Vec<u8> {
+    pub(in crate::replication) fn command_complete(tag: &str) -> Vec<u8> {
         backend(b'C', &cstrs(&[tag]))
     }
 
-    fn copy_both_response(columns: u16) -> Vec<u8> {
+    pub(in crate::replication) fn copy_both_response(columns: u16) -> Vec<u8> {
         let mut body = vec![0u8];
         body.extend(columns.to_be_bytes());
         for _ in 0..columns {
@@ -1345,8 +1356,8 @@ mod tests {
 
     // ---- a scripted server on the other end of an in-memory pipe ----
 
-    struct MockServer {
-        stream: DuplexStream,
+    pub(in crate::replication) struct MockServer {
+        pub(in crate::replication) stream: DuplexStream,
     }
 
     impl MockServer {
@@ -1369,7 +1380,7 @@ mod tests {
                 .collect()
         }
 
-        async fn read_message(&mut self) -> (u8, Vec<u8>) {
+        pub(in crate::replication) async fn read_message(&mut self) -> (u8, Vec<u8>) {
             let tag = self.stream.read_u8().await.expect("tag");
             let len = self.stream.read_u32().await.expect("length");
             let mut body = vec![0; len as usize - 4];
@@ -1377,21 +1388,21 @@ mod tests {
             (tag, body)
         }
 
-        async fn send(&mut self, messages: &[Vec<u8>]) {
+        pub(in crate::replication) async fn send(&mut self, messages: &[Vec<u8>]) {
             for message in messages {
                 self.stream.write_all(message).await.expect("server write");
             }
             self.stream.flush().await.expect("server flush");
         }
 
-        async fn accept_trust(&mut self) {
+        pub(in crate::replication) async fn accept_trust(&mut self) {
             self.read_startup().await;
             self.send(&[authentication(0, b""), backend_key_data(42, 7), ready()])
                 .await;
         }
     }
 
-    fn config() -> Config {
+    pub(in crate::replication) fn config() -> Config {
         let mut config = Config::new();
         config.user("alice").dbname("updog");
         config
@@ -1399,7 +1410,7 @@ mod tests {
 
     /// Runs `script` as the server and connects a client to it. `pipe` is the in-memory buffer
     /// size: 1 forces every message, both ways, to cross in one-byte reads.
-    async fn with_server<F, Fut>(
+    pub(in crate::replication) async fn with_server<F, Fut>(
         pipe: usize,
         config: &Config,
         script: F,

@@ -8,8 +8,17 @@ use std::str::FromStr;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::archive::{ArchiveHeader, ArchiveKind};
 use super::{FORMAT_VERSION, RepositoryError};
 use crate::replication::Lsn;
+
+/// One object of a snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part<'a> {
+    Schema,
+    Global,
+    Tenant(&'a str),
+}
 
 /// `<UTC time>-<consistent LSN as 16 hex digits>`: sorts by time, unique per snapshot.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -189,6 +198,41 @@ impl Manifest {
         std::iter::once(&self.schema)
             .chain(std::iter::once(&self.global.object))
             .chain(self.tenants.values().map(|t| &t.object))
+    }
+
+    /// The parts of the snapshot, schema first.
+    pub fn parts(&self) -> impl Iterator<Item = Part<'_>> {
+        [Part::Schema, Part::Global]
+            .into_iter()
+            .chain(self.tenants.keys().map(|t| Part::Tenant(t)))
+    }
+
+    pub fn object(&self, part: Part<'_>) -> Option<&StoredObject> {
+        match part {
+            Part::Schema => Some(&self.schema),
+            _ => self.archive(part).map(|(entry, _)| &entry.object),
+        }
+    }
+
+    /// An archive's entry, and the header its plaintext must carry.
+    pub fn archive(&self, part: Part<'_>) -> Option<(&ArchiveEntry, ArchiveHeader)> {
+        let (entry, kind, tenant) = match part {
+            Part::Schema => return None,
+            Part::Global => (&self.global, ArchiveKind::Global, None),
+            Part::Tenant(t) => (
+                self.tenants.get(t)?,
+                ArchiveKind::Tenant,
+                Some(t.to_string()),
+            ),
+        };
+        Some((
+            entry,
+            ArchiveHeader {
+                kind,
+                snapshot: self.id.to_string(),
+                tenant,
+            },
+        ))
     }
 
     pub fn table(&self, qualified: &str) -> Option<&TableEntry> {

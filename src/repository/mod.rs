@@ -18,7 +18,7 @@ use crate::codec::CodecError;
 use crate::storage::{ObjectStore, PutMode, StorageError};
 
 pub use info::RepoInfo;
-pub use manifest::{Manifest, SnapshotId, StoredObject};
+pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
 
 /// The newest format this build reads and writes.
 pub const FORMAT_VERSION: u32 = 1;

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::archive::{ArchiveEvent, ArchiveHeader, ArchiveReader};
-use super::manifest::StoredObject;
+use super::manifest::{Manifest, Part, StoredObject};
 use super::object::fetch_reader;
 use super::{RepositoryError, Result};
 use crate::codec::{CodecError, HashingReader, Identities, classify_read_error, open};
@@ -197,4 +197,35 @@ pub async fn verify_archive(
         }
     }
     Ok(rows)
+}
+
+/// Checks one part of a snapshot. Without identities: the stored bytes against the manifest's
+/// digest. With them: also decrypts and parses it, and an archive must hold exactly the rows
+/// the manifest records.
+pub async fn check_part(
+    store: &Arc<dyn ObjectStore>,
+    manifest: &Manifest,
+    part: Part<'_>,
+    identities: Option<Arc<Identities>>,
+) -> Result<()> {
+    let object = manifest
+        .object(part)
+        .ok_or_else(|| RepositoryError::Malformed {
+            key: super::keys::manifest(&manifest.id),
+            message: format!("has no {part:?}"),
+        })?;
+    let Some(identities) = identities else {
+        return verify_digest(store, object).await;
+    };
+    let Some((entry, header)) = manifest.archive(part) else {
+        return read_sealed(store, object, identities).await.map(drop);
+    };
+    let rows = verify_archive(store, object, identities, header).await?;
+    if rows != entry.rows {
+        return Err(RepositoryError::Archive {
+            key: object.key.clone(),
+            message: format!("holds rows {rows:?}, the manifest records {:?}", entry.rows),
+        });
+    }
+    Ok(())
 }

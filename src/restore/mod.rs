@@ -21,9 +21,8 @@ use tokio_postgres::Client;
 use crate::codec::Identities;
 use crate::config::redact_url;
 use crate::replication::Lsn;
-use crate::repository::archive::{ArchiveEvent, ArchiveHeader, ArchiveKind};
-use crate::repository::manifest::ArchiveEntry;
-use crate::repository::{Manifest, Repository, RepositoryError, reader};
+use crate::repository::archive::ArchiveEvent;
+use crate::repository::{Manifest, Part, Repository, RepositoryError, reader};
 use crate::source::catalog::{quote_ident, quote_literal};
 use crate::source::{SourceError, describe_db_error};
 
@@ -128,34 +127,14 @@ pub async fn run(
         None => default_database_name(&request.tenant, manifest.consistent_time),
     };
     check_database_name(&database)?;
-    let tenant_entry = manifest.tenants[&request.tenant].clone();
     tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, database = %database, "restore planned");
 
     // Everything is checked before anything is created.
     let store = repo.store();
     let dump = reader::read_sealed(store, &manifest.schema, identities.clone()).await?;
-    let global_header = header(&manifest, ArchiveKind::Global, None);
-    let tenant_header = header(&manifest, ArchiveKind::Tenant, Some(&request.tenant));
-    check_rows(
-        &manifest.global,
-        reader::verify_archive(
-            store,
-            &manifest.global.object,
-            identities.clone(),
-            global_header.clone(),
-        )
-        .await?,
-    )?;
-    check_rows(
-        &tenant_entry,
-        reader::verify_archive(
-            store,
-            &tenant_entry.object,
-            identities.clone(),
-            tenant_header.clone(),
-        )
-        .await?,
-    )?;
+    for part in [Part::Global, Part::Tenant(&request.tenant)] {
+        reader::check_part(store, &manifest, part, Some(identities.clone())).await?;
+    }
     let pg_restore = schema::pg_restore(manifest.server_version_num / 10000).await?;
     let (pre_preamble, pre) = schema::entries(&pg_restore, &dump, schema::Section::PreData).await?;
     let (post_preamble, post) =
@@ -220,27 +199,6 @@ pub async fn run(
     }
 }
 
-fn header(manifest: &Manifest, kind: ArchiveKind, tenant: Option<&str>) -> ArchiveHeader {
-    ArchiveHeader {
-        kind,
-        snapshot: manifest.id.to_string(),
-        tenant: tenant.map(str::to_string),
-    }
-}
-
-fn check_rows(entry: &ArchiveEntry, found: BTreeMap<String, u64>) -> Result<(), RepositoryError> {
-    if found != entry.rows {
-        return Err(RepositoryError::Archive {
-            key: entry.object.key.clone(),
-            message: format!(
-                "holds rows {found:?}, the manifest records {:?}",
-                entry.rows
-            ),
-        });
-    }
-    Ok(())
-}
-
 async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError> {
     let sql = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'",
@@ -296,22 +254,9 @@ async fn load(
         .batch_execute("BEGIN")
         .await
         .map_err(step("starting the data load"))?;
-    let global_rows = load_archive(
-        client,
-        repo,
-        identities,
-        &manifest.global,
-        header(manifest, ArchiveKind::Global, None),
-    )
-    .await?;
-    let tenant_rows = load_archive(
-        client,
-        repo,
-        identities,
-        &manifest.tenants[tenant],
-        header(manifest, ArchiveKind::Tenant, Some(tenant)),
-    )
-    .await?;
+    let global_rows = load_archive(client, repo, identities, manifest, Part::Global).await?;
+    let tenant_rows =
+        load_archive(client, repo, identities, manifest, Part::Tenant(tenant)).await?;
     for seq in &manifest.sequences {
         let name = format!("{}.{}", quote_ident(&seq.schema), quote_ident(&seq.name));
         let sql = format!(
@@ -373,9 +318,12 @@ async fn load_archive(
     client: &Client,
     repo: &Repository,
     identities: &Arc<Identities>,
-    entry: &ArchiveEntry,
-    expect: ArchiveHeader,
+    manifest: &Manifest,
+    part: Part<'_>,
 ) -> Result<BTreeMap<String, u64>, LoadError> {
+    let (entry, expect) = manifest
+        .archive(part)
+        .expect("the plan checked the part exists");
     let key = entry.object.key.clone();
     let mut events =
         reader::stream_archive(repo.store(), &entry.object, identities.clone(), expect)

@@ -1,0 +1,912 @@
+//! The CopyBoth half of the walsender protocol: `START_REPLICATION … LOGICAL` and the stream that
+//! follows it.
+//!
+//! Owns the `START_REPLICATION` command (slot, start position, output plugin options, each quoted
+//! for the replication grammar), the framing inside CopyData of XLogData (`'w'`), primary
+//! keepalives (`'k'`) and standby status updates (`'r'`), and the CopyDone handshake that ends
+//! streaming cleanly.
+//!
+//! It must never decide what is durable. It does not answer keepalives, never sends a status
+//! update on its own and does not remember which payloads it handed out: the `flushed` position
+//! of a status update lets the server advance the slot and discard the WAL before it, so only the
+//! caller — which knows which packs are stored — may choose it (invariant 1). Payloads pass
+//! through undecoded; the pgoutput decoder reads them.
+//!
+//! The stream is generic over its byte stream like [`ReplicationConnection`], so a TLS stream
+//! fits without changes here.
+
+use std::fmt;
+use std::io;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, Bytes};
+use postgres_protocol::message::backend::Message;
+use postgres_protocol::message::frontend;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+
+use super::connection::{
+    BackendMessage, ReplicationConnection, ReplicationError, ServerFields, Socket, message_name,
+    quote_identifier, tag_name, validate_slot_name,
+};
+use super::lsn::Lsn;
+
+/// How often a consumer should send a status update even when nothing new is durable.
+///
+/// The server ends a session it has not heard from for `wal_sender_timeout` (60 s by default)
+/// and asks for a reply (a keepalive with `reply_requested`) after half of it; 10 s keeps well
+/// clear of both, as PostgreSQL's own `wal_receiver_status_interval` does.
+pub const STATUS_UPDATE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// CopyData sub-message tags of the streaming replication protocol.
+const XLOG_DATA_TAG: u8 = b'w';
+const KEEPALIVE_TAG: u8 = b'k';
+const STATUS_UPDATE_TAG: u8 = b'r';
+
+/// `'w'`, walStart, walEnd, sendTime; the payload follows.
+const XLOG_DATA_HEADER_LEN: usize = 1 + 8 + 8 + 8;
+/// `'k'`, walEnd, sendTime, replyRequested.
+const KEEPALIVE_LEN: usize = 1 + 8 + 8 + 1;
+/// `'r'`, written, flushed, applied, clientTime, replyRequested.
+const STATUS_UPDATE_LEN: usize = 1 + 8 + 8 + 8 + 8 + 1;
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01 00:00:00 UTC), the origin of
+/// every timestamp in the protocol.
+const PG_EPOCH_UNIX_MICROS: i64 = 946_684_800_000_000;
+
+/// What [`ReplicationStream::next`] yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamEvent {
+    /// One output plugin message (XLogData). For pgoutput, one Begin, Relation, Insert, Commit,
+    /// StreamStart… message per event; its first byte is the pgoutput tag.
+    XLogData {
+        /// The WAL position the message belongs to, as the walsender reports it. For logical
+        /// decoding it is the LSN of the decoded record, and `0/0` for messages that come from
+        /// no record (pgoutput's Relation and Type). Never acknowledge it: acknowledge commit
+        /// end LSNs taken from the decoded Commit / StreamCommit.
+        wal_start: Lsn,
+        /// The server's WAL position as of sending (for logical decoding, the same as
+        /// `wal_start`).
+        wal_end: Lsn,
+        /// When the server sent it, in µs since 2000-01-01 00:00:00 UTC.
+        server_time: i64,
+        /// The payload, sharing the connection's read buffer (no copy). A payload kept alive
+        /// keeps the whole read chunk it came from (up to 64 KiB) alive: copy what must outlive
+        /// the decoding of one message, or memory grows with what is held.
+        data: Bytes,
+    },
+    /// A primary keepalive.
+    Keepalive {
+        /// The end of the WAL the server has sent or skipped. Once everything received before
+        /// this keepalive is durable, it is a durable position too: acknowledging it lets the
+        /// slot advance over WAL that decoded to nothing (other databases, unpublished tables).
+        wal_end: Lsn,
+        /// When the server sent it, in µs since 2000-01-01 00:00:00 UTC.
+        server_time: i64,
+        /// The server wants a status update now; without one it ends the session once
+        /// `wal_sender_timeout` has passed since the last one.
+        reply_requested: bool,
+    },
+    /// The server ended the copy (CopyDone, or CommandComplete when it shuts down). Nothing more
+    /// will come; call [`ReplicationStream::finish`]. Every later `next` returns `End` again.
+    End,
+}
+
+/// Where the CopyBoth exchange stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CopyState {
+    /// Both directions open.
+    Streaming,
+    /// The server sent CopyDone: it sends no more data and waits for ours.
+    ServerDone,
+    /// The server left copy mode with CommandComplete and no CopyDone, which a walsender does
+    /// only when it is about to exit (server shutdown).
+    ServerEnded,
+    /// The server reported a (non-fatal) error, which ends copy mode; ReadyForQuery follows.
+    Failed,
+    /// An I/O or protocol failure, a fatal error, or a write cut short: nothing more can be said.
+    Broken,
+}
+
+/// A logical replication stream: the connection after `START_REPLICATION`, in CopyBoth mode.
+///
+/// Created by [`ReplicationConnection::start_logical`]. Reading ([`ReplicationStream::next`])
+/// and writing ([`ReplicationStream::send_status`]) are independent halves of the protocol; the
+/// caller interleaves them, typically in a `tokio::select!` with a status timer and a shutdown
+/// token. Dropping the stream closes the socket, which the server treats like a lost client: the
+/// slot is released and streams again from its confirmed position on the next start.
+pub struct ReplicationStream<S = Socket> {
+    connection: ReplicationConnection<S>,
+    state: CopyState,
+    last_status_sent: Instant,
+}
+
+impl<S> fmt::Debug for ReplicationStream<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ReplicationStream")
+            .field("connection", &self.connection)
+            .field("state", &self.state)
+            .field("last_status_sent", &self.last_status_sent.elapsed())
+            .finish()
+    }
+}
+
+impl<S> ReplicationConnection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// Starts logical replication from `slot`:
+    /// `START_REPLICATION SLOT "slot" LOGICAL X/Y ("name" 'value', …)`.
+    ///
+    /// `start` is where to resume: the server never sends a transaction that committed before
+    /// the slot's confirmed position or before `start`, whichever is later (`0/0` means "from the
+    /// confirmed position"). `options` go to the output plugin in order; names are quoted as
+    /// identifiers and values as string literals here, so pass them raw — except that pgoutput
+    /// reads `publication_names` as a list of identifiers, which
+    /// [`quote_publication_names`] spells. For pgoutput with streamed large transactions:
+    /// `[("proto_version", "2"), ("publication_names", &pubs), ("streaming", "on"),
+    /// ("messages", "true")]`.
+    ///
+    /// The connection becomes the stream; on failure it is terminated.
+    ///
+    /// # Errors
+    /// [`ReplicationError::InvalidSlotName`] or [`ReplicationError::InvalidOption`] before
+    /// anything is sent; [`ReplicationError::Server`] if the server refuses (`42704` no such slot,
+    /// `55006` slot in use, `42601` bad syntax, `22023` unknown or invalid option); otherwise as
+    /// [`ReplicationConnection::simple_query`].
+    pub async fn start_logical(
+        mut self,
+        slot: &str,
+        start: Lsn,
+        options: &[(&str, &str)],
+    ) -> Result<ReplicationStream<S>, ReplicationError> {
+        let command = start_logical_command(slot, start, options)?;
+        self.begin_exchange()?;
+        frontend::query(&command, &mut self.write_buf)
+            .map_err(|e| ReplicationError::Protocol(format!("cannot encode the command: {e}")))?;
+        self.send().await?;
+        match self.read_message().await? {
+            BackendMessage::CopyBothResponse(_) => {
+                tracing::debug!(
+                    slot,
+                    %start,
+                    backend_pid = self.backend_pid(),
+                    "logical replication started"
+                );
+                Ok(ReplicationStream {
+                    connection: self,
+                    state: CopyState::Streaming,
+                    // The server starts its wal_sender_timeout clock here too.
+                    last_status_sent: Instant::now(),
+                })
+            }
+            BackendMessage::Message(Message::ErrorResponse(body)) => {
+                let error = ServerFields::parse(body.fields())?.into_error();
+                // Terminate rather than just drop the socket, so that the server ends the
+                // session without logging an unexpected EOF. Its failure changes nothing.
+                let _ = self.close().await;
+                Err(error)
+            }
+            BackendMessage::Message(other) => Err(ReplicationError::Protocol(format!(
+                "unexpected {} in answer to START_REPLICATION",
+                message_name(&other)
+            ))),
+        }
+    }
+}
+
+impl<S> ReplicationStream<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    /// The next message from the server.
+    ///
+    /// Cancel-safe: if the future is dropped before it completes (a `tokio::select!` branch that
+    /// lost), no message is lost; bytes already read stay buffered for the next call. Notices and
+    /// parameter changes are dealt with underneath and never returned.
+    ///
+    /// # Errors
+    /// [`ReplicationError::Server`] if the server reports an error (copy mode ends with it);
+    /// [`ReplicationError::Closed`] if the server hung up — what `wal_sender_timeout` looks
+    /// like — or an earlier call failed; I/O and protocol errors otherwise. After any error the
+    /// stream is finished: reconnect.
+    pub async fn next(&mut self) -> Result<StreamEvent, ReplicationError> {
+        match self.state {
+            CopyState::Streaming => {}
+            CopyState::ServerDone | CopyState::ServerEnded => return Ok(StreamEvent::End),
+            CopyState::Failed | CopyState::Broken => return Err(ReplicationError::Closed),
+        }
+        // Every state change below happens after the only await, so cancelling cannot leave the
+        // state half-updated.
+        let message = match self.connection.read_message().await {
+            Ok(BackendMessage::Message(message)) => message,
+            Ok(BackendMessage::CopyBothResponse(_)) => {
+                return Err(self.broken(ReplicationError::Protocol(
+                    "unexpected CopyBothResponse while streaming".into(),
+                )));
+            }
+            Err(e) => return Err(self.broken(e)),
+        };
+        match message {
+            Message::CopyData(body) => {
+                parse_copy_data(body.into_bytes()).map_err(|e| self.broken(e))
+            }
+            Message::CopyDone => {
+                self.state = CopyState::ServerDone;
+                Ok(StreamEvent::End)
+            }
+            Message::CommandComplete(_) => {
+                self.state = CopyState::ServerEnded;
+                Ok(StreamEvent::End)
+            }
+            Message::ErrorResponse(body) => {
+                let fields = match ServerFields::parse(body.fields()) {
+                    Ok(fields) => fields,
+                    Err(e) => return Err(self.broken(e)),
+                };
+                self.state = if fields.is_fatal() {
+                    CopyState::Broken
+                } else {
+                    CopyState::Failed
+                };
+                Err(fields.into_error())
+            }
+            other => Err(self.broken(ReplicationError::Protocol(format!(
+                "unexpected {} while streaming",
+                message_name(&other)
+            )))),
+        }
+    }
+
+    /// Sends a standby status update and flushes it.
+    ///
+    /// - `written`: the last position received (shown as `write_lsn` in `pg_stat_replication`;
+    ///   the server uses it in place of `flushed` only when `flushed` is `0/0`).
+    /// - `flushed`: **the server may discard everything before it.** It becomes the slot's
+    ///   `confirmed_flush_lsn`, the position the next `START_REPLICATION` resumes from, and lets
+    ///   the server recycle older WAL. Pass only an LSN whose changes are durably stored (for this
+    ///   project: a commit end LSN whose pack is stored, or a keepalive's `wal_end` once all
+    ///   earlier data is stored), never less than a value sent before, and `0/0` while nothing is
+    ///   durable yet (the server then keeps the slot where it is).
+    /// - `applied`: shown as `replay_lsn`; pass the same as `flushed`.
+    /// - `reply_requested`: ask the server for an immediate keepalive (for measuring lag).
+    ///
+    /// The update goes out in one write, immediately (the socket has Nagle disabled). A server
+    /// shutting down waits for `flushed` to reach the `wal_end` of its last keepalive before it
+    /// ends the stream, so answer keepalives that ask for a reply promptly.
+    ///
+    /// Cancel-safe in the sense that matters: if the future is dropped mid-write, the unwritten
+    /// rest stays queued and goes out first on the next `send_status`, [`Self::stop`] or
+    /// [`Self::finish`]. Until then the server waits for the rest of the message, so call one
+    /// of them soon.
+    ///
+    /// # Errors
+    /// [`ReplicationError::Io`] if the write fails (the stream is then finished);
+    /// [`ReplicationError::Closed`] if the copy has ended or an earlier call failed.
+    pub async fn send_status(
+        &mut self,
+        written: Lsn,
+        flushed: Lsn,
+        applied: Lsn,
+        reply_requested: bool,
+    ) -> Result<(), ReplicationError> {
+        match self.state {
+            // After the server's CopyDone it still reads our updates until our own CopyDone.
+            CopyState::Streaming | CopyState::ServerDone => {}
+            CopyState::ServerEnded | CopyState::Failed | CopyState::Broken => {
+                return Err(ReplicationError::Closed);
+            }
+        }
+        encode_status_update(
+            &mut self.connection.write_buf,
+            written,
+            flushed,
+            applied,
+            pg_now(),
+            reply_requested,
+        );
+        self.write_pending().await?;
+        self.last_status_sent = Instant::now();
+        Ok(())
+    }
+
+    /// When the last status update was sent (or streaming started, if none was). Send one at
+    /// least every [`STATUS_UPDATE_INTERVAL`].
+    #[must_use]
+    pub fn last_status_sent(&self) -> Instant {
+        self.last_status_sent
+    }
+
+    /// The server's process id for this session (`pg_stat_replication.pid`).
+    #[must_use]
+    pub fn backend_pid(&self) -> Option<i32> {
+        self.connection.backend_pid()
+    }
+
+    /// Ends streaming and returns the connection, ready for more replication commands (dropping
+    /// the slot, starting again…).
+    ///
+    /// Sends CopyDone (after any status update still queued), then reads until the server's
+    /// ReadyForQuery. Data the server had already sent is read and discarded: it was never
+    /// acknowledged, so the slot sends it again next time. With a transaction being decoded this
+    /// can take a while; bound it with a timeout.
+    ///
+    /// # Errors
+    /// [`ReplicationError::Closed`] if an earlier call broke the stream or the server hung up;
+    /// [`ReplicationError::Server`] if the server reports an error while ending; I/O and protocol
+    /// errors otherwise.
+    pub async fn stop(mut self) -> Result<ReplicationConnection<S>, ReplicationError> {
+        match self.state {
+            CopyState::Streaming | CopyState::ServerDone => {
+                frontend::copy_done(&mut self.connection.write_buf);
+                self.write_pending().await?;
+            }
+            // The server is out of copy mode already; only ReadyForQuery is left to read.
+            CopyState::ServerEnded | CopyState::Failed => {}
+            CopyState::Broken => return Err(ReplicationError::Closed),
+        }
+        let mut error = None;
+        loop {
+            let message = match self.connection.read_message().await {
+                Ok(BackendMessage::Message(message)) => message,
+                Ok(BackendMessage::CopyBothResponse(_)) => {
+                    return Err(ReplicationError::Protocol(
+                        "unexpected CopyBothResponse while ending the stream".into(),
+                    ));
+                }
+                // A server that reported an error and hung up: its error says more.
+                Err(e) => return Err(error.unwrap_or(e)),
+            };
+            match message {
+                Message::CopyData(_) | Message::CopyDone | Message::CommandComplete(_) => {}
+                Message::ErrorResponse(body) => {
+                    let fields = ServerFields::parse(body.fields())?;
+                    if fields.is_fatal() {
+                        return Err(fields.into_error());
+                    }
+                    error.get_or_insert_with(|| fields.into_error());
+                }
+                Message::ReadyForQuery(_) => {
+                    if let Some(error) = error {
+                        return Err(error);
+                    }
+                    self.connection.in_sync = true;
+                    return Ok(self.connection);
+                }
+                other => {
+                    return Err(ReplicationError::Protocol(format!(
+                        "unexpected {} while ending the stream",
+                        message_name(&other)
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Ends streaming and the session cleanly: [`Self::stop`], then Terminate.
+    ///
+    /// # Errors
+    /// As [`Self::stop`] and [`ReplicationConnection::close`]. A server that ended the stream
+    /// itself because it is shutting down ([`StreamEvent::End`]) and then hung up is not an
+    /// error.
+    pub async fn finish(self) -> Result<(), ReplicationError> {
+        let server_ended = self.state == CopyState::ServerEnded;
+        match self.stop().await {
+            Ok(connection) => connection.close().await,
+            Err(ReplicationError::Closed) if server_ended => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Writes out everything queued in the write buffer, then flushes.
+    ///
+    /// Cancel-safe: each `write_buf` either writes some bytes and consumes them from the buffer
+    /// in the same poll, or writes nothing, so a dropped future leaves exactly the unwritten rest
+    /// queued.
+    async fn write_pending(&mut self) -> Result<(), ReplicationError> {
+        let result = async {
+            let connection = &mut self.connection;
+            while connection.write_buf.has_remaining() {
+                if connection
+                    .stream
+                    .write_buf(&mut connection.write_buf)
+                    .await?
+                    == 0
+                {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero));
+                }
+            }
+            connection.stream.flush().await
+        }
+        .await;
+        result.map_err(|e| self.broken(ReplicationError::io("writing to the server", e)))
+    }
+
+    /// Marks the stream unusable and passes `error` through.
+    fn broken(&mut self, error: ReplicationError) -> ReplicationError {
+        self.state = CopyState::Broken;
+        error
+    }
+}
+
+/// Spells publication names as pgoutput's `publication_names` option expects them: a
+/// comma-separated list of identifiers. pgoutput splits the list like SQL identifiers
+/// (`SplitIdentifierString`), downcasing unquoted names, so each is double-quoted here and keeps
+/// its case, spaces, commas and quotes. [`ReplicationConnection::start_logical`] then quotes the
+/// whole list as a string literal.
+#[must_use]
+pub fn quote_publication_names<'a>(names: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for (i, name) in names.into_iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&quote_identifier(name));
+    }
+    out
+}
+
+/// `START_REPLICATION SLOT "slot" LOGICAL X/Y ("name" 'value', …)`, refusing before anything is
+/// sent what the server could not read.
+fn start_logical_command(
+    slot: &str,
+    start: Lsn,
+    options: &[(&str, &str)],
+) -> Result<String, ReplicationError> {
+    validate_slot_name(slot)?;
+    let mut command = format!(
+        "START_REPLICATION SLOT {} LOGICAL {start}",
+        quote_identifier(slot)
+    );
+    for (i, (name, value)) in options.iter().enumerate() {
+        if name.is_empty() {
+            return Err(ReplicationError::InvalidOption(
+                "an option name is empty".into(),
+            ));
+        }
+        // The query string is NUL-terminated on the wire.
+        if name.contains('\0') || value.contains('\0') {
+            return Err(ReplicationError::InvalidOption(format!(
+                "option {:?} contains a NUL byte",
+                name.chars().take(80).collect::<String>()
+            )));
+        }
+        command.push_str(if i == 0 { " (" } else { ", " });
+        command.push_str(&quote_identifier(name));
+        command.push(' ');
+        command.push_str(&quote_literal(value));
+    }
+    if !options.is_empty() {
+        command.push(')');
+    }
+    Ok(command)
+}
+
+/// A string literal of the replication grammar: quotes doubled, backslashes literal (its scanner
+/// has no escape syntax, whatever `standard_conforming_strings` says).
+fn quote_literal(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "''"))
+}
+
+/// Splits a CopyData payload into an event, without copying the XLogData payload.
+fn parse_copy_data(mut data: Bytes) -> Result<StreamEvent, ReplicationError> {
+    match data.first().copied() {
+        Some(XLOG_DATA_TAG) if data.len() >= XLOG_DATA_HEADER_LEN => {
+            data.advance(1);
+            let wal_start = Lsn(data.get_u64());
+            let wal_end = Lsn(data.get_u64());
+            let server_time = data.get_i64();
+            Ok(StreamEvent::XLogData {
+                wal_start,
+                wal_end,
+                server_time,
+                data,
+            })
+        }
+        // Exact length: a longer keepalive would be a protocol this client does not know.
+        Some(KEEPALIVE_TAG) if data.len() == KEEPALIVE_LEN => {
+            data.advance(1);
+            let wal_end = Lsn(data.get_u64());
+            let server_time = data.get_i64();
+            let reply_requested = data.get_u8() != 0;
+            Ok(StreamEvent::Keepalive {
+                wal_end,
+                server_time,
+                reply_requested,
+            })
+        }
+        Some(tag @ (XLOG_DATA_TAG | KEEPALIVE_TAG)) => Err(ReplicationError::Protocol(format!(
+            "malformed {} message in the replication stream ({} bytes)",
+            tag_name(tag),
+            data.len()
+        ))),
+        Some(tag) => Err(ReplicationError::Protocol(format!(
+            "unknown message {} in the replication stream",
+            tag_name(tag)
+        ))),
+        None => Err(ReplicationError::Protocol(
+            "empty CopyData in the replication stream".into(),
+        )),
+    }
+}
+
+/// Appends a standby status update, CopyData header included, to `buf`.
+fn encode_status_update(
+    buf: &mut bytes::BytesMut,
+    written: Lsn,
+    flushed: Lsn,
+    applied: Lsn,
+    client_time: i64,
+    reply_requested: bool,
+) {
+    buf.reserve(1 + 4 + STATUS_UPDATE_LEN);
+    buf.put_u8(b'd');
+    // The length counts itself, not the tag. 38: fits.
+    #[allow(clippy::cast_possible_truncation)]
+    buf.put_u32((4 + STATUS_UPDATE_LEN) as u32);
+    buf.put_u8(STATUS_UPDATE_TAG);
+    buf.put_u64(written.0);
+    buf.put_u64(flushed.0);
+    buf.put_u64(applied.0);
+    buf.put_i64(client_time);
+    buf.put_u8(u8::from(reply_requested));
+}
+
+/// Now, in µs since 2000-01-01 00:00:00 UTC. The server only displays it (`reply_time`), so a
+/// clock before 1970 reads as the Unix epoch rather than failing.
+fn pg_now() -> i64 {
+    let since_unix = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(since_unix.as_micros())
+        .unwrap_or(i64::MAX)
+        .saturating_sub(PG_EPOCH_UNIX_MICROS)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncWriteExt as _, DuplexStream};
+    use tokio::task::JoinHandle;
+
+    use super::super::connection::tests::{
+        MockServer, backend, command_complete, config, copy_both_response, cstrs,
+        error_response, ready, with_server,
+    };
+    use super::*;
+
+    fn copy_data(body: &[u8]) -> Vec<u8> {
+        backend(b'd', body)
+    }
+
+    fn xlog_data(wal_start: u64, wal_end: u64, time: i64, payload: &[u8]) -> Vec<u8> {
+        let mut body = vec![XLOG_DATA_TAG];
+        body.extend(wal_start.to_be_bytes());
+        body.extend(wal_end.to_be_bytes());
+        body.extend(time.to_be_bytes());
+        body.extend(payload);
+        copy_data(&body)
+    }
+
+    fn keepalive(wal_end: u64, time: i64, reply: bool) -> Vec<u8> {
+        let mut body = vec![KEEPALIVE_TAG];
+        body.extend(wal_end.to_be_bytes());
+        body.extend(time.to_be_bytes());
+        body.push(u8::from(reply));
+        copy_data(&body)
+    }
+
+    const OPTIONS: [(&str, &str); 4] = [
+        ("proto_version", "2"),
+        ("publication_names", "\"it's\",\"b\"\"c\""),
+        ("streaming", "on"),
+        ("messages", "true"),
+    ];
+
+    const COMMAND: &str = "START_REPLICATION SLOT \"updog\" LOGICAL 1/2A (\"proto_version\" '2', \
+                           \"publication_names\" '\"it''s\",\"b\"\"c\"', \"streaming\" 'on', \
+                           \"messages\" 'true')";
+
+    /// Reads the START_REPLICATION query and enters CopyBoth.
+    async fn accept_start(server: &mut MockServer) {
+        server.accept_trust().await;
+        let (tag, body) = server.read_message().await;
+        assert_eq!(tag, b'Q');
+        assert_eq!(body, cstrs(&[COMMAND]));
+        server.send(&[copy_both_response(0)]).await;
+    }
+
+    async fn start<F, Fut>(
+        pipe: usize,
+        script: F,
+    ) -> (ReplicationStream<DuplexStream>, JoinHandle<MockServer>)
+    where
+        F: FnOnce(MockServer) -> Fut + Send + 'static,
+        Fut: Future<Output = MockServer> + Send + 'static,
+    {
+        let (connection, server) = with_server(pipe, &config(), script).await;
+        let stream = connection
+            .expect("connects")
+            .start_logical("updog", Lsn(0x1_0000_002A), &OPTIONS)
+            .await
+            .expect("streaming");
+        (stream, server)
+    }
+
+    #[tokio::test]
+    async fn streams_data_and_keepalives_sends_status_and_finishes_over_one_byte_reads() {
+        let (mut stream, server) = start(1, |mut server| async move {
+                accept_start(&mut server).await;
+                server
+                    .send(&[
+                        xlog_data(0x10, 0x20, 7, b"Bpayload"),
+                        xlog_data(0, 0, 8, b""),
+                        keepalive(0x30, 9, true),
+                    ])
+                    .await;
+                let (tag, body) = server.read_message().await;
+                assert_eq!(tag, b'd');
+                assert_eq!(body.len(), 34);
+                assert_eq!(body[0], b'r');
+                assert_eq!(body[1..9], 0x30u64.to_be_bytes());
+                assert_eq!(body[9..17], 0x20u64.to_be_bytes());
+                assert_eq!(body[17..25], 0x10u64.to_be_bytes());
+                let client_time = i64::from_be_bytes(body[25..33].try_into().expect("8"));
+                // After 2024-01-01, in µs since 2000-01-01.
+                assert!(client_time > 757_382_400_000_000, "{client_time}");
+                assert_eq!(body[33], 1);
+                // finish: our CopyDone, then whatever was in flight, then the server's end.
+                assert_eq!(server.read_message().await, (b'c', Vec::new()));
+                server
+                    .send(&[
+                        xlog_data(0x40, 0x40, 10, b"Cin flight"),
+                        backend(b'c', b""),
+                        command_complete("START_REPLICATION"),
+                        ready(),
+                    ])
+                    .await;
+                assert_eq!(server.read_message().await, (b'X', Vec::new()));
+                server
+        })
+        .await;
+        let before = stream.last_status_sent();
+        assert_eq!(
+            stream.next().await.expect("data"),
+            StreamEvent::XLogData {
+                wal_start: Lsn(0x10),
+                wal_end: Lsn(0x20),
+                server_time: 7,
+                data: Bytes::from_static(b"Bpayload"),
+            }
+        );
+        assert_eq!(
+            stream.next().await.expect("empty payload"),
+            StreamEvent::XLogData {
+                wal_start: Lsn(0),
+                wal_end: Lsn(0),
+                server_time: 8,
+                data: Bytes::new(),
+            }
+        );
+        assert_eq!(
+            stream.next().await.expect("keepalive"),
+            StreamEvent::Keepalive {
+                wal_end: Lsn(0x30),
+                server_time: 9,
+                reply_requested: true,
+            }
+        );
+        stream
+            .send_status(Lsn(0x30), Lsn(0x20), Lsn(0x10), true)
+            .await
+            .expect("status");
+        assert!(stream.last_status_sent() > before);
+        stream.finish().await.expect("finish");
+        server.await.expect("server script");
+    }
+
+    #[tokio::test]
+    async fn next_is_cancel_safe_mid_message() {
+        let message = xlog_data(1, 2, 3, &[b'I'; 1000]);
+        let (first, rest) = message.split_at(600);
+        let (first, rest) = (first.to_vec(), rest.to_vec());
+        let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
+        let (mut stream, server) = start(4096, move |mut server| async move {
+                accept_start(&mut server).await;
+                server.send(&[first]).await;
+                gate_rx.await.expect("gate");
+                server.send(&[rest]).await;
+                server
+        })
+        .await;
+        for _ in 0..3 {
+            let cut = tokio::time::timeout(Duration::from_millis(20), stream.next()).await;
+            assert!(cut.is_err(), "only part of the message has arrived");
+        }
+        gate_tx.send(()).expect("server waits");
+        match stream.next().await.expect("whole message") {
+            StreamEvent::XLogData { data, .. } => assert_eq!(data, vec![b'I'; 1000]),
+            other => panic!("{other:?}"),
+        }
+        server.await.expect("server script");
+    }
+
+    #[tokio::test]
+    async fn a_server_error_ends_the_copy_and_stop_returns_a_usable_connection() {
+        let (mut stream, server) = start(4096, |mut server| async move {
+                accept_start(&mut server).await;
+                server
+                    .send(&[
+                        error_response("ERROR", "42704", "publication \"p\" does not exist", None),
+                        ready(),
+                    ])
+                    .await;
+                // stop() sends nothing after an error: the next message is the query.
+                let (tag, body) = server.read_message().await;
+                assert_eq!((tag, body), (b'Q', cstrs(&["DROP_REPLICATION_SLOT \"updog\""])));
+                server
+                    .send(&[command_complete("DROP_REPLICATION_SLOT"), ready()])
+                    .await;
+                server
+        })
+        .await;
+        let err = stream.next().await.expect_err("server error");
+        assert_eq!(err.code(), Some("42704"), "{err}");
+        assert!(matches!(stream.next().await, Err(ReplicationError::Closed)));
+        assert!(matches!(
+            stream.send_status(Lsn(1), Lsn(1), Lsn(1), false).await,
+            Err(ReplicationError::Closed)
+        ));
+        let mut connection = stream.stop().await.expect("back to idle");
+        connection.drop_slot("updog", false).await.expect("usable");
+        server.await.expect("server script");
+    }
+
+    #[tokio::test]
+    async fn a_shutting_down_server_ends_the_stream_and_finish_accepts_the_hang_up() {
+        let (mut stream, server) = start(4096, |mut server| async move {
+                accept_start(&mut server).await;
+                server
+                    .send(&[xlog_data(5, 5, 0, b"C"), command_complete("COPY 0")])
+                    .await;
+                server.stream.shutdown().await.expect("hang up");
+                server
+        })
+        .await;
+        assert!(matches!(
+            stream.next().await,
+            Ok(StreamEvent::XLogData { .. })
+        ));
+        assert_eq!(stream.next().await.expect("end"), StreamEvent::End);
+        assert_eq!(stream.next().await.expect("still end"), StreamEvent::End);
+        stream.finish().await.expect("nothing left to end");
+        server.await.expect("server script");
+    }
+
+    #[tokio::test]
+    async fn a_hang_up_while_streaming_is_closed_and_retryable() {
+        let (mut stream, server) = start(4096, |mut server| async move {
+                accept_start(&mut server).await;
+                server.stream.shutdown().await.expect("hang up");
+                server
+        })
+        .await;
+        let err = stream.next().await.expect_err("hung up");
+        assert!(matches!(err, ReplicationError::Closed), "{err:?}");
+        assert!(err.is_retryable());
+        assert!(matches!(
+            stream.finish().await,
+            Err(ReplicationError::Closed)
+        ));
+        server.await.expect("server script");
+    }
+
+    #[tokio::test]
+    async fn a_refused_start_returns_the_server_error_and_terminates() {
+        let (connection, server) = with_server(4096, &config(), |mut server| async move {
+            server.accept_trust().await;
+            server.read_message().await;
+            server
+                .send(&[
+                    error_response(
+                        "ERROR",
+                        "42704",
+                        "replication slot \"updog\" does not exist",
+                        None,
+                    ),
+                    ready(),
+                ])
+                .await;
+            assert_eq!(server.read_message().await, (b'X', Vec::new()));
+            server
+        })
+        .await;
+        let err = connection
+            .expect("connects")
+            .start_logical("updog", Lsn(0), &[])
+            .await
+            .expect_err("no slot");
+        assert_eq!(err.code(), Some("42704"), "{err}");
+        assert!(!err.is_retryable());
+        server.await.expect("server script");
+    }
+
+    #[test]
+    fn malformed_and_unknown_copy_data_are_protocol_errors() {
+        for body in [
+            Vec::new(),
+            vec![XLOG_DATA_TAG; XLOG_DATA_HEADER_LEN - 1],
+            vec![KEEPALIVE_TAG; KEEPALIVE_LEN - 1],
+            vec![KEEPALIVE_TAG; KEEPALIVE_LEN + 1],
+            b"x unknown".to_vec(),
+        ] {
+            let err = parse_copy_data(Bytes::from(body.clone())).expect_err("refused");
+            assert!(matches!(err, ReplicationError::Protocol(_)), "{body:?}");
+        }
+    }
+
+    #[test]
+    fn the_payload_is_a_slice_of_the_received_bytes() {
+        let message = Bytes::from(xlog_data(1, 2, 3, b"payload")[5..].to_vec());
+        let start = message.as_ptr();
+        match parse_copy_data(message).expect("parses") {
+            StreamEvent::XLogData { data, .. } => {
+                assert_eq!(data.as_ptr(), start.wrapping_add(XLOG_DATA_HEADER_LEN));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn start_command_quotes_names_and_values() {
+        assert_eq!(
+            start_logical_command("updog", Lsn(0x1_0000_002A), &OPTIONS).expect("valid"),
+            COMMAND
+        );
+        assert_eq!(
+            start_logical_command("s", Lsn(0), &[]).expect("valid"),
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0"
+        );
+        assert_eq!(
+            start_logical_command("s", Lsn(0), &[("We\"ird", "back\\slash")]).expect("valid"),
+            "START_REPLICATION SLOT \"s\" LOGICAL 0/0 (\"We\"\"ird\" 'back\\slash')"
+        );
+        for options in [&[("", "x")][..], &[("a\0b", "x")], &[("a", "x\0")]] {
+            assert!(
+                matches!(
+                    start_logical_command("s", Lsn(0), options),
+                    Err(ReplicationError::InvalidOption(_))
+                ),
+                "{options:?}"
+            );
+        }
+        assert!(matches!(
+            start_logical_command("Bad", Lsn(0), &[]),
+            Err(ReplicationError::InvalidSlotName { .. })
+        ));
+    }
+
+    #[test]
+    fn publication_names_are_quoted_identifiers() {
+        assert_eq!(quote_publication_names(["updog"]), "\"updog\"");
+        assert_eq!(
+            quote_publication_names(["A, b", "it's \"x\""]),
+            "\"A, b\",\"it's \"\"x\"\"\""
+        );
+        assert_eq!(quote_publication_names(Vec::new()), "");
+    }
+
+    #[test]
+    fn status_updates_have_the_documented_layout() {
+        let mut buf = bytes::BytesMut::new();
+        encode_status_update(&mut buf, Lsn(1), Lsn(2), Lsn(3), -4, false);
+        assert_eq!(buf.len(), 1 + 4 + 34);
+        assert_eq!(&buf[..5], &[b'd', 0, 0, 0, 38]);
+        assert_eq!(buf[5], b'r');
+        assert_eq!(buf[6..14], 1u64.to_be_bytes());
+        assert_eq!(buf[14..22], 2u64.to_be_bytes());
+        assert_eq!(buf[22..30], 3u64.to_be_bytes());
+        assert_eq!(buf[30..38], (-4i64).to_be_bytes());
+        assert_eq!(buf[38], 0);
+    }
+}
