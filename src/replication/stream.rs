@@ -69,16 +69,20 @@ pub enum StreamEvent {
         wal_end: Lsn,
         /// When the server sent it, in µs since 2000-01-01 00:00:00 UTC.
         server_time: i64,
-        /// The payload, sharing the connection's read buffer (no copy). A payload kept alive
-        /// keeps the whole read chunk it came from (up to 64 KiB) alive: copy what must outlive
-        /// the decoding of one message, or memory grows with what is held.
+        /// The payload, a slice of the connection's read buffer (no copy). A payload kept alive
+        /// keeps the whole buffer allocation it was read into alive (64 KiB, more for larger
+        /// messages): copy what must outlive the handling of one message, or memory grows with
+        /// what is held rather than with its size.
         data: Bytes,
     },
     /// A primary keepalive.
     Keepalive {
-        /// The end of the WAL the server has sent or skipped. Once everything received before
-        /// this keepalive is durable, it is a durable position too: acknowledging it lets the
-        /// slot advance over WAL that decoded to nothing (other databases, unpublished tables).
+        /// How far the server has read the WAL: every transaction that committed before it has
+        /// been sent (or skipped as irrelevant). Once every Commit / StreamCommit received
+        /// before this keepalive is durable, it is a safe `flushed` too, and acknowledging it
+        /// lets the slot advance over WAL that decoded to nothing (other databases, unpublished
+        /// tables). A streamed transaction still open at that point commits later, so a restart
+        /// sends it again in full.
         wal_end: Lsn,
         /// When the server sent it, in µs since 2000-01-01 00:00:00 UTC.
         server_time: i64,
@@ -103,7 +107,7 @@ enum CopyState {
     ServerEnded,
     /// The server reported a (non-fatal) error, which ends copy mode; ReadyForQuery follows.
     Failed,
-    /// An I/O or protocol failure, a fatal error, or a write cut short: nothing more can be said.
+    /// An I/O or protocol failure or a fatal error: nothing more can be said on this connection.
     Broken,
 }
 
@@ -259,8 +263,8 @@ where
 
     /// Sends a standby status update and flushes it.
     ///
-    /// - `written`: the last position received (shown as `write_lsn` in `pg_stat_replication`;
-    ///   the server uses it in place of `flushed` only when `flushed` is `0/0`).
+    /// - `written`: the last position received. Shown as `write_lsn` in `pg_stat_replication`;
+    ///   it never moves the slot.
     /// - `flushed`: **the server may discard everything before it.** It becomes the slot's
     ///   `confirmed_flush_lsn`, the position the next `START_REPLICATION` resumes from, and lets
     ///   the server recycle older WAL. Pass only an LSN whose changes are durably stored (for this
@@ -270,9 +274,11 @@ where
     /// - `applied`: shown as `replay_lsn`; pass the same as `flushed`.
     /// - `reply_requested`: ask the server for an immediate keepalive (for measuring lag).
     ///
-    /// The update goes out in one write, immediately (the socket has Nagle disabled). A server
-    /// shutting down waits for `flushed` to reach the `wal_end` of its last keepalive before it
-    /// ends the stream, so answer keepalives that ask for a reply promptly.
+    /// The update goes out in one write, immediately ([`ReplicationConnection::connect`]
+    /// disables Nagle on TCP). A server shutting down keeps the stream open until `flushed`
+    /// (`written` if `flushed` is `0/0`) reaches the position it has sent — the `wal_end` of
+    /// its keepalives, which then ask for a reply — or until `wal_sender_timeout` passes: a
+    /// consumer that makes its data durable and acknowledges promptly lets it stop sooner.
     ///
     /// Cancel-safe in the sense that matters: if the future is dropped mid-write, the unwritten
     /// rest stays queued and goes out first on the next `send_status`, [`Self::stop`] or
@@ -570,8 +576,8 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::super::connection::tests::{
-        MockServer, backend, command_complete, config, copy_both_response, cstrs,
-        error_response, ready, with_server,
+        MockServer, backend, command_complete, config, copy_both_response, cstrs, error_response,
+        ready, with_server,
     };
     use super::*;
 
@@ -636,37 +642,37 @@ mod tests {
     #[tokio::test]
     async fn streams_data_and_keepalives_sends_status_and_finishes_over_one_byte_reads() {
         let (mut stream, server) = start(1, |mut server| async move {
-                accept_start(&mut server).await;
-                server
-                    .send(&[
-                        xlog_data(0x10, 0x20, 7, b"Bpayload"),
-                        xlog_data(0, 0, 8, b""),
-                        keepalive(0x30, 9, true),
-                    ])
-                    .await;
-                let (tag, body) = server.read_message().await;
-                assert_eq!(tag, b'd');
-                assert_eq!(body.len(), 34);
-                assert_eq!(body[0], b'r');
-                assert_eq!(body[1..9], 0x30u64.to_be_bytes());
-                assert_eq!(body[9..17], 0x20u64.to_be_bytes());
-                assert_eq!(body[17..25], 0x10u64.to_be_bytes());
-                let client_time = i64::from_be_bytes(body[25..33].try_into().expect("8"));
-                // After 2024-01-01, in µs since 2000-01-01.
-                assert!(client_time > 757_382_400_000_000, "{client_time}");
-                assert_eq!(body[33], 1);
-                // finish: our CopyDone, then whatever was in flight, then the server's end.
-                assert_eq!(server.read_message().await, (b'c', Vec::new()));
-                server
-                    .send(&[
-                        xlog_data(0x40, 0x40, 10, b"Cin flight"),
-                        backend(b'c', b""),
-                        command_complete("START_REPLICATION"),
-                        ready(),
-                    ])
-                    .await;
-                assert_eq!(server.read_message().await, (b'X', Vec::new()));
-                server
+            accept_start(&mut server).await;
+            server
+                .send(&[
+                    xlog_data(0x10, 0x20, 7, b"Bpayload"),
+                    xlog_data(0, 0, 8, b""),
+                    keepalive(0x30, 9, true),
+                ])
+                .await;
+            let (tag, body) = server.read_message().await;
+            assert_eq!(tag, b'd');
+            assert_eq!(body.len(), 34);
+            assert_eq!(body[0], b'r');
+            assert_eq!(body[1..9], 0x30u64.to_be_bytes());
+            assert_eq!(body[9..17], 0x20u64.to_be_bytes());
+            assert_eq!(body[17..25], 0x10u64.to_be_bytes());
+            let client_time = i64::from_be_bytes(body[25..33].try_into().expect("8"));
+            // After 2024-01-01, in µs since 2000-01-01.
+            assert!(client_time > 757_382_400_000_000, "{client_time}");
+            assert_eq!(body[33], 1);
+            // finish: our CopyDone, then whatever was in flight, then the server's end.
+            assert_eq!(server.read_message().await, (b'c', Vec::new()));
+            server
+                .send(&[
+                    xlog_data(0x40, 0x40, 10, b"Cin flight"),
+                    backend(b'c', b""),
+                    command_complete("START_REPLICATION"),
+                    ready(),
+                ])
+                .await;
+            assert_eq!(server.read_message().await, (b'X', Vec::new()));
+            server
         })
         .await;
         let before = stream.last_status_sent();
@@ -712,11 +718,11 @@ mod tests {
         let (first, rest) = (first.to_vec(), rest.to_vec());
         let (gate_tx, gate_rx) = tokio::sync::oneshot::channel::<()>();
         let (mut stream, server) = start(4096, move |mut server| async move {
-                accept_start(&mut server).await;
-                server.send(&[first]).await;
-                gate_rx.await.expect("gate");
-                server.send(&[rest]).await;
-                server
+            accept_start(&mut server).await;
+            server.send(&[first]).await;
+            gate_rx.await.expect("gate");
+            server.send(&[rest]).await;
+            server
         })
         .await;
         for _ in 0..3 {
@@ -734,20 +740,23 @@ mod tests {
     #[tokio::test]
     async fn a_server_error_ends_the_copy_and_stop_returns_a_usable_connection() {
         let (mut stream, server) = start(4096, |mut server| async move {
-                accept_start(&mut server).await;
-                server
-                    .send(&[
-                        error_response("ERROR", "42704", "publication \"p\" does not exist", None),
-                        ready(),
-                    ])
-                    .await;
-                // stop() sends nothing after an error: the next message is the query.
-                let (tag, body) = server.read_message().await;
-                assert_eq!((tag, body), (b'Q', cstrs(&["DROP_REPLICATION_SLOT \"updog\""])));
-                server
-                    .send(&[command_complete("DROP_REPLICATION_SLOT"), ready()])
-                    .await;
-                server
+            accept_start(&mut server).await;
+            server
+                .send(&[
+                    error_response("ERROR", "42704", "publication \"p\" does not exist", None),
+                    ready(),
+                ])
+                .await;
+            // stop() sends nothing after an error: the next message is the query.
+            let (tag, body) = server.read_message().await;
+            assert_eq!(
+                (tag, body),
+                (b'Q', cstrs(&["DROP_REPLICATION_SLOT \"updog\""]))
+            );
+            server
+                .send(&[command_complete("DROP_REPLICATION_SLOT"), ready()])
+                .await;
+            server
         })
         .await;
         let err = stream.next().await.expect_err("server error");
@@ -765,12 +774,12 @@ mod tests {
     #[tokio::test]
     async fn a_shutting_down_server_ends_the_stream_and_finish_accepts_the_hang_up() {
         let (mut stream, server) = start(4096, |mut server| async move {
-                accept_start(&mut server).await;
-                server
-                    .send(&[xlog_data(5, 5, 0, b"C"), command_complete("COPY 0")])
-                    .await;
-                server.stream.shutdown().await.expect("hang up");
-                server
+            accept_start(&mut server).await;
+            server
+                .send(&[xlog_data(5, 5, 0, b"C"), command_complete("COPY 0")])
+                .await;
+            server.stream.shutdown().await.expect("hang up");
+            server
         })
         .await;
         assert!(matches!(
@@ -786,9 +795,9 @@ mod tests {
     #[tokio::test]
     async fn a_hang_up_while_streaming_is_closed_and_retryable() {
         let (mut stream, server) = start(4096, |mut server| async move {
-                accept_start(&mut server).await;
-                server.stream.shutdown().await.expect("hang up");
-                server
+            accept_start(&mut server).await;
+            server.stream.shutdown().await.expect("hang up");
+            server
         })
         .await;
         let err = stream.next().await.expect_err("hung up");

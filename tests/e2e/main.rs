@@ -3,6 +3,8 @@
 mod support;
 
 mod bad_input;
+mod pgoutput;
 mod replication;
+mod replication_stream;
 mod snapshot_restore;
 mod storage;
