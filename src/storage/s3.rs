@@ -290,8 +290,10 @@ impl S3Store {
         }
         match request.send().await {
             Ok(output) => Ok(output),
+            // A missing bucket also answers 404: that is a configuration error, not an
+            // absent object (which would read as "repository not initialised").
             Err(err)
-                if status(&err) == Some(404)
+                if (status(&err) == Some(404) && !is_missing_bucket(&err))
                     || err.as_service_error().is_some_and(|e| e.is_no_such_key()) =>
             {
                 Err(StorageError::NotFound {
@@ -963,6 +965,10 @@ where
 /// The `Content-Length` of an in-memory body (parts are at most 64 MiB, far below `i64::MAX`).
 fn length_header(len: usize) -> i64 {
     i64::try_from(len).unwrap_or(i64::MAX)
+}
+
+fn is_missing_bucket<E: ProvideErrorMetadata>(err: &SdkError<E>) -> bool {
+    err.as_service_error().and_then(ProvideErrorMetadata::code) == Some("NoSuchBucket")
 }
 
 fn status<E>(err: &SdkError<E>) -> Option<u16> {

@@ -340,11 +340,46 @@ async fn unreachable_services_are_operational_errors() {
         .env("AWS_MAX_ATTEMPTS", "2")
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!("127.0.0.1:{dead_port}")),
+        "names the endpoint: {stderr}"
+    );
+
+    // A live S3 server without that bucket, and wrong credentials: named, exit 1, no secret.
+    let s3 = crate::support::seaweed::s3().await;
+    let missing_bucket = config.replace(
+        &format!("url = \"file://{}\"", env.repo_dir.display()),
+        &format!(
+            "url = \"s3://no-such-bucket/x\"\ns3_endpoint = \"{}\"\ns3_force_path_style = true",
+            s3.endpoint()
+        ),
+    );
+    std::fs::write(&env.config_path, missing_bucket).unwrap();
+    let mut cmd = env.command(&["list"]);
+    let out = cmd
+        .env("AWS_ACCESS_KEY_ID", s3.access_key_id())
+        .env("AWS_SECRET_ACCESS_KEY", s3.secret_access_key())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("NoSuchBucket") || stderr.contains("no-such-bucket"),
+        "{stderr}"
+    );
+    let mut cmd = env.command(&["list"]);
+    let out = cmd
+        .env("AWS_ACCESS_KEY_ID", s3.access_key_id())
+        .env("AWS_SECRET_ACCESS_KEY", "wrong-secret-value")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        !stderr.contains("wrong-secret-value") && !stderr.contains(s3.secret_access_key()),
+        "{stderr}"
     );
 }
 
