@@ -47,15 +47,16 @@ impl RepoInfo {
     }
 
     /// A repository serves exactly one source database.
-    pub fn check_same_source(
+    pub fn check_source(
         &self,
-        other: &RepoInfo,
+        system_identifier: &str,
+        database: &str,
         location: &str,
     ) -> Result<(), RepositoryError> {
-        if self.system_identifier != other.system_identifier || self.database != other.database {
+        if self.system_identifier != system_identifier || self.database != database {
             return Err(RepositoryError::ForeignRepository {
                 location: location.into(),
-                expected: other.source_label(),
+                expected: format!("{database} (system {system_identifier})"),
                 found: self.source_label(),
             });
         }

@@ -109,7 +109,11 @@ impl Repository {
             Ok(_) => Ok(true),
             Err(StorageError::AlreadyExists { .. }) => {
                 let existing = self.info().await?;
-                existing.check_same_source(info, &self.store.describe())?;
+                existing.check_source(
+                    &info.system_identifier,
+                    &info.database,
+                    &self.store.describe(),
+                )?;
                 Ok(false)
             }
             Err(e) => Err(e.into()),

@@ -122,12 +122,11 @@ pub async fn take(
     let mut replication = ReplicationConnection::connect(&pg_config).await?;
     let system = replication.identify_system().await?;
     let identity = source_identity(&admin, system.system_id.clone()).await?;
-    let expected = crate::repository::RepoInfo {
-        system_identifier: identity.system_identifier.clone(),
-        database: identity.database.clone(),
-        ..info.clone()
-    };
-    info.check_same_source(&expected, &repo.store().describe())?;
+    info.check_source(
+        &identity.system_identifier,
+        &identity.database,
+        &repo.store().describe(),
+    )?;
 
     let slot_name = format!("updog_snap_{}_{}", std::process::id(), fastrand::u32(..));
     let slot = replication
@@ -145,22 +144,17 @@ pub async fn take(
         .await
         .map_err(query_context("reading the server clock"))?
         .get(0);
-    let id = SnapshotId::new(consistent_time, slot.consistent_point);
-    tracing::info!(snapshot = %id, lsn = %slot.consistent_point, tables = catalog.tables.len(), "snapshot started");
-
-    let result = export(
-        config,
-        repo,
-        catalog,
-        &id,
-        &snapshot_name,
-        &identity,
-        request,
-        slot.consistent_point,
-        consistent_time,
+    let point = SnapshotPoint {
+        id: SnapshotId::new(consistent_time, slot.consistent_point),
+        snapshot_name,
+        lsn: slot.consistent_point,
+        time: consistent_time,
         started_at,
-    )
-    .await;
+    };
+    let id = point.id.clone();
+    tracing::info!(snapshot = %id, lsn = %point.lsn, tables = catalog.tables.len(), "snapshot started");
+
+    let result = export(config, repo, catalog, &point, &identity, request).await;
     // The exported snapshot must live until every worker and pg_dump imported it; closing
     // the replication connection drops the temporary slot.
     if let Err(e) = replication.close().await {
@@ -182,19 +176,25 @@ pub async fn take(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a snapshot stands in the source's history.
+struct SnapshotPoint {
+    id: SnapshotId,
+    /// The exported snapshot workers and pg_dump import.
+    snapshot_name: String,
+    lsn: Lsn,
+    time: DateTime<Utc>,
+    started_at: DateTime<Utc>,
+}
+
 async fn export(
     config: &Config,
     repo: &Repository,
     catalog: Catalog,
-    id: &SnapshotId,
-    snapshot_name: &str,
+    point: &SnapshotPoint,
     identity: &SourceIdentity,
     request: &SnapshotRequest,
-    consistent_lsn: Lsn,
-    consistent_time: DateTime<Utc>,
-    started_at: DateTime<Utc>,
 ) -> Result<Manifest, SnapshotError> {
+    let (id, snapshot_name) = (&point.id, point.snapshot_name.as_str());
     let mut workers = Vec::new();
     for _ in 0..config.snapshot.parallel {
         workers.push(snapshot_client(&config.source.url, snapshot_name).await?);
@@ -315,9 +315,9 @@ async fn export(
         server_version_num: identity.server_version_num,
         tenant_column: exporter.catalog.tenant_column.clone(),
         tenant_type: exporter.catalog.tenant_type().to_string(),
-        consistent_lsn,
-        consistent_time,
-        started_at,
+        consistent_lsn: point.lsn,
+        consistent_time: point.time,
+        started_at: point.started_at,
         finished_at: Utc::now(),
         all_tenants: request.tenants.is_empty(),
         tables: exporter.catalog.manifest_tables(),
