@@ -92,17 +92,14 @@ pub fn validate_tenant(value: &str, tenant_type: &str) -> Result<String, String>
     Ok(value.to_string())
 }
 
-struct Job {
-    tenant: Option<String>,
-}
-
 struct Exporter {
     catalog: Catalog,
     repo: Repository,
     id: SnapshotId,
     recipients: Vec<age::x25519::Recipient>,
     level: i32,
-    jobs: Mutex<VecDeque<Job>>,
+    /// Archives still to export: a tenant, or `None` for the global tables.
+    jobs: Mutex<VecDeque<Option<String>>>,
     progress: Progress,
 }
 
@@ -232,13 +229,8 @@ async fn export(
 
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
         .map_err(RepositoryError::from)?;
-    let mut jobs: VecDeque<Job> = tenants
-        .iter()
-        .map(|t| Job {
-            tenant: Some(t.clone()),
-        })
-        .collect();
-    jobs.push_front(Job { tenant: None });
+    let mut jobs: VecDeque<Option<String>> = tenants.iter().cloned().map(Some).collect();
+    jobs.push_front(None);
     let exporter = Arc::new(Exporter {
         catalog,
         repo: repo.clone(),
@@ -273,11 +265,6 @@ async fn export(
             Ok(Ok(done)) => archives.extend(done),
             Ok(Err(e)) => {
                 first_error.get_or_insert(e);
-                exporter
-                    .jobs
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clear();
             }
             Err(e) => {
                 first_error.get_or_insert(SnapshotError::Export {
@@ -410,29 +397,38 @@ async fn read_sequences(
 }
 
 impl Exporter {
+    fn jobs(&self) -> std::sync::MutexGuard<'_, VecDeque<Option<String>>> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn work(
         &self,
         client: Client,
     ) -> Result<Vec<(Option<String>, ArchiveEntry)>, SnapshotError> {
         let mut done = Vec::new();
         loop {
-            let job = self
-                .jobs
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .pop_front();
-            let Some(job) = job else { break };
+            let job = self.jobs().pop_front();
+            let Some(tenant) = job else { break };
             let started = Instant::now();
-            let entry = self.export_archive(&client, job.tenant.as_deref()).await?;
+            let entry = match self.export_archive(&client, tenant.as_deref()).await {
+                Ok(entry) => entry,
+                Err(e) => {
+                    // The snapshot is lost: stop the other workers after their current archive.
+                    self.jobs().clear();
+                    return Err(e);
+                }
+            };
             tracing::debug!(
-                tenant = job.tenant.as_deref().unwrap_or("(global)"),
+                tenant = tenant.as_deref().unwrap_or("(global)"),
                 rows = entry.total_rows(),
                 bytes = entry.object.bytes,
                 seconds = started.elapsed().as_secs_f64(),
                 "archive stored"
             );
             self.progress.advance(entry.object.bytes);
-            done.push((job.tenant, entry));
+            done.push((tenant, entry));
         }
         client
             .batch_execute("COMMIT")
