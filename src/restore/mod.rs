@@ -171,12 +171,22 @@ pub async fn run(
         result
     };
     match loading.await {
-        Ok(mut report) => {
-            report.database = database;
-            report.target = redact_url(&request.target_url);
-            report.tenant = request.tenant.clone();
-            report.window = plan.window;
-            report.seconds = clock.elapsed().as_secs_f64();
+        Ok(loaded) => {
+            let report = RestoreReport {
+                database,
+                target: redact_url(&request.target_url),
+                tenant: request.tenant.clone(),
+                snapshot: manifest.id.to_string(),
+                restore_point: RestorePoint {
+                    lsn: manifest.consistent_lsn,
+                    time: manifest.consistent_time,
+                },
+                window: plan.window,
+                tenant_rows: loaded.tenant_rows,
+                global_rows: loaded.global_rows,
+                not_recreated: loaded.not_recreated,
+                seconds: clock.elapsed().as_secs_f64(),
+            };
             tracing::info!(database = %report.database, rows = report.total_rows(), seconds = report.seconds, "restore complete");
             Ok(report)
         }
@@ -246,7 +256,7 @@ async fn load(
     tenant: &str,
     pre: (&str, &[schema::Entry]),
     post: (&str, &[schema::Entry]),
-) -> Result<RestoreReport, LoadError> {
+) -> Result<Loaded, LoadError> {
     let mut not_recreated = schema::apply(client, pre.0, pre.1)
         .await
         .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?;
@@ -291,25 +301,18 @@ async fn load(
             .await
             .map_err(step(format!("ANALYZE {table}")))?;
     }
-    Ok(RestoreReport {
-        database: String::new(),
-        target: String::new(),
-        tenant: String::new(),
-        snapshot: manifest.id.to_string(),
-        restore_point: RestorePoint {
-            lsn: manifest.consistent_lsn,
-            time: manifest.consistent_time,
-        },
-        window: Window {
-            earliest: manifest.consistent_time,
-            covered_until: manifest.consistent_time,
-            snapshots: 1,
-        },
+    Ok(Loaded {
         tenant_rows,
         global_rows,
         not_recreated,
-        seconds: 0.0,
     })
+}
+
+/// What the load put into the recovery database.
+struct Loaded {
+    tenant_rows: BTreeMap<String, u64>,
+    global_rows: BTreeMap<String, u64>,
+    not_recreated: Vec<schema::Skipped>,
 }
 
 /// COPYs every table of an archive into the target; returns rows per table as PostgreSQL
