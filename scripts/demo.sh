@@ -16,10 +16,16 @@ port=${UPDOG_DEMO_PORT:-54329}
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+# As root the server runs as `postgres`, which may not reach a checkout under /root: then its
+# data lives under /var/tmp instead.
+pgdata=$demo/pg
+if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$root"; then
+  pgdata=/var/tmp/updog-backup-demo/pg
+fi
 
 case "${1:-run}" in
-  stop) [ -d "$demo/pg" ] && as_owner "$(pg_bin)/pg_ctl" -D "$demo/pg" stop -m fast || true; exit 0 ;;
-  clean) "$0" stop; rm -rf "$demo"; exit 0 ;;
+  stop) [ -d "$pgdata" ] && as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast || true; exit 0 ;;
+  clean) "$0" stop; rm -rf "$demo" "$pgdata"; exit 0 ;;
   run) ;;
   *) echo "usage: $0 [run|stop|clean]" >&2; exit 2 ;;
 esac
@@ -31,15 +37,15 @@ cargo build --quiet --bin updog-backup
 updog=$root/target/debug/updog-backup
 
 mkdir -p "$demo"
-if [ ! -d "$demo/pg" ]; then
-  echo "== creating a private PostgreSQL cluster in .demo/pg (port $port)"
-  mkdir -p "$demo/pg"
-  [ "$(id -u)" = 0 ] && chown postgres: "$demo" "$demo/pg"
-  as_owner "$bin/initdb" -D "$demo/pg" -A trust -U postgres --no-sync >/dev/null
+if [ ! -d "$pgdata" ]; then
+  echo "== creating a private PostgreSQL cluster in $pgdata (port $port)"
+  mkdir -p "$pgdata"
+  if [ "$(id -u)" = 0 ]; then chown postgres: "$pgdata"; fi
+  as_owner "$bin/initdb" -D "$pgdata" -A trust -U postgres --no-sync >/dev/null
 fi
-if ! as_owner "$bin/pg_ctl" -D "$demo/pg" status >/dev/null 2>&1; then
-  as_owner "$bin/pg_ctl" -D "$demo/pg" -l "$demo/pg.log" -w -o \
-    "-p $port -k $demo/pg -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10" \
+if ! as_owner "$bin/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
+  as_owner "$bin/pg_ctl" -D "$pgdata" -l "$pgdata/server.log" -w -o \
+    "-p $port -k $pgdata -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=10 -c max_wal_senders=10" \
     start >/dev/null
 fi
 psql_() { "$bin/psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres "$@"; }
