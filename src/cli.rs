@@ -177,7 +177,7 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
 
 async fn init(config: &Config) -> Result<(), Error> {
     let pg_config = crate::config::pg_config(&config.source.url)?;
-    let mut replication = ReplicationConnection::connect(&pg_config)
+    let mut replication = ReplicationConnection::connect_tls(&pg_config.config, &pg_config.tls)
         .await
         .map_err(|e| {
             Error::Failed(format!(

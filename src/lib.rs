@@ -27,3 +27,4 @@ pub mod repository;
 pub mod restore;
 pub mod source;
 pub mod storage;
+pub mod tls;

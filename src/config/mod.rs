@@ -16,6 +16,8 @@ use serde::Deserialize;
 
 pub use units::{parse_bytes, parse_duration};
 
+use crate::tls::TlsSettings;
+
 /// Environment variable naming the config file when `--config` is not given.
 pub const CONFIG_ENV: &str = "UPDOG_BACKUP_CONFIG";
 /// Prefix of the per-key overrides, `UPDOG_BACKUP__SOURCE__URL` and so on.
@@ -292,12 +294,9 @@ impl Config {
                 return Err(format!("{key}: {bad:?} is not \"schema.table\""));
             }
         }
-        s.url
-            .parse::<tokio_postgres::Config>()
-            .map_err(|e| format!("source.url is not a PostgreSQL URL: {e}"))?;
+        check_pg_url(&s.url).map_err(|e| format!("source.url {e}"))?;
         if let Some(url) = &self.restore.target_url {
-            url.parse::<tokio_postgres::Config>()
-                .map_err(|e| format!("restore.target_url is not a PostgreSQL URL: {e}"))?;
+            check_pg_url(url).map_err(|e| format!("restore.target_url {e}"))?;
         }
         self.storage_location().map_err(|e| e.to_string())?;
         if self.encryption.recipients.is_empty() {
@@ -393,13 +392,41 @@ pub fn redact_url(url: &str) -> String {
     out
 }
 
-/// Builds a connection config from a URL, filling in the password from `PGPASSWORD` or the
+/// A connection target: tokio-postgres's config and the TLS policy it cannot hold (it knows
+/// neither `verify-ca`/`verify-full` nor `sslrootcert`). Connect with both, never the config
+/// alone: `crate::tls::connect_client`, `ReplicationConnection::connect_tls`.
+#[derive(Debug, Clone)]
+pub struct PgTarget {
+    pub config: tokio_postgres::Config,
+    pub tls: TlsSettings,
+}
+
+/// The file's URL checks: a PostgreSQL URL whose SSL parameters make sense on their own (the
+/// environment is only consulted when connecting).
+fn check_pg_url(url: &str) -> Result<(), String> {
+    let (rest, ssl) = crate::tls::split_ssl_params(url).map_err(|e| format!(": {e}"))?;
+    rest.parse::<tokio_postgres::Config>()
+        .map_err(|e| format!("is not a PostgreSQL URL: {e}"))?;
+    TlsSettings::resolve(ssl, |_| None).map_err(|e| format!(": {e}"))?;
+    Ok(())
+}
+
+/// Builds a connection target from a URL: its SSL parameters (else `PGSSLMODE`,
+/// `PGSSLROOTCERT`) become the TLS policy, and the password comes from `PGPASSWORD` or the
 /// passfile when the URL has none (tokio-postgres reads neither).
-pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, ConfigError> {
-    let mut config: tokio_postgres::Config = url.parse().map_err(|e| ConfigError::Invalid {
+pub fn pg_config(url: &str) -> Result<PgTarget, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
         origin: redact_url(url),
-        message: format!("not a PostgreSQL URL: {e}"),
-    })?;
+        message,
+    };
+    let (rest, ssl) = crate::tls::split_ssl_params(url).map_err(|e| invalid(e.to_string()))?;
+    let mut config: tokio_postgres::Config = rest
+        .parse()
+        .map_err(|e| invalid(format!("not a PostgreSQL URL: {e}")))?;
+    let tls = TlsSettings::resolve(ssl, |name| std::env::var(name).ok())
+        .map_err(|e| invalid(e.to_string()))?;
+    tls.configure(&mut config)
+        .map_err(|e| invalid(e.to_string()))?;
     if config.get_application_name().is_none() {
         config.application_name("updog-backup");
     }
@@ -413,7 +440,7 @@ pub fn pg_config(url: &str) -> Result<tokio_postgres::Config, ConfigError> {
             config.password(password);
         }
     }
-    Ok(config)
+    Ok(PgTarget { config, tls })
 }
 
 #[cfg(test)]
@@ -524,6 +551,54 @@ mod tests {
             "postgres://u@h/db?password=***&x=1"
         );
         assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+    }
+
+    #[test]
+    fn tls_parameters_are_ours_and_checked() {
+        let target = pg_config(
+            "postgres://u:secret@127.0.0.1:5/db?sslmode=verify-full&sslrootcert=/ca.pem&application_name=x",
+        )
+        .unwrap();
+        assert_eq!(target.tls.mode, crate::tls::SslMode::VerifyFull);
+        assert_eq!(target.tls.root_cert.as_deref(), Some(Path::new("/ca.pem")));
+        assert_eq!(
+            target.config.get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        assert_eq!(target.config.get_application_name(), Some("x"));
+        assert_eq!(target.config.get_password(), Some(&b"secret"[..]));
+
+        let err = pg_config("postgres://u:secret@h/db?sslmode=verify_full")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("verify-full") && !err.contains("secret"),
+            "{err}"
+        );
+
+        let err = Config::from_toml(
+            MINIMAL,
+            "t",
+            env(&[(
+                "UPDOG_BACKUP__SOURCE__URL",
+                "postgres://u@h/db?sslmode=verify-ca",
+            )]),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("source.url") && err.contains("sslrootcert"),
+            "{err}"
+        );
+        Config::from_toml(
+            MINIMAL,
+            "t",
+            env(&[(
+                "UPDOG_BACKUP__SOURCE__URL",
+                "postgres://u@h/db?sslmode=verify-full&sslrootcert=/ca.pem",
+            )]),
+        )
+        .unwrap();
     }
 
     #[test]

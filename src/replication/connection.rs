@@ -7,9 +7,10 @@
 //! never interprets WAL payloads (that is the pgoutput decoder's job) and never chooses slots,
 //! positions or tables (that is the caller's).
 //!
-//! The connection is generic over its byte stream so that TLS can be slotted in later without
-//! touching the protocol code: [`ReplicationConnection::connect`] opens a plain [`Socket`] (TCP or
-//! Unix), [`ReplicationConnection::connect_stream`] runs the same startup over any stream.
+//! The connection is generic over its byte stream, so TLS does not touch the protocol code:
+//! [`ReplicationConnection::connect_tls`] opens a [`Socket`] (TCP, TCP with TLS after the
+//! SSLRequest, or Unix, which never uses TLS) as the `sslmode` policy of [`crate::tls`] says, and
+//! [`ReplicationConnection::connect_stream`] runs the same startup over any stream.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -30,10 +31,11 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 #[cfg(unix)]
 use tokio::net::UnixStream;
-use tokio_postgres::config::{ChannelBinding, Config, Host, SslMode};
+use tokio_postgres::config::{ChannelBinding, Config, Host, SslNegotiation};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
 use super::lsn::Lsn;
+use crate::tls::{TlsError, TlsSettings};
 
 /// `application_name` sent when the config does not set one, so that the walsender is
 /// recognisable in `pg_stat_replication` and `pg_stat_activity`.
@@ -103,6 +105,11 @@ pub enum ReplicationError {
     /// An output plugin option that cannot be sent (empty name, NUL byte), refused before sending.
     #[error("invalid replication option: {0}")]
     InvalidOption(String),
+    /// The TLS policy (`sslmode`, `sslrootcert`) could not be met: no TLS on the server, a
+    /// certificate that does not verify, an unreadable root certificate. The message says what to
+    /// change; retrying the same settings will not help.
+    #[error("{0}")]
+    Tls(#[from] TlsError),
 }
 
 impl ReplicationError {
@@ -125,7 +132,8 @@ impl ReplicationError {
             | ReplicationError::Auth(_)
             | ReplicationError::Config(_)
             | ReplicationError::InvalidSlotName { .. }
-            | ReplicationError::InvalidOption(_) => false,
+            | ReplicationError::InvalidOption(_)
+            | ReplicationError::Tls(_) => false,
         }
     }
 
@@ -164,10 +172,13 @@ fn display_server_error(
     out
 }
 
-/// The byte streams [`ReplicationConnection::connect`] can open. A TLS variant comes later.
+/// The byte streams [`ReplicationConnection::connect_tls`] can open.
 #[derive(Debug)]
 pub enum Socket {
     Tcp(TcpStream),
+    /// TCP after the server accepted the SSLRequest. Boxed: the TLS state is large, and the enum
+    /// is moved around by value.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     #[cfg(unix)]
     Unix(UnixStream),
 }
@@ -180,6 +191,7 @@ impl AsyncRead for Socket {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             #[cfg(unix)]
             Socket::Unix(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -194,6 +206,7 @@ impl AsyncWrite for Socket {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             #[cfg(unix)]
             Socket::Unix(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -202,6 +215,7 @@ impl AsyncWrite for Socket {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
             #[cfg(unix)]
             Socket::Unix(s) => Pin::new(s).poll_flush(cx),
         }
@@ -210,6 +224,7 @@ impl AsyncWrite for Socket {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Socket::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Socket::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             #[cfg(unix)]
             Socket::Unix(s) => Pin::new(s).poll_shutdown(cx),
         }
@@ -222,18 +237,19 @@ enum Target {
     Tcp {
         host: String,
         port: u16,
+        /// The name the server certificate must carry: `host` even when `hostaddr` says where to
+        /// connect, as in libpq.
+        tls_name: String,
     },
     #[cfg(unix)]
-    Unix {
-        path: PathBuf,
-    },
+    Unix { path: PathBuf },
 }
 
 impl fmt::Display for Target {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Target::Tcp { host, port } if host.contains(':') => write!(f, "[{host}]:{port}"),
-            Target::Tcp { host, port } => write!(f, "{host}:{port}"),
+            Target::Tcp { host, port, .. } if host.contains(':') => write!(f, "[{host}]:{port}"),
+            Target::Tcp { host, port, .. } => write!(f, "{host}:{port}"),
             #[cfg(unix)]
             Target::Unix { path } => write!(f, "{}", path.display()),
         }
@@ -245,15 +261,21 @@ impl Target {
         let port = config.get_ports().first().copied().unwrap_or(DEFAULT_PORT);
         // hostaddr wins over host for the socket address, as in libpq and tokio-postgres.
         if let Some(addr) = config.get_hostaddrs().first() {
+            let tls_name = match config.get_hosts().first() {
+                Some(Host::Tcp(host)) => host.clone(),
+                _ => addr.to_string(),
+            };
             return Ok(Target::Tcp {
                 host: addr.to_string(),
                 port,
+                tls_name,
             });
         }
         match config.get_hosts().first() {
             Some(Host::Tcp(host)) => Ok(Target::Tcp {
                 host: host.clone(),
                 port,
+                tls_name: host.clone(),
             }),
             #[cfg(unix)]
             Some(Host::Unix(dir)) => Ok(Target::Unix {
@@ -267,7 +289,7 @@ impl Target {
 
     async fn open(&self) -> Result<Socket, ReplicationError> {
         match self {
-            Target::Tcp { host, port } => {
+            Target::Tcp { host, port, .. } => {
                 let stream = TcpStream::connect((host.as_str(), *port))
                     .await
                     .map_err(|e| ReplicationError::io(format!("connecting to {self}"), e))?;
@@ -559,35 +581,69 @@ impl<S> fmt::Debug for ReplicationConnection<S> {
 }
 
 impl ReplicationConnection<Socket> {
-    /// Opens a replication connection as described by `config`.
-    ///
-    /// Uses the config's first host (a TCP host or a Unix socket directory; `hostaddr` wins over
-    /// `host`), its first port (default 5432), `user` (required), `dbname`, `options`,
-    /// `application_name` (default [`DEFAULT_APPLICATION_NAME`]) and the password from
-    /// `get_password()` — tokio-postgres does not read `PGPASSWORD` or a passfile, whoever builds
-    /// the config must. `connect_timeout` bounds the whole establishment, socket and
-    /// authentication both. TLS is not supported yet: `sslmode=require` is refused rather than
-    /// silently ignored.
+    /// Opens a replication connection as described by `config`, with the TLS policy its own
+    /// `sslmode` can express: `disable`, `prefer` or `require`, none of which checks the server
+    /// certificate. For `verify-ca`/`verify-full` or a root certificate use
+    /// [`ReplicationConnection::connect_tls`] with the settings `config::pg_config` resolved.
     ///
     /// # Errors
-    /// [`ReplicationError::Config`] for an unusable config, [`ReplicationError::Io`] if the server
-    /// cannot be reached or the timeout expires, [`ReplicationError::Auth`] or
-    /// [`ReplicationError::Server`] if authentication fails.
+    /// As [`ReplicationConnection::connect_tls`].
     pub async fn connect(config: &Config) -> Result<Self, ReplicationError> {
-        match config.get_ssl_mode() {
-            SslMode::Disable | SslMode::Prefer => {}
-            _ => {
-                return Err(ReplicationError::Config(
-                    "sslmode=require is not supported by the replication connection yet; use \
-                     sslmode=disable or prefer"
-                        .into(),
-                ));
-            }
+        let tls = TlsSettings::from_tokio_postgres(config.get_ssl_mode())?;
+        Self::connect_tls(config, &tls).await
+    }
+
+    /// Opens a replication connection as described by `config`, with TLS as `tls` says.
+    ///
+    /// Uses the config's first host (a TCP host or a Unix socket directory; `hostaddr` wins over
+    /// `host` for the address, `host` stays the name the certificate is checked against), its
+    /// first port (default 5432), `user` (required), `dbname`, `options`, `application_name`
+    /// (default [`DEFAULT_APPLICATION_NAME`]) and the password from `get_password()` —
+    /// tokio-postgres does not read `PGPASSWORD` or a passfile, whoever builds the config must.
+    /// Its `sslmode` is ignored in favour of `tls`. `connect_timeout` bounds the whole
+    /// establishment: socket, TLS and authentication.
+    ///
+    /// Over TCP, unless the mode is `disable`, it sends PostgreSQL's SSLRequest; a server that
+    /// declines is an error when the mode requires TLS and a plain connection with `prefer`.
+    /// Unix sockets never use TLS.
+    ///
+    /// # Errors
+    /// [`ReplicationError::Config`] for an unusable config, [`ReplicationError::Tls`] if the TLS
+    /// policy cannot be met, [`ReplicationError::Io`] if the server cannot be reached or the
+    /// timeout expires, [`ReplicationError::Auth`] or [`ReplicationError::Server`] if
+    /// authentication fails.
+    pub async fn connect_tls(config: &Config, tls: &TlsSettings) -> Result<Self, ReplicationError> {
+        if config.get_ssl_negotiation() == SslNegotiation::Direct {
+            return Err(ReplicationError::Config(
+                "sslnegotiation=direct is not supported; remove it (TLS is negotiated with the \
+                 standard SSLRequest)"
+                    .into(),
+            ));
         }
         let target = Target::from_config(config)?;
+        // Built before connecting: an unreadable sslrootcert is a configuration error, reported
+        // without touching the network.
+        let client_config = match (&target, tls.mode) {
+            (_, crate::tls::SslMode::Disable) => None,
+            (Target::Tcp { tls_name, .. }, _) => Some((tls.client_config()?, tls_name.as_str())),
+            #[cfg(unix)]
+            (Target::Unix { .. }, _) => None,
+        };
         let establish = async {
-            let socket = target.open().await?;
-            Self::connect_stream(socket, config).await
+            let socket = match (target.open().await?, client_config) {
+                (Socket::Tcp(tcp), Some((client_config, tls_name))) => {
+                    start_tls(tcp, &target, tls, client_config, tls_name).await?
+                }
+                (socket, _) => socket,
+            };
+            Self::connect_stream(socket, config)
+                .await
+                .map_err(|e| match &e {
+                    ReplicationError::Server { code, message, .. } => {
+                        crate::tls::plain_refused(tls.mode, code, message).map_or(e, Into::into)
+                    }
+                    _ => e,
+                })
         };
         let connection = match config.get_connect_timeout() {
             Some(limit) => tokio::time::timeout(*limit, establish)
@@ -603,9 +659,68 @@ impl ReplicationConnection<Socket> {
         tracing::debug!(
             server = %target,
             backend_pid = connection.backend_pid(),
+            tls = tls.mode.as_str(),
             "replication connection established"
         );
         Ok(connection)
+    }
+}
+
+/// SSLRequest, then the TLS handshake if the server agrees. A refusal falls back to the plain
+/// socket only when the mode allows it (`prefer`).
+async fn start_tls(
+    mut tcp: TcpStream,
+    target: &Target,
+    tls: &TlsSettings,
+    client_config: Arc<rustls::ClientConfig>,
+    tls_name: &str,
+) -> Result<Socket, ReplicationError> {
+    if !request_tls(&mut tcp)
+        .await
+        .map_err(|e| ReplicationError::io(format!("requesting TLS from {target}"), e))?
+    {
+        if tls.mode.requires_tls() {
+            return Err(TlsError::NotSupportedByServer { mode: tls.mode }.into());
+        }
+        tracing::debug!(
+            server = %target,
+            "the server declined TLS; sslmode=prefer goes on unencrypted"
+        );
+        return Ok(Socket::Tcp(tcp));
+    }
+    match crate::tls::handshake(client_config, tls_name, tcp).await? {
+        Ok(stream) => Ok(Socket::Tls(Box::new(stream))),
+        Err(e) => Err(ReplicationError::io(
+            format!("TLS handshake with {target}"),
+            e,
+        )),
+    }
+}
+
+/// Sends the SSLRequest and reads the one-byte answer: `true` for `S` (go ahead with TLS), `false`
+/// for `N`. Exactly one byte is read: anything the server sent after it belongs to the TLS
+/// handshake, never to the plaintext protocol (CVE-2021-23222 was a client that buffered such
+/// bytes and read them as if they had been encrypted).
+async fn request_tls<S>(stream: &mut S) -> io::Result<bool>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut buf = BytesMut::new();
+    frontend::ssl_request(&mut buf);
+    stream.write_all(&buf).await?;
+    stream.flush().await?;
+    match stream.read_u8().await? {
+        b'S' => Ok(true),
+        b'N' => Ok(false),
+        // An ErrorResponse: servers before protocol 3 (7.4), or a non-PostgreSQL service.
+        other => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "the server answered the SSLRequest with {} instead of S or N; is this a \
+                 PostgreSQL server (7.4 or later)?",
+                tag_name(other)
+            ),
+        )),
     }
 }
 
@@ -625,8 +740,8 @@ where
         })?;
         if config.get_channel_binding() == ChannelBinding::Require {
             return Err(ReplicationError::Config(
-                "channel_binding=require needs TLS, which the replication connection does not \
-                 support yet"
+                "channel_binding=require is not supported by the replication connection (it \
+                 authenticates with SCRAM-SHA-256, over TLS too); use channel_binding=prefer"
                     .into(),
             ));
         }
@@ -992,8 +1107,8 @@ where
         }
     }
 
-    /// SCRAM-SHA-256 without channel binding, which needs TLS. Leaves AuthenticationOk (or the
-    /// server's error) for the caller to read.
+    /// SCRAM-SHA-256 without channel binding (not implemented here). Leaves AuthenticationOk (or
+    /// the server's error) for the caller to read.
     async fn authenticate_scram(
         &mut self,
         offer: &AuthenticationSaslBody,
@@ -1010,8 +1125,8 @@ where
         if !offered.iter().any(|m| m == sasl::SCRAM_SHA_256) {
             return Err(ReplicationError::Auth(
                 if offered.iter().any(|m| m == sasl::SCRAM_SHA_256_PLUS) {
-                    "the server only offers SCRAM-SHA-256-PLUS (channel binding), which needs \
-                     TLS; the replication connection does not support TLS yet"
+                    "the server only offers SCRAM-SHA-256-PLUS (channel binding to TLS), which \
+                     the replication connection does not implement; let it offer SCRAM-SHA-256"
                         .to_owned()
                 } else {
                     format!(
@@ -1023,7 +1138,8 @@ where
         }
 
         let scram_error = |e: io::Error| ReplicationError::Auth(format!("SCRAM-SHA-256: {e}"));
-        // "n": this client does not do channel binding (there is no TLS to bind to).
+        // "n": this client does not do channel binding, with or without TLS. PostgreSQL accepts
+        // it even when it offered SCRAM-SHA-256-PLUS ("y" would claim the server could not).
         let mut scram = sasl::ScramSha256::new(password, sasl::ChannelBinding::unsupported());
         frontend::sasl_initial_response(sasl::SCRAM_SHA_256, scram.message(), &mut self.write_buf)
             .map_err(scram_error)?;
@@ -2075,14 +2191,65 @@ pub(super) mod tests {
     }
 
     #[tokio::test]
-    async fn tls_requirements_are_refused_not_ignored() {
-        let config: Config = "host=127.0.0.1 port=1 user=u sslmode=require"
+    async fn the_ssl_request_reads_exactly_one_answer_byte() {
+        for (answer, expected) in [(b'S', Some(true)), (b'N', Some(false)), (b'E', None)] {
+            let (mut client, mut server) = duplex(64);
+            let script = tokio::spawn(async move {
+                let mut request = [0u8; 8];
+                server.read_exact(&mut request).await.expect("request");
+                // Length 8, then the magic code 1234.5679.
+                assert_eq!(request, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]);
+                // A byte after the answer must stay unread: it belongs to the TLS handshake.
+                server.write_all(&[answer, 0x16]).await.expect("answer");
+                server
+            });
+            let result = request_tls(&mut client).await;
+            match expected {
+                Some(expected) => assert_eq!(result.expect("answered"), expected),
+                None => {
+                    let err = result.expect_err("not S or N").to_string();
+                    assert!(err.contains("'E'") && err.contains("PostgreSQL"), "{err}");
+                }
+            }
+            let _server = script.await.expect("server script");
+            assert_eq!(client.read_u8().await.expect("left unread"), 0x16);
+        }
+    }
+
+    #[tokio::test]
+    async fn tls_settings_come_from_the_config_or_are_refused() {
+        // What tokio-postgres's sslmode can say maps one to one; nothing is weakened.
+        for (text, mode) in [
+            ("sslmode=disable", crate::tls::SslMode::Disable),
+            ("sslmode=prefer", crate::tls::SslMode::Prefer),
+            ("sslmode=require", crate::tls::SslMode::Require),
+        ] {
+            let config: Config = format!("host=h user=u {text}").parse().expect("config");
+            let tls = TlsSettings::from_tokio_postgres(config.get_ssl_mode()).expect("known");
+            assert_eq!(tls.mode, mode);
+            assert!(!tls.verifies_chain());
+        }
+
+        let config: Config = "host=127.0.0.1 port=1 user=u sslmode=require sslnegotiation=direct"
             .parse()
             .expect("config");
         let err = ReplicationConnection::connect(&config)
             .await
-            .expect_err("no TLS");
+            .expect_err("direct");
         assert!(matches!(err, ReplicationError::Config(_)), "{err:?}");
+
+        // An unreadable root certificate is reported before connecting (port 1 is closed).
+        let config: Config = "host=127.0.0.1 port=1 user=u".parse().expect("config");
+        let tls = TlsSettings {
+            mode: crate::tls::SslMode::VerifyCa,
+            root_cert: Some("/nonexistent/updog-ca.pem".into()),
+        };
+        let err = ReplicationConnection::connect_tls(&config, &tls)
+            .await
+            .expect_err("no root certificate");
+        assert!(matches!(err, ReplicationError::Tls(_)), "{err:?}");
+        assert!(!err.is_retryable());
+        assert!(err.to_string().contains("updog-ca.pem"), "{err}");
 
         let config: Config = "user=u channel_binding=require".parse().expect("config");
         let (client, _server) = duplex(64);
@@ -2090,6 +2257,21 @@ pub(super) mod tests {
             .await
             .expect_err("no channel binding");
         assert!(matches!(err, ReplicationError::Config(_)), "{err:?}");
+    }
+
+    #[test]
+    fn the_certificate_name_is_the_host_not_the_hostaddr() {
+        let config: Config = "host=db.example hostaddr=127.0.0.1 user=u"
+            .parse()
+            .expect("config");
+        match Target::from_config(&config).expect("target") {
+            Target::Tcp { host, tls_name, .. } => {
+                assert_eq!(host, "127.0.0.1");
+                assert_eq!(tls_name, "db.example");
+            }
+            #[cfg(unix)]
+            Target::Unix { .. } => panic!("TCP expected"),
+        }
     }
 
     #[tokio::test]

@@ -145,16 +145,16 @@ pub async fn run(
     let maintenance = crate::source::connect(&request.target_url).await?;
     create_database(&maintenance, &database).await?;
     let loading = async {
-        let mut target_config = crate::config::pg_config(&request.target_url)?;
-        target_config.dbname(&database);
-        let (client, connection) =
-            target_config
-                .connect(tokio_postgres::NoTls)
-                .await
-                .map_err(|source| SourceError::Connect {
-                    target: format!("{} database {database}", redact_url(&request.target_url)),
-                    source,
-                })?;
+        let mut target = crate::config::pg_config(&request.target_url)?;
+        target.config.dbname(&database);
+        let (client, connection) = crate::tls::connect_client(&target.config, &target.tls)
+            .await
+            .map_err(|e| {
+                SourceError::connecting(
+                    format!("{} database {database}", redact_url(&request.target_url)),
+                    e,
+                )
+            })?;
         let connection = tokio::spawn(connection);
         let result = load(
             &client,

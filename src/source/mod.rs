@@ -7,9 +7,10 @@ pub mod check;
 pub mod pg_tools;
 pub mod snapshot;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::config::redact_url;
+use crate::tls::ClientConnectError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
@@ -20,6 +21,12 @@ pub enum SourceError {
         target: String,
         #[source]
         source: tokio_postgres::Error,
+    },
+    #[error("cannot connect to {target}: {source}")]
+    Tls {
+        target: String,
+        #[source]
+        source: crate::tls::TlsError,
     },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
@@ -33,17 +40,24 @@ pub enum SourceError {
     },
 }
 
-/// A connected client; the connection runs on its own task until the client is dropped.
+impl SourceError {
+    /// A failed connection to `target` (already redacted): TLS policy failures apart, because
+    /// their message says what to change and "is the server running?" would mislead.
+    pub fn connecting(target: String, error: ClientConnectError) -> SourceError {
+        match error {
+            ClientConnectError::Tls(source) => SourceError::Tls { target, source },
+            ClientConnectError::Postgres(source) => SourceError::Connect { target, source },
+        }
+    }
+}
+
+/// A connected client, over TLS as the URL's `sslmode` says; the connection runs on its own task
+/// until the client is dropped.
 pub async fn connect(url: &str) -> Result<Client, SourceError> {
-    let config = crate::config::pg_config(url)?;
-    let (client, connection) =
-        config
-            .connect(NoTls)
-            .await
-            .map_err(|source| SourceError::Connect {
-                target: redact_url(url),
-                source,
-            })?;
+    let target = crate::config::pg_config(url)?;
+    let (client, connection) = crate::tls::connect_client(&target.config, &target.tls)
+        .await
+        .map_err(|e| SourceError::connecting(redact_url(url), e))?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "database connection ended");

@@ -1,10 +1,13 @@
 //! PostgreSQL's own client programs (pg_dump, pg_restore), found for the server's major
-//! version. Passwords reach them through the environment, never their command line.
+//! version. Passwords and the TLS policy reach them through the environment, never their
+//! command line.
 
 use std::path::PathBuf;
 use std::process::Stdio;
 
 use tokio::process::Command;
+
+use crate::config::PgTarget;
 
 /// Directory holding pg_dump/pg_restore, overriding the search (e.g. a custom install).
 pub const PG_BIN_ENV: &str = "UPDOG_BACKUP_PG_BIN";
@@ -48,15 +51,21 @@ pub async fn find(tool: &'static str, major: u32) -> Result<PathBuf, ToolError> 
     Err(ToolError::NotFound { tool, major })
 }
 
-/// A command for a libpq program connecting as `config` says: connection parameters in a
-/// conninfo string without the password, which goes in `PGPASSWORD`.
-pub fn command(path: &PathBuf, config: &tokio_postgres::Config) -> Command {
+/// A command for a libpq program connecting as `target` says: connection parameters in a
+/// conninfo string without the password, which goes in `PGPASSWORD`, and the same TLS policy as
+/// this process's own connections in `PGSSLMODE`/`PGSSLROOTCERT` (whatever the parent
+/// environment held: the URL may have overridden it).
+pub fn command(path: &PathBuf, target: &PgTarget) -> Command {
+    let config = &target.config;
     let mut cmd = Command::new(path);
     cmd.arg("--dbname").arg(conninfo(config));
     cmd.env_remove("PGPASSWORD");
     if let Some(password) = config.get_password() {
         cmd.env("PGPASSWORD", String::from_utf8_lossy(password).into_owned());
     }
+    cmd.env_remove(crate::tls::SSLMODE_ENV)
+        .env_remove(crate::tls::SSLROOTCERT_ENV);
+    cmd.envs(target.tls.libpq_env());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

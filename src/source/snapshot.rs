@@ -116,7 +116,8 @@ pub async fn take(
     let catalog = Catalog::load(&admin, &config.source).await?;
 
     let pg_config = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
-    let mut replication = ReplicationConnection::connect(&pg_config).await?;
+    let mut replication =
+        ReplicationConnection::connect_tls(&pg_config.config, &pg_config.tls).await?;
     let system = replication.identify_system().await?;
     let identity = source_identity(&admin, system.system_id.clone()).await?;
     info.check_source(
@@ -481,7 +482,7 @@ impl Exporter {
 
     async fn export_schema(
         &self,
-        pg_config: &tokio_postgres::Config,
+        pg_config: &crate::config::PgTarget,
         major: u32,
         schemas: &[String],
         snapshot_name: &str,

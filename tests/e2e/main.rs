@@ -8,3 +8,4 @@ mod replication;
 mod replication_stream;
 mod snapshot_restore;
 mod storage;
+mod tls;

@@ -91,16 +91,57 @@ pub async fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(start)
 }
 
+/// What sets an extra cluster apart from the shared one (which has the same server options).
+pub struct ClusterSpec<'a> {
+    /// Suffix of its directory, `$TMPDIR/updog-backup-tests/pg-<pid>-<name>`.
+    pub name: &'a str,
+    /// The whole pg_hba.conf.
+    pub hba: &'a str,
+    /// Server options after the shared ones (`-c ssl=on …`).
+    pub extra_options: &'a str,
+    /// Runs with the cluster's directory after initdb, before the server starts (e.g. to write
+    /// certificates there); whatever it writes is handed to the cluster's owner afterwards.
+    pub prepare: &'a dyn Fn(&Path),
+}
+
+const SHARED_HBA: &str = "# Password roles of the replication tests; everything else is trusted (loopback only).\n\
+     host all updog_test_auth_scram 127.0.0.1/32 scram-sha-256\n\
+     host all updog_test_auth_md5 127.0.0.1/32 md5\n\
+     host all updog_test_auth_password 127.0.0.1/32 password\n\
+     local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n";
+
 fn start() -> Cluster {
+    start_with(&ClusterSpec {
+        name: "",
+        hba: SHARED_HBA,
+        extra_options: "",
+        prepare: &|_| {},
+    })
+}
+
+/// Another cluster of this binary's own (never the shared one), with the fixture's roles, stopped
+/// and deleted when the process exits like the shared one. Blocks while it starts: call it from
+/// a `OnceLock` as [`cluster`] does.
+pub fn start_extra(spec: &ClusterSpec) -> Cluster {
+    assert!(!spec.name.is_empty(), "an extra cluster needs a name");
+    start_with(spec)
+}
+
+fn start_with(spec: &ClusterSpec) -> Cluster {
     let bin = pg_bin();
     assert!(
         bin.join("initdb").exists(),
         "no PostgreSQL server at {}: install postgresql-15 or set UPDOG_BACKUP_TEST_PG_BIN",
         bin.display()
     );
-    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-services");
+    // Under the system temp directory, not the checkout: as root the server runs as the
+    // `postgres` user, who may not be able to traverse the checkout's parents (e.g. /root).
+    let base = std::env::temp_dir().join("updog-backup-tests");
     std::fs::create_dir_all(&base).unwrap();
-    let dir = base.join(format!("pg-{}", std::process::id()));
+    let dir = match spec.name {
+        "" => base.join(format!("pg-{}", std::process::id())),
+        name => base.join(format!("pg-{}-{name}", std::process::id())),
+    };
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     if is_root() {
@@ -117,21 +158,21 @@ fn start() -> Cluster {
         ]),
         "initdb",
     );
-    std::fs::write(
-        data.join("pg_hba.conf"),
-        "# Password roles of the replication tests; everything else is trusted (loopback only).\n\
-         host all updog_test_auth_scram 127.0.0.1/32 scram-sha-256\n\
-         host all updog_test_auth_md5 127.0.0.1/32 md5\n\
-         host all updog_test_auth_password 127.0.0.1/32 password\n\
-         local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
-    )
-    .unwrap();
+    std::fs::write(data.join("pg_hba.conf"), spec.hba).unwrap();
+    (spec.prepare)(&dir);
+    if is_root() {
+        run(
+            Command::new("chown").args(["-R", "postgres:"]).arg(&dir),
+            "chown",
+        );
+    }
     let port = free_port();
     let options = format!(
         "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 \
          -c max_connections=200 -c track_commit_timestamp=on -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
-         -c logical_decoding_work_mem=64kB -c password_encryption=scram-sha-256",
-        dir.display()
+         -c logical_decoding_work_mem=64kB -c password_encryption=scram-sha-256 {}",
+        dir.display(),
+        spec.extra_options
     );
     run(
         as_owner(&bin.join("pg_ctl"))
