@@ -162,8 +162,11 @@ impl CopyBinaryChecker {
                     self.partial.extend_from_slice(&data[..take]);
                     data = &data[take..];
                     if self.partial.len() == need {
+                        // Moved out and back so the buffer is reused, not reallocated per field.
                         let item = std::mem::take(&mut self.partial);
                         self.state = self.complete_item(&item)?;
+                        self.partial = item;
+                        self.partial.clear();
                     }
                 }
             }

@@ -320,12 +320,15 @@ async fn export(
 
 /// A connection inside the exported snapshot. `row_security = off` makes a role that is
 /// subject to row level security fail loudly instead of exporting a filtered, incomplete view.
+/// No parallel query: the snapshot already runs one COPY per connection, and parallel hash
+/// joins over whole tables per tenant cost a third of the server's CPU (BENCHMARKS.md).
 async fn snapshot_client(url: &str, snapshot_name: &str) -> Result<Client, SourceError> {
     let client = connect(url).await?;
     client
         .batch_execute(&format!(
             "SET statement_timeout = 0; SET idle_in_transaction_session_timeout = 0; SET lock_timeout = 0;
              SET row_security = off; SET standard_conforming_strings = on; SET DateStyle = ISO;
+             SET max_parallel_workers_per_gather = 0;
              BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY;
              SET TRANSACTION SNAPSHOT {}",
             quote_literal(snapshot_name)
