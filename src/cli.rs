@@ -12,6 +12,7 @@ use serde::Serialize;
 use crate::codec::{Identities, generate_identity, parse_recipients, recipient_fingerprint};
 use crate::config::{Config, StorageLocation, redact_url};
 use crate::error::Error;
+use crate::progress::{Progress, Unit};
 use crate::replication::ReplicationConnection;
 use crate::repository::{Part, RepoInfo, Repository, reader};
 use crate::restore::{RestoreRequest, RestoreTarget, plan};
@@ -504,13 +505,17 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
             (Part::Tenant(t), Some(o)) => t == o,
             _ => true,
         };
-        for part in manifest.parts().filter(wanted) {
+        let parts: Vec<Part<'_>> = manifest.parts().filter(wanted).collect();
+        let progress = Progress::new("verify", "objects", Unit::StoredBytes, parts.len() as u64);
+        for part in parts {
             checked += 1;
             if let Err(e) = reader::check_part(&store, &manifest, part, identities.clone()).await {
-                println!("FAILED {e}");
+                progress.println(&format!("FAILED {e}"));
                 failed += 1;
             }
+            progress.advance(manifest.object(part).map_or(0, |o| o.bytes));
         }
+        progress.finish();
     }
     let what = if deep {
         "decrypted and parsed"

@@ -22,6 +22,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod error;
+pub mod progress;
 pub mod replication;
 pub mod repository;
 pub mod restore;

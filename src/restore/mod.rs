@@ -20,6 +20,7 @@ use tokio_postgres::Client;
 
 use crate::codec::Identities;
 use crate::config::redact_url;
+use crate::progress::{Progress, Unit};
 use crate::replication::Lsn;
 use crate::repository::archive::ArchiveEvent;
 use crate::repository::{Manifest, Part, Repository, RepositoryError, reader};
@@ -264,9 +265,20 @@ async fn load(
         .batch_execute("BEGIN")
         .await
         .map_err(step("starting the data load"))?;
-    let global_rows = load_archive(client, repo, identities, manifest, Part::Global).await?;
-    let tenant_rows =
-        load_archive(client, repo, identities, manifest, Part::Tenant(tenant)).await?;
+    let tables = manifest.global.rows.len() + manifest.tenants[tenant].rows.len();
+    let progress = Progress::new("restore", "tables", Unit::Rows, tables as u64);
+    let global_rows =
+        load_archive(client, repo, identities, manifest, Part::Global, &progress).await?;
+    let tenant_rows = load_archive(
+        client,
+        repo,
+        identities,
+        manifest,
+        Part::Tenant(tenant),
+        &progress,
+    )
+    .await?;
+    progress.finish();
     for seq in &manifest.sequences {
         let name = format!("{}.{}", quote_ident(&seq.schema), quote_ident(&seq.name));
         let sql = format!(
@@ -323,6 +335,7 @@ async fn load_archive(
     identities: &Arc<Identities>,
     manifest: &Manifest,
     part: Part<'_>,
+    progress: &Progress,
 ) -> Result<BTreeMap<String, u64>, LoadError> {
     let (entry, expect) = manifest
         .archive(part)
@@ -380,6 +393,8 @@ async fn load_archive(
                         format!("loaded {loaded} rows, the archive records {recorded}"),
                     ));
                 }
+                tracing::debug!(table = %table_name, rows = loaded, "table loaded");
+                progress.advance(loaded);
                 rows.insert(table_name.clone(), loaded);
             }
         }

@@ -7,9 +7,8 @@
 //! tenants in parallel with tenant-filtered `COPY (SELECT …) TO STDOUT (FORMAT binary)`.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::IsTerminal;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
@@ -20,6 +19,7 @@ use tokio_postgres::Client;
 use super::catalog::{Catalog, CatalogError, Table, quote_ident, quote_literal};
 use super::{SourceError, connect, pg_tools, query_context};
 use crate::config::Config;
+use crate::progress::{Progress, Unit};
 use crate::replication::{Lsn, ReplicationConnection, ReplicationError, SlotSnapshot};
 use crate::repository::archive::{self, ArchiveHeader, ArchiveKind, TableHeader};
 use crate::repository::copy_binary::CopyChecker;
@@ -239,7 +239,12 @@ async fn export(
         recipients,
         level: config.compression.level,
         jobs: Mutex::new(jobs),
-        progress: Progress::new(tenants.len() as u64 + 1),
+        progress: Progress::new(
+            "snapshot",
+            "archives",
+            Unit::StoredBytes,
+            tenants.len() as u64 + 1,
+        ),
     });
 
     let schema_task = {
@@ -617,66 +622,4 @@ async fn flush_data(
     writer.write(pending).await?;
     pending.clear();
     Ok(())
-}
-
-/// A progress bar on a terminal, a log line every few seconds otherwise.
-struct Progress {
-    bar: Option<indicatif::ProgressBar>,
-    total: u64,
-    state: Mutex<(u64, u64, Instant)>,
-}
-
-impl Progress {
-    fn new(total: u64) -> Self {
-        let bar = std::io::stderr().is_terminal().then(|| {
-            let bar = indicatif::ProgressBar::new(total);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} archives {pos}/{len} [{bar:30}] {msg} {elapsed}",
-                )
-                .expect("static template")
-                .progress_chars("=> "),
-            );
-            bar
-        });
-        Self {
-            bar,
-            total,
-            state: Mutex::new((0, 0, Instant::now())),
-        }
-    }
-
-    fn advance(&self, bytes: u64) {
-        let mut state = self
-            .state
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        state.0 += 1;
-        state.1 += bytes;
-        match &self.bar {
-            Some(bar) => {
-                bar.inc(1);
-                bar.set_message(format!(
-                    "{:.1} MiB stored",
-                    state.1 as f64 / (1 << 20) as f64
-                ));
-            }
-            None if state.2.elapsed() >= Duration::from_secs(5) || state.0 == self.total => {
-                state.2 = Instant::now();
-                tracing::info!(
-                    archives = state.0,
-                    of = self.total,
-                    bytes = state.1,
-                    "snapshot progress"
-                );
-            }
-            None => {}
-        }
-    }
-
-    fn finish(&self) {
-        if let Some(bar) = &self.bar {
-            bar.finish_and_clear();
-        }
-    }
 }
