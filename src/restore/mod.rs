@@ -266,19 +266,18 @@ async fn load(
         .await
         .map_err(step("starting the data load"))?;
     let tables = manifest.global.rows.len() + manifest.tenants[tenant].rows.len();
-    let progress = Progress::new("restore", "tables", Unit::Rows, tables as u64);
-    let global_rows =
-        load_archive(client, repo, identities, manifest, Part::Global, &progress).await?;
-    let tenant_rows = load_archive(
+    let mut loader = ArchiveLoader {
         client,
         repo,
         identities,
         manifest,
-        Part::Tenant(tenant),
-        &progress,
-    )
-    .await?;
-    progress.finish();
+        progress: Progress::new("restore", "tables", Unit::Rows, tables as u64),
+        tables: Vec::new(),
+    };
+    let global_rows = loader.load(Part::Global).await?;
+    let tenant_rows = loader.load(Part::Tenant(tenant)).await?;
+    loader.progress.finish();
+    let loaded_tables = loader.tables;
     for seq in &manifest.sequences {
         let name = format!("{}.{}", quote_ident(&seq.schema), quote_ident(&seq.name));
         let sql = format!(
@@ -303,13 +302,9 @@ async fn load(
     );
     // Only the restored tables: a database-wide ANALYZE would touch catalogs the restore
     // role does not own.
-    for table in tenant_rows.keys().chain(global_rows.keys()) {
-        let (schema, name) = table
-            .split_once('.')
-            .expect("archive tables are schema-qualified");
-        let sql = format!("ANALYZE {}.{}", quote_ident(schema), quote_ident(name));
+    for (table, sql_name) in &loaded_tables {
         client
-            .batch_execute(&sql)
+            .batch_execute(&format!("ANALYZE {sql_name}"))
             .await
             .map_err(step(format!("ANALYZE {table}")))?;
     }
@@ -327,77 +322,89 @@ struct Loaded {
     not_recreated: Vec<schema::Skipped>,
 }
 
-/// COPYs every table of an archive into the target; returns rows per table as PostgreSQL
-/// counted them, checked against the archive's own counts.
-async fn load_archive(
-    client: &Client,
-    repo: &Repository,
-    identities: &Arc<Identities>,
-    manifest: &Manifest,
-    part: Part<'_>,
-    progress: &Progress,
-) -> Result<BTreeMap<String, u64>, LoadError> {
-    let (entry, expect) = manifest
-        .archive(part)
-        .expect("the plan checked the part exists");
-    let key = entry.object.key.clone();
-    let mut events =
-        reader::stream_archive(repo.store(), &entry.object, identities.clone(), expect)
-            .await
-            .map_err(|e| LoadError::Step(key.clone(), e.to_string()))?;
-    let mut rows = BTreeMap::new();
-    let mut sink = None;
-    let mut table_name = String::new();
-    while let Some(event) = events.recv().await {
-        match event.map_err(|e| LoadError::Step(key.clone(), e.to_string()))? {
-            ArchiveEvent::Table(t) => {
-                table_name = format!("{}.{}", t.schema, t.name);
-                let columns = t
-                    .columns
-                    .iter()
-                    .map(|c| quote_ident(c))
-                    .collect::<Vec<_>>()
-                    .join(", ");
-                let sql = format!(
-                    "COPY {}.{} ({columns}) FROM STDIN (FORMAT {})",
-                    quote_ident(&t.schema),
-                    quote_ident(&t.name),
-                    t.format.sql()
-                );
-                let copy = client
-                    .copy_in::<_, Bytes>(&sql)
-                    .await
-                    .map_err(step(format!("table {table_name}")))?;
-                sink = Some(Box::pin(copy));
-            }
-            ArchiveEvent::Data(bytes) => {
-                let copy = sink
-                    .as_mut()
-                    .ok_or_else(|| LoadError::Step(key.clone(), "data outside a table".into()))?;
-                copy.send(Bytes::from(bytes))
-                    .await
-                    .map_err(step(format!("table {table_name}")))?;
-            }
-            ArchiveEvent::TableEnd { rows: recorded } => {
-                let mut copy = sink.take().ok_or_else(|| {
-                    LoadError::Step(key.clone(), "table end outside a table".into())
-                })?;
-                let loaded = copy
-                    .as_mut()
-                    .finish()
-                    .await
-                    .map_err(step(format!("table {table_name}")))?;
-                if loaded != recorded {
-                    return Err(LoadError::Step(
-                        format!("table {table_name}"),
-                        format!("loaded {loaded} rows, the archive records {recorded}"),
-                    ));
+/// Loads archives into the recovery database inside the load transaction.
+struct ArchiveLoader<'a> {
+    client: &'a Client,
+    repo: &'a Repository,
+    identities: &'a Arc<Identities>,
+    manifest: &'a Manifest,
+    progress: Progress,
+    /// Display and quoted SQL name of every table loaded, for ANALYZE afterwards.
+    tables: Vec<(String, String)>,
+}
+
+impl ArchiveLoader<'_> {
+    /// COPYs every table of an archive into the target; returns rows per table as PostgreSQL
+    /// counted them, checked against the archive's own counts.
+    async fn load(&mut self, part: Part<'_>) -> Result<BTreeMap<String, u64>, LoadError> {
+        let (entry, expect) = self
+            .manifest
+            .archive(part)
+            .expect("the plan checked the part exists");
+        let key = entry.object.key.clone();
+        let mut events = reader::stream_archive(
+            self.repo.store(),
+            &entry.object,
+            self.identities.clone(),
+            expect,
+        )
+        .await
+        .map_err(|e| LoadError::Step(key.clone(), e.to_string()))?;
+        let mut rows = BTreeMap::new();
+        let mut sink = None;
+        let mut table_name = String::new();
+        while let Some(event) = events.recv().await {
+            match event.map_err(|e| LoadError::Step(key.clone(), e.to_string()))? {
+                ArchiveEvent::Table(t) => {
+                    table_name = format!("{}.{}", t.schema, t.name);
+                    let sql_name = format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
+                    let columns = t
+                        .columns
+                        .iter()
+                        .map(|c| quote_ident(c))
+                        .collect::<Vec<_>>()
+                        .join(", ");
+                    let sql = format!(
+                        "COPY {sql_name} ({columns}) FROM STDIN (FORMAT {})",
+                        t.format.sql()
+                    );
+                    self.tables.push((table_name.clone(), sql_name));
+                    let copy = self
+                        .client
+                        .copy_in::<_, Bytes>(&sql)
+                        .await
+                        .map_err(step(format!("table {table_name}")))?;
+                    sink = Some(Box::pin(copy));
                 }
-                tracing::debug!(table = %table_name, rows = loaded, "table loaded");
-                progress.advance(loaded);
-                rows.insert(table_name.clone(), loaded);
+                ArchiveEvent::Data(bytes) => {
+                    let copy = sink.as_mut().ok_or_else(|| {
+                        LoadError::Step(key.clone(), "data outside a table".into())
+                    })?;
+                    copy.send(Bytes::from(bytes))
+                        .await
+                        .map_err(step(format!("table {table_name}")))?;
+                }
+                ArchiveEvent::TableEnd { rows: recorded } => {
+                    let mut copy = sink.take().ok_or_else(|| {
+                        LoadError::Step(key.clone(), "table end outside a table".into())
+                    })?;
+                    let loaded = copy
+                        .as_mut()
+                        .finish()
+                        .await
+                        .map_err(step(format!("table {table_name}")))?;
+                    if loaded != recorded {
+                        return Err(LoadError::Step(
+                            format!("table {table_name}"),
+                            format!("loaded {loaded} rows, the archive records {recorded}"),
+                        ));
+                    }
+                    tracing::debug!(table = %table_name, rows = loaded, "table loaded");
+                    self.progress.advance(loaded);
+                    rows.insert(table_name.clone(), loaded);
+                }
             }
         }
+        Ok(rows)
     }
-    Ok(rows)
 }

@@ -135,29 +135,29 @@ async fn every_column_type_round_trips() {
         .await
         .batch_execute(
             r#"
-            CREATE SCHEMA "odd schema";
-            CREATE TYPE "odd schema".mood AS ENUM ('sad', 'ok', 'happy');
-            CREATE TYPE "odd schema".pair AS (a int, b text);
-            CREATE TABLE "odd schema"."Tenants" ("Org" text PRIMARY KEY);
-            CREATE TABLE "odd schema"."select" (
+            CREATE SCHEMA "odd.schema";
+            CREATE TYPE "odd.schema".mood AS ENUM ('sad', 'ok', 'happy');
+            CREATE TYPE "odd.schema".pair AS (a int, b text);
+            CREATE TABLE "odd.schema"."Tenants" ("Org" text PRIMARY KEY);
+            CREATE TABLE "odd.schema"."select" (
               id int GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-              "Org" text NOT NULL REFERENCES "odd schema"."Tenants",
-              moods "odd schema".mood[], p "odd schema".pair, f float8, i interval, j jsonb, b bytea,
+              "Org" text NOT NULL REFERENCES "odd.schema"."Tenants",
+              moods "odd.schema".mood[], p "odd.schema".pair, f float8, i interval, j jsonb, b bytea,
               n numeric, t timestamptz, tz time with time zone, r int4range, x xml, u uuid,
               "we""ird" text, doubled int GENERATED ALWAYS AS (id * 2) STORED
             );
-            CREATE TABLE "odd schema".child (id serial PRIMARY KEY, parent int NOT NULL REFERENCES "odd schema"."select");
-            INSERT INTO "odd schema"."Tenants" VALUES ('t''1'), ('t2; DROP TABLE x'), ('ünï cödé');
-            INSERT INTO "odd schema"."select" ("Org", moods, p, f, i, j, b, n, t, tz, r, x, u, "we""ird") VALUES
+            CREATE TABLE "odd.schema".child (id serial PRIMARY KEY, parent int NOT NULL REFERENCES "odd.schema"."select");
+            INSERT INTO "odd.schema"."Tenants" VALUES ('t''1'), ('t2; DROP TABLE x'), ('ünï cödé');
+            INSERT INTO "odd.schema"."select" ("Org", moods, p, f, i, j, b, n, t, tz, r, x, u, "we""ird") VALUES
               ('t''1', '{sad,happy}', ROW(1, 'a,b"c'), 'NaN', '1 year 2 mons -3 days 04:05:06.789', '{"k": [1, null, "\u00e9"]}',
                '\x00ff10', 1e-30, '2026-11-26 12:34:56.789012+05:30', '10:00:00+02', '[1,10)', '<a>b</a>', gen_random_uuid(), E'tab\there\nnewline\\back'),
               ('t''1', NULL, NULL, '-Infinity', NULL, 'null', '', -0.000001, 'infinity', NULL, 'empty', NULL, NULL, ''),
               ('t2; DROP TABLE x', '{}', ROW(NULL, NULL), 1.5e300, '0', '[]', '\x', 12345678901234567890.123456789, '-infinity', NULL, NULL, NULL, NULL, NULL),
               ('ünï cödé', '{ok}', ROW(-1, ''), 0, NULL, '{}', NULL, NULL, NULL, NULL, NULL, NULL, NULL, 'ü');
-            INSERT INTO "odd schema".child (parent) SELECT id FROM "odd schema"."select";
-            GRANT USAGE ON SCHEMA "odd schema" TO updog_backup;
-            GRANT SELECT ON ALL TABLES IN SCHEMA "odd schema" TO updog_backup;
-            GRANT SELECT ON ALL SEQUENCES IN SCHEMA "odd schema" TO updog_backup;
+            INSERT INTO "odd.schema".child (parent) SELECT id FROM "odd.schema"."select";
+            GRANT USAGE ON SCHEMA "odd.schema" TO updog_backup;
+            GRANT SELECT ON ALL TABLES IN SCHEMA "odd.schema" TO updog_backup;
+            GRANT SELECT ON ALL SEQUENCES IN SCHEMA "odd.schema" TO updog_backup;
             "#,
         )
         .await
@@ -167,7 +167,7 @@ async fn every_column_type_round_trips() {
         .unwrap()
         .replace(
             r#"schemas = ["app", "audit"]"#,
-            r#"schemas = ["odd schema"]"#,
+            r#"schemas = ["odd.schema"]"#,
         )
         .replace(r#"global_tables = ["app.currencies"]"#, "")
         .replace("[source]", "[source]\ntenant_column = \"Org\"");
@@ -175,8 +175,8 @@ async fn every_column_type_round_trips() {
     env.ok(&["init"]);
     let check = env.ok(&["check"]);
     assert!(
-        check.contains("odd schema.child")
-            && check.contains("(parent) → odd schema.select(id).Org"),
+        check.contains("odd.schema.child")
+            && check.contains("(parent) → odd.schema.select(id).Org"),
         "{check}"
     );
     assert!(
@@ -202,12 +202,12 @@ async fn every_column_type_round_trips() {
         let recovered = recovered_client(target.clone()).await;
         let lit = tenant.replace('\'', "''");
         for (table, filter) in [
-            ("\"odd schema\".\"Tenants\"", format!("\"Org\" = '{lit}'")),
-            ("\"odd schema\".\"select\"", format!("\"Org\" = '{lit}'")),
+            ("\"odd.schema\".\"Tenants\"", format!("\"Org\" = '{lit}'")),
+            ("\"odd.schema\".\"select\"", format!("\"Org\" = '{lit}'")),
             (
-                "\"odd schema\".child",
+                "\"odd.schema\".child",
                 format!(
-                    "parent IN (SELECT id FROM \"odd schema\".\"select\" WHERE \"Org\" = '{lit}')"
+                    "parent IN (SELECT id FROM \"odd.schema\".\"select\" WHERE \"Org\" = '{lit}')"
                 ),
             ),
         ] {
@@ -220,7 +220,7 @@ async fn every_column_type_round_trips() {
             );
         }
         // Identity and serial sequences continue after the source's values.
-        let next: i32 = recovered.query_one("INSERT INTO \"odd schema\".child (parent) SELECT min(id) FROM \"odd schema\".\"select\" RETURNING id", &[]).await.unwrap().get(0);
+        let next: i32 = recovered.query_one("INSERT INTO \"odd.schema\".child (parent) SELECT min(id) FROM \"odd.schema\".\"select\" RETURNING id", &[]).await.unwrap().get(0);
         assert!(next > 4, "sequence restored (got {next})");
     }
 }
