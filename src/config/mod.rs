@@ -290,7 +290,7 @@ impl Config {
             ("source.exclude_tables", &s.exclude_tables),
             ("source.global_tables", &s.global_tables),
         ] {
-            if let Some(bad) = list.iter().find(|t| t.split('.').count() != 2) {
+            if let Some(bad) = list.iter().find(|t| !t.contains('.')) {
                 return Err(format!("{key}: {bad:?} is not \"schema.table\""));
             }
         }
