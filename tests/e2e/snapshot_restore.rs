@@ -162,7 +162,7 @@ async fn every_column_type_round_trips() {
         )
         .await
         .unwrap();
-    let env = TestEnv::with_extra(&db, Repo::Directory, "").await;
+    let env = TestEnv::new(&db, Repo::Directory).await;
     let config = std::fs::read_to_string(&env.config_path)
         .unwrap()
         .replace(

@@ -13,7 +13,7 @@ use updog_backup::replication::{ReplicationConnection, ReplicationError};
 use updog_backup::source::SourceError;
 
 use crate::support::postgres::{Cluster, ClusterSpec, cluster, start_extra};
-use crate::support::{bin, fixture_tenant};
+use crate::support::{Repo, TestEnv, fixture_tenant};
 
 struct TlsCluster {
     pg: Cluster,
@@ -368,70 +368,23 @@ async fn a_server_without_tls_is_refused_unless_prefer() {
 async fn backup_and_restore_over_verified_tls() {
     let tls = tls_cluster();
     let db = tls.pg.fixture_db("tls_source", 4, "0.1").await;
-    let dir = tempfile::Builder::new()
-        .prefix("updog-tls-test-")
-        .tempdir()
-        .unwrap();
-    let identity = dir.path().join("identity.txt");
-    let out = Command::new(bin())
-        .args(["keygen", "--output"])
-        .arg(&identity)
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
     let params = format!("sslmode=verify-full&sslrootcert={}", tls.ca.display());
-    let config = format!(
-        r#"[source]
-url = "{source}"
-schemas = ["app", "audit"]
-global_tables = ["app.currencies"]
-
-[storage]
-url = "file://{repo}"
-
-[encryption]
-recipients = ["{recipient}"]
-identity_file = "{identity}"
-
-[snapshot]
-parallel = 2
-
-[restore]
-target_url = "postgres://updog_restore@localhost:{port}/postgres?{params}"
-"#,
-        source = tls.url("localhost", &db, &params),
-        repo = dir.path().join("repo").display(),
-        identity = identity.display(),
-        port = tls.pg.port,
+    let target = format!(
+        "postgres://updog_restore@localhost:{}/postgres?{params}",
+        tls.pg.port
     );
-    let config_path = dir.path().join("updog-backup.toml");
-    std::fs::write(&config_path, config).unwrap();
-    let run = |args: &[&str]| {
-        let out = Command::new(bin())
-            .arg("--config")
-            .arg(&config_path)
-            .args(args)
-            .env_remove("UPDOG_BACKUP_CONFIG")
-            .env_remove("PGSSLMODE")
-            .env_remove("PGSSLROOTCERT")
-            .env("UPDOG_BACKUP_LOG", "warn")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "updog-backup {args:?}: {}\n{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout).unwrap()
-    };
-    run(&["init"]);
-    let out = run(&["backup"]);
+    let env = TestEnv::with_urls(
+        &tls.url("localhost", &db, &params),
+        &target,
+        Repo::Directory,
+    )
+    .await;
+    env.ok(&["init"]);
+    let out = env.ok(&["backup"]);
     assert!(out.contains("4 tenant(s)"), "{out}");
     let tenant = fixture_tenant(2).await;
     let target = format!("recovered_{db}");
-    let out = run(&[
+    let out = env.ok(&[
         "restore",
         "--org",
         &tenant,

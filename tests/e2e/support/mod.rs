@@ -23,7 +23,6 @@ pub struct TestEnv {
     pub config_path: PathBuf,
     pub identity_path: PathBuf,
     pub recipient: String,
-    pub source_db: String,
     pub repo_dir: PathBuf,
     pub env: Vec<(String, String)>,
 }
@@ -36,11 +35,16 @@ impl TestEnv {
     /// A config for `source_db` on the test cluster, as the least-privileged roles of the
     /// fixture: `updog_backup` reads the source, `updog_restore` (CREATEDB only) restores.
     pub async fn new(source_db: &str, repo: Repo) -> Self {
-        Self::with_extra(source_db, repo, "").await
+        let pg = postgres::cluster().await;
+        let (source, target) = (
+            pg.url("updog_backup", source_db),
+            pg.url("updog_restore", "postgres"),
+        );
+        Self::with_urls(&source, &target, repo).await
     }
 
-    pub async fn with_extra(source_db: &str, repo: Repo, extra_source: &str) -> Self {
-        let pg = postgres::cluster().await;
+    /// A config for any source and restore target (e.g. another cluster).
+    pub async fn with_urls(source_url: &str, target_url: &str, repo: Repo) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("updog-test-")
             .tempdir()
@@ -84,7 +88,6 @@ impl TestEnv {
 url = "{source}"
 schemas = ["app", "audit"]
 global_tables = ["app.currencies"]
-{extra_source}
 
 [storage]
 {storage}
@@ -99,9 +102,9 @@ parallel = 2
 [restore]
 target_url = "{target}"
 "#,
-            source = pg.url("updog_backup", source_db),
+            source = source_url,
             identity = identity_path.display(),
-            target = pg.url("updog_restore", "postgres"),
+            target = target_url,
         );
         let config_path = dir.path().join("updog-backup.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -110,7 +113,6 @@ target_url = "{target}"
             config_path,
             identity_path,
             recipient,
-            source_db: source_db.to_string(),
             repo_dir,
             env,
         }
@@ -119,7 +121,10 @@ target_url = "{target}"
     pub fn command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new(bin());
         cmd.arg("--config").arg(&self.config_path).args(args);
+        // Only the config decides: nothing inherited from the developer's shell.
         cmd.env_remove("UPDOG_BACKUP_CONFIG")
+            .env_remove("PGSSLMODE")
+            .env_remove("PGSSLROOTCERT")
             .env("UPDOG_BACKUP_LOG", "warn");
         for (k, v) in &self.env {
             cmd.env(k, v);
