@@ -35,8 +35,11 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Check the source and initialise the repository (idempotent)
+    /// Check the source, initialise the repository, create the publication and the slot
+    /// with the first snapshot (idempotent)
     Init,
+    /// Capture every change continuously (until SIGTERM / Ctrl-C)
+    Daemon,
     /// Preflight report: settings, privileges, replica identities, how every table reaches its tenant
     Check {
         #[arg(long)]
@@ -104,6 +107,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
             let config = Config::load(cli.config.as_deref())?;
             match command {
                 Command::Init => init(&config).await,
+                Command::Daemon => daemon(&config).await,
                 Command::Check { json } => check(&config, json).await,
                 Command::Backup { orgs } => backup(&config, orgs).await,
                 Command::List { org, json } => list(&config, org, json).await,
@@ -194,7 +198,7 @@ async fn init(config: &Config) -> Result<(), Error> {
     let client = crate::source::connect(&config.source.url).await?;
     let identity = crate::source::snapshot::source_identity(&client, system.system_id).await?;
     // The catalog must classify every table before the first backup can work.
-    crate::source::catalog::Catalog::load(&client, &config.source)
+    let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
         .await
         .map_err(crate::source::SourceError::from)?;
     let store = open_store(config).await?;
@@ -223,6 +227,88 @@ async fn init(config: &Config) -> Result<(), Error> {
             info.source_label()
         );
     }
+    let publication = &config.source.publication;
+    if crate::source::publication::ensure(&client, publication, &catalog).await? {
+        println!("created publication {publication}");
+    }
+
+    // The stream's slot and the first snapshot are made together: the snapshot is taken from
+    // the slot's exported snapshot, so the stream continues exactly where it ends.
+    let slot = &config.source.slot;
+    let slot_exists = client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
+            &[slot],
+        )
+        .await
+        .map_err(crate::source::query_context("looking up the replication slot"))?
+        .is_some();
+    let progress = crate::repository::pack::read_progress(repo.store()).await?;
+    match (slot_exists, &progress) {
+        (true, Some(p)) if &p.slot == slot => {
+            println!(
+                "replication slot {slot} exists and the repository's change stream is durable up to {}: nothing to do (run `updog-backup daemon`)",
+                p.durable_lsn
+            );
+            return Ok(());
+        }
+        (true, _) => {
+            return Err(Error::Failed(format!(
+                "replication slot {slot} exists but this repository's change stream does not come from it: \
+                 drop it (SELECT pg_drop_replication_slot('{slot}')) or set source.slot to a new name, then run init again"
+            )));
+        }
+        (false, _) => {}
+    }
+    let manifest = crate::source::snapshot::take(
+        config,
+        &repo,
+        &SnapshotRequest {
+            tenants: Vec::new(),
+            stream_slot: Some(slot.clone()),
+        },
+    )
+    .await?;
+    crate::repository::pack::write_progress(
+        repo.store(),
+        &crate::repository::pack::StreamProgress {
+            format_version: crate::repository::FORMAT_VERSION,
+            slot: slot.clone(),
+            since_lsn: manifest.consistent_lsn,
+            durable_lsn: manifest.consistent_lsn,
+            covered_until: DateTime::<Utc>::UNIX_EPOCH,
+            updated_at: Utc::now(),
+        },
+    )
+    .await?;
+    println!(
+        "created replication slot {slot} and the first snapshot {} ({} tenant(s)) at {} (LSN {})",
+        manifest.id,
+        manifest.tenants.len(),
+        time(manifest.consistent_time),
+        manifest.consistent_lsn
+    );
+    println!(
+        "the change stream continues from there: start `updog-backup daemon` now (until it runs, the slot keeps WAL on the source)"
+    );
+    Ok(())
+}
+
+async fn daemon(config: &Config) -> Result<(), Error> {
+    let repo = Repository::new(open_store(config).await?);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signals = shutdown.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("stopping: storing what is complete, then acknowledging");
+        signals.cancel();
+    });
+    crate::capture::run(config, &repo, shutdown).await?;
     Ok(())
 }
 
@@ -245,7 +331,10 @@ async fn check(config: &Config, json: bool) -> Result<(), Error> {
 async fn backup(config: &Config, orgs: Vec<String>) -> Result<(), Error> {
     let repo = Repository::new(open_store(config).await?);
     let manifest =
-        crate::source::snapshot::take(config, &repo, &SnapshotRequest { tenants: orgs }).await?;
+        crate::source::snapshot::take(config, &repo, &SnapshotRequest {
+            tenants: orgs,
+            stream_slot: None,
+        }).await?;
     let bytes: u64 = manifest.objects().map(|o| o.bytes).sum();
     let rows: u64 = manifest.tenants.values().map(|t| t.total_rows()).sum();
     println!(
@@ -296,7 +385,19 @@ struct ListReport {
     tenant: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     window: Option<crate::restore::Window>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<StreamLine>,
     snapshots: Vec<SnapshotLine>,
+}
+
+#[derive(Serialize)]
+struct StreamLine {
+    slot: String,
+    since_lsn: String,
+    durable_lsn: String,
+    covered_until: DateTime<Utc>,
+    packs: usize,
+    bytes: u64,
 }
 
 /// The configured repository, checked to be initialised, and `--org` resolved against it.
@@ -334,13 +435,25 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
             tenant_bytes: tenant.map(|t| t.object.bytes),
         });
     }
-    let window = match (&org, snapshots.first(), snapshots.last()) {
-        (Some(_), Some(first), Some(last)) => Some(crate::restore::Window {
-            earliest: first.consistent_time,
-            covered_until: last.consistent_time,
-            snapshots: snapshots.len(),
-        }),
-        _ => None,
+    let state = crate::repository::pack::StreamState::read(&store).await?;
+    let stream = state.progress.as_ref().map(|p| StreamLine {
+        slot: p.slot.clone(),
+        since_lsn: p.since_lsn.to_string(),
+        durable_lsn: state.durable().unwrap_or(p.durable_lsn).to_string(),
+        covered_until: p.covered_until,
+        packs: state.packs.len(),
+        bytes: state.packs.iter().map(|p| p.size).sum(),
+    });
+    let window = match &org {
+        Some(o) => {
+            let (manifests, _) = plan::tenant_snapshots(&repo, o)
+                .await
+                .map_err(crate::restore::RestoreError::from)?;
+            (!manifests.is_empty()).then(|| {
+                plan::window_of(&manifests, state.progress.as_ref(), state.durable())
+            })
+        }
+        None => None,
     };
     if let (Some(o), None) = (&org, &window) {
         return Err(Error::Usage(format!(
@@ -352,6 +465,7 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
         repository: store.describe(),
         tenant: org,
         window,
+        stream,
         snapshots,
     };
     if json {
@@ -366,6 +480,21 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
             time(w.covered_until),
             w.snapshots
         );
+    }
+    match &report.stream {
+        Some(s) => println!(
+            "change stream (slot {}): {} pack(s), {}, durable up to LSN {}, covered until {}",
+            s.slot,
+            s.packs,
+            human_bytes(s.bytes),
+            s.durable_lsn,
+            if s.covered_until == DateTime::<Utc>::UNIX_EPOCH {
+                "nothing yet (is `updog-backup daemon` running?)".to_string()
+            } else {
+                time(s.covered_until)
+            }
+        ),
+        None => println!("no change stream: run `updog-backup init`, then `updog-backup daemon`"),
     }
     if report.snapshots.is_empty() {
         println!("no snapshots yet: run `updog-backup backup`");
@@ -452,10 +581,17 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         report.tenant, report.database, report.target
     );
     println!(
-        "restore point: snapshot {} — LSN {}, {} (window {})",
-        report.snapshot,
+        "restore point: LSN {}, {} — snapshot {}{} (window {})",
         report.restore_point.lsn,
         time(report.restore_point.time),
+        report.snapshot,
+        match &report.changes {
+            Some(c) => format!(
+                " + {} transaction(s) replayed from {} pack(s): {} inserts, {} updates, {} deletes, {} truncates",
+                c.transactions, c.packs, c.stats.inserts, c.stats.updates, c.stats.deletes, c.stats.truncates
+            ),
+            None => String::new(),
+        },
         report.window
     );
     for (table, rows) in &report.tenant_rows {

@@ -27,6 +27,10 @@ pub enum Error {
     Snapshot(#[from] SnapshotError),
     #[error(transparent)]
     Restore(#[from] RestoreError),
+    #[error(transparent)]
+    Capture(#[from] crate::capture::CaptureError),
+    #[error(transparent)]
+    Publication(#[from] crate::source::publication::PublicationError),
     #[error("{0}")]
     Failed(String),
 }

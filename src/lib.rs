@@ -13,11 +13,15 @@
 //!          ─► COPY global + tenant rows ─► post-data (indexes, constraints, RLS) ─► report
 //! ```
 //!
+//! capture: slot (pgoutput, proto 2) ─► decoder ─► router (tenant of each change) ─► pack
+//!          writer (per-tenant sections, zstd ─► age) ─► store ─► acknowledge
+//!
 //! Module map: [`config`] (TOML + environment), [`storage`] (object stores), [`codec`]
 //! (zstd then age, streaming), [`repository`] (keys, manifests, tenant archives),
 //! [`source`] (PostgreSQL side: connections, catalog, snapshot export), [`replication`]
-//! (walsender protocol), [`restore`] (recovery databases), [`cli`] (commands).
+//! (walsender protocol, pgoutput), [`capture`] (routing, packs), [`restore`] (recovery databases), [`cli`] (commands).
 
+pub mod capture;
 pub mod cli;
 pub mod codec;
 pub mod config;

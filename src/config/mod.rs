@@ -130,6 +130,10 @@ pub struct StreamConfig {
     pub flush_interval: Duration,
     #[serde(default = "default_pack_bytes", deserialize_with = "units::bytes")]
     pub max_pack_bytes: u64,
+    /// Where large packs and in-progress large transactions wait, encrypted (default: the
+    /// system's temporary directory).
+    #[serde(default)]
+    pub spool_dir: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -206,6 +210,7 @@ impl Default for StreamConfig {
         Self {
             flush_interval: default_flush(),
             max_pack_bytes: default_pack_bytes(),
+            spool_dir: None,
         }
     }
 }

@@ -4,6 +4,9 @@ use super::SnapshotId;
 
 pub const REPO_INFO: &str = "repo.json";
 pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
+pub const CHANGES_PREFIX: &str = "changes/";
+/// Where the stream's durable position stands when no pack was needed to say it.
+pub const STREAM_PROGRESS: &str = "changes/progress.json";
 const MANIFEST: &str = "manifest.json";
 
 pub fn snapshot_prefix(id: &SnapshotId) -> String {

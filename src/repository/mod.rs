@@ -10,6 +10,7 @@ pub mod info;
 pub mod keys;
 pub mod manifest;
 pub mod object;
+pub mod pack;
 pub mod reader;
 
 use std::sync::Arc;

@@ -133,12 +133,14 @@ impl ObjectWriter {
     }
 }
 
-/// A blocking reader of the stored bytes of `key`; use it on a blocking thread.
+/// A blocking reader of the stored bytes of `key` (or of a range of them); use it on a
+/// blocking thread.
 pub async fn fetch_reader(
     store: &Arc<dyn ObjectStore>,
     key: &str,
+    range: Option<std::ops::Range<u64>>,
 ) -> Result<impl io::Read + Send + use<>> {
-    let stream = store.get(key, None).await?;
+    let stream = store.get(key, range).await?;
     let reader = tokio_util::io::StreamReader::new(stream.map_err(io::Error::other));
     Ok(tokio_util::io::SyncIoBridge::new(reader))
 }

@@ -31,7 +31,7 @@ pub async fn stream_archive(
     identities: Arc<Identities>,
     expect: ArchiveHeader,
 ) -> Result<mpsc::Receiver<Result<ArchiveEvent>>> {
-    let reader = fetch_reader(store, &object.key).await?;
+    let reader = fetch_reader(store, &object.key, None).await?;
     let (tx, rx) = mpsc::channel(EVENTS_IN_FLIGHT);
     let object = object.clone();
     tokio::task::spawn_blocking(move || {
@@ -113,7 +113,7 @@ pub async fn read_sealed(
     object: &StoredObject,
     identities: Arc<Identities>,
 ) -> Result<Vec<u8>> {
-    let reader = fetch_reader(store, &object.key).await?;
+    let reader = fetch_reader(store, &object.key, None).await?;
     let object = object.clone();
     tokio::task::spawn_blocking(move || {
         let mut hashing = HashingReader::new(reader);
@@ -137,7 +137,7 @@ pub async fn read_sealed(
 
 /// Checks an object's stored bytes against its digest, without decrypting.
 pub async fn verify_digest(store: &Arc<dyn ObjectStore>, object: &StoredObject) -> Result<()> {
-    let reader = fetch_reader(store, &object.key).await?;
+    let reader = fetch_reader(store, &object.key, None).await?;
     let object = object.clone();
     tokio::task::spawn_blocking(move || {
         let mut hashing = HashingReader::new(reader);

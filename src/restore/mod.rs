@@ -1,11 +1,14 @@
 //! Restore: one tenant into a NEW recovery database, never touching the source.
 //!
-//! Order of work: plan (which snapshot) ─► verify every object needed (digest, decryption,
-//! archive structure and identity) BEFORE creating anything ─► CREATE DATABASE ─► pre-data ─►
-//! COPY the global and the tenant's rows ─► sequences ─► post-data ─► report. A failure after
+//! Order of work: plan (which snapshot, which packs) ─► verify every object and section needed
+//! (digest, decryption, structure and identity) BEFORE creating anything ─► CREATE DATABASE ─►
+//! pre-data ─► COPY the global and the tenant's rows ─► sequences ─► keys and indexes ─►
+//! replay the tenant's changes up to T ─► the rest of post-data ─► report. A failure after
 //! the database was created drops it: a restore either completes or leaves nothing.
 
+pub mod changes;
 pub mod plan;
+pub mod replay;
 pub mod schema;
 
 use std::collections::BTreeMap;
@@ -27,6 +30,7 @@ use crate::repository::{Manifest, Part, Repository, RepositoryError, reader};
 use crate::source::catalog::{quote_ident, quote_literal};
 use crate::source::{SourceError, describe_db_error};
 
+pub use changes::ChangePlan;
 pub use plan::{PlanError, RestoreTarget, Window};
 
 #[derive(Debug, thiserror::Error)]
@@ -80,11 +84,21 @@ pub struct RestoreReport {
     /// The last transaction whose effects the database holds.
     pub restore_point: RestorePoint,
     pub window: Window,
+    /// Changes replayed after the snapshot (`None`: the snapshot as it is).
+    pub changes: Option<ChangesReport>,
     pub tenant_rows: BTreeMap<String, u64>,
     pub global_rows: BTreeMap<String, u64>,
     /// Schema entries the target refused (e.g. grants or policies for absent roles).
     pub not_recreated: Vec<schema::Skipped>,
     pub seconds: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ChangesReport {
+    pub packs: usize,
+    pub transactions: u64,
+    #[serde(flatten)]
+    pub stats: replay::ReplayStats,
 }
 
 impl RestoreReport {
@@ -123,9 +137,10 @@ pub async fn run(
     let clock = Instant::now();
     let plan = plan::plan(repo, &request.tenant, request.target).await?;
     let manifest = plan.manifest;
+    let point_in_time = plan.changes.as_ref().map_or(manifest.consistent_time, |c| c.1);
     let database = match &request.target_db {
         Some(name) => name.clone(),
-        None => default_database_name(&request.tenant, manifest.consistent_time),
+        None => default_database_name(&request.tenant, point_in_time),
     };
     check_database_name(&database)?;
     tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, database = %database, "restore planned");
@@ -141,6 +156,20 @@ pub async fn run(
     let (post_preamble, post) =
         schema::entries(&pg_restore, &dump, schema::Section::PostData).await?;
     drop(dump);
+    let changes = match plan.changes {
+        Some((packs, until)) => {
+            let packs = changes::footers(store, packs).await?;
+            let messages =
+                changes::verify(store, &ChangePlan { packs: packs.clone(), from: manifest.consistent_lsn, until }, &request.tenant, &identities).await?;
+            tracing::info!(packs = packs.len(), messages, "change sections verified");
+            Some(ChangePlan {
+                packs,
+                from: manifest.consistent_lsn,
+                until,
+            })
+        }
+        None => None,
+    };
     tracing::info!(objects = 3, "repository objects verified");
 
     let maintenance = crate::source::connect(&request.target_url).await?;
@@ -165,6 +194,7 @@ pub async fn run(
             &request.tenant,
             (&pre_preamble, &pre),
             (&post_preamble, &post),
+            changes.as_ref(),
         )
         .await;
         drop(client);
@@ -178,10 +208,14 @@ pub async fn run(
                 target: redact_url(&request.target_url),
                 tenant: request.tenant.clone(),
                 snapshot: manifest.id.to_string(),
-                restore_point: RestorePoint {
-                    lsn: manifest.consistent_lsn,
-                    time: manifest.consistent_time,
+                restore_point: match loaded.replayed.as_ref().and_then(|r| r.last) {
+                    Some((lsn, time)) => RestorePoint { lsn, time },
+                    None => RestorePoint {
+                        lsn: manifest.consistent_lsn,
+                        time: manifest.consistent_time,
+                    },
                 },
+                changes: loaded.replayed.map(|r| r.report),
                 window: plan.window,
                 tenant_rows: loaded.tenant_rows,
                 global_rows: loaded.global_rows,
@@ -242,6 +276,8 @@ enum LoadError {
     Source(#[from] SourceError),
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    #[error("replaying changes: {0}")]
+    Changes(#[from] changes::ChangesError),
 }
 
 fn step(name: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> LoadError {
@@ -257,6 +293,7 @@ async fn load(
     tenant: &str,
     pre: (&str, &[schema::Entry]),
     post: (&str, &[schema::Entry]),
+    changes: Option<&ChangePlan>,
 ) -> Result<Loaded, LoadError> {
     let mut not_recreated = schema::apply(client, pre.0, pre.1)
         .await
@@ -295,8 +332,25 @@ async fn load(
         .batch_execute("COMMIT")
         .await
         .map_err(step("committing the data load"))?;
+    // Keys and indexes before the replay (updates and deletes find rows by key); foreign
+    // keys, triggers and row level security after it, so the replay — the source's own
+    // changes, cascades included, in their order — fires nothing and is filtered by nothing.
+    let (keys, rest): (Vec<schema::Entry>, Vec<schema::Entry>) = post
+        .1
+        .iter()
+        .cloned()
+        .partition(|e| matches!(e.kind.as_str(), "INDEX" | "CONSTRAINT"));
     not_recreated.extend(
-        schema::apply(client, post.0, post.1)
+        schema::apply(client, post.0, &keys)
+            .await
+            .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?,
+    );
+    let replayed = match changes {
+        Some(plan) => Some(replay(client, repo, identities, manifest, tenant, plan).await?),
+        None => None,
+    };
+    not_recreated.extend(
+        schema::apply(client, post.0, &rest)
             .await
             .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?,
     );
@@ -312,6 +366,47 @@ async fn load(
         tenant_rows,
         global_rows,
         not_recreated,
+        replayed,
+    })
+}
+
+/// What the replay applied.
+struct Replayed {
+    last: Option<(Lsn, DateTime<Utc>)>,
+    report: ChangesReport,
+}
+
+async fn replay(
+    client: &Client,
+    repo: &Repository,
+    identities: &Arc<Identities>,
+    manifest: &Manifest,
+    tenant: &str,
+    plan: &ChangePlan,
+) -> Result<Replayed, LoadError> {
+    client
+        .batch_execute("BEGIN")
+        .await
+        .map_err(step("starting the replay"))?;
+    let mut replayer = replay::Replayer::new(client);
+    let applied =
+        changes::apply(repo.store(), plan, manifest, tenant, identities, &mut replayer).await?;
+    let stats = replayer.finish().await.map_err(changes::ChangesError::from)?;
+    client
+        .batch_execute("COMMIT")
+        .await
+        .map_err(step("committing the replay"))?;
+    tracing::info!(
+        transactions = applied.transactions, inserts = stats.inserts, updates = stats.updates,
+        deletes = stats.deletes, last_lsn = ?applied.last.map(|l| l.0), "changes replayed"
+    );
+    Ok(Replayed {
+        last: applied.last,
+        report: ChangesReport {
+            packs: plan.packs.len(),
+            transactions: applied.transactions,
+            stats,
+        },
     })
 }
 
@@ -320,6 +415,7 @@ struct Loaded {
     tenant_rows: BTreeMap<String, u64>,
     global_rows: BTreeMap<String, u64>,
     not_recreated: Vec<schema::Skipped>,
+    replayed: Option<Replayed>,
 }
 
 /// Loads archives into the recovery database inside the load transaction.

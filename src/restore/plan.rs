@@ -1,12 +1,16 @@
-//! Restore planning: which snapshot serves `--org X --at T`, and the restorable window.
+//! Restore planning: which snapshot and which packs serve `--org X --at T`, and the
+//! restorable window.
 //!
-//! Until the change stream exists, a tenant is restorable at the consistent time of each
-//! snapshot that holds it; the window runs from the earliest such snapshot to the newest
-//! (covered-until). `--at T` takes the newest snapshot at or before T (PostgreSQL's inclusive
-//! `recovery_target_time` semantics).
+//! The base is the newest snapshot holding the tenant whose consistent time is at or before
+//! T; the change stream then replays every transaction after its consistent LSN that committed
+//! at or before T (PostgreSQL's inclusive `recovery_target_time`). The window runs from the
+//! earliest snapshot to the stream's covered-until time. A repository without a change stream
+//! (only `backup` was ever run) restores snapshots as they are, up to the newest one.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
+use crate::replication::Lsn;
+use crate::repository::pack::{PackRef, StreamProgress, StreamState};
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,6 +35,8 @@ pub enum PlanError {
         at: String,
         window: Window,
     },
+    #[error("the change stream cannot replay after snapshot {snapshot}: {reason}")]
+    Stream { snapshot: String, reason: String },
 }
 
 /// The span a tenant can be restored to.
@@ -58,6 +64,37 @@ impl std::fmt::Display for Window {
 pub struct RestorePlan {
     pub manifest: Manifest,
     pub window: Window,
+    /// Packs to replay after the snapshot, and up to when (`None`: the snapshot as it is).
+    pub changes: Option<(Vec<PackRef>, DateTime<Utc>)>,
+}
+
+/// The change stream's reach, as far as planning needs it.
+struct Stream {
+    state: StreamState,
+    since: Lsn,
+    durable: Lsn,
+    covered_until: DateTime<Utc>,
+}
+
+impl Stream {
+    async fn read(repo: &Repository) -> Result<Option<Stream>, PlanError> {
+        let state = StreamState::read(repo.store()).await?;
+        let Some(progress) = state.progress.clone() else {
+            return Ok(None);
+        };
+        let durable = state.durable().unwrap_or(progress.durable_lsn);
+        Ok(Some(Stream {
+            state,
+            since: progress.since_lsn,
+            durable,
+            covered_until: progress.covered_until,
+        }))
+    }
+
+    /// The stream continues this snapshot.
+    fn follows(&self, manifest: &Manifest) -> bool {
+        manifest.consistent_lsn >= self.since && manifest.consistent_lsn <= self.durable
+    }
 }
 
 /// Manifests of every snapshot holding `tenant`, oldest first.
@@ -92,13 +129,10 @@ pub async fn plan(
             snapshots: total,
         });
     }
-    let window = Window {
-        earliest: manifests[0].consistent_time,
-        covered_until: manifests[manifests.len() - 1].consistent_time,
-        snapshots: manifests.len(),
-    };
-    let chosen = match target {
-        RestoreTarget::Latest => manifests.len() - 1,
+    let stream = Stream::read(repo).await?;
+    let window = window(&manifests, stream.as_ref());
+    let at = match target {
+        RestoreTarget::Latest => window.covered_until,
         RestoreTarget::At(at) => {
             if at < window.earliest || at > window.covered_until {
                 return Err(PlanError::OutsideWindow {
@@ -107,14 +141,63 @@ pub async fn plan(
                     window,
                 });
             }
-            manifests
-                .iter()
-                .rposition(|m| m.consistent_time <= at)
-                .expect("at >= earliest")
+            at
         }
     };
+    let chosen = manifests
+        .iter()
+        .rposition(|m| m.consistent_time <= at)
+        .expect("at >= earliest");
+    let manifest = manifests.swap_remove(chosen);
+    let changes = match &stream {
+        Some(s) if s.follows(&manifest) && at <= s.covered_until => {
+            let packs = s
+                .state
+                .chain_from(manifest.consistent_lsn)
+                .map_err(|reason| PlanError::Stream {
+                    snapshot: manifest.id.to_string(),
+                    reason,
+                })?;
+            Some((packs, at))
+        }
+        // Between this snapshot and `at` no stream was captured: only its own instant is exact.
+        _ if at > manifest.consistent_time && stream.is_some() => {
+            return Err(PlanError::Stream {
+                snapshot: manifest.id.to_string(),
+                reason: format!(
+                    "no captured change stream follows it up to {} (restorable window: {window})",
+                    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+                ),
+            });
+        }
+        _ => None,
+    };
     Ok(RestorePlan {
-        manifest: manifests.swap_remove(chosen),
+        manifest,
         window,
+        changes,
     })
+}
+
+/// From the earliest snapshot to the stream's covered-until (when it follows a snapshot the
+/// tenant is in), else to the newest snapshot.
+pub fn window_of(manifests: &[Manifest], progress: Option<&StreamProgress>, durable: Option<Lsn>) -> Window {
+    let newest = manifests[manifests.len() - 1].consistent_time;
+    let streamed = progress.and_then(|p| {
+        let durable = durable.unwrap_or(p.durable_lsn);
+        manifests
+            .iter()
+            .any(|m| m.consistent_lsn >= p.since_lsn && m.consistent_lsn <= durable)
+            .then_some(p.covered_until)
+    });
+    Window {
+        earliest: manifests[0].consistent_time,
+        covered_until: streamed.map_or(newest, |c| c.max(newest)),
+        snapshots: manifests.len(),
+    }
+}
+
+fn window(manifests: &[Manifest], stream: Option<&Stream>) -> Window {
+    let progress = stream.and_then(|s| s.state.progress.as_ref());
+    window_of(manifests, progress, stream.map(|s| s.durable))
 }

@@ -1,10 +1,11 @@
 //! The PostgreSQL side: connections, the catalog, preflight checks and snapshot export.
-//! It reads the source and never writes to it (the only thing it creates there is the
-//! backup's own replication slot).
+//! It reads the source and never writes to it (the only things it creates there are the
+//! backup's own replication slot and, when allowed, its publication).
 
 pub mod catalog;
 pub mod check;
 pub mod pg_tools;
+pub mod publication;
 pub mod snapshot;
 
 use tokio_postgres::Client;

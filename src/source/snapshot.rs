@@ -17,7 +17,7 @@ use tokio::io::AsyncReadExt;
 use tokio_postgres::Client;
 
 use super::catalog::{Catalog, CatalogError, Table, quote_ident, quote_literal};
-use super::{SourceError, connect, pg_tools, query_context};
+use super::{SourceError, connect, describe_db_error, pg_tools, query_context};
 use crate::config::Config;
 use crate::progress::{Progress, Unit};
 use crate::replication::{Lsn, ReplicationConnection, ReplicationError, SlotSnapshot};
@@ -50,6 +50,10 @@ pub enum SnapshotError {
 pub struct SnapshotRequest {
     /// Only these tenants (all when empty).
     pub tenants: Vec<String>,
+    /// Create this persistent slot for the change stream and take the snapshot from it, so
+    /// the stream continues exactly where the snapshot ends (`init`). Dropped again if the
+    /// snapshot fails. `None`: a temporary slot, gone with the connection.
+    pub stream_slot: Option<String>,
 }
 
 /// Source facts a snapshot records, read once per run.
@@ -126,9 +130,15 @@ pub async fn take(
         &repo.store().describe(),
     )?;
 
-    let slot_name = format!("updog_snap_{}_{}", std::process::id(), fastrand::u32(..));
+    let (slot_name, temporary) = match &request.stream_slot {
+        Some(name) => (name.clone(), false),
+        None => (
+            format!("updog_snap_{}_{}", std::process::id(), fastrand::u32(..)),
+            true,
+        ),
+    };
     let slot = replication
-        .create_logical_slot(&slot_name, true, SlotSnapshot::Export)
+        .create_logical_slot(&slot_name, temporary, SlotSnapshot::Export)
         .await?;
     let snapshot_name = slot
         .snapshot_name
@@ -169,6 +179,15 @@ pub async fn take(
         }
         Err(e) => {
             repo.discard_incomplete(&id).await;
+            if !temporary {
+                // A stream slot without its snapshot would only retain WAL.
+                if let Err(drop_error) = admin
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
+                    .await
+                {
+                    tracing::error!(slot = %slot_name, error = %describe_db_error(&drop_error), "could not drop the new replication slot: drop it by hand");
+                }
+            }
             Err(e)
         }
     }

@@ -3,6 +3,7 @@
 mod support;
 
 mod bad_input;
+mod capture;
 mod pgoutput;
 mod replication;
 mod replication_stream;

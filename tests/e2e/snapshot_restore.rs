@@ -7,7 +7,7 @@ use crate::support::{Repo, TestEnv, fixture_tenant};
 
 /// Every table of the reference schema with the rows of tenant `$ORG` (written by hand, not
 /// by the catalog under test). `None`: global, every row.
-const TENANT_FILTERS: &[(&str, Option<&str>)] = &[
+pub const TENANT_FILTERS: &[(&str, Option<&str>)] = &[
     ("app.currencies", None),
     ("app.organizations", Some("id = '$ORG'")),
     ("app.users", Some("organization_id = '$ORG'")),
@@ -102,7 +102,7 @@ async fn round_trip(repo: Repo) {
             &target,
         ]);
         assert!(out.contains(&format!("into database {target}")), "{out}");
-        assert!(out.contains("restore point: snapshot"), "{out}");
+        assert!(out.contains("restore point: LSN"), "{out}");
         assert!(
             !out.contains("NOT RECREATED"),
             "same cluster: every policy and grant is recreated\n{out}"

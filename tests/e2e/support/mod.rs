@@ -40,6 +40,15 @@ impl TestEnv {
             pg.url("updog_backup", source_db),
             pg.url("updog_restore", "postgres"),
         );
+        // What the tables' owner does once (init prints this statement when it may not).
+        pg.client(source_db)
+            .await
+            .batch_execute(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'updog_backup')
+                 THEN CREATE PUBLICATION updog_backup FOR ALL TABLES; END IF; END $$",
+            )
+            .await
+            .unwrap();
         Self::with_urls(&source, &target, repo).await
     }
 
@@ -62,7 +71,11 @@ impl TestEnv {
         );
         let recipient = String::from_utf8(out.stdout).unwrap().trim().to_string();
         let repo_dir = dir.path().join("repo");
-        let mut env = Vec::new();
+        // Slots are cluster-wide: one per test.
+        let mut env = vec![(
+            "UPDOG_BACKUP__SOURCE__SLOT".to_string(),
+            format!("updog_t{}_{}", std::process::id(), fastrand::u32(..)),
+        )];
         let storage = match repo {
             Repo::Directory => format!("url = \"file://{}\"", repo_dir.display()),
             Repo::S3 => {

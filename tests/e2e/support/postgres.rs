@@ -168,7 +168,7 @@ fn start_with(spec: &ClusterSpec) -> Cluster {
     }
     let port = free_port();
     let options = format!(
-        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=40 -c max_wal_senders=40 \
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c wal_level=logical -c max_replication_slots=100 -c max_wal_senders=60 \
          -c max_connections=200 -c track_commit_timestamp=on -c fsync=off -c synchronous_commit=off -c full_page_writes=off \
          -c logical_decoding_work_mem=64kB -c password_encryption=scram-sha-256 {}",
         dir.display(),

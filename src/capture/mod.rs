@@ -1,0 +1,645 @@
+//! Change capture: ONE logical replication slot, every committed change routed to its tenant
+//! and stored in packs; the slot is acknowledged only up to what is stored.
+//!
+//! The loop: decode pgoutput (protocol 2, large transactions streamed) ─► route each change ─►
+//! the pack writer's per-tenant sections ─► every `stream.flush_interval` (or at
+//! `max_pack_bytes`) store the pack, rewrite `changes/progress.json`, then acknowledge the
+//! pack's end LSN. A crash loses nothing: the slot resends from the last acknowledged LSN and
+//! whatever the repository already holds (`durable`) is skipped by LSN.
+//!
+//! Covered-until (the latest restorable time) is established by probes: at time t0 the source's
+//! WAL insert position is W0, so every transaction that committed before t0 has its commit
+//! record before W0; once everything received before W0 is stored, t0 is covered. A margin of
+//! [`COMMIT_CLOCK_MARGIN`] covers the instant between a commit taking its timestamp and
+//! writing its WAL record.
+
+pub mod router;
+pub mod spool;
+pub mod writer;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use tokio_postgres::Client;
+use tokio_util::sync::CancellationToken;
+
+use crate::codec::CodecError;
+use crate::config::Config;
+use crate::replication::pgoutput::{
+    self, Begin, Commit, Context, Message, OldTuple, ProtocolVersion, Truncate, Tuple, Value,
+};
+use crate::replication::{
+    Lsn, ReplicationConnection, ReplicationError, ReplicationStream, STATUS_UPDATE_INTERVAL,
+    StreamEvent, quote_publication_names,
+};
+use crate::repository::pack::{StreamProgress, StreamState, write_progress};
+use crate::repository::{Repository, RepositoryError};
+use crate::source::catalog::{Catalog, CatalogError};
+use crate::source::{SourceError, query_context};
+use crate::storage::StorageError;
+use router::{Destination, RouteError, Routed, Router};
+use spool::TxnSpool;
+use writer::PackWriter;
+
+/// See the module documentation.
+pub const COMMIT_CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::milliseconds(500);
+/// Reconnect backoff bounds.
+const BACKOFF_MIN: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(transparent)]
+    Source(#[from] SourceError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("replication: {0}")]
+    Replication(#[from] ReplicationError),
+    #[error(transparent)]
+    Repository(#[from] RepositoryError),
+    #[error("storing a pack: {0}")]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("local spool: {0}")]
+    Spool(#[from] std::io::Error),
+    #[error(transparent)]
+    Route(#[from] RouteError),
+    #[error("pgoutput: {0}")]
+    Decode(#[from] pgoutput::DecodeError),
+    #[error("unexpected replication stream: {0}")]
+    Protocol(String),
+    #[error(
+        "replication slot {0:?} does not exist on the source: run `updog-backup init` (it creates the slot and the first snapshot)"
+    )]
+    NoSlot(String),
+    #[error(
+        "replication slot {slot:?} is at {slot_lsn}, but the repository holds changes only up to {durable}: changes in between were consumed by something else and are lost to this repository; run `updog-backup init` again to start a new stream from a new snapshot"
+    )]
+    Gap {
+        slot: String,
+        slot_lsn: Lsn,
+        durable: Lsn,
+    },
+    #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another source.slot")]
+    WrongPlugin { slot: String, plugin: String },
+}
+
+impl CaptureError {
+    /// Errors a reconnect cannot heal: the daemon stops with them.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            CaptureError::NoSlot(_)
+            | CaptureError::Gap { .. }
+            | CaptureError::WrongPlugin { .. }
+            | CaptureError::Catalog(_)
+            | CaptureError::Codec(_)
+            | CaptureError::Decode(_)
+            | CaptureError::Protocol(_) => true,
+            CaptureError::Route(e) => !matches!(e, RouteError::UnknownTable { .. }),
+            CaptureError::Repository(e) => !matches!(e, RepositoryError::Storage(_)),
+            CaptureError::Replication(e) => !e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Captures until `shutdown` is cancelled (then stores what is complete and returns) or a
+/// fatal error; transient failures reconnect with backoff.
+pub async fn run(
+    config: &Config,
+    repo: &Repository,
+    shutdown: CancellationToken,
+) -> Result<(), CaptureError> {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        match session(config, repo, &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) => {
+                if started.elapsed() > BACKOFF_MAX {
+                    backoff = BACKOFF_MIN;
+                }
+                tracing::warn!(error = %e, retry_in_seconds = backoff.as_secs(), "capture interrupted; reconnecting");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+            }
+        }
+    }
+}
+
+/// The slot as `pg_replication_slots` shows it.
+struct SlotState {
+    confirmed_flush: Lsn,
+}
+
+async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, CaptureError> {
+    let row = client
+        .query_opt(
+            "SELECT plugin, confirmed_flush_lsn::text FROM pg_catalog.pg_replication_slots
+              WHERE slot_name = $1 AND database = current_database()",
+            &[&slot],
+        )
+        .await
+        .map_err(query_context("reading the replication slot"))?
+        .ok_or_else(|| CaptureError::NoSlot(slot.into()))?;
+    let plugin: Option<String> = row.get(0);
+    if plugin.as_deref() != Some("pgoutput") {
+        return Err(CaptureError::WrongPlugin {
+            slot: slot.into(),
+            plugin: plugin.unwrap_or_default(),
+        });
+    }
+    let confirmed: Option<String> = row.get(1);
+    let confirmed_flush = confirmed
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(Lsn(0));
+    Ok(SlotState { confirmed_flush })
+}
+
+/// A covered-until probe: at `time` the WAL insert position was `lsn`.
+#[derive(Debug, Clone, Copy)]
+struct Probe {
+    time: DateTime<Utc>,
+    lsn: Lsn,
+}
+
+async fn probe(client: &Client) -> Result<Probe, CaptureError> {
+    let row = client
+        .query_one(
+            "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text",
+            &[],
+        )
+        .await
+        .map_err(query_context("probing the source's WAL position"))?;
+    let lsn: String = row.get(1);
+    Ok(Probe {
+        time: row.get(0),
+        lsn: lsn
+            .parse()
+            .map_err(|_| CaptureError::Protocol(format!("bad LSN {lsn:?}")))?,
+    })
+}
+
+/// One replication session: from connecting to an error or a requested shutdown.
+async fn session(
+    config: &Config,
+    repo: &Repository,
+    shutdown: &CancellationToken,
+) -> Result<(), CaptureError> {
+    let info = repo.info().await?;
+    let admin = crate::source::connect(&config.source.url).await?;
+    let catalog = Catalog::load(&admin, &config.source).await?;
+    let pg = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
+    let mut connection = ReplicationConnection::connect_tls(&pg.config, &pg.tls).await?;
+    let system = connection.identify_system().await?;
+    let database: String = admin
+        .query_one("SELECT current_database()", &[])
+        .await
+        .map_err(query_context("reading the database name"))?
+        .get(0);
+    info.check_source(&system.system_id, &database, &repo.store().describe())?;
+
+    let slot = &config.source.slot;
+    let state = slot_state(&admin, slot).await?;
+    let stream_state = StreamState::read(repo.store()).await?;
+    let (start, mut progress) = match (&stream_state.progress, stream_state.durable()) {
+        (Some(p), Some(durable)) => {
+            if durable < state.confirmed_flush {
+                return Err(CaptureError::Gap {
+                    slot: slot.clone(),
+                    slot_lsn: state.confirmed_flush,
+                    durable,
+                });
+            }
+            let mut p = p.clone();
+            p.durable_lsn = durable;
+            (durable, p)
+        }
+        _ => {
+            // The first session after `init`: the stream begins at the slot's consistent
+            // point, where the first snapshot ends.
+            let p = StreamProgress {
+                format_version: crate::repository::FORMAT_VERSION,
+                slot: slot.clone(),
+                since_lsn: state.confirmed_flush,
+                durable_lsn: state.confirmed_flush,
+                covered_until: DateTime::<Utc>::UNIX_EPOCH,
+                updated_at: Utc::now(),
+            };
+            write_progress(repo.store(), &p).await?;
+            (state.confirmed_flush, p)
+        }
+    };
+    progress.slot = slot.clone();
+
+    let mut router = Router::new(catalog, &config.source.schemas);
+    router.load(&admin).await?;
+    let publications = quote_publication_names([config.source.publication.as_str()]);
+    let stream = connection
+        .start_logical(
+            slot,
+            start,
+            &[
+                ("proto_version", "2"),
+                ("publication_names", &publications),
+                ("streaming", "on"),
+            ],
+        )
+        .await?;
+    tracing::info!(slot = %slot, start = %start, routing_keys = router.keys(), "capture started");
+
+    let recipients = Arc::new(
+        crate::codec::parse_recipients(&config.encryption.recipients)
+            .map_err(RepositoryError::from)?,
+    );
+    let spool_dir = config
+        .stream
+        .spool_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let mut capture = Capture {
+        writer: PackWriter::new(
+            repo.store().clone(),
+            recipients,
+            config.compression.level,
+            spool_dir.clone(),
+            start,
+        ),
+        repo: repo.clone(),
+        router,
+        stream,
+        ctx: Context::new(ProtocolVersion::V2),
+        progress,
+        received: start,
+        streamed: HashMap::new(),
+        in_stream: None,
+        spool_dir,
+        pending_probe: None,
+        confirmed_probe: None,
+        last_progress_write: Instant::now(),
+        flush_interval: config.stream.flush_interval,
+        max_pack_bytes: config.stream.max_pack_bytes,
+    };
+    capture.run(&admin, shutdown).await?;
+    // A clean CopyDone: the server records the acknowledged position before it lets go.
+    if let Err(e) = capture.stream.stop().await {
+        tracing::debug!(error = %e, "ending the replication stream");
+    }
+    Ok(())
+}
+
+struct Capture {
+    writer: PackWriter,
+    repo: Repository,
+    router: Router,
+    stream: ReplicationStream,
+    ctx: Context,
+    progress: StreamProgress,
+    /// Every transaction that committed before it has been received (and is in the writer,
+    /// stored, or irrelevant).
+    received: Lsn,
+    /// Streamed transactions in progress, by top-level xid.
+    streamed: HashMap<u32, TxnSpool>,
+    in_stream: Option<u32>,
+    spool_dir: PathBuf,
+    pending_probe: Option<Probe>,
+    confirmed_probe: Option<Probe>,
+    last_progress_write: Instant,
+    flush_interval: Duration,
+    max_pack_bytes: u64,
+}
+
+impl Capture {
+    async fn run(&mut self, admin: &Client, shutdown: &CancellationToken) -> Result<(), CaptureError> {
+        let tick_every = (self.flush_interval / 2).max(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(tick_every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_status = Instant::now();
+        loop {
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled(), if !self.writer.in_transaction() => {
+                    self.flush(true).await?;
+                    tracing::info!(durable = %self.progress.durable_lsn, "capture stopped");
+                    return Ok(());
+                }
+                event = self.stream.next() => {
+                    match event? {
+                        StreamEvent::XLogData { data, .. } => self.message(&data).await?,
+                        StreamEvent::Keepalive { wal_end, reply_requested, .. } => {
+                            if !self.writer.in_transaction() {
+                                self.received = self.received.max(wal_end);
+                                self.confirm_probe();
+                            }
+                            if reply_requested {
+                                self.status(false).await?;
+                                last_status = Instant::now();
+                            }
+                        }
+                        StreamEvent::End => {
+                            return Err(CaptureError::Replication(ReplicationError::Closed));
+                        }
+                    }
+                    if self.writer.size() >= self.max_pack_bytes && !self.writer.in_transaction() {
+                        self.flush(false).await?;
+                    }
+                }
+                _ = tick.tick() => {
+                    if !self.writer.in_transaction() {
+                        if self.writer.age() >= self.flush_interval {
+                            self.flush(false).await?;
+                        }
+                        if self.pending_probe.is_none() {
+                            self.pending_probe = Some(probe(admin).await?);
+                            self.status(true).await?;
+                            last_status = Instant::now();
+                        }
+                    }
+                    if last_status.elapsed() >= STATUS_UPDATE_INTERVAL {
+                        self.status(false).await?;
+                        last_status = Instant::now();
+                    }
+                }
+            }
+        }
+    }
+
+    fn confirm_probe(&mut self) {
+        if let Some(p) = self.pending_probe
+            && self.received >= p.lsn
+        {
+            self.confirmed_probe = Some(p);
+            self.pending_probe = None;
+        }
+    }
+
+    async fn status(&mut self, reply: bool) -> Result<(), CaptureError> {
+        let durable = self.progress.durable_lsn;
+        self.stream
+            .send_status(self.received, durable, durable, reply)
+            .await?;
+        Ok(())
+    }
+
+    /// Stores the pack (if it holds anything), rewrites the progress, acknowledges.
+    async fn flush(&mut self, force_progress: bool) -> Result<(), CaptureError> {
+        let end = self.received;
+        let covered = self
+            .confirmed_probe
+            .filter(|p| p.lsn <= end)
+            .map(|p| p.time - COMMIT_CLOCK_MARGIN)
+            .unwrap_or(self.progress.covered_until)
+            .max(self.progress.covered_until);
+        if self.writer.transactions() > 0 {
+            let mut next = self.writer.next(end);
+            std::mem::swap(&mut next, &mut self.writer);
+            let clock = Instant::now();
+            let summary = next.store(end, covered).await?;
+            tracing::info!(
+                pack = %summary.key, bytes = summary.bytes, transactions = summary.transactions,
+                changes = summary.changes, sections = summary.sections,
+                seconds = clock.elapsed().as_secs_f64(), "pack stored"
+            );
+        } else if end == self.progress.durable_lsn
+            && covered == self.progress.covered_until
+            && !force_progress
+        {
+            return Ok(());
+        } else if !force_progress && self.last_progress_write.elapsed() < self.flush_interval {
+            return Ok(());
+        } else {
+            // Nothing to store: the writer restarts at the new durable point.
+            self.writer = self.writer.next(end);
+        }
+        self.progress.durable_lsn = end;
+        self.progress.covered_until = covered;
+        self.progress.updated_at = Utc::now();
+        write_progress(self.repo.store(), &self.progress).await?;
+        self.last_progress_write = Instant::now();
+        self.status(false).await?;
+        Ok(())
+    }
+
+    async fn message(&mut self, data: &bytes::Bytes) -> Result<(), CaptureError> {
+        let message = pgoutput::decode(data, self.ctx)?;
+        self.ctx = self.ctx.next(&message);
+        match message {
+            Message::StreamStart(s) => {
+                if !self.streamed.contains_key(&s.xid) {
+                    self.streamed.insert(s.xid, TxnSpool::new(&self.spool_dir)?);
+                }
+                self.in_stream = Some(s.xid);
+            }
+            Message::StreamStop => self.in_stream = None,
+            Message::StreamAbort(a) => {
+                if a.xid == a.subxid {
+                    self.streamed.remove(&a.xid);
+                } else if let Some(spool) = self.streamed.get_mut(&a.xid) {
+                    spool.abort_subtransaction(a.subxid);
+                }
+            }
+            Message::StreamCommit(c) => {
+                let spool = self.streamed.remove(&c.xid).ok_or_else(|| {
+                    CaptureError::Protocol(format!("StreamCommit of unknown transaction {}", c.xid))
+                })?;
+                let commit = Commit {
+                    flags: c.flags,
+                    commit_lsn: c.commit_lsn,
+                    end_lsn: c.end_lsn,
+                    commit_time: c.commit_time,
+                };
+                if commit.commit_lsn < self.progress.durable_lsn {
+                    return Ok(()); // stored before a restart
+                }
+                tracing::debug!(xid = c.xid, messages = spool.messages, "streamed transaction committed");
+                self.writer.begin(&Begin {
+                    final_lsn: c.commit_lsn,
+                    commit_time: c.commit_time,
+                    xid: c.xid,
+                });
+                let mut replay = spool.replay()?;
+                while let Some(message) = replay.recv().await {
+                    self.data(&message?)?;
+                }
+                self.commit(&commit)?;
+            }
+            other if self.in_stream.is_some() => {
+                let xid = other.streamed_xid().unwrap_or_default();
+                if let Message::Relation(r) = &other {
+                    self.router.relation(r)?;
+                    self.writer.relation(r);
+                }
+                let top = self.in_stream.expect("checked");
+                if let Some(spool) = self.streamed.get_mut(&top) {
+                    spool.push(xid, &strip_xid(other))?;
+                }
+            }
+            Message::Begin(b) => self.writer.begin(&b),
+            Message::Commit(c) => {
+                if c.commit_lsn < self.progress.durable_lsn {
+                    // Stored before a restart: drop what the writer collected for it.
+                    self.discard_transaction();
+                    return Ok(());
+                }
+                self.commit(&c)?;
+            }
+            other => self.data(&other)?,
+        }
+        Ok(())
+    }
+
+    fn discard_transaction(&mut self) {
+        // Transactions before the durable point arrive only at the start of a session, before
+        // anything new: a fresh writer drops them.
+        self.writer = self.writer.next(self.writer.start());
+        self.router.commit();
+    }
+
+    fn commit(&mut self, commit: &Commit) -> Result<(), CaptureError> {
+        self.writer.commit(commit)?;
+        self.router.commit();
+        self.received = self.received.max(commit.end_lsn);
+        self.confirm_probe();
+        Ok(())
+    }
+
+    /// A data message of the current transaction.
+    fn data(&mut self, message: &Message) -> Result<(), CaptureError> {
+        match message {
+            Message::Relation(r) => {
+                self.router.relation(r)?;
+                self.writer.relation(r);
+            }
+            Message::Insert(_) | Message::Update(_) | Message::Delete(_) => {
+                let oid = relation_oid(message);
+                match self.router.route(message)? {
+                    Routed::One(Destination::Tenant(t)) => {
+                        self.writer.change(Some(t), oid, message)?;
+                    }
+                    Routed::One(Destination::Global) => self.writer.change(None, oid, message)?,
+                    Routed::One(Destination::Skip) => {}
+                    Routed::Moved { from, to } => {
+                        let (delete, insert) = split_move(self.router.relation_of(oid)?, message)?;
+                        self.writer.change(Some(from), oid, &delete)?;
+                        self.writer.change(Some(to), oid, &insert)?;
+                    }
+                }
+            }
+            Message::Truncate(t) => {
+                for &oid in &t.relations {
+                    let one = Message::Truncate(Truncate {
+                        xid: None,
+                        cascade: false,
+                        restart_identity: t.restart_identity,
+                        relations: vec![oid],
+                    });
+                    match self.router.scope_of(oid)? {
+                        router::Scope::Tenant => {
+                            self.router.truncated(oid);
+                            self.writer.truncate_tenant_table(oid, &one)?;
+                        }
+                        router::Scope::Global => self.writer.change(None, oid, &one)?,
+                        router::Scope::Skip => {}
+                    }
+                }
+            }
+            // Types travel as text; origins and logical messages say nothing about rows.
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+fn relation_oid(message: &Message) -> u32 {
+    match message {
+        Message::Insert(m) => m.relation,
+        Message::Update(m) => m.relation,
+        Message::Delete(m) => m.relation,
+        _ => 0,
+    }
+}
+
+/// The message as stored: sections hold whole transactions, so xids are dropped.
+fn strip_xid(message: Message) -> Message {
+    match message {
+        Message::Relation(mut m) => {
+            m.xid = None;
+            Message::Relation(m)
+        }
+        Message::Type(mut m) => {
+            m.xid = None;
+            Message::Type(m)
+        }
+        Message::Insert(mut m) => {
+            m.xid = None;
+            Message::Insert(m)
+        }
+        Message::Update(mut m) => {
+            m.xid = None;
+            Message::Update(m)
+        }
+        Message::Delete(mut m) => {
+            m.xid = None;
+            Message::Delete(m)
+        }
+        Message::Truncate(mut m) => {
+            m.xid = None;
+            Message::Truncate(m)
+        }
+        Message::LogicalMessage(mut m) => {
+            m.xid = None;
+            Message::LogicalMessage(m)
+        }
+        other => other,
+    }
+}
+
+/// An UPDATE that moved a row to another tenant: a DELETE for the old one, an INSERT for the
+/// new one.
+fn split_move(
+    relation: &pgoutput::Relation,
+    message: &Message,
+) -> Result<(Message, Message), CaptureError> {
+    let Message::Update(update) = message else {
+        return Err(CaptureError::Protocol("only an UPDATE moves a row".into()));
+    };
+    let table = router::relation_name(relation);
+    if update.new.0.iter().any(|v| matches!(v, Value::UnchangedToast)) {
+        return Err(RouteError::Tuple {
+            table,
+            message: "a row moved to another tenant with an unchanged TOASTed value; use REPLICA IDENTITY FULL".into(),
+        }
+        .into());
+    }
+    let old = match &update.old {
+        Some(old) => old.clone(),
+        None => OldTuple::Key(Tuple(
+            relation
+                .columns
+                .iter()
+                .zip(&update.new.0)
+                .map(|(c, v)| if c.part_of_key { v.clone() } else { Value::Null })
+                .collect(),
+        )),
+    };
+    Ok((
+        Message::Delete(pgoutput::Delete {
+            xid: None,
+            relation: update.relation,
+            old,
+        }),
+        Message::Insert(pgoutput::Insert {
+            xid: None,
+            relation: update.relation,
+            new: update.new.clone(),
+        }),
+    ))
+}

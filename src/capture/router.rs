@@ -1,0 +1,580 @@
+//! Routing: which tenant each captured change belongs to.
+//!
+//! A change names its relation and carries tuples as text. Tables with their own tenant
+//! column are routed by that value. Tables that reach the tenant through foreign keys carry
+//! only the parent's key, so the router keeps, for every table some route passes through, a
+//! map from its referenced key to the tenant: loaded from the source when capture starts and
+//! kept current by the stream itself (inserts add keys, deletes remove them when their
+//! transaction commits, so cascaded deletes later in the same transaction still route).
+//!
+//! A change that cannot be routed — a DELETE whose replica identity lacks the route's columns,
+//! a child whose parent key is unknown — is an error naming the table, never a silent drop.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use futures::{StreamExt, pin_mut};
+use tokio_postgres::Client;
+
+use crate::replication::pgoutput::{Message, OldTuple, Relation, Tuple, Value};
+use crate::source::catalog::{Catalog, Route, TableScope, quote_ident};
+use crate::source::{SourceError, query_context};
+
+/// Where a change goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Tenant(Arc<str>),
+    /// Global tables: every restore applies them.
+    Global,
+    /// Excluded tables, tables outside the configured schemas, rows that belong to no tenant
+    /// (a NULL nullable foreign key: the snapshot leaves them out too).
+    Skip,
+}
+
+/// A relation's place in the backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Tenant,
+    Global,
+    Skip,
+}
+
+/// What a change means for the tenants it touches. An UPDATE that moves a row to another
+/// tenant is a delete for one and an insert for the other.
+#[derive(Debug)]
+pub enum Routed {
+    One(Destination),
+    Moved {
+        from: Arc<str>,
+        to: Arc<str>,
+    },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouteError {
+    #[error(
+        "cannot route a {op} on {table}: its old row lacks column {column} (replica identity {identity}); run `ALTER TABLE {sql} REPLICA IDENTITY FULL` (see `updog-backup check`)"
+    )]
+    MissingColumn {
+        op: &'static str,
+        table: String,
+        sql: String,
+        column: String,
+        identity: String,
+    },
+    #[error(
+        "cannot route a {op} on {table}: no row of {parent} with key ({key}) is known (it was deleted before the daemon saw the row that references it)"
+    )]
+    UnknownParent {
+        op: &'static str,
+        table: String,
+        parent: String,
+        key: String,
+    },
+    #[error(
+        "table {table} appeared in the change stream but is not in the catalog loaded at start: restart the daemon to load it"
+    )]
+    UnknownTable { table: String },
+    #[error("a change names relation oid {0}, which no Relation message defined")]
+    UnknownRelation(u32),
+    #[error("{table}: {message}")]
+    Tuple { table: String, message: String },
+}
+
+/// One key map: the key columns of a table other tables route through.
+#[derive(Debug)]
+struct KeyMap {
+    columns: Vec<String>,
+    tenants: HashMap<Box<[u8]>, Arc<str>>,
+}
+
+#[derive(Debug)]
+struct Rel {
+    relation: Relation,
+    /// The catalog table, `None` outside the configured schemas.
+    table: Option<usize>,
+}
+
+pub struct Router {
+    catalog: Catalog,
+    by_name: HashMap<(String, String), usize>,
+    relations: HashMap<u32, Rel>,
+    /// Per table index: its key maps.
+    maps: HashMap<usize, Vec<KeyMap>>,
+    /// Keys deleted by the open transaction, removed at its commit.
+    doomed: HashSet<(usize, usize, Box<[u8]>)>,
+    interned: RefCell<HashSet<Arc<str>>>,
+    schemas: HashSet<String>,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("relations", &self.relations.len())
+            .field("keys", &self.keys())
+            .finish()
+    }
+}
+
+/// A tuple value as routing sees it.
+enum Lookup<'a> {
+    Value(&'a [u8]),
+    Null,
+    /// Not in the tuple (a key-only old tuple, an unchanged TOAST value, an unknown column).
+    Absent,
+}
+
+fn encode_key(parts: &[&[u8]]) -> Box<[u8]> {
+    let mut out = Vec::new();
+    for p in parts {
+        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
+        out.extend_from_slice(p);
+    }
+    out.into_boxed_slice()
+}
+
+fn describe_key(parts: &[&[u8]]) -> String {
+    parts
+        .iter()
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+impl Router {
+    pub fn new(catalog: Catalog, schemas: &[String]) -> Self {
+        let by_name = catalog
+            .tables
+            .iter()
+            .enumerate()
+            .map(|(i, t)| ((t.schema.clone(), t.name.clone()), i))
+            .collect();
+        let mut maps: HashMap<usize, Vec<KeyMap>> = HashMap::new();
+        for table in &catalog.tables {
+            if let TableScope::Tenant(Route::Via {
+                parent,
+                parent_columns,
+                ..
+            }) = &table.scope
+            {
+                let list = maps.entry(*parent).or_default();
+                if !list.iter().any(|m| &m.columns == parent_columns) {
+                    list.push(KeyMap {
+                        columns: parent_columns.clone(),
+                        tenants: HashMap::new(),
+                    });
+                }
+            }
+        }
+        Self {
+            catalog,
+            by_name,
+            relations: HashMap::new(),
+            maps,
+            doomed: HashSet::new(),
+            interned: RefCell::new(HashSet::new()),
+            schemas: schemas.iter().cloned().collect(),
+        }
+    }
+
+    pub fn catalog(&self) -> &Catalog {
+        &self.catalog
+    }
+
+    /// Keys held in all maps (for logs and metrics).
+    pub fn keys(&self) -> usize {
+        self.maps
+            .values()
+            .flat_map(|l| l.iter().map(|m| m.tenants.len()))
+            .sum()
+    }
+
+    /// One allocation per tenant, however many changes name it.
+    fn intern(&self, value: &[u8]) -> Arc<str> {
+        let s = String::from_utf8_lossy(value);
+        let mut interned = self.interned.borrow_mut();
+        if let Some(found) = interned.get(s.as_ref()) {
+            return found.clone();
+        }
+        let arc: Arc<str> = Arc::from(s.as_ref());
+        interned.insert(arc.clone());
+        arc
+    }
+
+    /// Fills the key maps from the source's current rows, parents before children.
+    pub async fn load(&mut self, client: &Client) -> Result<(), SourceError> {
+        let mut order: Vec<usize> = self.maps.keys().copied().collect();
+        order.sort_by_key(|&t| self.depth(t));
+        for table in order {
+            let t = &self.catalog.tables[table];
+            let route_columns: Vec<String> = self.catalog.route_columns(t).to_vec();
+            let map_columns: Vec<Vec<String>> =
+                self.maps[&table].iter().map(|m| m.columns.clone()).collect();
+            let mut wanted: Vec<String> = route_columns.clone();
+            for cols in &map_columns {
+                for c in cols {
+                    if !wanted.contains(c) {
+                        wanted.push(c.clone());
+                    }
+                }
+            }
+            let sql = format!(
+                "SELECT {} FROM {}",
+                wanted
+                    .iter()
+                    .map(|c| format!("{}::text", quote_ident(c)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                t.sql_name()
+            );
+            let what = format!("loading the keys of {}", t.qualified());
+            let rows = client
+                .query_raw(&sql, std::iter::empty::<&str>())
+                .await
+                .map_err(query_context(what.clone()))?;
+            pin_mut!(rows);
+            let mut loaded = 0u64;
+            while let Some(row) = rows.next().await {
+                let row = row.map_err(query_context(what.clone()))?;
+                let values: Vec<Option<String>> = (0..wanted.len()).map(|i| row.get(i)).collect();
+                let view = RowView::Loaded {
+                    names: &wanted,
+                    values: &values,
+                };
+                let Ok(Some(tenant)) = self.tenant_of(table, "load", &view) else {
+                    continue; // rows of no tenant; unknown parents cannot happen in one snapshot
+                };
+                self.remember(table, &view, tenant);
+                loaded += 1;
+            }
+            tracing::info!(table = %self.catalog.tables[table].qualified(), keys = loaded, "routing keys loaded");
+        }
+        Ok(())
+    }
+
+    fn depth(&self, table: usize) -> usize {
+        match &self.catalog.tables[table].scope {
+            TableScope::Tenant(Route::Via { parent, .. }) if *parent != table => {
+                1 + self.depth(*parent)
+            }
+            _ => 0,
+        }
+    }
+
+    /// Records (or replaces) a relation's definition.
+    pub fn relation(&mut self, relation: &Relation) -> Result<(), RouteError> {
+        let table = self
+            .by_name
+            .get(&(relation.namespace.clone(), relation.name.clone()))
+            .copied();
+        if table.is_none() && self.schemas.contains(&relation.namespace) {
+            return Err(RouteError::UnknownTable {
+                table: format!("{}.{}", relation.namespace, relation.name),
+            });
+        }
+        if let Some(old) = self.relations.get(&relation.oid)
+            && old.relation.columns != relation.columns
+        {
+            tracing::warn!(
+                table = %format!("{}.{}", relation.namespace, relation.name),
+                "table definition changed while capturing: restores across this change need a snapshot taken after it"
+            );
+        }
+        self.relations.insert(
+            relation.oid,
+            Rel {
+                relation: relation.clone(),
+                table,
+            },
+        );
+        Ok(())
+    }
+
+    pub fn relation_of(&self, oid: u32) -> Result<&Relation, RouteError> {
+        self.relations
+            .get(&oid)
+            .map(|r| &r.relation)
+            .ok_or(RouteError::UnknownRelation(oid))
+    }
+
+    /// The scope of a relation, for TRUNCATE.
+    pub fn scope_of(&self, oid: u32) -> Result<Scope, RouteError> {
+        let rel = self
+            .relations
+            .get(&oid)
+            .ok_or(RouteError::UnknownRelation(oid))?;
+        Ok(match rel.table.map(|t| &self.catalog.tables[t].scope) {
+            Some(TableScope::Tenant(_)) => Scope::Tenant,
+            Some(TableScope::Global) => Scope::Global,
+            _ => Scope::Skip,
+        })
+    }
+
+    /// A TRUNCATE of a table other tables route through forgets its keys at commit.
+    pub fn truncated(&mut self, oid: u32) {
+        if let Some(table) = self.relations.get(&oid).and_then(|r| r.table)
+            && let Some(maps) = self.maps.get_mut(&table)
+        {
+            for m in maps {
+                m.tenants.clear();
+            }
+        }
+    }
+
+    /// Routes an Insert, Update or Delete and keeps the key maps current.
+    pub fn route(&mut self, message: &Message) -> Result<Routed, RouteError> {
+        let (oid, op, new, old) = match message {
+            Message::Insert(m) => (m.relation, "INSERT", Some(&m.new), None),
+            Message::Update(m) => (m.relation, "UPDATE", Some(&m.new), m.old.as_ref()),
+            Message::Delete(m) => (m.relation, "DELETE", None, Some(&m.old)),
+            _ => return Ok(Routed::One(Destination::Skip)),
+        };
+        let rel = self
+            .relations
+            .get(&oid)
+            .ok_or(RouteError::UnknownRelation(oid))?;
+        let Some(table) = rel.table else {
+            return Ok(Routed::One(Destination::Skip));
+        };
+        match &self.catalog.tables[table].scope {
+            TableScope::Tenant(_) => {}
+            TableScope::Global => return Ok(Routed::One(Destination::Global)),
+            _ => return Ok(Routed::One(Destination::Skip)),
+        }
+        let relation = &rel.relation;
+        for tuple in new.into_iter().chain(old.map(OldTuple::tuple)) {
+            if tuple.0.len() != relation.columns.len() {
+                return Err(RouteError::Tuple {
+                    table: relation_name(relation),
+                    message: format!(
+                        "a tuple has {} values for {} columns",
+                        tuple.0.len(),
+                        relation.columns.len()
+                    ),
+                });
+            }
+        }
+        let new_get = new.map(|tuple| RowView::Tuple {
+            relation,
+            tuple,
+            key_only: false,
+        });
+        let old_get = old.map(|t| RowView::Tuple {
+            relation,
+            tuple: t.tuple(),
+            key_only: matches!(t, OldTuple::Key(_)),
+        });
+        let new_tenant = new_get.as_ref().map(|g| self.tenant_of(table, op, g));
+        let old_tenant = old_get.as_ref().map(|g| self.tenant_of(table, op, g));
+        let (from, to) = match (old_tenant, new_tenant) {
+            (None, Some(n)) => (None, n?),
+            (Some(o), None) => (o?, None),
+            // An UPDATE: the new row decides, unless it lacks the route (then the row stays).
+            (Some(o), Some(n)) => match n {
+                Ok(to) => (o.ok().flatten(), to),
+                Err(RouteError::MissingColumn { .. }) => {
+                    let from = o?;
+                    (from.clone(), from)
+                }
+                Err(e) => return Err(e),
+            },
+            (None, None) => (None, None),
+        };
+        // Key map updates: computed while the relation is borrowed, applied after.
+        let mut doomed = Vec::new();
+        let mut remembered = Vec::new();
+        if let Some(maps) = self.maps.get(&table) {
+            for (i, m) in maps.iter().enumerate() {
+                if let Some(row) = &old_get
+                    && let Some(key) = keys_of(&m.columns, row)
+                {
+                    doomed.push((i, key));
+                }
+                if let (Some(row), Some(tenant)) = (&new_get, &to)
+                    && let Some(key) = keys_of(&m.columns, row)
+                {
+                    remembered.push((i, key, tenant.clone()));
+                }
+            }
+        }
+        for (i, key) in doomed {
+            self.doomed.insert((table, i, key));
+        }
+        for (i, key, tenant) in remembered {
+            self.doomed.remove(&(table, i, key.clone()));
+            if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i)) {
+                m.tenants.insert(key, tenant);
+            }
+        }
+        Ok(match (from, to) {
+            (Some(from), Some(to)) if from != to => Routed::Moved { from, to },
+            (_, Some(to)) => Routed::One(Destination::Tenant(to)),
+            (Some(from), None) => Routed::One(Destination::Tenant(from)),
+            (None, None) => Routed::One(Destination::Skip),
+        })
+    }
+
+    /// The tenant of a row of `table`: `Ok(None)` when it belongs to none (NULL foreign key).
+    fn tenant_of(
+        &self,
+        table: usize,
+        op: &'static str,
+        row: &RowView<'_>,
+    ) -> Result<Option<Arc<str>>, RouteError> {
+        let t = &self.catalog.tables[table];
+        let missing = |column: &str| RouteError::MissingColumn {
+            op,
+            table: t.qualified(),
+            sql: t.sql_name(),
+            column: column.to_string(),
+            identity: format!("{:?}", t.replica_identity),
+        };
+        let first_error = match &t.scope {
+            TableScope::Tenant(Route::Direct { column }) => match row.get(column) {
+                Lookup::Value(v) => return Ok(Some(self.intern(v))),
+                Lookup::Null => return Ok(None),
+                Lookup::Absent => missing(column),
+            },
+            TableScope::Tenant(Route::Via {
+                columns,
+                parent,
+                parent_columns,
+                ..
+            }) => {
+                let mut parts = Vec::new();
+                let mut absent = None;
+                for c in columns {
+                    match row.get(c) {
+                        Lookup::Value(v) => parts.push(v),
+                        Lookup::Null => return Ok(None),
+                        Lookup::Absent => {
+                            absent = Some(c.clone());
+                            break;
+                        }
+                    }
+                }
+                match absent {
+                    Some(c) => missing(&c),
+                    None => {
+                        let key = encode_key(&parts);
+                        let found = self.maps.get(parent).and_then(|l| {
+                            l.iter()
+                                .find(|m| &m.columns == parent_columns)
+                                .and_then(|m| m.tenants.get(&key))
+                        });
+                        match found {
+                            Some(tenant) => return Ok(Some(tenant.clone())),
+                            None => RouteError::UnknownParent {
+                                op,
+                                table: t.qualified(),
+                                parent: self.catalog.tables[*parent].qualified(),
+                                key: describe_key(&parts),
+                            },
+                        }
+                    }
+                }
+            }
+            _ => return Ok(None),
+        };
+        // The route's columns are not in the tuple: the table's own key map may know the row.
+        if let Some(maps) = self.maps.get(&table) {
+            for m in maps {
+                let parts: Option<Vec<&[u8]>> = m
+                    .columns
+                    .iter()
+                    .map(|c| match row.get(c) {
+                        Lookup::Value(v) => Some(v),
+                        _ => None,
+                    })
+                    .collect();
+                if let Some(parts) = parts
+                    && let Some(tenant) = m.tenants.get(&encode_key(&parts))
+                {
+                    return Ok(Some(tenant.clone()));
+                }
+            }
+        }
+        Err(first_error)
+    }
+
+    fn remember(&mut self, table: usize, row: &RowView<'_>, tenant: Arc<str>) {
+        if let Some(maps) = self.maps.get_mut(&table) {
+            for m in maps {
+                if let Some(key) = keys_of(&m.columns, row) {
+                    m.tenants.insert(key, tenant.clone());
+                }
+            }
+        }
+    }
+
+    /// The open transaction committed: forget the keys it deleted.
+    pub fn commit(&mut self) {
+        for (table, i, key) in self.doomed.drain() {
+            if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i)) {
+                m.tenants.remove(&key);
+            }
+        }
+    }
+}
+
+fn keys_of(columns: &[String], row: &RowView<'_>) -> Option<Box<[u8]>> {
+    let parts: Option<Vec<&[u8]>> = columns
+        .iter()
+        .map(|c| match row.get(c) {
+            Lookup::Value(v) => Some(v),
+            _ => None,
+        })
+        .collect();
+    parts.map(|p| encode_key(&p))
+}
+
+/// A row as routing reads it: a change's tuple, or a row loaded from the source.
+enum RowView<'a> {
+    Tuple {
+        relation: &'a Relation,
+        tuple: &'a Tuple,
+        /// A key-only old tuple: columns outside the replica identity are absent (the
+        /// protocol sends them as NULL).
+        key_only: bool,
+    },
+    Loaded {
+        names: &'a [String],
+        values: &'a [Option<String>],
+    },
+}
+
+impl<'a> RowView<'a> {
+    fn get(&self, name: &str) -> Lookup<'a> {
+        match *self {
+            RowView::Tuple {
+                relation,
+                tuple,
+                key_only,
+            } => {
+                let Some(i) = relation.columns.iter().position(|c| c.name == name) else {
+                    return Lookup::Absent;
+                };
+                if key_only && !relation.columns[i].part_of_key {
+                    return Lookup::Absent;
+                }
+                match tuple.0.get(i) {
+                    Some(Value::Text(b) | Value::Binary(b)) => Lookup::Value(b),
+                    Some(Value::Null) => Lookup::Null,
+                    Some(Value::UnchangedToast) | None => Lookup::Absent,
+                }
+            }
+            RowView::Loaded { names, values } => match names.iter().position(|c| c == name) {
+                Some(i) => values[i]
+                    .as_deref()
+                    .map_or(Lookup::Null, |v| Lookup::Value(v.as_bytes())),
+                None => Lookup::Absent,
+            },
+        }
+    }
+}
+
+/// Quoted names for messages.
+pub fn relation_name(relation: &Relation) -> String {
+    format!("{}.{}", relation.namespace, relation.name)
+}

@@ -1,0 +1,403 @@
+//! The pack writer: routed changes in, one sealed pack out.
+//!
+//! Each tenant's changes (and the global ones) are buffered as plaintext records and sealed
+//! (zstd then age) into a section once the buffer reaches a piece size, or when all buffers
+//! together exceed a bound: memory stays bounded however many tenants or rows a pack holds,
+//! and only ciphertext ever reaches the local spool.
+//!
+//! A tenant's section repeats what replay needs to stand alone: the Relation before its first
+//! change of a table, the Begin before its first change of a transaction, and the TRUNCATEs
+//! of tenant tables that came earlier in that transaction (so their order relative to the
+//! tenant's own changes survives). The global section holds changes of global tables and every
+//! TRUNCATE, for tenants absent from the transaction.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use chrono::{DateTime, Utc};
+
+use super::CaptureError;
+use super::spool::BodySpool;
+use crate::codec::Sealer;
+use crate::replication::Lsn;
+use crate::replication::pgoutput::{Begin, Commit, Message, Relation};
+use crate::repository::pack::{self, PackFooter, SectionEntry, SectionHeader};
+use crate::storage::{ObjectStore, PutMode};
+
+/// A section is sealed once its plaintext reaches this size.
+const PIECE: usize = 4 << 20;
+/// Plaintext buffered across all sections of a pack, at most (then the largest are sealed).
+const MAX_BUFFERED: usize = 32 << 20;
+
+/// A section key: a tenant, or `None` for the global section.
+type SectionKey = Option<Arc<str>>;
+
+#[derive(Debug, Default)]
+struct Piece {
+    first: Option<(Lsn, DateTime<Utc>)>,
+    last: Option<(Lsn, DateTime<Utc>)>,
+    transactions: u64,
+    changes: u64,
+    messages: u64,
+}
+
+#[derive(Debug, Default)]
+struct OpenSection {
+    plain: Vec<u8>,
+    piece: Piece,
+    /// Relation generation written to this section, per oid.
+    written: HashMap<u32, u64>,
+    /// The open transaction's Begin is in this section.
+    in_txn: bool,
+}
+
+#[derive(Debug)]
+struct Txn {
+    begin: Begin,
+    time: DateTime<Utc>,
+    /// TRUNCATEs of tenant tables so far: tenants that join the transaction later get them first.
+    truncates: Vec<(u32, Message)>,
+}
+
+/// What a stored pack holds.
+#[derive(Debug, Clone)]
+pub struct PackSummary {
+    pub key: String,
+    pub bytes: u64,
+    pub transactions: u64,
+    pub changes: u64,
+    pub sections: usize,
+    pub end: Lsn,
+    pub covered_until: DateTime<Utc>,
+}
+
+pub struct PackWriter {
+    store: Arc<dyn ObjectStore>,
+    recipients: Arc<Vec<age::x25519::Recipient>>,
+    level: i32,
+    spool_dir: PathBuf,
+    start: Lsn,
+    body: BodySpool,
+    sections: Vec<SectionEntry>,
+    open: HashMap<SectionKey, OpenSection>,
+    buffered: usize,
+    created: Instant,
+    txn: Option<Txn>,
+    relations: HashMap<u32, (Relation, u64)>,
+    generation: u64,
+    transactions: u64,
+    changes: u64,
+    /// Commit LSN and time of the last transaction.
+    last_commit: Option<(Lsn, DateTime<Utc>)>,
+}
+
+impl std::fmt::Debug for PackWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PackWriter")
+            .field("start", &self.start)
+            .field("transactions", &self.transactions)
+            .field("changes", &self.changes)
+            .finish()
+    }
+}
+
+impl PackWriter {
+    pub fn new(
+        store: Arc<dyn ObjectStore>,
+        recipients: Arc<Vec<age::x25519::Recipient>>,
+        level: i32,
+        spool_dir: PathBuf,
+        start: Lsn,
+    ) -> Self {
+        Self {
+            store,
+            recipients,
+            level,
+            body: BodySpool::new(spool_dir.clone()),
+            spool_dir,
+            start,
+            sections: Vec::new(),
+            open: HashMap::new(),
+            buffered: 0,
+            created: Instant::now(),
+            txn: None,
+            relations: HashMap::new(),
+            generation: 0,
+            transactions: 0,
+            changes: 0,
+            last_commit: None,
+        }
+    }
+
+    /// A writer for the next pack, keeping the relation definitions.
+    pub fn next(&mut self, start: Lsn) -> PackWriter {
+        let mut next = PackWriter::new(
+            self.store.clone(),
+            self.recipients.clone(),
+            self.level,
+            self.spool_dir.clone(),
+            start,
+        );
+        next.relations = std::mem::take(&mut self.relations);
+        next.generation = self.generation;
+        next
+    }
+
+    pub fn start(&self) -> Lsn {
+        self.start
+    }
+
+    pub fn transactions(&self) -> u64 {
+        self.transactions
+    }
+
+    pub fn changes(&self) -> u64 {
+        self.changes
+    }
+
+    pub fn age(&self) -> std::time::Duration {
+        self.created.elapsed()
+    }
+
+    /// Bytes the pack will hold, about (sealed plus still buffered plaintext).
+    pub fn size(&self) -> u64 {
+        self.body.len() + self.buffered as u64
+    }
+
+    pub fn last_commit(&self) -> Option<(Lsn, DateTime<Utc>)> {
+        self.last_commit
+    }
+
+    pub fn in_transaction(&self) -> bool {
+        self.txn.is_some()
+    }
+
+    pub fn relation(&mut self, relation: &Relation) {
+        let changed = self
+            .relations
+            .get(&relation.oid)
+            .is_none_or(|(r, _)| r != relation);
+        if changed {
+            self.generation += 1;
+            self.relations
+                .insert(relation.oid, (relation.clone(), self.generation));
+        }
+    }
+
+    pub fn begin(&mut self, begin: &Begin) {
+        let time = begin.commit_time.to_datetime().unwrap_or_default();
+        self.txn = Some(Txn {
+            begin: begin.clone(),
+            time,
+            truncates: Vec::new(),
+        });
+    }
+
+    /// A change of one tenant, or of a global table (`None`).
+    pub fn change(&mut self, section: SectionKey, oid: u32, message: &Message) -> Result<(), CaptureError> {
+        self.join(&section)?;
+        self.write(&section, oid, message, true)?;
+        self.changes += 1;
+        Ok(())
+    }
+
+    /// A TRUNCATE of a tenant table: into every tenant section of the transaction (now and
+    /// when one joins later) and into the global section.
+    pub fn truncate_tenant_table(&mut self, oid: u32, message: &Message) -> Result<(), CaptureError> {
+        let joined: Vec<SectionKey> = self
+            .open
+            .iter()
+            .filter(|(k, s)| k.is_some() && s.in_txn)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in joined {
+            self.write(&key, oid, message, false)?;
+        }
+        if let Some(txn) = &mut self.txn {
+            txn.truncates.push((oid, message.clone()));
+        }
+        self.change(None, oid, message)
+    }
+
+    /// Opens the transaction in a section: Begin, then the transaction's earlier TRUNCATEs.
+    fn join(&mut self, section: &SectionKey) -> Result<(), CaptureError> {
+        let txn = self.txn.as_ref().ok_or(CaptureError::Protocol(
+            "a change outside a transaction".into(),
+        ))?;
+        let open = self.open.entry(section.clone()).or_default();
+        if open.in_txn {
+            return Ok(());
+        }
+        open.in_txn = true;
+        let begin = Message::Begin(txn.begin.clone());
+        let truncates = if section.is_some() {
+            txn.truncates.clone()
+        } else {
+            Vec::new()
+        };
+        self.append(section, &begin);
+        for (oid, message) in truncates {
+            self.write(section, oid, &message, false)?;
+        }
+        Ok(())
+    }
+
+    fn write(
+        &mut self,
+        section: &SectionKey,
+        oid: u32,
+        message: &Message,
+        counts: bool,
+    ) -> Result<(), CaptureError> {
+        let (relation, generation) = self
+            .relations
+            .get(&oid)
+            .ok_or_else(|| CaptureError::Protocol(format!("relation {oid} used before its Relation message")))?;
+        let open = self.open.entry(section.clone()).or_default();
+        if open.written.get(&oid) != Some(generation) {
+            open.written.insert(oid, *generation);
+            let relation = Message::Relation(relation.clone());
+            self.append(section, &relation);
+        }
+        self.append(section, message);
+        if counts {
+            self.open.get_mut(section).expect("just opened").piece.changes += 1;
+        }
+        self.maybe_seal(section)
+    }
+
+    fn append(&mut self, section: &SectionKey, message: &Message) {
+        let txn = self.txn.as_ref().map(|t| (t.begin.final_lsn, t.time));
+        let open = self.open.entry(section.clone()).or_default();
+        let before = open.plain.len();
+        pack::push_message(&mut open.plain, message);
+        open.piece.messages += 1;
+        if let Some(point) = txn {
+            open.piece.first.get_or_insert(point);
+            open.piece.last = Some(point);
+        }
+        self.buffered += open.plain.len() - before;
+    }
+
+    fn maybe_seal(&mut self, section: &SectionKey) -> Result<(), CaptureError> {
+        if self.open[section].plain.len() >= PIECE {
+            self.seal_piece(section)?;
+        }
+        while self.buffered > MAX_BUFFERED {
+            let largest = self
+                .open
+                .iter()
+                .max_by_key(|(_, s)| s.plain.len())
+                .map(|(k, _)| k.clone())
+                .expect("something is buffered");
+            self.seal_piece(&largest)?;
+        }
+        Ok(())
+    }
+
+    /// Seals what a section buffered into the body as one stored section.
+    fn seal_piece(&mut self, section: &SectionKey) -> Result<(), CaptureError> {
+        let open = self.open.get_mut(section).expect("sealing an open section");
+        if open.piece.messages == 0 {
+            return Ok(());
+        }
+        let plain = std::mem::take(&mut open.plain);
+        let piece = std::mem::take(&mut open.piece);
+        self.buffered -= plain.len();
+        let index = u32::try_from(self.sections.len()).expect("fewer than 4 billion sections");
+        let header = SectionHeader {
+            pack_start: self.start,
+            tenant: section.as_deref().map(str::to_string),
+            index,
+        };
+        let mut sealer = Sealer::new(&self.recipients, self.level)?;
+        sealer.write(&pack::section_header(&header))?;
+        sealer.write(&plain)?;
+        drop(plain);
+        sealer.write(&pack::section_end(piece.messages))?;
+        let offset = self.body.len();
+        while let Some(chunk) = sealer.take_output() {
+            self.body.append(&chunk)?;
+        }
+        let (rest, summary) = sealer.finish()?;
+        self.body.append(&rest)?;
+        let (first, last) = (
+            piece.first.unwrap_or_default(),
+            piece.last.unwrap_or_default(),
+        );
+        self.sections.push(SectionEntry {
+            tenant: header.tenant,
+            offset,
+            length: summary.stored_bytes,
+            sha256: summary.sha256,
+            first_lsn: first.0,
+            last_lsn: last.0,
+            first_time: first.1,
+            last_time: last.1,
+            transactions: piece.transactions,
+            changes: piece.changes,
+        });
+        Ok(())
+    }
+
+    pub fn commit(&mut self, commit: &Commit) -> Result<(), CaptureError> {
+        let time = commit.commit_time.to_datetime().unwrap_or_default();
+        let joined: Vec<SectionKey> = self
+            .open
+            .iter()
+            .filter(|(_, s)| s.in_txn)
+            .map(|(k, _)| k.clone())
+            .collect();
+        let message = Message::Commit(commit.clone());
+        for key in &joined {
+            self.append(key, &message);
+            let open = self.open.get_mut(key).expect("joined");
+            open.in_txn = false;
+            open.piece.transactions += 1;
+        }
+        for key in &joined {
+            self.maybe_seal(key)?;
+        }
+        self.txn = None;
+        if !joined.is_empty() {
+            self.transactions += 1;
+            self.last_commit = Some((commit.commit_lsn, time));
+        }
+        Ok(())
+    }
+
+    /// Seals every section, writes the footer and stores the pack as `[start, end)`.
+    pub async fn store(mut self, end: Lsn, covered_until: DateTime<Utc>) -> Result<PackSummary, CaptureError> {
+        debug_assert!(self.txn.is_none(), "packs hold whole transactions");
+        let mut keys: Vec<SectionKey> = self.open.keys().cloned().collect();
+        keys.sort();
+        for key in &keys {
+            self.seal_piece(key)?;
+        }
+        let footer = PackFooter {
+            format_version: crate::repository::FORMAT_VERSION,
+            start_lsn: self.start,
+            end_lsn: end,
+            covered_until,
+            sections: std::mem::take(&mut self.sections),
+        };
+        self.body.append(&footer.encode())?;
+        let key = pack::key(self.start, end);
+        let bytes = self.body.len();
+        let body = std::mem::replace(&mut self.body, BodySpool::new(self.spool_dir.clone()));
+        self.store
+            .put(&key, body.into_stream()?, PutMode::CreateNew)
+            .await?;
+        Ok(PackSummary {
+            key,
+            bytes,
+            transactions: self.transactions,
+            changes: self.changes,
+            sections: footer.sections.len(),
+            end,
+            covered_until,
+        })
+    }
+}

@@ -1,0 +1,457 @@
+//! Packs: the captured change stream, `changes/<start_lsn>-<end_lsn>.pack`.
+//!
+//! ```text
+//! section*                     each one zstd frame inside one age stream (sealed like archives)
+//! footer                       JSON PackFooter: the index (tenant → offset, length, digest, …)
+//! trailer (44 bytes)           footer length (u32 LE) | SHA-256 of the footer | "UPDOGPK\x01"
+//! ```
+//! A restore of one tenant reads the trailer, the footer, then only that tenant's sections and
+//! the global ones (ranged reads): never another tenant's bytes.
+//!
+//! A section's plaintext is records framed like archives (tag, u32 big-endian length, payload):
+//! ```text
+//! "UPDOGCS\x01" 'H' JSON SectionHeader    binds the section to its pack (start LSN), tenant, index
+//! 'M' pgoutput message (protocol 1 encoding, no xids): Relation, Begin, Insert, Update,
+//!     Delete, Truncate, Commit — whole transactions in commit order
+//! 'Z' JSON {"messages": n}
+//! ```
+//! One tenant may have several sections in a pack (a large transaction is sealed in pieces so
+//! memory stays bounded); its messages are the concatenation of its sections in footer order.
+//! The pgoutput encoding is PostgreSQL's own, so restore reuses the stream decoder.
+
+use std::io::Read;
+use std::ops::Range;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use super::archive::{MAX_RECORD, json_record, record_prefix};
+use super::{RepositoryError, Result};
+use crate::codec::{HashingReader, Identities, classify_read_error, open};
+use crate::replication::Lsn;
+use crate::replication::pgoutput::{self, Context, Message, ProtocolVersion};
+use crate::storage::{ObjectStore, StorageError};
+
+pub const SECTION_MAGIC: &[u8; 8] = b"UPDOGCS\x01";
+pub const TRAILER_MAGIC: &[u8; 8] = b"UPDOGPK\x01";
+pub const TRAILER_LEN: u64 = 4 + 32 + 8;
+/// Readers refuse larger footers, so a damaged length cannot make them allocate wildly.
+const MAX_FOOTER: u32 = 64 << 20;
+const TAG_HEADER: u8 = b'H';
+const TAG_MESSAGE: u8 = b'M';
+const TAG_END: u8 = b'Z';
+/// Decoded messages in flight between the blocking reader and the restore.
+const MESSAGES_IN_FLIGHT: usize = 1024;
+
+/// Sections hold protocol-1 encodings: transactions are whole, so no xids are needed.
+pub const CONTEXT: Context = Context::new(ProtocolVersion::V1);
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SectionHeader {
+    /// The pack's start LSN (unique per pack; its end is not known while sections are sealed).
+    pub pack_start: Lsn,
+    /// `None` for the global section (global tables, TRUNCATE of tenants absent from a
+    /// transaction).
+    pub tenant: Option<String>,
+    /// Position of the section in the footer.
+    pub index: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SectionEntry {
+    pub tenant: Option<String>,
+    pub offset: u64,
+    pub length: u64,
+    pub sha256: String,
+    /// Commit LSN and time of the first and last transaction the section holds (part of).
+    pub first_lsn: Lsn,
+    pub last_lsn: Lsn,
+    pub first_time: DateTime<Utc>,
+    pub last_time: DateTime<Utc>,
+    pub transactions: u64,
+    pub changes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PackFooter {
+    pub format_version: u32,
+    /// Transactions whose commit LSN is in `[start_lsn, end_lsn)`.
+    pub start_lsn: Lsn,
+    pub end_lsn: Lsn,
+    /// Every transaction that committed at or before this time is in this pack or an
+    /// earlier one.
+    pub covered_until: DateTime<Utc>,
+    pub sections: Vec<SectionEntry>,
+}
+
+impl PackFooter {
+    /// Footer and trailer bytes, appended after the sections.
+    pub fn encode(&self) -> Vec<u8> {
+        let json = serde_json::to_vec(self).expect("a footer always serializes");
+        let mut out = json.clone();
+        let len = u32::try_from(json.len()).expect("footers are far below 4 GiB");
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&Sha256::digest(&json));
+        out.extend_from_slice(TRAILER_MAGIC);
+        out
+    }
+
+    /// The sections a restore of `tenant` reads: the tenant's and the global ones, in order.
+    pub fn sections_for<'a>(&'a self, tenant: &'a str) -> impl Iterator<Item = &'a SectionEntry> {
+        self.sections
+            .iter()
+            .filter(move |s| s.tenant.as_deref().is_none_or(|t| t == tenant))
+    }
+}
+
+/// Key of a pack.
+pub fn key(start: Lsn, end: Lsn) -> String {
+    format!("{}{}-{}.pack", super::keys::CHANGES_PREFIX, start.to_key(), end.to_key())
+}
+
+/// The LSN range a pack key names.
+pub fn range_of(key: &str) -> Option<(Lsn, Lsn)> {
+    let rest = key
+        .strip_prefix(super::keys::CHANGES_PREFIX)?
+        .strip_suffix(".pack")?;
+    let (start, end) = rest.split_once('-')?;
+    let (start, end) = (Lsn::from_key(start).ok()?, Lsn::from_key(end).ok()?);
+    (start < end).then_some((start, end))
+}
+
+pub fn section_header(header: &SectionHeader) -> Vec<u8> {
+    let mut out = SECTION_MAGIC.to_vec();
+    out.extend_from_slice(&json_record(TAG_HEADER, header));
+    out
+}
+
+/// Appends one message record to `out`.
+pub fn push_message(out: &mut Vec<u8>, message: &Message) {
+    let encoded = pgoutput::encode(message, CONTEXT);
+    out.extend_from_slice(&record_prefix(TAG_MESSAGE, encoded.len()));
+    out.extend_from_slice(&encoded);
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct SectionEnd {
+    messages: u64,
+}
+
+pub fn section_end(messages: u64) -> Vec<u8> {
+    json_record(TAG_END, &SectionEnd { messages })
+}
+
+fn malformed(key: &str, message: impl Into<String>) -> RepositoryError {
+    RepositoryError::Malformed {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads a pack's footer with ranged reads of its tail (`size` from the listing).
+pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> Result<PackFooter> {
+    if size < TRAILER_LEN {
+        return Err(malformed(key, format!("{size} bytes is too short for a pack (truncated?)")));
+    }
+    // One read usually covers the footer too.
+    let tail_start = size.saturating_sub(64 * 1024);
+    let tail = store.get_bytes(key, Some(tail_start..size)).await?;
+    let trailer = &tail[tail.len() - TRAILER_LEN as usize..];
+    if &trailer[36..] != TRAILER_MAGIC {
+        return Err(malformed(key, "no pack trailer at its end (truncated or not a pack)"));
+    }
+    let len = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
+    if len > MAX_FOOTER || u64::from(len) + TRAILER_LEN > size {
+        return Err(malformed(key, format!("footer length {len} does not fit the pack")));
+    }
+    let footer_start = size - TRAILER_LEN - u64::from(len);
+    let json: Bytes = if footer_start >= tail_start {
+        tail.slice((footer_start - tail_start) as usize..tail.len() - TRAILER_LEN as usize)
+    } else {
+        store
+            .get_bytes(key, Some(footer_start..size - TRAILER_LEN))
+            .await?
+    };
+    if Sha256::digest(&json).as_slice() != &trailer[4..36] {
+        return Err(malformed(key, "the footer does not match its digest (modified or damaged)"));
+    }
+    let footer: PackFooter =
+        serde_json::from_slice(&json).map_err(|e| malformed(key, e.to_string()))?;
+    if footer.format_version != super::FORMAT_VERSION {
+        return Err(RepositoryError::UnknownFormat {
+            key: key.into(),
+            found: footer.format_version,
+        });
+    }
+    if range_of(key) != Some((footer.start_lsn, footer.end_lsn)) {
+        return Err(malformed(key, format!(
+            "footer says {}..{}: the pack was renamed or swapped",
+            footer.start_lsn, footer.end_lsn
+        )));
+    }
+    let mut offset = 0;
+    for s in &footer.sections {
+        if s.offset != offset || s.offset + s.length > footer_start {
+            return Err(malformed(key, "section offsets do not tile the pack"));
+        }
+        offset += s.length;
+    }
+    if offset != footer_start {
+        return Err(malformed(key, "section offsets do not tile the pack"));
+    }
+    Ok(footer)
+}
+
+/// Streams the decoded messages of one section. The channel's last item is an error if
+/// anything is wrong (digest, decryption, framing, identity), so a consumer treats what it
+/// applied as provisional until the channel closes cleanly.
+pub async fn stream_section(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    index: usize,
+    entry: &SectionEntry,
+    identities: Arc<Identities>,
+) -> Result<mpsc::Receiver<Result<Message>>> {
+    let range: Range<u64> = entry.offset..entry.offset + entry.length;
+    let reader = super::object::fetch_reader(store, key, Some(range)).await?;
+    let (tx, rx) = mpsc::channel(MESSAGES_IN_FLIGHT);
+    let (pack_start, _) = range_of(key).ok_or_else(|| malformed(key, "not a pack key"))?;
+    let expect = SectionHeader {
+        pack_start,
+        tenant: entry.tenant.clone(),
+        index: u32::try_from(index).unwrap_or(u32::MAX),
+    };
+    let (key, entry) = (key.to_string(), entry.clone());
+    tokio::task::spawn_blocking(move || {
+        if let Err(e) = read_section(reader, &key, &entry, &expect, &identities, &tx) {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    Ok(rx)
+}
+
+fn read_section(
+    reader: impl Read,
+    key: &str,
+    entry: &SectionEntry,
+    expect: &SectionHeader,
+    identities: &Identities,
+    tx: &mpsc::Sender<Result<Message>>,
+) -> Result<()> {
+    let damaged = |message: String| RepositoryError::Archive {
+        key: format!("{key} section {}", expect.index),
+        message,
+    };
+    let mut hashing = HashingReader::new(reader);
+    {
+        let mut plain = open(&mut hashing, identities).map_err(|source| RepositoryError::Object {
+            key: format!("{key} section {}", expect.index),
+            source,
+        })?;
+        let io = |e: std::io::Error| {
+            damaged(format!("{} (damaged, truncated or tampered object)", classify_read_error(e)))
+        };
+        let mut magic = [0u8; 8];
+        plain.read_exact(&mut magic).map_err(io)?;
+        if &magic != SECTION_MAGIC {
+            return Err(damaged("not a change section".into()));
+        }
+        let mut messages = 0u64;
+        let mut first = true;
+        loop {
+            let mut prefix = [0u8; 5];
+            plain.read_exact(&mut prefix).map_err(io)?;
+            let len = u32::from_be_bytes(prefix[1..].try_into().expect("4 bytes"));
+            if len > MAX_RECORD {
+                return Err(damaged(format!("record of {len} bytes is too large")));
+            }
+            let mut payload = vec![0u8; len as usize];
+            plain.read_exact(&mut payload).map_err(io)?;
+            match (prefix[0], first) {
+                (TAG_HEADER, true) => {
+                    let header: SectionHeader = serde_json::from_slice(&payload)
+                        .map_err(|e| damaged(e.to_string()))?;
+                    if &header != expect {
+                        return Err(damaged(format!(
+                            "section says it is {header:?}, the footer expects {expect:?}: it was swapped"
+                        )));
+                    }
+                    first = false;
+                }
+                (TAG_MESSAGE, false) => {
+                    let message = pgoutput::decode(&Bytes::from(payload), CONTEXT)
+                        .map_err(|e| damaged(e.to_string()))?;
+                    messages += 1;
+                    if tx.blocking_send(Ok(message)).is_err() {
+                        return Ok(()); // the consumer stopped
+                    }
+                }
+                (TAG_END, false) => {
+                    let end: SectionEnd =
+                        serde_json::from_slice(&payload).map_err(|e| damaged(e.to_string()))?;
+                    if end.messages != messages {
+                        return Err(damaged(format!(
+                            "holds {messages} messages, its end record says {}",
+                            end.messages
+                        )));
+                    }
+                    let mut rest = [0u8; 1];
+                    if plain.read(&mut rest).map_err(io)? != 0 {
+                        return Err(damaged("bytes after the end record".into()));
+                    }
+                    break;
+                }
+                (tag, _) => {
+                    return Err(damaged(format!("unexpected record {:?}", tag as char)));
+                }
+            }
+        }
+    }
+    std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| RepositoryError::Object {
+        key: key.into(),
+        source: classify_read_error(e),
+    })?;
+    let (bytes, sha256) = hashing.digest();
+    if bytes != entry.length || sha256 != entry.sha256 {
+        return Err(RepositoryError::DigestMismatch {
+            key: format!("{key} section {}", expect.index),
+            expected: entry.sha256.clone(),
+            found: sha256,
+            expected_bytes: entry.length,
+            found_bytes: bytes,
+        });
+    }
+    Ok(())
+}
+
+/// `changes/progress.json`: how far the stream is durable, rewritten after every pack and
+/// while the source is idle (so covered-until advances without empty packs).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamProgress {
+    pub format_version: u32,
+    pub slot: String,
+    /// Where this stream began (the slot's consistent point): packs tile `[since, durable)`.
+    pub since_lsn: Lsn,
+    /// Every transaction that committed before it is stored.
+    pub durable_lsn: Lsn,
+    /// Every transaction that committed at or before it is stored.
+    pub covered_until: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub async fn read_progress(store: &Arc<dyn ObjectStore>) -> Result<Option<StreamProgress>> {
+    let key = super::keys::STREAM_PROGRESS;
+    let bytes = match store.get_bytes(key, None).await {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let progress: StreamProgress =
+        serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
+    if progress.format_version != super::FORMAT_VERSION {
+        return Err(RepositoryError::UnknownFormat {
+            key: key.into(),
+            found: progress.format_version,
+        });
+    }
+    Ok(Some(progress))
+}
+
+pub async fn write_progress(store: &Arc<dyn ObjectStore>, progress: &StreamProgress) -> Result<()> {
+    let json = serde_json::to_vec_pretty(progress).expect("progress always serializes");
+    store
+        .put_bytes(super::keys::STREAM_PROGRESS, json.into(), crate::storage::PutMode::Overwrite)
+        .await?;
+    Ok(())
+}
+
+/// A pack as listed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct PackRef {
+    pub start: Lsn,
+    pub end: Lsn,
+    pub key: String,
+    pub size: u64,
+}
+
+/// What the repository says about the change stream.
+#[derive(Debug, Clone)]
+pub struct StreamState {
+    pub progress: Option<StreamProgress>,
+    pub packs: Vec<PackRef>,
+}
+
+impl StreamState {
+    pub async fn read(store: &Arc<dyn ObjectStore>) -> Result<Self> {
+        // Progress first: a pack stored after it was read is then merely not counted yet.
+        let progress = read_progress(store).await?;
+        let packs = list(store).await?;
+        Ok(Self { progress, packs })
+    }
+
+    /// The durable LSN: the progress object's, extended by packs stored after it (a crash
+    /// between storing a pack and rewriting the progress).
+    pub fn durable(&self) -> Option<Lsn> {
+        let mut durable = self.progress.as_ref()?.durable_lsn;
+        for p in &self.packs {
+            if p.start <= durable && p.end > durable {
+                durable = p.end;
+            }
+        }
+        Some(durable)
+    }
+
+    /// The packs a replay from `from` needs, checked to tile `[from, durable)` without a gap.
+    pub fn chain_from(&self, from: Lsn) -> std::result::Result<Vec<PackRef>, String> {
+        let Some(progress) = &self.progress else {
+            return Err("no change stream has been captured yet (is the daemon running?)".into());
+        };
+        if from < progress.since_lsn {
+            return Err(format!(
+                "the change stream starts at {}, after {from}",
+                progress.since_lsn
+            ));
+        }
+        let durable = self.durable().unwrap_or(progress.durable_lsn);
+        let mut at = from;
+        let mut chain = Vec::new();
+        for p in &self.packs {
+            if p.end <= at || p.start >= durable {
+                continue;
+            }
+            if p.start > at {
+                return Err(format!("changes between {at} and {} are missing (pack deleted?)", p.start));
+            }
+            chain.push(p.clone());
+            at = p.end;
+        }
+        Ok(chain)
+    }
+}
+
+/// Packs in the repository, by start LSN.
+pub async fn list(store: &Arc<dyn ObjectStore>) -> Result<Vec<PackRef>> {
+    let mut out: Vec<PackRef> = store
+        .list(super::keys::CHANGES_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|o| {
+            range_of(&o.key).map(|(start, end)| PackRef {
+                start,
+                end,
+                key: o.key,
+                size: o.size,
+            })
+        })
+        .collect();
+    out.sort();
+    Ok(out)
+}
