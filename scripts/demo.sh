@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The embedded default, end to end: a private local PostgreSQL loaded with the reference data,
-# a local directory repository, a backup of every tenant and a restore of one tenant into a new
-# database, then a row-by-row comparison with the source.
+# a local directory repository, `init` (publication, slot, first snapshot), the capture daemon,
+# a mistake that deletes one tenant's data, and a point-in-time restore of that tenant to just
+# before the mistake into a new database, compared row by row with the state it had then.
 #
 #   scripts/demo.sh          run it (idempotent: re-running takes another snapshot)
 #   scripts/demo.sh stop     stop the demo's PostgreSQL
@@ -24,7 +25,9 @@ if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$root"; then
 fi
 
 case "${1:-run}" in
-  stop) [ -d "$pgdata" ] && as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast || true; exit 0 ;;
+  stop)
+    [ -f "$demo/daemon.pid" ] && kill "$(cat "$demo/daemon.pid")" 2>/dev/null || true
+    [ -d "$pgdata" ] && as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast || true; exit 0 ;;
   clean) "$0" stop; rm -rf "$demo" "$pgdata"; exit 0 ;;
   run) ;;
   *) echo "usage: $0 [run|stop|clean]" >&2; exit 2 ;;
@@ -67,18 +70,30 @@ export UPDOG_BACKUP__ENCRYPTION__RECIPIENTS="[\"$(cat "$demo/recipient.txt")\"]"
 export UPDOG_BACKUP__ENCRYPTION__IDENTITY_FILE="$demo/identity.txt"
 
 run() { echo; echo "\$ updog-backup $*"; "$updog" "$@"; }
-run init
+# What the DBA does once, as the tables' owner: the publication, and the replica identities
+# `check` asks for (so that every DELETE can be routed to its tenant).
+psql_ -d updog -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'updog_backup')
+  THEN CREATE PUBLICATION updog_backup FOR TABLES IN SCHEMA app, audit; END IF; END \$\$" \
+  -c "ALTER TABLE app.users REPLICA IDENTITY FULL; ALTER TABLE app.fund_permissions REPLICA IDENTITY FULL;
+      ALTER TABLE app.portfoliocompanies REPLICA IDENTITY FULL; ALTER TABLE app.investment_lots REPLICA IDENTITY FULL;
+      ALTER TABLE app.reserve_allocations REPLICA IDENTITY FULL; ALTER TABLE app.forecast_snapshots REPLICA IDENTITY FULL;"
 run check || true
-run backup
-org=$(psql_ -d updog -tAc "SELECT md5('org-1')::uuid")
-run list --org "$org"
-target="demo_$(date +%Y%m%d%H%M%S)"
-run restore --org "$org" --latest --target-db "$target"
-run verify --deep
+run init
 
-echo
-echo "== comparing tenant $org row by row: source updog vs $target"
+echo; echo "\$ updog-backup daemon &   (log: $demo/daemon.log)"
+[ -f "$demo/daemon.pid" ] && kill "$(cat "$demo/daemon.pid")" 2>/dev/null && sleep 1 || true
+UPDOG_BACKUP__STREAM__FLUSH_INTERVAL=1s "$updog" daemon >"$demo/daemon.log" 2>&1 &
+daemon_pid=$!
+echo "$daemon_pid" > "$demo/daemon.pid"
+stop_daemon() { kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true; rm -f "$demo/daemon.pid"; }
+trap stop_daemon EXIT
+
+org=$(psql_ -d updog -tAc "SELECT md5('org-1')::uuid")
 in_funds="fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$org')"
+echo; echo "== ordinary work for tenant $org: new investments, updated funds"
+psql_ -d updog -c "UPDATE app.funds SET size_cents = size_cents + 1 WHERE organization_id = '$org'" \
+  -c "INSERT INTO app.investment_lots (investment_id, shares, price_per_share_cents, acquired_on)
+      SELECT id, 10, 100, current_date FROM app.investments WHERE $in_funds"
 filters=(
   "app.currencies|true"
   "app.organizations|id = '$org'"
@@ -94,16 +109,39 @@ filters=(
   "app.investment_lots|investment_id IN (SELECT id FROM app.investments WHERE $in_funds)"
 )
 digest() { psql_ -d "$1" -tAc "SELECT count(*) || ' ' || coalesce(md5(string_agg(r::text, E'\n' ORDER BY r::text)), '-') FROM (SELECT * FROM $2 WHERE $3) r"; }
+declare -A before
+for entry in "${filters[@]}"; do before[${entry%%|*}]=$(digest updog "${entry%%|*}" "${entry#*|}"); done
+at=$(psql_ -d updog -tAc "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
+echo "state recorded at $at"
+echo; echo "== the mistake: every investment of tenant $org deleted (lots cascade), audit trail wiped"
+psql_ -d updog -c "DELETE FROM app.reserve_allocations WHERE $in_funds" \
+  -c "DELETE FROM app.investments WHERE $in_funds" -c "DELETE FROM audit.events WHERE organization_id = '$org'"
+
+echo; echo "== waiting for the daemon to store everything up to $at"
+for _ in $(seq 1 120); do
+  covered=$("$updog" list --json | sed -n 's/.*"covered_until": *"\([^"]*\)".*/\1/p' | head -1)
+  if [ -n "$covered" ] && [ "$(date -d "$covered" +%s%N)" -ge "$(date -d "$at" +%s%N)" ]; then break; fi
+  sleep 0.5
+done
+run list --org "$org"
+target="demo_$(date +%Y%m%d%H%M%S)"
+run restore --org "$org" --at "$at" --target-db "$target"
+run verify --deep
+stop_daemon
+trap - EXIT
+
+echo
+echo "== comparing tenant $org row by row: the source as it was at $at vs $target"
 mismatch=0
 for entry in "${filters[@]}"; do
-  table=${entry%%|*}; filter=${entry#*|}
-  expected=$(digest updog "$table" "$filter")
+  table=${entry%%|*}
+  expected=${before[$table]}
   found=$(digest "$target" "$table" true)
   if [ "$expected" = "$found" ]; then verdict=identical; else verdict="DIFFERENT (source: $expected)"; mismatch=1; fi
   printf '  %-26s %7s rows  %s\n' "$table" "${found%% *}" "$verdict"
 done
 if [ "$mismatch" = 0 ]; then
-  echo "demo complete: tenant $org restored, identical to the source, no other tenant's rows."
+  echo "demo complete: tenant $org restored to $at, just before the mistake: identical to the source then, no other tenant's rows."
   echo "look at it: psql -h 127.0.0.1 -p $port -U postgres -d $target"
 fi
 echo "stop the demo's PostgreSQL with: scripts/demo.sh stop"

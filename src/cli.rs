@@ -241,7 +241,9 @@ async fn init(config: &Config) -> Result<(), Error> {
             &[slot],
         )
         .await
-        .map_err(crate::source::query_context("looking up the replication slot"))?
+        .map_err(crate::source::query_context(
+            "looking up the replication slot",
+        ))?
         .is_some();
     let progress = crate::repository::pack::read_progress(repo.store()).await?;
     match (slot_exists, &progress) {
@@ -330,11 +332,15 @@ async fn check(config: &Config, json: bool) -> Result<(), Error> {
 
 async fn backup(config: &Config, orgs: Vec<String>) -> Result<(), Error> {
     let repo = Repository::new(open_store(config).await?);
-    let manifest =
-        crate::source::snapshot::take(config, &repo, &SnapshotRequest {
+    let manifest = crate::source::snapshot::take(
+        config,
+        &repo,
+        &SnapshotRequest {
             tenants: orgs,
             stream_slot: None,
-        }).await?;
+        },
+    )
+    .await?;
     let bytes: u64 = manifest.objects().map(|o| o.bytes).sum();
     let rows: u64 = manifest.tenants.values().map(|t| t.total_rows()).sum();
     println!(
@@ -449,9 +455,8 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
             let (manifests, _) = plan::tenant_snapshots(&repo, o)
                 .await
                 .map_err(crate::restore::RestoreError::from)?;
-            (!manifests.is_empty()).then(|| {
-                plan::window_of(&manifests, state.progress.as_ref(), state.durable())
-            })
+            (!manifests.is_empty())
+                .then(|| plan::window_of(&manifests, state.progress.as_ref(), state.durable()))
         }
         None => None,
     };
@@ -588,7 +593,12 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         match &report.changes {
             Some(c) => format!(
                 " + {} transaction(s) replayed from {} pack(s): {} inserts, {} updates, {} deletes, {} truncates",
-                c.transactions, c.packs, c.stats.inserts, c.stats.updates, c.stats.deletes, c.stats.truncates
+                c.transactions,
+                c.packs,
+                c.stats.inserts,
+                c.stats.updates,
+                c.stats.deletes,
+                c.stats.truncates
             ),
             None => String::new(),
         },
@@ -653,6 +663,59 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
         }
         progress.finish();
     }
+    // The change stream: every pack's footer, and its sections (the tenant's and the global
+    // ones with --org).
+    let state = crate::repository::pack::StreamState::read(&store).await?;
+    if let Some(p) = &state.progress
+        && let Err(gap) = state.chain_from(p.since_lsn)
+    {
+        println!("FAILED change stream: {gap}");
+        failed += 1;
+    }
+    let sections = Progress::new(
+        "verify",
+        "packs",
+        Unit::StoredBytes,
+        state.packs.len() as u64,
+    );
+    for p in &state.packs {
+        checked += 1;
+        let result = async {
+            let footer = crate::repository::pack::read_footer(&store, &p.key, p.size).await?;
+            for (index, entry) in footer.sections.iter().enumerate() {
+                if org.is_some() && entry.tenant.is_some() && entry.tenant != org {
+                    continue;
+                }
+                match &identities {
+                    None => {
+                        crate::repository::pack::verify_section_digest(&store, &p.key, index, entry)
+                            .await?
+                    }
+                    Some(ids) => {
+                        let mut rx = crate::repository::pack::stream_section(
+                            &store,
+                            &p.key,
+                            index,
+                            entry,
+                            ids.clone(),
+                        )
+                        .await?;
+                        while let Some(m) = rx.recv().await {
+                            m?;
+                        }
+                    }
+                }
+            }
+            Ok::<_, crate::repository::RepositoryError>(())
+        }
+        .await;
+        if let Err(e) = result {
+            sections.println(&format!("FAILED {e}"));
+            failed += 1;
+        }
+        sections.advance(p.size);
+    }
+    sections.finish();
     let what = if deep {
         "decrypted and parsed"
     } else {

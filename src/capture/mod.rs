@@ -14,6 +14,7 @@
 //! writing its WAL record.
 
 pub mod router;
+pub mod routes;
 pub mod spool;
 pub mod writer;
 
@@ -84,7 +85,9 @@ pub enum CaptureError {
         slot_lsn: Lsn,
         durable: Lsn,
     },
-    #[error("replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another source.slot")]
+    #[error(
+        "replication slot {slot:?} uses plugin {plugin:?}, not pgoutput: drop it or choose another source.slot"
+    )]
     WrongPlugin { slot: String, plugin: String },
 }
 
@@ -158,9 +161,7 @@ async fn slot_state(client: &Client, slot: &str) -> Result<SlotState, CaptureErr
         });
     }
     let confirmed: Option<String> = row.get(1);
-    let confirmed_flush = confirmed
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(Lsn(0));
+    let confirmed_flush = confirmed.and_then(|s| s.parse().ok()).unwrap_or(Lsn(0));
     Ok(SlotState { confirmed_flush })
 }
 
@@ -186,6 +187,42 @@ async fn probe(client: &Client) -> Result<Probe, CaptureError> {
             .parse()
             .map_err(|_| CaptureError::Protocol(format!("bad LSN {lsn:?}")))?,
     })
+}
+
+/// Rebuilds the router's key maps as they were at `start`: the newest checkpoint, then the
+/// routing changes of every pack after it.
+async fn restore_routing(
+    repo: &Repository,
+    state: &StreamState,
+    progress: &StreamProgress,
+    start: Lsn,
+    router: &mut Router,
+    admin: &Client,
+) -> Result<(), CaptureError> {
+    let store = repo.store();
+    let Some((lsn, checkpoint)) =
+        routes::newest_checkpoint(store, progress.since_lsn, start).await?
+    else {
+        tracing::warn!(
+            "no routing checkpoint in the repository: loading keys from the source's current rows; \
+             a change to a row whose parent was deleted since {start} would not route"
+        );
+        router.load(admin).await?;
+        return Ok(());
+    };
+    router.apply(checkpoint);
+    let packs = state
+        .chain_from(lsn)
+        .map_err(|m| CaptureError::Protocol(format!("rebuilding the routing state: {m}")))?;
+    for p in packs.iter().filter(|p| p.end <= start) {
+        let footer = crate::repository::pack::read_footer(store, &p.key, p.size).await?;
+        if let Some(region) = &footer.routes {
+            let bytes = crate::repository::pack::read_region(store, &p.key, region).await?;
+            router.apply(routes::decode(&p.key, &bytes)?);
+        }
+    }
+    tracing::info!(checkpoint = %lsn, packs = packs.len(), keys = router.keys(), "routing state restored");
+    Ok(())
 }
 
 /// One replication session: from connecting to an error or a requested shutdown.
@@ -240,8 +277,8 @@ async fn session(
     };
     progress.slot = slot.clone();
 
-    let mut router = Router::new(catalog, &config.source.schemas);
-    router.load(&admin).await?;
+    let mut router = Router::new(catalog, &config.source.schemas, &system.system_id);
+    restore_routing(repo, &stream_state, &progress, start, &mut router, &admin).await?;
     let publications = quote_publication_names([config.source.publication.as_str()]);
     let stream = connection
         .start_logical(
@@ -285,6 +322,7 @@ async fn session(
         pending_probe: None,
         confirmed_probe: None,
         last_progress_write: Instant::now(),
+        last_checkpoint: Instant::now(),
         flush_interval: config.stream.flush_interval,
         max_pack_bytes: config.stream.max_pack_bytes,
     };
@@ -313,12 +351,17 @@ struct Capture {
     pending_probe: Option<Probe>,
     confirmed_probe: Option<Probe>,
     last_progress_write: Instant,
+    last_checkpoint: Instant,
     flush_interval: Duration,
     max_pack_bytes: u64,
 }
 
 impl Capture {
-    async fn run(&mut self, admin: &Client, shutdown: &CancellationToken) -> Result<(), CaptureError> {
+    async fn run(
+        &mut self,
+        admin: &Client,
+        shutdown: &CancellationToken,
+    ) -> Result<(), CaptureError> {
         let tick_every = (self.flush_interval / 2).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -402,18 +445,16 @@ impl Capture {
             let mut next = self.writer.next(end);
             std::mem::swap(&mut next, &mut self.writer);
             let clock = Instant::now();
-            let summary = next.store(end, covered).await?;
+            let summary = next.store(end, covered, &self.router.take_delta()).await?;
             tracing::info!(
                 pack = %summary.key, bytes = summary.bytes, transactions = summary.transactions,
                 changes = summary.changes, sections = summary.sections,
                 seconds = clock.elapsed().as_secs_f64(), "pack stored"
             );
-        } else if end == self.progress.durable_lsn
-            && covered == self.progress.covered_until
-            && !force_progress
+        } else if !force_progress
+            && ((end == self.progress.durable_lsn && covered == self.progress.covered_until)
+                || self.last_progress_write.elapsed() < self.flush_interval)
         {
-            return Ok(());
-        } else if !force_progress && self.last_progress_write.elapsed() < self.flush_interval {
             return Ok(());
         } else {
             // Nothing to store: the writer restarts at the new durable point.
@@ -425,6 +466,11 @@ impl Capture {
         write_progress(self.repo.store(), &self.progress).await?;
         self.last_progress_write = Instant::now();
         self.status(false).await?;
+        if force_progress || self.last_checkpoint.elapsed() >= routes::CHECKPOINT_EVERY {
+            // The maps now are exactly those after every transaction before `end`.
+            routes::write_checkpoint(self.repo.store(), end, &self.router).await?;
+            self.last_checkpoint = Instant::now();
+        }
         Ok(())
     }
 
@@ -459,7 +505,11 @@ impl Capture {
                 if commit.commit_lsn < self.progress.durable_lsn {
                     return Ok(()); // stored before a restart
                 }
-                tracing::debug!(xid = c.xid, messages = spool.messages, "streamed transaction committed");
+                tracing::debug!(
+                    xid = c.xid,
+                    messages = spool.messages,
+                    "streamed transaction committed"
+                );
                 self.writer.begin(&Begin {
                     final_lsn: c.commit_lsn,
                     commit_time: c.commit_time,
@@ -612,7 +662,12 @@ fn split_move(
         return Err(CaptureError::Protocol("only an UPDATE moves a row".into()));
     };
     let table = router::relation_name(relation);
-    if update.new.0.iter().any(|v| matches!(v, Value::UnchangedToast)) {
+    if update
+        .new
+        .0
+        .iter()
+        .any(|v| matches!(v, Value::UnchangedToast))
+    {
         return Err(RouteError::Tuple {
             table,
             message: "a row moved to another tenant with an unchanged TOASTed value; use REPLICA IDENTITY FULL".into(),
@@ -626,7 +681,13 @@ fn split_move(
                 .columns
                 .iter()
                 .zip(&update.new.0)
-                .map(|(c, v)| if c.part_of_key { v.clone() } else { Value::Null })
+                .map(|(c, v)| {
+                    if c.part_of_key {
+                        v.clone()
+                    } else {
+                        Value::Null
+                    }
+                })
                 .collect(),
         )),
     };

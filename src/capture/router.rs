@@ -45,10 +45,7 @@ pub enum Scope {
 #[derive(Debug)]
 pub enum Routed {
     One(Destination),
-    Moved {
-        from: Arc<str>,
-        to: Arc<str>,
-    },
+    Moved { from: Arc<str>, to: Arc<str> },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,11 +79,34 @@ pub enum RouteError {
     Tuple { table: String, message: String },
 }
 
+/// A key as the maps hold it: a salted SHA-256 of the key's text values, truncated. Fixed
+/// size keeps the maps small, and the persisted routing state (FORMAT.md) carries no key value.
+pub type KeyHash = [u8; 16];
+
 /// One key map: the key columns of a table other tables route through.
 #[derive(Debug)]
 struct KeyMap {
+    /// `schema.table(col, …)`: how persisted state names the map.
+    name: Arc<str>,
     columns: Vec<String>,
-    tenants: HashMap<Box<[u8]>, Arc<str>>,
+    tenants: HashMap<KeyHash, Arc<str>>,
+}
+
+/// One change to the key maps, as persisted in packs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    Set {
+        map: Arc<str>,
+        key: KeyHash,
+        tenant: Arc<str>,
+    },
+    Remove {
+        map: Arc<str>,
+        key: KeyHash,
+    },
+    Clear {
+        map: Arc<str>,
+    },
 }
 
 #[derive(Debug)]
@@ -103,9 +123,12 @@ pub struct Router {
     /// Per table index: its key maps.
     maps: HashMap<usize, Vec<KeyMap>>,
     /// Keys deleted by the open transaction, removed at its commit.
-    doomed: HashSet<(usize, usize, Box<[u8]>)>,
+    doomed: HashSet<(usize, usize, KeyHash)>,
     interned: RefCell<HashSet<Arc<str>>>,
     schemas: HashSet<String>,
+    salt: Vec<u8>,
+    /// Map changes since the last [`Router::take_delta`].
+    delta: Vec<Delta>,
 }
 
 impl std::fmt::Debug for Router {
@@ -125,13 +148,20 @@ enum Lookup<'a> {
     Absent,
 }
 
-fn encode_key(parts: &[&[u8]]) -> Box<[u8]> {
-    let mut out = Vec::new();
+fn hash_key(salt: &[u8], map: &str, parts: &[&[u8]]) -> KeyHash {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(salt);
+    h.update(map.as_bytes());
+    h.update([0]);
     for p in parts {
-        out.extend_from_slice(&(p.len() as u32).to_le_bytes());
-        out.extend_from_slice(p);
+        h.update((p.len() as u32).to_le_bytes());
+        h.update(p);
     }
-    out.into_boxed_slice()
+    let digest = h.finalize();
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&digest[..16]);
+    key
 }
 
 fn describe_key(parts: &[&[u8]]) -> String {
@@ -143,7 +173,8 @@ fn describe_key(parts: &[&[u8]]) -> String {
 }
 
 impl Router {
-    pub fn new(catalog: Catalog, schemas: &[String]) -> Self {
+    /// `salt`: mixed into every key hash (the source's system identifier).
+    pub fn new(catalog: Catalog, schemas: &[String], salt: &str) -> Self {
         let by_name = catalog
             .tables
             .iter()
@@ -158,9 +189,15 @@ impl Router {
                 ..
             }) = &table.scope
             {
+                let name: Arc<str> = Arc::from(format!(
+                    "{}({})",
+                    catalog.tables[*parent].qualified(),
+                    parent_columns.join(",")
+                ));
                 let list = maps.entry(*parent).or_default();
                 if !list.iter().any(|m| &m.columns == parent_columns) {
                     list.push(KeyMap {
+                        name,
                         columns: parent_columns.clone(),
                         tenants: HashMap::new(),
                     });
@@ -175,7 +212,62 @@ impl Router {
             doomed: HashSet::new(),
             interned: RefCell::new(HashSet::new()),
             schemas: schemas.iter().cloned().collect(),
+            salt: format!("updog-backup routing {salt}").into_bytes(),
+            delta: Vec::new(),
         }
+    }
+
+    /// The map changes since the last call (what the pack being sealed did to them).
+    pub fn take_delta(&mut self) -> Vec<Delta> {
+        std::mem::take(&mut self.delta)
+    }
+
+    /// The whole state as deltas: per map (by name), a Clear then its entries.
+    pub fn checkpoint(&self) -> Vec<Delta> {
+        let mut maps: Vec<&KeyMap> = self.maps.values().flatten().collect();
+        maps.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut out = Vec::new();
+        for m in maps {
+            out.push(Delta::Clear {
+                map: m.name.clone(),
+            });
+            out.extend(m.tenants.iter().map(|(key, tenant)| Delta::Set {
+                map: m.name.clone(),
+                key: *key,
+                tenant: tenant.clone(),
+            }));
+        }
+        out
+    }
+
+    fn map_mut(&mut self, name: &str) -> Option<&mut KeyMap> {
+        self.maps.values_mut().flatten().find(|m| &*m.name == name)
+    }
+
+    /// Applies persisted changes (a checkpoint is a Clear and Sets); maps that no longer
+    /// exist are ignored.
+    pub fn apply(&mut self, deltas: impl IntoIterator<Item = Delta>) {
+        for d in deltas {
+            match d {
+                Delta::Set { map, key, tenant } => {
+                    let tenant = self.intern(tenant.as_bytes());
+                    if let Some(m) = self.map_mut(&map) {
+                        m.tenants.insert(key, tenant);
+                    }
+                }
+                Delta::Remove { map, key } => {
+                    if let Some(m) = self.map_mut(&map) {
+                        m.tenants.remove(&key);
+                    }
+                }
+                Delta::Clear { map } => {
+                    if let Some(m) = self.map_mut(&map) {
+                        m.tenants.clear();
+                    }
+                }
+            }
+        }
+        self.delta.clear();
     }
 
     pub fn catalog(&self) -> &Catalog {
@@ -209,8 +301,10 @@ impl Router {
         for table in order {
             let t = &self.catalog.tables[table];
             let route_columns: Vec<String> = self.catalog.route_columns(t).to_vec();
-            let map_columns: Vec<Vec<String>> =
-                self.maps[&table].iter().map(|m| m.columns.clone()).collect();
+            let map_columns: Vec<Vec<String>> = self.maps[&table]
+                .iter()
+                .map(|m| m.columns.clone())
+                .collect();
             let mut wanted: Vec<String> = route_columns.clone();
             for cols in &map_columns {
                 for c in cols {
@@ -318,6 +412,9 @@ impl Router {
         {
             for m in maps {
                 m.tenants.clear();
+                self.delta.push(Delta::Clear {
+                    map: m.name.clone(),
+                });
             }
         }
     }
@@ -387,12 +484,12 @@ impl Router {
         if let Some(maps) = self.maps.get(&table) {
             for (i, m) in maps.iter().enumerate() {
                 if let Some(row) = &old_get
-                    && let Some(key) = keys_of(&m.columns, row)
+                    && let Some(key) = keys_of(&self.salt, m, row)
                 {
                     doomed.push((i, key));
                 }
                 if let (Some(row), Some(tenant)) = (&new_get, &to)
-                    && let Some(key) = keys_of(&m.columns, row)
+                    && let Some(key) = keys_of(&self.salt, m, row)
                 {
                     remembered.push((i, key, tenant.clone()));
                 }
@@ -402,9 +499,16 @@ impl Router {
             self.doomed.insert((table, i, key));
         }
         for (i, key, tenant) in remembered {
-            self.doomed.remove(&(table, i, key.clone()));
-            if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i)) {
-                m.tenants.insert(key, tenant);
+            self.doomed.remove(&(table, i, key));
+            if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i))
+                && m.tenants.get(&key) != Some(&tenant)
+            {
+                m.tenants.insert(key, tenant.clone());
+                self.delta.push(Delta::Set {
+                    map: m.name.clone(),
+                    key,
+                    tenant,
+                });
             }
         }
         Ok(match (from, to) {
@@ -457,11 +561,10 @@ impl Router {
                 match absent {
                     Some(c) => missing(&c),
                     None => {
-                        let key = encode_key(&parts);
                         let found = self.maps.get(parent).and_then(|l| {
                             l.iter()
                                 .find(|m| &m.columns == parent_columns)
-                                .and_then(|m| m.tenants.get(&key))
+                                .and_then(|m| m.tenants.get(&hash_key(&self.salt, &m.name, &parts)))
                         });
                         match found {
                             Some(tenant) => return Ok(Some(tenant.clone())),
@@ -489,7 +592,7 @@ impl Router {
                     })
                     .collect();
                 if let Some(parts) = parts
-                    && let Some(tenant) = m.tenants.get(&encode_key(&parts))
+                    && let Some(tenant) = m.tenants.get(&hash_key(&self.salt, &m.name, &parts))
                 {
                     return Ok(Some(tenant.clone()));
                 }
@@ -498,10 +601,11 @@ impl Router {
         Err(first_error)
     }
 
+    /// Loads a row's keys (not a change: nothing for the delta).
     fn remember(&mut self, table: usize, row: &RowView<'_>, tenant: Arc<str>) {
         if let Some(maps) = self.maps.get_mut(&table) {
             for m in maps {
-                if let Some(key) = keys_of(&m.columns, row) {
+                if let Some(key) = keys_of(&self.salt, m, row) {
                     m.tenants.insert(key, tenant.clone());
                 }
             }
@@ -511,22 +615,28 @@ impl Router {
     /// The open transaction committed: forget the keys it deleted.
     pub fn commit(&mut self) {
         for (table, i, key) in self.doomed.drain() {
-            if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i)) {
-                m.tenants.remove(&key);
+            if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i))
+                && m.tenants.remove(&key).is_some()
+            {
+                self.delta.push(Delta::Remove {
+                    map: m.name.clone(),
+                    key,
+                });
             }
         }
     }
 }
 
-fn keys_of(columns: &[String], row: &RowView<'_>) -> Option<Box<[u8]>> {
-    let parts: Option<Vec<&[u8]>> = columns
+fn keys_of(salt: &[u8], map: &KeyMap, row: &RowView<'_>) -> Option<KeyHash> {
+    let parts: Option<Vec<&[u8]>> = map
+        .columns
         .iter()
         .map(|c| match row.get(c) {
             Lookup::Value(v) => Some(v),
             _ => None,
         })
         .collect();
-    parts.map(|p| encode_key(&p))
+    parts.map(|p| hash_key(salt, &map.name, &p))
 }
 
 /// A row as routing reads it: a change's tuple, or a row loaded from the source.

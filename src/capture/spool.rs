@@ -63,7 +63,7 @@ impl BodySpool {
         }
     }
 
-    pub fn len(&self) -> u64 {
+    pub fn size(&self) -> u64 {
         self.len
     }
 

@@ -23,7 +23,10 @@ use super::spool::BodySpool;
 use crate::codec::Sealer;
 use crate::replication::Lsn;
 use crate::replication::pgoutput::{Begin, Commit, Message, Relation};
-use crate::repository::pack::{self, PackFooter, SectionEntry, SectionHeader};
+use crate::repository::pack::{self, PackFooter, Region, SectionEntry, SectionHeader};
+use sha2::Digest;
+
+use super::router::Delta;
 use crate::storage::{ObjectStore, PutMode};
 
 /// A section is sealed once its plaintext reaches this size.
@@ -163,7 +166,7 @@ impl PackWriter {
 
     /// Bytes the pack will hold, about (sealed plus still buffered plaintext).
     pub fn size(&self) -> u64 {
-        self.body.len() + self.buffered as u64
+        self.body.size() + self.buffered as u64
     }
 
     pub fn last_commit(&self) -> Option<(Lsn, DateTime<Utc>)> {
@@ -196,7 +199,12 @@ impl PackWriter {
     }
 
     /// A change of one tenant, or of a global table (`None`).
-    pub fn change(&mut self, section: SectionKey, oid: u32, message: &Message) -> Result<(), CaptureError> {
+    pub fn change(
+        &mut self,
+        section: SectionKey,
+        oid: u32,
+        message: &Message,
+    ) -> Result<(), CaptureError> {
         self.join(&section)?;
         self.write(&section, oid, message, true)?;
         self.changes += 1;
@@ -205,7 +213,11 @@ impl PackWriter {
 
     /// A TRUNCATE of a tenant table: into every tenant section of the transaction (now and
     /// when one joins later) and into the global section.
-    pub fn truncate_tenant_table(&mut self, oid: u32, message: &Message) -> Result<(), CaptureError> {
+    pub fn truncate_tenant_table(
+        &mut self,
+        oid: u32,
+        message: &Message,
+    ) -> Result<(), CaptureError> {
         let joined: Vec<SectionKey> = self
             .open
             .iter()
@@ -251,10 +263,9 @@ impl PackWriter {
         message: &Message,
         counts: bool,
     ) -> Result<(), CaptureError> {
-        let (relation, generation) = self
-            .relations
-            .get(&oid)
-            .ok_or_else(|| CaptureError::Protocol(format!("relation {oid} used before its Relation message")))?;
+        let (relation, generation) = self.relations.get(&oid).ok_or_else(|| {
+            CaptureError::Protocol(format!("relation {oid} used before its Relation message"))
+        })?;
         let open = self.open.entry(section.clone()).or_default();
         if open.written.get(&oid) != Some(generation) {
             open.written.insert(oid, *generation);
@@ -263,7 +274,11 @@ impl PackWriter {
         }
         self.append(section, message);
         if counts {
-            self.open.get_mut(section).expect("just opened").piece.changes += 1;
+            self.open
+                .get_mut(section)
+                .expect("just opened")
+                .piece
+                .changes += 1;
         }
         self.maybe_seal(section)
     }
@@ -317,7 +332,7 @@ impl PackWriter {
         sealer.write(&plain)?;
         drop(plain);
         sealer.write(&pack::section_end(piece.messages))?;
-        let offset = self.body.len();
+        let offset = self.body.size();
         while let Some(chunk) = sealer.take_output() {
             self.body.append(&chunk)?;
         }
@@ -368,24 +383,43 @@ impl PackWriter {
         Ok(())
     }
 
-    /// Seals every section, writes the footer and stores the pack as `[start, end)`.
-    pub async fn store(mut self, end: Lsn, covered_until: DateTime<Utc>) -> Result<PackSummary, CaptureError> {
+    /// Seals every section, writes the routing changes and the footer, and stores the pack as
+    /// `[start, end)`.
+    pub async fn store(
+        mut self,
+        end: Lsn,
+        covered_until: DateTime<Utc>,
+        routes: &[Delta],
+    ) -> Result<PackSummary, CaptureError> {
         debug_assert!(self.txn.is_none(), "packs hold whole transactions");
         let mut keys: Vec<SectionKey> = self.open.keys().cloned().collect();
         keys.sort();
         for key in &keys {
             self.seal_piece(key)?;
         }
+        let routes = if routes.is_empty() {
+            None
+        } else {
+            let bytes = super::routes::encode(routes);
+            let region = Region {
+                offset: self.body.size(),
+                length: bytes.len() as u64,
+                sha256: hex::encode(sha2::Sha256::digest(&bytes)),
+            };
+            self.body.append(&bytes)?;
+            Some(region)
+        };
         let footer = PackFooter {
             format_version: crate::repository::FORMAT_VERSION,
             start_lsn: self.start,
             end_lsn: end,
             covered_until,
             sections: std::mem::take(&mut self.sections),
+            routes,
         };
         self.body.append(&footer.encode())?;
         let key = pack::key(self.start, end);
-        let bytes = self.body.len();
+        let bytes = self.body.size();
         let body = std::mem::replace(&mut self.body, BodySpool::new(self.spool_dir.clone()));
         self.store
             .put(&key, body.into_stream()?, PutMode::CreateNew)

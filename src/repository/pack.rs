@@ -89,6 +89,18 @@ pub struct PackFooter {
     /// earlier one.
     pub covered_until: DateTime<Utc>,
     pub sections: Vec<SectionEntry>,
+    /// The routing-state changes of this pack's transactions (after the sections).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routes: Option<Region>,
+}
+
+/// A byte range of a pack with its digest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Region {
+    pub offset: u64,
+    pub length: u64,
+    pub sha256: String,
 }
 
 impl PackFooter {
@@ -113,7 +125,12 @@ impl PackFooter {
 
 /// Key of a pack.
 pub fn key(start: Lsn, end: Lsn) -> String {
-    format!("{}{}-{}.pack", super::keys::CHANGES_PREFIX, start.to_key(), end.to_key())
+    format!(
+        "{}{}-{}.pack",
+        super::keys::CHANGES_PREFIX,
+        start.to_key(),
+        end.to_key()
+    )
 }
 
 /// The LSN range a pack key names.
@@ -158,18 +175,27 @@ fn malformed(key: &str, message: impl Into<String>) -> RepositoryError {
 /// Reads a pack's footer with ranged reads of its tail (`size` from the listing).
 pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> Result<PackFooter> {
     if size < TRAILER_LEN {
-        return Err(malformed(key, format!("{size} bytes is too short for a pack (truncated?)")));
+        return Err(malformed(
+            key,
+            format!("{size} bytes is too short for a pack (truncated?)"),
+        ));
     }
     // One read usually covers the footer too.
     let tail_start = size.saturating_sub(64 * 1024);
     let tail = store.get_bytes(key, Some(tail_start..size)).await?;
     let trailer = &tail[tail.len() - TRAILER_LEN as usize..];
     if &trailer[36..] != TRAILER_MAGIC {
-        return Err(malformed(key, "no pack trailer at its end (truncated or not a pack)"));
+        return Err(malformed(
+            key,
+            "no pack trailer at its end (truncated or not a pack)",
+        ));
     }
     let len = u32::from_le_bytes(trailer[..4].try_into().expect("4 bytes"));
     if len > MAX_FOOTER || u64::from(len) + TRAILER_LEN > size {
-        return Err(malformed(key, format!("footer length {len} does not fit the pack")));
+        return Err(malformed(
+            key,
+            format!("footer length {len} does not fit the pack"),
+        ));
     }
     let footer_start = size - TRAILER_LEN - u64::from(len);
     let json: Bytes = if footer_start >= tail_start {
@@ -180,7 +206,10 @@ pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> 
             .await?
     };
     if Sha256::digest(&json).as_slice() != &trailer[4..36] {
-        return Err(malformed(key, "the footer does not match its digest (modified or damaged)"));
+        return Err(malformed(
+            key,
+            "the footer does not match its digest (modified or damaged)",
+        ));
     }
     let footer: PackFooter =
         serde_json::from_slice(&json).map_err(|e| malformed(key, e.to_string()))?;
@@ -191,10 +220,13 @@ pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> 
         });
     }
     if range_of(key) != Some((footer.start_lsn, footer.end_lsn)) {
-        return Err(malformed(key, format!(
-            "footer says {}..{}: the pack was renamed or swapped",
-            footer.start_lsn, footer.end_lsn
-        )));
+        return Err(malformed(
+            key,
+            format!(
+                "footer says {}..{}: the pack was renamed or swapped",
+                footer.start_lsn, footer.end_lsn
+            ),
+        ));
     }
     let mut offset = 0;
     for s in &footer.sections {
@@ -203,10 +235,40 @@ pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> 
         }
         offset += s.length;
     }
+    if let Some(r) = &footer.routes {
+        if r.offset != offset || r.offset + r.length > footer_start {
+            return Err(malformed(
+                key,
+                "the routing region does not follow the sections",
+            ));
+        }
+        offset += r.length;
+    }
     if offset != footer_start {
         return Err(malformed(key, "section offsets do not tile the pack"));
     }
     Ok(footer)
+}
+
+/// A region's bytes, checked against its digest.
+pub async fn read_region(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    region: &Region,
+) -> Result<Bytes> {
+    let bytes = store
+        .get_bytes(key, Some(region.offset..region.offset + region.length))
+        .await?;
+    if hex::encode(Sha256::digest(&bytes)) != region.sha256 {
+        return Err(RepositoryError::DigestMismatch {
+            key: format!("{key} routing region"),
+            expected: region.sha256.clone(),
+            found: hex::encode(Sha256::digest(&bytes)),
+            expected_bytes: region.length,
+            found_bytes: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
 }
 
 /// Streams the decoded messages of one section. The channel's last item is an error if
@@ -251,12 +313,16 @@ fn read_section(
     };
     let mut hashing = HashingReader::new(reader);
     {
-        let mut plain = open(&mut hashing, identities).map_err(|source| RepositoryError::Object {
-            key: format!("{key} section {}", expect.index),
-            source,
-        })?;
+        let mut plain =
+            open(&mut hashing, identities).map_err(|source| RepositoryError::Object {
+                key: format!("{key} section {}", expect.index),
+                source,
+            })?;
         let io = |e: std::io::Error| {
-            damaged(format!("{} (damaged, truncated or tampered object)", classify_read_error(e)))
+            damaged(format!(
+                "{} (damaged, truncated or tampered object)",
+                classify_read_error(e)
+            ))
         };
         let mut magic = [0u8; 8];
         plain.read_exact(&mut magic).map_err(io)?;
@@ -276,8 +342,8 @@ fn read_section(
             plain.read_exact(&mut payload).map_err(io)?;
             match (prefix[0], first) {
                 (TAG_HEADER, true) => {
-                    let header: SectionHeader = serde_json::from_slice(&payload)
-                        .map_err(|e| damaged(e.to_string()))?;
+                    let header: SectionHeader =
+                        serde_json::from_slice(&payload).map_err(|e| damaged(e.to_string()))?;
                     if &header != expect {
                         return Err(damaged(format!(
                             "section says it is {header:?}, the footer expects {expect:?}: it was swapped"
@@ -331,6 +397,43 @@ fn read_section(
     Ok(())
 }
 
+/// Checks one section's stored bytes against the footer's digest, without decrypting.
+pub async fn verify_section_digest(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    index: usize,
+    entry: &SectionEntry,
+) -> Result<()> {
+    let reader =
+        super::object::fetch_reader(store, key, Some(entry.offset..entry.offset + entry.length))
+            .await?;
+    let name = format!("{key} section {index}");
+    let entry = entry.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut hashing = HashingReader::new(reader);
+        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| RepositoryError::Object {
+            key: name.clone(),
+            source: classify_read_error(e),
+        })?;
+        let (bytes, sha256) = hashing.digest();
+        if bytes != entry.length || sha256 != entry.sha256 {
+            return Err(RepositoryError::DigestMismatch {
+                key: name,
+                expected: entry.sha256.clone(),
+                found: sha256,
+                expected_bytes: entry.length,
+                found_bytes: bytes,
+            });
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| RepositoryError::Archive {
+        key: "(reader)".into(),
+        message: e.to_string(),
+    })?
+}
+
 /// `changes/progress.json`: how far the stream is durable, rewritten after every pack and
 /// while the source is idle (so covered-until advances without empty packs).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -368,7 +471,11 @@ pub async fn read_progress(store: &Arc<dyn ObjectStore>) -> Result<Option<Stream
 pub async fn write_progress(store: &Arc<dyn ObjectStore>, progress: &StreamProgress) -> Result<()> {
     let json = serde_json::to_vec_pretty(progress).expect("progress always serializes");
     store
-        .put_bytes(super::keys::STREAM_PROGRESS, json.into(), crate::storage::PutMode::Overwrite)
+        .put_bytes(
+            super::keys::STREAM_PROGRESS,
+            json.into(),
+            crate::storage::PutMode::Overwrite,
+        )
         .await?;
     Ok(())
 }
@@ -428,7 +535,10 @@ impl StreamState {
                 continue;
             }
             if p.start > at {
-                return Err(format!("changes between {at} and {} are missing (pack deleted?)", p.start));
+                return Err(format!(
+                    "changes between {at} and {} are missing (pack deleted?)",
+                    p.start
+                ));
             }
             chain.push(p.clone());
             at = p.end;

@@ -148,8 +148,14 @@ impl Chain {
                 return Ok(None);
             };
             self.current = Some(
-                pack::stream_section(&self.store, &self.key, index, &entry, self.identities.clone())
-                    .await?,
+                pack::stream_section(
+                    &self.store,
+                    &self.key,
+                    index,
+                    &entry,
+                    self.identities.clone(),
+                )
+                .await?,
             );
         }
     }

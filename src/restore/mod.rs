@@ -137,7 +137,10 @@ pub async fn run(
     let clock = Instant::now();
     let plan = plan::plan(repo, &request.tenant, request.target).await?;
     let manifest = plan.manifest;
-    let point_in_time = plan.changes.as_ref().map_or(manifest.consistent_time, |c| c.1);
+    let point_in_time = plan
+        .changes
+        .as_ref()
+        .map_or(manifest.consistent_time, |c| c.1);
     let database = match &request.target_db {
         Some(name) => name.clone(),
         None => default_database_name(&request.tenant, point_in_time),
@@ -159,8 +162,17 @@ pub async fn run(
     let changes = match plan.changes {
         Some((packs, until)) => {
             let packs = changes::footers(store, packs).await?;
-            let messages =
-                changes::verify(store, &ChangePlan { packs: packs.clone(), from: manifest.consistent_lsn, until }, &request.tenant, &identities).await?;
+            let messages = changes::verify(
+                store,
+                &ChangePlan {
+                    packs: packs.clone(),
+                    from: manifest.consistent_lsn,
+                    until,
+                },
+                &request.tenant,
+                &identities,
+            )
+            .await?;
             tracing::info!(packs = packs.len(), messages, "change sections verified");
             Some(ChangePlan {
                 packs,
@@ -192,8 +204,10 @@ pub async fn run(
             &identities,
             &manifest,
             &request.tenant,
-            (&pre_preamble, &pre),
-            (&post_preamble, &post),
+            SchemaSql {
+                pre: (&pre_preamble, &pre),
+                post: (&post_preamble, &post),
+            },
             changes.as_ref(),
         )
         .await;
@@ -285,14 +299,19 @@ fn step(name: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> LoadEr
     move |e| LoadError::Step(name, describe_db_error(&e))
 }
 
+/// The dump's SQL: preamble and entries, before and after the rows.
+struct SchemaSql<'a> {
+    pre: (&'a str, &'a [schema::Entry]),
+    post: (&'a str, &'a [schema::Entry]),
+}
+
 async fn load(
     client: &Client,
     repo: &Repository,
     identities: &Arc<Identities>,
     manifest: &Manifest,
     tenant: &str,
-    pre: (&str, &[schema::Entry]),
-    post: (&str, &[schema::Entry]),
+    SchemaSql { pre, post }: SchemaSql<'_>,
     changes: Option<&ChangePlan>,
 ) -> Result<Loaded, LoadError> {
     let mut not_recreated = schema::apply(client, pre.0, pre.1)
@@ -389,9 +408,19 @@ async fn replay(
         .await
         .map_err(step("starting the replay"))?;
     let mut replayer = replay::Replayer::new(client);
-    let applied =
-        changes::apply(repo.store(), plan, manifest, tenant, identities, &mut replayer).await?;
-    let stats = replayer.finish().await.map_err(changes::ChangesError::from)?;
+    let applied = changes::apply(
+        repo.store(),
+        plan,
+        manifest,
+        tenant,
+        identities,
+        &mut replayer,
+    )
+    .await?;
+    let stats = replayer
+        .finish()
+        .await
+        .map_err(changes::ChangesError::from)?;
     client
         .batch_execute("COMMIT")
         .await

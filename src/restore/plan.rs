@@ -181,7 +181,11 @@ pub async fn plan(
 
 /// From the earliest snapshot to the stream's covered-until (when it follows a snapshot the
 /// tenant is in), else to the newest snapshot.
-pub fn window_of(manifests: &[Manifest], progress: Option<&StreamProgress>, durable: Option<Lsn>) -> Window {
+pub fn window_of(
+    manifests: &[Manifest],
+    progress: Option<&StreamProgress>,
+    durable: Option<Lsn>,
+) -> Window {
     let newest = manifests[manifests.len() - 1].consistent_time;
     let streamed = progress.and_then(|p| {
         let durable = durable.unwrap_or(p.durable_lsn);

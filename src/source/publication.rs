@@ -47,15 +47,26 @@ fn published(catalog: &Catalog) -> Vec<String> {
 
 /// Makes sure the publication exists and covers every table the catalog backs up. Returns
 /// whether it was created now.
-pub async fn ensure(client: &Client, name: &str, catalog: &Catalog) -> Result<bool, PublicationError> {
+pub async fn ensure(
+    client: &Client,
+    name: &str,
+    catalog: &Catalog,
+) -> Result<bool, PublicationError> {
     let tables = published(catalog);
     let exists = client
-        .query_opt("SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1", &[&name])
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&name],
+        )
         .await
         .map_err(query_context("looking up the publication"))?
         .is_some();
     if !exists {
-        let sql = format!("CREATE PUBLICATION {} FOR TABLE {};", quote_ident(name), tables.join(", "));
+        let sql = format!(
+            "CREATE PUBLICATION {} FOR TABLE {};",
+            quote_ident(name),
+            tables.join(", ")
+        );
         return match client.batch_execute(&sql).await {
             Ok(()) => Ok(true),
             Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {

@@ -246,6 +246,16 @@ async fn export(
         found
     };
     let sequences = read_sequences(&workers[0], &config.source.schemas).await?;
+    if request.stream_slot.is_some() {
+        // The change stream starts here: its routing state too, read inside the snapshot.
+        let mut router = crate::capture::router::Router::new(
+            catalog.clone(),
+            &config.source.schemas,
+            &identity.system_identifier,
+        );
+        router.load(&workers[0]).await?;
+        crate::capture::routes::write_checkpoint(repo.store(), point.lsn, &router).await?;
+    }
 
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
         .map_err(RepositoryError::from)?;
