@@ -524,6 +524,8 @@ parallel = 2
             repo,
             recipient,
         };
+        // The publication `init` needs, created as the tables' owner would.
+        pg.psql(db, &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"]);
         env.run(pg, &["init"], 2);
         env
     }

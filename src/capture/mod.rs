@@ -448,7 +448,8 @@ impl Capture {
             let summary = next.store(end, covered, &self.router.take_delta()).await?;
             tracing::info!(
                 pack = %summary.key, bytes = summary.bytes, transactions = summary.transactions,
-                changes = summary.changes, sections = summary.sections,
+                changes = summary.changes, sections = summary.sections, end_lsn = %summary.end,
+                first_commit = ?summary.first_commit, last_commit = ?summary.last_commit,
                 seconds = clock.elapsed().as_secs_f64(), "pack stored"
             );
         } else if !force_progress

@@ -74,6 +74,9 @@ pub struct PackSummary {
     pub sections: usize,
     pub end: Lsn,
     pub covered_until: DateTime<Utc>,
+    /// Commit times of the first and last transaction in the pack.
+    pub first_commit: Option<DateTime<Utc>>,
+    pub last_commit: Option<DateTime<Utc>>,
 }
 
 pub struct PackWriter {
@@ -432,6 +435,8 @@ impl PackWriter {
             sections: footer.sections.len(),
             end,
             covered_until,
+            first_commit: footer.sections.iter().map(|s| s.first_time).min(),
+            last_commit: footer.sections.iter().map(|s| s.last_time).max(),
         })
     }
 }

@@ -97,6 +97,8 @@ pub struct RestoreReport {
 pub struct ChangesReport {
     pub packs: usize,
     pub transactions: u64,
+    /// Time spent replaying (reading the sections and applying them).
+    pub seconds: f64,
     #[serde(flatten)]
     pub stats: replay::ReplayStats,
 }
@@ -403,6 +405,7 @@ async fn replay(
     tenant: &str,
     plan: &ChangePlan,
 ) -> Result<Replayed, LoadError> {
+    let clock = Instant::now();
     client
         .batch_execute("BEGIN")
         .await
@@ -434,6 +437,7 @@ async fn replay(
         report: ChangesReport {
             packs: plan.packs.len(),
             transactions: applied.transactions,
+            seconds: clock.elapsed().as_secs_f64(),
             stats,
         },
     })
