@@ -525,7 +525,10 @@ parallel = 2
             recipient,
         };
         // The publication `init` needs, created as the tables' owner would.
-        pg.psql(db, &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"]);
+        pg.psql(
+            db,
+            &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"],
+        );
         env.run(pg, &["init"], 2);
         env
     }

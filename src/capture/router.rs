@@ -688,3 +688,199 @@ impl<'a> RowView<'a> {
 pub fn relation_name(relation: &Relation) -> String {
     format!("{}.{}", relation.namespace, relation.name)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::pgoutput::{Column, Delete, Insert, ReplicaIdentity, Update};
+    use crate::source::catalog::{self, Table};
+
+    fn table(name: &str, columns: &[&str], scope: TableScope) -> Table {
+        Table {
+            schema: "app".into(),
+            name: name.into(),
+            columns: columns
+                .iter()
+                .map(|c| catalog::Column {
+                    name: c.to_string(),
+                    type_name: "text".into(),
+                    not_null: true,
+                    text_only: false,
+                })
+                .collect(),
+            replica_identity: catalog::ReplicaIdentity::Default(vec!["id".into()]),
+            row_security: false,
+            can_select: true,
+            scope,
+        }
+    }
+
+    /// funds (own tenant column) ← investments (fund_id) ← lots (investment_id).
+    fn router() -> Router {
+        let catalog = Catalog {
+            tenant_column: "org".into(),
+            tables: vec![
+                table(
+                    "funds",
+                    &["id", "org"],
+                    TableScope::Tenant(Route::Direct {
+                        column: "org".into(),
+                    }),
+                ),
+                table(
+                    "investments",
+                    &["id", "fund_id"],
+                    TableScope::Tenant(Route::Via {
+                        columns: vec!["fund_id".into()],
+                        parent: 0,
+                        parent_columns: vec!["id".into()],
+                        nullable: false,
+                    }),
+                ),
+                table(
+                    "lots",
+                    &["id", "investment_id"],
+                    TableScope::Tenant(Route::Via {
+                        columns: vec!["investment_id".into()],
+                        parent: 1,
+                        parent_columns: vec!["id".into()],
+                        nullable: false,
+                    }),
+                ),
+                table("currencies", &["code"], TableScope::Global),
+            ],
+        };
+        let mut r = Router::new(catalog, &["app".into()], "42");
+        for (oid, name, cols) in [
+            (1, "funds", &["id", "org"][..]),
+            (2, "investments", &["id", "fund_id"][..]),
+            (3, "lots", &["id", "investment_id"][..]),
+            (4, "currencies", &["code"][..]),
+        ] {
+            r.relation(&Relation {
+                xid: None,
+                oid,
+                namespace: "app".into(),
+                name: name.into(),
+                replica_identity: ReplicaIdentity::Default,
+                columns: cols
+                    .iter()
+                    .map(|c| Column {
+                        part_of_key: *c == "id" || *c == "code",
+                        name: c.to_string(),
+                        type_oid: 25,
+                        type_modifier: -1,
+                    })
+                    .collect(),
+            })
+            .unwrap();
+        }
+        r
+    }
+
+    fn tuple(values: &[&str]) -> Tuple {
+        Tuple(
+            values
+                .iter()
+                .map(|v| Value::Text(bytes::Bytes::copy_from_slice(v.as_bytes())))
+                .collect(),
+        )
+    }
+
+    fn insert(relation: u32, values: &[&str]) -> Message {
+        Message::Insert(Insert {
+            xid: None,
+            relation,
+            new: tuple(values),
+        })
+    }
+
+    fn delete_key(relation: u32, id: &str, width: usize) -> Message {
+        let mut values = vec![Value::Null; width];
+        values[0] = Value::Text(bytes::Bytes::copy_from_slice(id.as_bytes()));
+        Message::Delete(Delete {
+            xid: None,
+            relation,
+            old: OldTuple::Key(Tuple(values)),
+        })
+    }
+
+    fn tenant(r: Routed) -> String {
+        match r {
+            Routed::One(Destination::Tenant(t)) => t.to_string(),
+            other => panic!("expected a tenant, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn routes_through_foreign_key_chains_and_forgets_deleted_keys_at_commit() {
+        let mut r = router();
+        assert_eq!(tenant(r.route(&insert(1, &["f1", "t1"])).unwrap()), "t1");
+        assert_eq!(tenant(r.route(&insert(2, &["i1", "f1"])).unwrap()), "t1");
+        assert_eq!(tenant(r.route(&insert(3, &["l1", "i1"])).unwrap()), "t1");
+        r.commit();
+        // A parent's DELETE with only its key routes by the key map; a cascaded child later in
+        // the same transaction still finds it; after the commit it is gone.
+        assert_eq!(tenant(r.route(&delete_key(2, "i1", 2)).unwrap()), "t1");
+        assert_eq!(tenant(r.route(&insert(3, &["l2", "i1"])).unwrap()), "t1");
+        r.commit();
+        assert!(matches!(
+            r.route(&insert(3, &["l3", "i1"])),
+            Err(RouteError::UnknownParent { .. })
+        ));
+        // A DELETE of a child that carries neither its route nor a known key stops capture.
+        assert!(matches!(
+            r.route(&delete_key(3, "l1", 2)),
+            Err(RouteError::MissingColumn { .. })
+        ));
+        assert!(matches!(
+            r.route(&insert(4, &["EUR"])).unwrap(),
+            Routed::One(Destination::Global)
+        ));
+    }
+
+    #[test]
+    fn an_update_that_changes_the_tenant_moves_the_row() {
+        let mut r = router();
+        r.route(&insert(1, &["f1", "t1"])).unwrap();
+        let update = Message::Update(Update {
+            xid: None,
+            relation: 1,
+            old: Some(OldTuple::Full(tuple(&["f1", "t1"]))),
+            new: tuple(&["f1", "t2"]),
+        });
+        match r.route(&update).unwrap() {
+            Routed::Moved { from, to } => assert_eq!((&*from, &*to), ("t1", "t2")),
+            other => panic!("{other:?}"),
+        }
+        // Its children follow the key map.
+        assert_eq!(tenant(r.route(&insert(2, &["i9", "f1"])).unwrap()), "t2");
+    }
+
+    #[test]
+    fn persisted_deltas_rebuild_the_same_maps() {
+        let mut r = router();
+        r.route(&insert(1, &["f1", "t1"])).unwrap();
+        r.route(&insert(2, &["i1", "f1"])).unwrap();
+        r.commit();
+        let checkpoint = r.checkpoint();
+        r.take_delta();
+        r.route(&delete_key(2, "i1", 2)).unwrap();
+        r.route(&insert(1, &["f2", "t2"])).unwrap();
+        r.commit();
+        let delta = r.take_delta();
+        let bytes = super::super::routes::encode(&delta);
+        let mut fresh = router();
+        fresh.apply(checkpoint);
+        fresh.apply(super::super::routes::decode("k", &bytes).unwrap());
+        assert_eq!(fresh.checkpoint().len(), r.checkpoint().len());
+        assert_eq!(
+            tenant(fresh.route(&insert(2, &["i2", "f2"])).unwrap()),
+            "t2"
+        );
+        assert!(
+            fresh.route(&insert(3, &["l1", "i1"])).is_err(),
+            "i1 was deleted"
+        );
+    }
+}
