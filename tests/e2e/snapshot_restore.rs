@@ -318,10 +318,10 @@ async fn restore_as_of_a_snapshot_time_and_window_refusals() {
         .unwrap()
         .get(0);
     assert!(!exists);
-    // A tenant that only the first snapshot... every tenant is in the first; tenant 3 is not in the partial second.
+    // Tenant 3 is in init's snapshot and the first backup, not in the partial one.
     let other = fixture_tenant(3).await;
     let out = env.ok(&["list", "--org", &other]);
-    assert!(out.contains("(1 snapshot(s))"), "{out}");
+    assert!(out.contains("(2 snapshot(s))"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -379,6 +379,10 @@ async fn backup_and_restore_over_verified_tls() {
         Repo::Directory,
     )
     .await;
+    tls.pg.psql(
+        &db,
+        &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"],
+    );
     env.ok(&["init"]);
     let out = env.ok(&["backup"]);
     assert!(out.contains("4 tenant(s)"), "{out}");
