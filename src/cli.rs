@@ -279,6 +279,7 @@ async fn init(config: &Config) -> Result<(), Error> {
             since_lsn: manifest.consistent_lsn,
             durable_lsn: manifest.consistent_lsn,
             covered_until: DateTime::<Utc>::UNIX_EPOCH,
+            last_pack_end: None,
             updated_at: Utc::now(),
         },
     )

@@ -269,6 +269,7 @@ async fn session(
                 since_lsn: state.confirmed_flush,
                 durable_lsn: state.confirmed_flush,
                 covered_until: DateTime::<Utc>::UNIX_EPOCH,
+                last_pack_end: None,
                 updated_at: Utc::now(),
             };
             write_progress(repo.store(), &p).await?;
@@ -308,7 +309,9 @@ async fn session(
             recipients,
             config.compression.level,
             spool_dir.clone(),
-            start,
+            // Packs tile the stream: the next one starts where the last ended, even when the
+            // durable point moved on over transactions that touched nothing backed up.
+            stream_state.chain_end().unwrap_or(start).min(start),
         ),
         repo: repo.clone(),
         router,
@@ -446,6 +449,7 @@ impl Capture {
             std::mem::swap(&mut next, &mut self.writer);
             let clock = Instant::now();
             let summary = next.store(end, covered, &self.router.take_delta()).await?;
+            self.progress.last_pack_end = Some(end);
             tracing::info!(
                 pack = %summary.key, bytes = summary.bytes, transactions = summary.transactions,
                 changes = summary.changes, sections = summary.sections, end_lsn = %summary.end,
@@ -457,9 +461,6 @@ impl Capture {
                 || self.last_progress_write.elapsed() < self.flush_interval)
         {
             return Ok(());
-        } else {
-            // Nothing to store: the writer restarts at the new durable point.
-            self.writer = self.writer.next(end);
         }
         self.progress.durable_lsn = end;
         self.progress.covered_until = covered;

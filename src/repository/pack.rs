@@ -445,6 +445,10 @@ pub struct StreamProgress {
     pub since_lsn: Lsn,
     /// Every transaction that committed before it is stored.
     pub durable_lsn: Lsn,
+    /// End of the newest pack when this was written: packs tile `[since, last_pack_end)`, so a
+    /// missing pack is a gap readers can see.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pack_end: Option<Lsn>,
     /// Every transaction that committed at or before it is stored.
     pub covered_until: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
@@ -504,16 +508,24 @@ impl StreamState {
         Ok(Self { progress, packs })
     }
 
-    /// The durable LSN: the progress object's, extended by packs stored after it (a crash
-    /// between storing a pack and rewriting the progress).
-    pub fn durable(&self) -> Option<Lsn> {
-        let mut durable = self.progress.as_ref()?.durable_lsn;
+    /// End of the packs that tile the stream from its start without a gap: where the next
+    /// pack starts.
+    pub fn chain_end(&self) -> Option<Lsn> {
+        let mut at = self.progress.as_ref()?.since_lsn;
         for p in &self.packs {
-            if p.start <= durable && p.end > durable {
-                durable = p.end;
+            if p.start == at {
+                at = p.end;
+            } else if p.start > at {
+                break;
             }
         }
-        Some(durable)
+        Some(at)
+    }
+
+    /// The durable LSN: the progress object's, or the end of the packs if a crash came between
+    /// storing a pack and rewriting the progress.
+    pub fn durable(&self) -> Option<Lsn> {
+        Some(self.progress.as_ref()?.durable_lsn.max(self.chain_end()?))
     }
 
     /// The packs a replay from `from` needs, checked to tile `[from, durable)` without a gap.
@@ -527,21 +539,28 @@ impl StreamState {
                 progress.since_lsn
             ));
         }
-        let durable = self.durable().unwrap_or(progress.durable_lsn);
-        let mut at = from;
+        let mut at = progress.since_lsn;
         let mut chain = Vec::new();
         for p in &self.packs {
-            if p.end <= at || p.start >= durable {
-                continue;
-            }
             if p.start > at {
                 return Err(format!(
-                    "changes between {at} and {} are missing (pack deleted?)",
+                    "changes between {at} and {} are missing (a pack was deleted?)",
                     p.start
                 ));
             }
-            chain.push(p.clone());
-            at = p.end;
+            if p.start == at {
+                at = p.end;
+                if p.end > from {
+                    chain.push(p.clone());
+                }
+            }
+        }
+        if let Some(last) = progress.last_pack_end
+            && at < last
+        {
+            return Err(format!(
+                "changes between {at} and {last} are missing (a pack was deleted?)"
+            ));
         }
         Ok(chain)
     }

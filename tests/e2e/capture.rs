@@ -494,3 +494,77 @@ async fn restart_routes_changes_to_parents_deleted_while_down() {
     assert_restore_equals(&env, &tenant, t1, &at_t1, "down_t1").await;
     assert_restore_equals(&env, &tenant, t2, &at_t2, "down_t2").await;
 }
+
+/// A damaged pack (a flipped bit, a cut tail) is refused before any database is created, and
+/// `verify` names it; a missing pack is a gap, never silently skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_or_missing_packs_are_refused_before_writing() {
+    let pg = cluster().await;
+    let db = pg.fixture_db("badpack", 3, "0.1").await;
+    let source = pg.client(&db).await;
+    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
+    let mut env = TestEnv::new(&db, Repo::Directory).await;
+    capture_env(&mut env);
+    env.ok(&["init"]);
+    let tenant = fixture_tenant(1).await;
+    let mut daemon = Daemon::start(&env);
+    let t = step(
+        &source,
+        &format!("UPDATE app.funds SET size_cents = 7 WHERE organization_id = '{tenant}'"),
+    )
+    .await;
+    wait_covered(&env, t, &mut daemon);
+    assert!(daemon.terminate().success());
+    let packs: Vec<std::path::PathBuf> = std::fs::read_dir(env.repo_dir.join("changes"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "pack"))
+        .collect();
+    assert_eq!(packs.len(), 1, "{packs:?}");
+    let pack = &packs[0];
+    let original = std::fs::read(pack).unwrap();
+    let at = t.to_rfc3339_opts(SecondsFormat::Micros, true);
+    let mut flipped = original.clone();
+    flipped[original.len() / 3] ^= 0x01;
+    for (what, bytes) in [
+        ("flipped", flipped),
+        ("cut", original[..original.len() - 10].to_vec()),
+    ] {
+        std::fs::write(pack, &bytes).unwrap();
+        let target = format!("badpack_{what}");
+        let err = env.fails(
+            &[
+                "restore",
+                "--org",
+                &tenant,
+                "--at",
+                &at,
+                "--target-db",
+                &target,
+            ],
+            1,
+        );
+        assert!(err.contains(".pack"), "{what}: {err}");
+        let exists: bool = source
+            .query_one(
+                "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
+                &[&target],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!exists, "{what}: nothing is created");
+        let out = env.run(&["verify"]);
+        assert!(!out.status.success(), "{what}: verify fails");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            stdout.contains("FAILED") && stdout.contains(".pack"),
+            "{what}: {stdout}"
+        );
+    }
+    std::fs::remove_file(pack).unwrap();
+    let err = env.fails(&["restore", "--org", &tenant, "--at", &at], 2);
+    assert!(err.contains("missing"), "{err}");
+    std::fs::write(pack, &original).unwrap();
+    assert!(env.ok(&["verify", "--deep"]).contains("0 failed"));
+}
