@@ -71,6 +71,8 @@ pub enum CaptureError {
     Route(#[from] RouteError),
     #[error("pgoutput: {0}")]
     Decode(#[from] pgoutput::DecodeError),
+    #[error(transparent)]
+    Publication(#[from] crate::source::publication::PublicationError),
     #[error("unexpected replication stream: {0}")]
     Protocol(String),
     #[error(
@@ -99,6 +101,7 @@ impl CaptureError {
             | CaptureError::Gap { .. }
             | CaptureError::WrongPlugin { .. }
             | CaptureError::Catalog(_)
+            | CaptureError::Publication(_)
             | CaptureError::Codec(_)
             | CaptureError::Decode(_)
             | CaptureError::Protocol(_) => true,
@@ -234,6 +237,7 @@ async fn session(
     let info = repo.info().await?;
     let admin = crate::source::connect(&config.source.url).await?;
     let catalog = Catalog::load(&admin, &config.source).await?;
+    crate::source::publication::verify(&admin, &config.source.publication, &catalog).await?;
     let pg = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
     let mut connection = ReplicationConnection::connect_tls(&pg.config, &pg.tls).await?;
     let system = connection.identify_system().await?;

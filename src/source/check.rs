@@ -198,6 +198,30 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
             Some("[source]\nglobal_tables = [\"schema.table\"]   # or exclude_tables".into()),
         );
     }
+    let publication = &config.source.publication;
+    match super::publication::verify(&client, publication, &catalog).await {
+        Ok(()) => push(
+            Level::Ok,
+            "publication",
+            format!("{publication} covers every tenant and global table"),
+            None,
+        ),
+        Err(super::publication::PublicationError::Missing { sql, .. }) => push(
+            Level::Warning,
+            "publication",
+            format!(
+                "{publication} does not exist yet: init creates it if this role owns the tables, else the owner runs"
+            ),
+            Some(sql),
+        ),
+        Err(super::publication::PublicationError::Incomplete { missing, sql, .. }) => push(
+            Level::Error,
+            "publication",
+            format!("{publication} lacks {missing}: their changes would not be captured"),
+            Some(sql),
+        ),
+        Err(e) => push(Level::Error, "publication", e.to_string(), None),
+    }
     let leading = leading_index_columns(&client, &config.source.schemas).await?;
     let mut tables = Vec::new();
     let mut rls_tables = Vec::new();

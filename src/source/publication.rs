@@ -24,7 +24,11 @@ pub enum PublicationError {
         sql: String,
     },
     #[error(
-        "publication {name:?} lacks {missing}: as the tables' owner, run:\n\n  {sql}\n\nthen run `updog-backup init` again"
+        "publication {name:?} does not exist: run `updog-backup init`, or as the tables' owner:\n\n  {sql}"
+    )]
+    Missing { name: String, sql: String },
+    #[error(
+        "publication {name:?} lacks {missing}, whose changes would be missing from the stream: as the tables' owner, run:\n\n  {sql}\n\nthen run `updog-backup init` again"
     )]
     Incomplete {
         name: String,
@@ -45,6 +49,17 @@ fn published(catalog: &Catalog) -> Vec<String> {
     tables
 }
 
+async fn exists(client: &Client, name: &str) -> Result<bool, PublicationError> {
+    Ok(client
+        .query_opt(
+            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
+            &[&name],
+        )
+        .await
+        .map_err(query_context("looking up the publication"))?
+        .is_some())
+}
+
 /// Makes sure the publication exists and covers every table the catalog backs up. Returns
 /// whether it was created now.
 pub async fn ensure(
@@ -53,15 +68,7 @@ pub async fn ensure(
     catalog: &Catalog,
 ) -> Result<bool, PublicationError> {
     let tables = published(catalog);
-    let exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_catalog.pg_publication WHERE pubname = $1",
-            &[&name],
-        )
-        .await
-        .map_err(query_context("looking up the publication"))?
-        .is_some();
-    if !exists {
+    if !exists(client, name).await? {
         let sql = format!(
             "CREATE PUBLICATION {} FOR TABLE {};",
             quote_ident(name),
@@ -83,6 +90,27 @@ pub async fn ensure(
             .into()),
         };
     }
+    verify(client, name, catalog).await.map(|()| false)
+}
+
+/// Checks (never changes) that the publication exists and covers every table the catalog
+/// backs up: a table left out would have its changes silently missing from the stream.
+pub async fn verify(
+    client: &Client,
+    name: &str,
+    catalog: &Catalog,
+) -> Result<(), PublicationError> {
+    let tables = published(catalog);
+    if !exists(client, name).await? {
+        return Err(PublicationError::Missing {
+            name: name.into(),
+            sql: format!(
+                "CREATE PUBLICATION {} FOR TABLE {};",
+                quote_ident(name),
+                tables.join(", ")
+            ),
+        });
+    }
     let rows = client
         .query(
             "SELECT schemaname, tablename FROM pg_catalog.pg_publication_tables WHERE pubname = $1",
@@ -96,7 +124,7 @@ pub async fn ensure(
         .collect();
     let missing: Vec<String> = tables.into_iter().filter(|t| !have.contains(t)).collect();
     if missing.is_empty() {
-        return Ok(false);
+        return Ok(());
     }
     Err(PublicationError::Incomplete {
         name: name.into(),
