@@ -5,6 +5,7 @@ mod support;
 mod bad_input;
 mod capture;
 mod pgoutput;
+mod replay;
 mod replication;
 mod replication_stream;
 mod snapshot_restore;
