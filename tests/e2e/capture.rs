@@ -155,6 +155,7 @@ pub async fn assert_restore_equals(
         &target,
     ]);
     assert!(out.contains("restore point: LSN"), "{out}");
+    eprintln!("{label}: {}", out.lines().nth(1).unwrap_or_default());
     let recovered = cluster().await.client(&target).await;
     for (table, want) in expected {
         let found = digest(&recovered, table, None).await;
