@@ -332,8 +332,8 @@ async fn load(
         progress: Progress::new("restore", "tables", Unit::Rows, tables as u64),
         tables: Vec::new(),
     };
-    let global_rows = loader.load(Part::Global).await?;
-    let tenant_rows = loader.load(Part::Tenant(tenant)).await?;
+    let mut global_rows = loader.load(Part::Global).await?;
+    let mut tenant_rows = loader.load(Part::Tenant(tenant)).await?;
     loader.progress.finish();
     let loaded_tables = loader.tables;
     for seq in &manifest.sequences {
@@ -382,6 +382,19 @@ async fn load(
             .batch_execute(&format!("ANALYZE {sql_name}"))
             .await
             .map_err(step(format!("ANALYZE {table}")))?;
+        if replayed.is_some() {
+            // The report gives what the database holds, after the replay.
+            let rows: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {sql_name}"), &[])
+                .await
+                .map_err(step(format!("counting {table}")))?
+                .get(0);
+            for counts in [&mut tenant_rows, &mut global_rows] {
+                if let Some(n) = counts.get_mut(table) {
+                    *n = rows as u64;
+                }
+            }
+        }
     }
     Ok(Loaded {
         tenant_rows,
