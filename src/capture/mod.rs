@@ -624,38 +624,18 @@ fn relation_oid(message: &Message) -> u32 {
 }
 
 /// The message as stored: sections hold whole transactions, so xids are dropped.
-fn strip_xid(message: Message) -> Message {
-    match message {
-        Message::Relation(mut m) => {
-            m.xid = None;
-            Message::Relation(m)
-        }
-        Message::Type(mut m) => {
-            m.xid = None;
-            Message::Type(m)
-        }
-        Message::Insert(mut m) => {
-            m.xid = None;
-            Message::Insert(m)
-        }
-        Message::Update(mut m) => {
-            m.xid = None;
-            Message::Update(m)
-        }
-        Message::Delete(mut m) => {
-            m.xid = None;
-            Message::Delete(m)
-        }
-        Message::Truncate(mut m) => {
-            m.xid = None;
-            Message::Truncate(m)
-        }
-        Message::LogicalMessage(mut m) => {
-            m.xid = None;
-            Message::LogicalMessage(m)
-        }
-        other => other,
+fn strip_xid(mut message: Message) -> Message {
+    match &mut message {
+        Message::Relation(m) => m.xid = None,
+        Message::Type(m) => m.xid = None,
+        Message::Insert(m) => m.xid = None,
+        Message::Update(m) => m.xid = None,
+        Message::Delete(m) => m.xid = None,
+        Message::Truncate(m) => m.xid = None,
+        Message::LogicalMessage(m) => m.xid = None,
+        _ => {}
     }
+    message
 }
 
 /// An UPDATE that moved a row to another tenant: a DELETE for the old one, an INSERT for the

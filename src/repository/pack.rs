@@ -380,14 +380,23 @@ fn read_section(
             }
         }
     }
+    check_digest(hashing, &format!("{key} section {}", expect.index), entry)
+}
+
+/// Reads what is left and compares every byte read with the footer's digest.
+fn check_digest(
+    mut hashing: HashingReader<impl Read>,
+    name: &str,
+    entry: &SectionEntry,
+) -> Result<()> {
     std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| RepositoryError::Object {
-        key: key.into(),
+        key: name.into(),
         source: classify_read_error(e),
     })?;
     let (bytes, sha256) = hashing.digest();
     if bytes != entry.length || sha256 != entry.sha256 {
         return Err(RepositoryError::DigestMismatch {
-            key: format!("{key} section {}", expect.index),
+            key: name.into(),
             expected: entry.sha256.clone(),
             found: sha256,
             expected_bytes: entry.length,
@@ -409,29 +418,12 @@ pub async fn verify_section_digest(
             .await?;
     let name = format!("{key} section {index}");
     let entry = entry.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut hashing = HashingReader::new(reader);
-        std::io::copy(&mut hashing, &mut std::io::sink()).map_err(|e| RepositoryError::Object {
-            key: name.clone(),
-            source: classify_read_error(e),
-        })?;
-        let (bytes, sha256) = hashing.digest();
-        if bytes != entry.length || sha256 != entry.sha256 {
-            return Err(RepositoryError::DigestMismatch {
-                key: name,
-                expected: entry.sha256.clone(),
-                found: sha256,
-                expected_bytes: entry.length,
-                found_bytes: bytes,
-            });
-        }
-        Ok(())
-    })
-    .await
-    .map_err(|e| RepositoryError::Archive {
-        key: "(reader)".into(),
-        message: e.to_string(),
-    })?
+    tokio::task::spawn_blocking(move || check_digest(HashingReader::new(reader), &name, &entry))
+        .await
+        .map_err(|e| RepositoryError::Archive {
+            key: "(reader)".into(),
+            message: e.to_string(),
+        })?
 }
 
 /// `changes/progress.json`: how far the stream is durable, rewritten after every pack and
