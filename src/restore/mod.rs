@@ -370,6 +370,22 @@ async fn load(
         Some(plan) => Some(replay(client, repo, identities, manifest, tenant, plan).await?),
         None => None,
     };
+    if replayed.is_some() {
+        // The report gives what the database holds after the replay (counted before row
+        // level security is enabled, which would hide the rows from this role).
+        for (table, sql_name) in &loaded_tables {
+            let rows: i64 = client
+                .query_one(&format!("SELECT count(*) FROM {sql_name}"), &[])
+                .await
+                .map_err(step(format!("counting {table}")))?
+                .get(0);
+            for counts in [&mut tenant_rows, &mut global_rows] {
+                if let Some(n) = counts.get_mut(table) {
+                    *n = rows as u64;
+                }
+            }
+        }
+    }
     not_recreated.extend(
         schema::apply(client, post.0, &rest)
             .await
@@ -382,19 +398,6 @@ async fn load(
             .batch_execute(&format!("ANALYZE {sql_name}"))
             .await
             .map_err(step(format!("ANALYZE {table}")))?;
-        if replayed.is_some() {
-            // The report gives what the database holds, after the replay.
-            let rows: i64 = client
-                .query_one(&format!("SELECT count(*) FROM {sql_name}"), &[])
-                .await
-                .map_err(step(format!("counting {table}")))?
-                .get(0);
-            for counts in [&mut tenant_rows, &mut global_rows] {
-                if let Some(n) = counts.get_mut(table) {
-                    *n = rows as u64;
-                }
-            }
-        }
     }
     Ok(Loaded {
         tenant_rows,

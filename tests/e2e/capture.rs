@@ -409,8 +409,14 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
         })
     };
     let mut daemon = Daemon::start(&env);
-    for _ in 0..kills {
+    for k in 0..kills {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1500))).await;
+        if k == kills / 2 {
+            // A snapshot taken while writes and capture go on: later instants restore from it
+            // plus the changes after its own consistent LSN.
+            let out = env.ok(&["backup"]);
+            assert!(out.contains("snapshot"), "{out}");
+        }
         daemon.assert_running();
         daemon.kill();
         daemon = Daemon::start(&env);
@@ -421,7 +427,8 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
     wait_covered(&env, last, &mut daemon);
     assert!(daemon.terminate().success());
 
-    // The last instant for every tenant, and a few earlier ones.
+    // The last instant for every tenant, and a few earlier ones (before and after the second
+    // snapshot).
     let picks = [
         instants.len() / 3,
         2 * instants.len() / 3,
