@@ -394,6 +394,17 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
             let mut round = 0;
             while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                 round += 1;
+                if round % 4 == 0 {
+                    // Larger than logical_decoding_work_mem: streamed before it commits.
+                    let tenant = &tenants[fastrand::usize(..tenants.len())];
+                    source
+                        .batch_execute(&format!(
+                            "INSERT INTO audit.events (organization_id, action, entity, entity_id)
+                             SELECT '{tenant}', 'big', 'row', g::text FROM generate_series(1, 2000) g"
+                        ))
+                        .await
+                        .unwrap();
+                }
                 for n in 0..40 {
                     let tenant = &tenants[fastrand::usize(..tenants.len())];
                     random_change(&source, tenant, round * 100 + n).await;
