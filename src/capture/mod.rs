@@ -369,17 +369,33 @@ impl Capture {
         admin: &Client,
         shutdown: &CancellationToken,
     ) -> Result<(), CaptureError> {
-        let tick_every = (self.flush_interval / 2).max(Duration::from_millis(100));
+        // Probes run often so that covered-until follows the stored packs closely.
+        let tick_every = (self.flush_interval / 4).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_status = Instant::now();
         loop {
             tokio::select! {
+                // The timer before the stream: a busy stream must not starve probes and status.
                 biased;
                 () = shutdown.cancelled(), if !self.writer.in_transaction() => {
                     self.flush(true).await?;
                     tracing::info!(durable = %self.progress.durable_lsn, "capture stopped");
                     return Ok(());
+                }
+                _ = tick.tick() => {
+                    if self.pending_probe.is_none() {
+                        self.pending_probe = Some(probe(admin).await?);
+                        self.status(true).await?;
+                        last_status = Instant::now();
+                    }
+                    if !self.writer.in_transaction() {
+                        self.flush(false).await?;
+                    }
+                    if last_status.elapsed() >= STATUS_UPDATE_INTERVAL {
+                        self.status(false).await?;
+                        last_status = Instant::now();
+                    }
                 }
                 event = self.stream.next() => {
                     match event? {
@@ -398,24 +414,10 @@ impl Capture {
                             return Err(CaptureError::Replication(ReplicationError::Closed));
                         }
                     }
-                    if self.writer.size() >= self.max_pack_bytes && !self.writer.in_transaction() {
+                    // Checked after every event, between transactions: under load that is
+                    // where a pack becomes due.
+                    if !self.writer.in_transaction() && self.pack_due() {
                         self.flush(false).await?;
-                    }
-                }
-                _ = tick.tick() => {
-                    if !self.writer.in_transaction() {
-                        if self.writer.age() >= self.flush_interval {
-                            self.flush(false).await?;
-                        }
-                        if self.pending_probe.is_none() {
-                            self.pending_probe = Some(probe(admin).await?);
-                            self.status(true).await?;
-                            last_status = Instant::now();
-                        }
-                    }
-                    if last_status.elapsed() >= STATUS_UPDATE_INTERVAL {
-                        self.status(false).await?;
-                        last_status = Instant::now();
                     }
                 }
             }
@@ -439,8 +441,18 @@ impl Capture {
         Ok(())
     }
 
-    /// Stores the pack (if it holds anything), rewrites the progress, acknowledges.
+    fn pack_due(&self) -> bool {
+        self.writer.transactions() > 0
+            && (self.writer.size() >= self.max_pack_bytes
+                || self.writer.age() >= self.flush_interval)
+    }
+
+    /// Stores the pack when it is due (or `force_progress`), else rewrites the progress when
+    /// the source was idle; then acknowledges.
     async fn flush(&mut self, force_progress: bool) -> Result<(), CaptureError> {
+        if self.writer.transactions() > 0 && !force_progress && !self.pack_due() {
+            return Ok(());
+        }
         let end = self.received;
         let covered = self
             .confirmed_probe
@@ -462,7 +474,7 @@ impl Capture {
             );
         } else if !force_progress
             && ((end == self.progress.durable_lsn && covered == self.progress.covered_until)
-                || self.last_progress_write.elapsed() < self.flush_interval)
+                || self.last_progress_write.elapsed() < self.flush_interval / 2)
         {
             return Ok(());
         }

@@ -89,7 +89,8 @@ pub struct PackWriter {
     sections: Vec<SectionEntry>,
     open: HashMap<SectionKey, OpenSection>,
     buffered: usize,
-    created: Instant,
+    /// When the first transaction of this pack committed: the pack's age for flushing.
+    first_commit: Option<Instant>,
     txn: Option<Txn>,
     relations: HashMap<u32, (Relation, u64)>,
     generation: u64,
@@ -127,7 +128,7 @@ impl PackWriter {
             sections: Vec::new(),
             open: HashMap::new(),
             buffered: 0,
-            created: Instant::now(),
+            first_commit: None,
             txn: None,
             relations: HashMap::new(),
             generation: 0,
@@ -163,8 +164,10 @@ impl PackWriter {
         self.changes
     }
 
+    /// How long the oldest transaction in the pack has waited (zero when it holds none).
     pub fn age(&self) -> std::time::Duration {
-        self.created.elapsed()
+        self.first_commit
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed())
     }
 
     /// Bytes the pack will hold, about (sealed plus still buffered plaintext).
@@ -380,6 +383,7 @@ impl PackWriter {
         }
         self.txn = None;
         if !joined.is_empty() {
+            self.first_commit.get_or_insert_with(Instant::now);
             self.transactions += 1;
             self.last_commit = Some((commit.commit_lsn, time));
         }
