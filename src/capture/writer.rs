@@ -91,6 +91,7 @@ pub struct PackWriter {
     buffered: usize,
     /// When the first transaction of this pack committed: the pack's age for flushing.
     first_commit: Option<Instant>,
+    first_commit_time: Option<DateTime<Utc>>,
     txn: Option<Txn>,
     relations: HashMap<u32, (Relation, u64)>,
     generation: u64,
@@ -129,6 +130,7 @@ impl PackWriter {
             open: HashMap::new(),
             buffered: 0,
             first_commit: None,
+            first_commit_time: None,
             txn: None,
             relations: HashMap::new(),
             generation: 0,
@@ -164,10 +166,18 @@ impl PackWriter {
         self.changes
     }
 
-    /// How long the oldest transaction in the pack has waited (zero when it holds none).
+    /// How long the oldest transaction in the pack has waited since it committed (zero when it
+    /// holds none): by the commit's own time when the stream lags behind the source, else since
+    /// it arrived (a server clock ahead of ours cannot delay a pack).
     pub fn age(&self) -> std::time::Duration {
-        self.first_commit
-            .map_or(std::time::Duration::ZERO, |t| t.elapsed())
+        let Some(arrived) = self.first_commit else {
+            return std::time::Duration::ZERO;
+        };
+        let since_commit = self
+            .first_commit_time
+            .and_then(|t| (Utc::now() - t).to_std().ok())
+            .unwrap_or_default();
+        arrived.elapsed().max(since_commit)
     }
 
     /// Bytes the pack will hold, about (sealed plus still buffered plaintext).
@@ -384,6 +394,7 @@ impl PackWriter {
         self.txn = None;
         if !joined.is_empty() {
             self.first_commit.get_or_insert_with(Instant::now);
+            self.first_commit_time.get_or_insert(time);
             self.transactions += 1;
             self.last_commit = Some((commit.commit_lsn, time));
         }
