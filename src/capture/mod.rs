@@ -8,10 +8,13 @@
 //! whatever the repository already holds (`durable`) is skipped by LSN.
 //!
 //! Covered-until (the latest restorable time) is established by probes: at time t0 the source's
-//! WAL insert position is W0, so every transaction that committed before t0 has its commit
-//! record before W0; once everything received before W0 is stored, t0 is covered. A margin of
-//! [`COMMIT_CLOCK_MARGIN`] covers the instant between a commit taking its timestamp and
-//! writing its WAL record.
+//! WAL is flushed up to W0, and the walsender decodes only flushed WAL; once everything before
+//! W0 is received and stored, every transaction that committed before t0 − margin is stored.
+//! The margin covers the instant between a commit taking its timestamp and writing its record
+//! ([`COMMIT_CLOCK_MARGIN`]) and, for asynchronous commits, the WAL writer's flush (at most
+//! three `wal_writer_delay`s). The insert position would need no margin for the latter, but
+//! WAL that no commit flushes (page pruning by readers) can sit unflushed for many seconds and
+//! would hold covered-until back on an idle source.
 
 pub mod router;
 pub mod routes;
@@ -33,8 +36,8 @@ use crate::replication::pgoutput::{
     self, Begin, Commit, Context, Message, OldTuple, ProtocolVersion, Truncate, Tuple, Value,
 };
 use crate::replication::{
-    Lsn, ReplicationConnection, ReplicationError, ReplicationStream, STATUS_UPDATE_INTERVAL,
-    StreamEvent, quote_publication_names,
+    Lsn, ReplicationConnection, ReplicationError, ReplicationStream, StreamEvent,
+    quote_publication_names,
 };
 use crate::repository::pack::{StreamProgress, StreamState, write_progress};
 use crate::repository::{Repository, RepositoryError};
@@ -175,10 +178,22 @@ struct Probe {
     lsn: Lsn,
 }
 
+async fn wal_writer_delay(client: &Client) -> Result<chrono::TimeDelta, CaptureError> {
+    let ms: f64 = client
+        .query_one(
+            "SELECT extract(epoch FROM current_setting('wal_writer_delay')::interval)::float8 * 1000",
+            &[],
+        )
+        .await
+        .map_err(query_context("reading wal_writer_delay"))?
+        .get(0);
+    Ok(chrono::TimeDelta::milliseconds(ms as i64))
+}
+
 async fn probe(client: &Client) -> Result<Probe, CaptureError> {
     let row = client
         .query_one(
-            "SELECT clock_timestamp(), pg_current_wal_insert_lsn()::text",
+            "SELECT clock_timestamp(), pg_current_wal_flush_lsn()::text",
             &[],
         )
         .await
@@ -330,6 +345,7 @@ async fn session(
         confirmed_probe: None,
         last_progress_write: Instant::now(),
         last_checkpoint: Instant::now(),
+        margin: COMMIT_CLOCK_MARGIN + wal_writer_delay(&admin).await? * 3,
         flush_interval: config.stream.flush_interval,
         max_pack_bytes: config.stream.max_pack_bytes,
     };
@@ -359,6 +375,8 @@ struct Capture {
     confirmed_probe: Option<Probe>,
     last_progress_write: Instant,
     last_checkpoint: Instant,
+    /// Subtracted from a confirmed probe's time (see the module documentation).
+    margin: chrono::TimeDelta,
     flush_interval: Duration,
     max_pack_bytes: u64,
 }
@@ -373,7 +391,6 @@ impl Capture {
         let tick_every = (self.flush_interval / 4).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last_status = Instant::now();
         loop {
             tokio::select! {
                 // The timer before the stream: a busy stream must not starve probes and status.
@@ -386,15 +403,12 @@ impl Capture {
                 _ = tick.tick() => {
                     if self.pending_probe.is_none() {
                         self.pending_probe = Some(probe(admin).await?);
-                        self.status(true).await?;
-                        last_status = Instant::now();
                     }
+                    // The walsender reports how far it has read only in keepalives, which it
+                    // sends by itself rarely: ask for one until the probe is confirmed.
+                    self.status(true).await?;
                     if !self.writer.in_transaction() {
                         self.flush(false).await?;
-                    }
-                    if last_status.elapsed() >= STATUS_UPDATE_INTERVAL {
-                        self.status(false).await?;
-                        last_status = Instant::now();
                     }
                 }
                 event = self.stream.next() => {
@@ -407,7 +421,6 @@ impl Capture {
                             }
                             if reply_requested {
                                 self.status(false).await?;
-                                last_status = Instant::now();
                             }
                         }
                         StreamEvent::End => {
@@ -457,7 +470,7 @@ impl Capture {
         let covered = self
             .confirmed_probe
             .filter(|p| p.lsn <= end)
-            .map(|p| p.time - COMMIT_CLOCK_MARGIN)
+            .map(|p| p.time - self.margin)
             .unwrap_or(self.progress.covered_until)
             .max(self.progress.covered_until);
         if self.writer.transactions() > 0 {

@@ -587,3 +587,25 @@ async fn damaged_or_missing_packs_are_refused_before_writing() {
     std::fs::write(pack, &original).unwrap();
     assert!(env.ok(&["verify", "--deep"]).contains("0 failed"));
 }
+
+/// With no writes at all, covered-until still advances (so `--latest` and `--at now` work).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn covered_until_advances_on_an_idle_source() {
+    let pg = cluster().await;
+    let db = pg.fixture_db("idle", 2, "0.1").await;
+    let source = pg.client(&db).await;
+    let mut env = TestEnv::new(&db, Repo::Directory).await;
+    capture_env(&mut env);
+    env.ok(&["init"]);
+    let mut daemon = Daemon::start(&env);
+    let t = now(&source).await;
+    let clock = Instant::now();
+    wait_covered(&env, t, &mut daemon);
+    // Probes every quarter of the 500 ms flush interval: well under a few seconds.
+    assert!(
+        clock.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        clock.elapsed()
+    );
+    assert!(daemon.terminate().success());
+}
