@@ -454,10 +454,15 @@ impl Capture {
         Ok(())
     }
 
+    /// A pack is due at `max_pack_bytes`, or `flush_interval` after its first transaction
+    /// committed — but not before it has collected for a tenth of the interval, so that a
+    /// backlog (every commit already old) makes packs of a fraction of a second, not one per
+    /// transaction.
     fn pack_due(&self) -> bool {
         self.writer.transactions() > 0
             && (self.writer.size() >= self.max_pack_bytes
-                || self.writer.age() >= self.flush_interval)
+                || (self.writer.age() >= self.flush_interval
+                    && self.writer.collecting() >= self.flush_interval / 10))
     }
 
     /// Stores the pack when it is due (or `force_progress`), else rewrites the progress when

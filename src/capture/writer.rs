@@ -180,6 +180,12 @@ impl PackWriter {
         arrived.elapsed().max(since_commit)
     }
 
+    /// How long since the pack's first transaction arrived.
+    pub fn collecting(&self) -> std::time::Duration {
+        self.first_commit
+            .map_or(std::time::Duration::ZERO, |t| t.elapsed())
+    }
+
     /// Bytes the pack will hold, about (sealed plus still buffered plaintext).
     pub fn size(&self) -> u64 {
         self.body.size() + self.buffered as u64
