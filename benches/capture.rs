@@ -3,7 +3,7 @@
 //! and pgBackRest as the baseline of a one-tenant point-in-time restore.
 //!
 //! ```sh
-//! cargo bench --bench capture          # defaults below, about 10 minutes
+//! cargo bench --bench capture            # the defaults of `--help`, about 4–5 minutes
 //! cargo bench --bench capture -- --smoke   # tiny sizes, about 2 minutes
 //! ```
 //!
@@ -282,7 +282,9 @@ fn parse_args() -> Args {
                     .parse()
                     .ok()
                     .filter(|s: &f64| (1.001..=1000.0).contains(s))
-                    .unwrap_or_else(|| usage("--skew: pgbench's random_zipfian parameter, 1.001..1000"))
+                    .unwrap_or_else(|| {
+                        usage("--skew: pgbench's random_zipfian parameter, 1.001..1000")
+                    })
             }
             "--big-rows" => args.big_rows = positive(value(), "--big-rows"),
             "--hour-changes" => args.hour_changes = positive(value(), "--hour-changes"),
@@ -291,7 +293,9 @@ fn parse_args() -> Args {
             "--parts" => {
                 let v = value();
                 let has = |p: &str| v.split(',').any(|x| x.trim() == p);
-                if v.split(',').any(|x| !["a", "b", "c", "d"].contains(&x.trim())) {
+                if v.split(',')
+                    .any(|x| !["a", "b", "c", "d"].contains(&x.trim()))
+                {
                     usage("--parts: a comma-separated subset of a,b,c,d");
                 }
                 args.parts = Parts {
@@ -341,6 +345,7 @@ fn main() {
         args: &args,
         work: work.path(),
     };
+    let loadavg_before = loadavg();
     let capture = (args.parts.a || args.parts.b || args.parts.c).then(|| bench.capture(pg));
     let pitr = args.parts.d.then(|| bench.pitr());
     let report = report(
@@ -348,6 +353,7 @@ fn main() {
         &args,
         capture.as_ref(),
         pitr.as_ref(),
+        (&loadavg_before, &loadavg()),
         started.elapsed(),
     );
     println!("{report}");
@@ -439,6 +445,12 @@ impl Machine {
             }
         )
     }
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
 }
 
 fn is_root() -> bool {
@@ -667,7 +679,10 @@ async fn source_db(pg: &postgres::Cluster, hint: &str, args: &Args) -> String {
     pg.psql(&db, &["-c", REPLICA_IDENTITY_FIXES]);
     pg.psql(
         &db,
-        &["-c", &LOAD_SETUP.replace(":tenants", &args.tenants.to_string())],
+        &[
+            "-c",
+            &LOAD_SETUP.replace(":tenants", &args.tenants.to_string()),
+        ],
     );
     pg.psql(&db, &["-c", "VACUUM (FREEZE, ANALYZE)"]);
     db
@@ -687,7 +702,10 @@ impl Env {
         fs::create_dir_all(&dir).unwrap();
         let identity = dir.join("identity.txt");
         let recipient = run(
-            Command::new(BIN).arg("keygen").arg("--output").arg(&identity),
+            Command::new(BIN)
+                .arg("keygen")
+                .arg("--output")
+                .arg(&identity),
             "keygen",
         )
         .trim()
@@ -728,7 +746,10 @@ target_url = "{target}"
             ));
         }
         // The publication `init` needs, created as the tables' owner would.
-        pg.psql(db, &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"]);
+        pg.psql(
+            db,
+            &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"],
+        );
         Env {
             dir,
             config,
@@ -1066,10 +1087,10 @@ impl Source<'_> {
     }
 
     fn tenant(&self, rt: &tokio::runtime::Runtime, k: u32) -> String {
-        rt.block_on(self.client.query_one(
-            "SELECT md5('org-' || $1::int)::uuid::text",
-            &[&(k as i32)],
-        ))
+        rt.block_on(
+            self.client
+                .query_one("SELECT md5('org-' || $1::int)::uuid::text", &[&(k as i32)]),
+        )
         .unwrap()
         .get(0)
     }
@@ -1146,7 +1167,9 @@ impl Bench<'_> {
             stdout
                 .lines()
                 .find_map(|l| l.strip_prefix(prefix))
+                // "12345", or "12345/12345" with -t.
                 .and_then(|r| r.split_whitespace().next())
+                .and_then(|n| n.split('/').next())
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0.0)
         };
@@ -1201,6 +1224,7 @@ struct Backlog {
     /// taken by the daemon but for what the socket buffers hold).
     decoded_seconds: Option<f64>,
     startup_seconds: f64,
+    /// Daemon start ("capture started") to covered-until past the end of the backlog.
     covered_after: Option<f64>,
     daemon_cpu: f64,
     walsender_cpu: f64,
@@ -1295,10 +1319,7 @@ impl Bench<'_> {
         let idle_rss_start_kib = daemon.kib("VmRSS");
         let walsender = src.walsender(self.rt).expect("the daemon's walsender");
         let (cpu0, ws0) = (daemon.cpu(), proc_cpu(walsender));
-        eprintln!(
-            "   (a) {} clients, {} s of pgbench…",
-            a.clients, a.duration
-        );
+        eprintln!("   (a) {} clients, {} s of pgbench…", a.clients, a.duration);
         let started_at = Utc::now();
         let mut samples = Samples::default();
         let live = self.load(&src, Amount::Seconds(a.duration), || {
@@ -1337,7 +1358,10 @@ impl Bench<'_> {
 
         // (a) backlog: load while the daemon is down, then its drain.
         let backlog = (a.backlog > 0).then(|| {
-            eprintln!("   (a) backlog: {} s of pgbench with the daemon stopped…", a.backlog);
+            eprintln!(
+                "   (a) backlog: {} s of pgbench with the daemon stopped…",
+                a.backlog
+            );
             let load = self.load(&src, Amount::Seconds(a.backlog), || {});
             let end = load.end.unwrap();
             let mut daemon = Daemon::start(&env, "backlog");
@@ -1348,10 +1372,7 @@ impl Bench<'_> {
                 walsender = src.walsender(self.rt);
                 std::thread::sleep(Duration::from_millis(20));
             }
-            let (cpu0, ws0) = (
-                daemon.cpu(),
-                walsender.map(proc_cpu).unwrap_or(0.0),
-            );
+            let (cpu0, ws0) = (daemon.cpu(), walsender.map(proc_cpu).unwrap_or(0.0));
             let mut decoded_at = None;
             if let Some(pid) = walsender {
                 while clock.elapsed() < TIMEOUT {
@@ -1363,7 +1384,9 @@ impl Bench<'_> {
                     std::thread::sleep(Duration::from_millis(20));
                 }
             }
-            let covered_after = env.wait_covered(end, &mut daemon, Duration::from_secs(600));
+            let covered_at = env
+                .wait_covered(end, &mut daemon, Duration::from_secs(600))
+                .map(|_| Utc::now());
             let daemon_cpu = daemon.cpu() - cpu0;
             let walsender_cpu = walsender.map(proc_cpu).unwrap_or(0.0) - ws0;
             let hwm_kib = daemon.kib("VmHWM");
@@ -1384,7 +1407,7 @@ impl Bench<'_> {
                 decoded_seconds: decoded_at.map(|d| secs(d - started)),
                 startup_seconds: secs(started - spawned),
                 packs: log.packs,
-                covered_after,
+                covered_after: covered_at.map(|c| secs(c - started)),
                 daemon_cpu,
                 walsender_cpu,
                 hwm_kib,
@@ -1473,7 +1496,11 @@ impl Bench<'_> {
         };
         let mut replays = Vec::new();
         if a.parts.b {
-            let mut list = vec![("tenant 1 (the busiest)".to_string(), busy_tenant.clone(), a.runs)];
+            let mut list = vec![(
+                "tenant 1 (the busiest)".to_string(),
+                busy_tenant.clone(),
+                a.runs,
+            )];
             if let Some(b) = &big {
                 list.push((
                     format!("tenant {} (the {}-row transaction)", a.tenants, b.rows),
@@ -1693,14 +1720,13 @@ impl Bench<'_> {
     fn pitr(&self) -> PitrResult {
         let a = self.args;
         eprintln!("\n== (d): a cluster with archive_mode=on and pgBackRest…");
-        let pg: &'static postgres::Cluster = Box::leak(Box::new(postgres::start_extra(
-            &postgres::ClusterSpec {
+        let pg: &'static postgres::Cluster =
+            Box::leak(Box::new(postgres::start_extra(&postgres::ClusterSpec {
                 name: "pitr",
                 hba: PITR_HBA,
                 extra_options: "-c archive_mode=on",
                 prepare: &|_| {},
-            },
-        )));
+            })));
         let db = self.rt.block_on(source_db(pg, "pitr", a));
         // Only the source database, as in production: the fixture's template goes.
         let templates: Vec<String> = self
@@ -1724,7 +1750,10 @@ impl Bench<'_> {
         let src = self.source(pg, &db);
         let db_bytes: i64 = self
             .rt
-            .block_on(src.client.query_one("SELECT pg_database_size(current_database())", &[]))
+            .block_on(
+                src.client
+                    .query_one("SELECT pg_database_size(current_database())", &[]),
+            )
             .unwrap()
             .get(0);
         let base = self.work.join("pitr");
@@ -1781,10 +1810,7 @@ impl Bench<'_> {
         env.wait_covered(t0, &mut daemon, Duration::from_secs(120))
             .expect("the daemon covers the idle source");
         let per_txn = (a.events + 4) as u64;
-        let per_client = a
-            .hour_changes
-            .div_ceil(per_txn)
-            .div_ceil(a.clients as u64);
+        let per_client = a.hour_changes.div_ceil(per_txn).div_ceil(a.clients as u64);
         eprintln!(
             "   \"one hour\" of load: {} row changes ({per_client} transactions × {} clients)…",
             a.hour_changes, a.clients
@@ -1820,7 +1846,7 @@ impl Bench<'_> {
         for run_index in 0..a.runs {
             let ours_db = format!("bench_d_ours_{run_index}");
             let theirs_db = format!("bench_d_pgbr_{run_index}");
-            let mut order = [true, false];
+            let mut order = [false, true];
             if run_index % 2 == 1 {
                 order.reverse();
             }
@@ -1846,7 +1872,15 @@ impl Bench<'_> {
                     ours.push(r);
                 } else {
                     eprintln!("   run {}/{}: pgBackRest…", run_index + 1, a.runs);
-                    let r = self.pgbackrest_restore(pg, &br, &db, &median_tenant, target, &theirs_db, run_index);
+                    let r = self.pgbackrest_restore(
+                        pg,
+                        &br,
+                        &db,
+                        &median_tenant,
+                        target,
+                        &theirs_db,
+                        run_index,
+                    );
                     eprintln!(
                         "       {:.2} s (restore {:.2} s, recovery {:.2} s, extract {:.2} s)",
                         r.total(),
@@ -1894,7 +1928,10 @@ impl Bench<'_> {
             for d in [&ours_db, &theirs_db] {
                 pg.psql(
                     "postgres",
-                    &["-c", &format!("DROP DATABASE IF EXISTS \"{d}\" WITH (FORCE)")],
+                    &[
+                        "-c",
+                        &format!("DROP DATABASE IF EXISTS \"{d}\" WITH (FORCE)"),
+                    ],
                 );
             }
         }
@@ -2057,7 +2094,11 @@ impl Bench<'_> {
 }
 
 /// (rows, md5 of every row's text form in a stable order), as in tests/e2e/snapshot_restore.rs.
-async fn digest(client: &tokio_postgres::Client, table: &str, filter: Option<&str>) -> (i64, String) {
+async fn digest(
+    client: &tokio_postgres::Client,
+    table: &str,
+    filter: Option<&str>,
+) -> (i64, String) {
     let filter = filter.map(|f| format!("WHERE {f}")).unwrap_or_default();
     let sql = format!(
         "SELECT count(*), coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r::text)), '') FROM (SELECT * FROM {table} {filter}) r"
@@ -2086,6 +2127,7 @@ fn report(
     args: &Args,
     capture: Option<&CaptureResult>,
     pitr: Option<&PitrResult>,
+    (load_before, load_after): (&str, &str),
     total: Duration,
 ) -> String {
     let mut s = String::new();
@@ -2171,6 +2213,14 @@ fn report(
             verdict(captured as i64 == l.changes)
         )
         .unwrap();
+        if let (Some(last), Some(end)) = (c.live_packs.last(), l.end) {
+            writeln!(
+                w,
+                "| last pack (the load's last commits) stored | {:.1} s after the end of the load | | | |",
+                secs(last.at - end)
+            )
+            .unwrap();
+        }
         writeln!(
             w,
             "| covered-until reaches the end of the load | {} after it | ≤ {keep_up_limit:.1} s | {} | {} |",
@@ -2243,7 +2293,10 @@ fn report(
             mib(c.live_samples.max_slot_lag_bytes as f64),
         )
         .unwrap();
-        let origin = c.live.end.map(|e| e - chrono::TimeDelta::milliseconds((l.wall * 1000.0) as i64));
+        let origin = c
+            .live
+            .end
+            .map(|e| e - chrono::TimeDelta::milliseconds((l.wall * 1000.0) as i64));
         writeln!(
             w,
             "\nlive packs (times in s from the start of the load):\n\n| pack | stored at | first commit | last commit | transactions | changes | bytes | store time | worst lag |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
@@ -2265,7 +2318,8 @@ fn report(
                 p.changes,
                 p.bytes,
                 p.seconds,
-                p.first.map_or("?".into(), |f| format!("{:.2} s", secs(p.at - f)))
+                p.first
+                    .map_or("?".into(), |f| format!("{:.2} s", secs(p.at - f)))
             )
             .unwrap();
         }
@@ -2274,8 +2328,8 @@ fn report(
             writeln!(
                 w,
                 "\nbacklog: {} row changes generated in {:.1} s ({:.0}/s) with the daemon stopped; restarted daemon: \
-                 {:.2} s to \"capture started\", walsender sent all of it {} after that, {} packs ({drained} changes) \
-                 stored {:.1} s after that, covered the end of the load {} after the daemon started; daemon CPU {:.1} s, \
+                 {:.2} s to \"capture started\"; counted from there: walsender sent all of it after {}, {} packs \
+                 ({drained} changes) all stored after {:.1} s, covered-until past the end of the load after {}; daemon CPU {:.1} s, \
                  walsender CPU {:.1} s; VmHWM {}",
                 b.load.changes,
                 b.load.wall,
@@ -2293,7 +2347,10 @@ fn report(
         }
         verdicts.push((
             "(a) capture rate while keeping up".into(),
-            format!("{cap_rate:.0}/s live; kept up: {}", if kept_up { "yes" } else { "no" }),
+            format!(
+                "{cap_rate:.0}/s live; kept up: {}",
+                if kept_up { "yes" } else { "no" }
+            ),
             format!("≥ {CAPTURE_TARGET:.0}/s"),
             format!("{:.2}", cap_rate / CAPTURE_TARGET),
             verdict(cap_rate >= CAPTURE_TARGET && kept_up).into(),
@@ -2547,16 +2604,29 @@ fn report(
         .map(|c| c.problems.iter().collect::<Vec<_>>())
         .unwrap_or_default()
         .into_iter()
-        .chain(pitr.map(|d| d.problems.iter().collect::<Vec<_>>()).unwrap_or_default())
+        .chain(
+            pitr.map(|d| d.problems.iter().collect::<Vec<_>>())
+                .unwrap_or_default(),
+        )
         .collect();
     if problems.is_empty() {
         writeln!(w, "\nthe daemons logged no warning or error").unwrap();
     } else {
-        writeln!(w, "\nthe daemons logged {} warning/error line(s):", problems.len()).unwrap();
+        writeln!(
+            w,
+            "\nthe daemons logged {} warning/error line(s):",
+            problems.len()
+        )
+        .unwrap();
         for p in problems.iter().take(20) {
             writeln!(w, "    {p}").unwrap();
         }
     }
-    writeln!(w, "\ntotal bench time {:.0} s", total.as_secs_f64()).unwrap();
+    writeln!(
+        w,
+        "\ntotal bench time {:.0} s; load average {load_before} before, {load_after} after",
+        total.as_secs_f64()
+    )
+    .unwrap();
     s
 }
