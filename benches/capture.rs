@@ -42,6 +42,10 @@
 //! `pgbackrest` (`apt-get install -y pgbackrest time`). Loopback only; the clusters, daemons and
 //! temporary directories are removed when this process exits.
 
+#[path = "../tests/e2e/support/fixture.rs"]
+mod fixture;
+#[path = "common/machine.rs"]
+mod machine;
 #[allow(dead_code)]
 #[path = "../tests/e2e/support/postgres.rs"]
 mod postgres;
@@ -56,6 +60,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
+
+use fixture::{REPLICA_IDENTITY_FIXES, TENANT_FILTERS};
+use machine::{Machine, loadavg, sh};
 
 /// The binary cargo built for this bench (bench profile = release settings).
 const BIN: &str = env!("CARGO_BIN_EXE_updog-backup");
@@ -74,52 +81,6 @@ const DEFAULT_FLUSH_INTERVAL: f64 = 5.0;
 const TIMEOUT: Duration = Duration::from_secs(900);
 const SLOT: &str = "updog_backup";
 const STANZA: &str = "bench";
-
-/// What `check` tells the DBA to run so that every DELETE can be routed (as in tests/e2e).
-const REPLICA_IDENTITY_FIXES: &str = "
-    ALTER TABLE app.users REPLICA IDENTITY FULL;
-    ALTER TABLE app.fund_permissions REPLICA IDENTITY FULL;
-    ALTER TABLE app.portfoliocompanies REPLICA IDENTITY FULL;
-    ALTER TABLE app.investment_lots REPLICA IDENTITY FULL;
-    ALTER TABLE app.reserve_allocations REPLICA IDENTITY FULL;
-    ALTER TABLE app.forecast_snapshots REPLICA IDENTITY FULL;";
-
-/// The rows of tenant `$ORG` in every table (`None`: global, copied whole), written by hand as in
-/// tests/e2e/snapshot_restore.rs, not taken from the code under test.
-const TENANT_FILTERS: &[(&str, Option<&str>)] = &[
-    ("app.currencies", None),
-    ("app.organizations", Some("id = '$ORG'")),
-    ("app.users", Some("organization_id = '$ORG'")),
-    ("app.funds", Some("organization_id = '$ORG'")),
-    ("app.fund_permissions", Some("organization_id = '$ORG'")),
-    ("audit.events", Some("organization_id = '$ORG'")),
-    (
-        "app.fundconfigs",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.portfoliocompanies",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.investments",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.forecast_snapshots",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.reserve_allocations",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.investment_lots",
-        Some(
-            "investment_id IN (SELECT i.id FROM app.investments i JOIN app.funds f ON f.id = i.fund_id WHERE f.organization_id = '$ORG')",
-        ),
-    ),
-];
 
 /// Lookup tables for the load script, outside the backed-up schemas (the daemon skips them):
 /// the investments of fixture tenant k numbered 0..c.
@@ -338,7 +299,13 @@ fn main() {
     fs::set_permissions(work.path(), fs::Permissions::from_mode(0o711)).unwrap();
     let pg = rt.block_on(postgres::cluster());
     let machine = Machine::probe(&rt, pg);
-    eprintln!("{}", machine.describe());
+    eprintln!(
+        "{}",
+        machine.describe(
+            "private clusters, fsync=off, loopback TCP",
+            &pgbackrest_version()
+        )
+    );
     eprintln!("binary: {BIN}");
     let bench = Bench {
         rt: &rt,
@@ -390,67 +357,12 @@ fn preflight(args: &Args) {
     }
 }
 
-struct Machine {
-    cpus: String,
-    model: String,
-    ram: String,
-    server: String,
-    kernel: String,
-    pgbackrest: String,
-}
-
-impl Machine {
-    fn probe(rt: &tokio::runtime::Runtime, pg: &postgres::Cluster) -> Self {
-        let sh = |c: &str| {
-            Command::new("sh")
-                .args(["-c", c])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default()
-        };
-        let server = rt.block_on(async {
-            pg.client("postgres")
-                .await
-                .query_one("SELECT version()", &[])
-                .await
-                .map(|r| r.get::<_, String>(0))
-                .unwrap_or_default()
-        });
-        Machine {
-            cpus: sh("nproc"),
-            model: sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
-            ram: sh("free -g | awk '/^Mem:/ {print $2 \" GiB\"}'"),
-            server: server.split(" on ").next().unwrap_or_default().to_string(),
-            kernel: sh("uname -r"),
-            pgbackrest: sh("pgbackrest version 2>/dev/null"),
-        }
+/// `; pgBackRest 2.45`, or that it is missing, for the machine line.
+fn pgbackrest_version() -> String {
+    match sh("pgbackrest version 2>/dev/null") {
+        v if v.is_empty() => "; pgBackRest not installed".into(),
+        v => format!("; {v}"),
     }
-
-    fn describe(&self) -> String {
-        format!(
-            "machine: {} CPU(s) ({}), {} RAM, Linux {}; {} (private clusters, fsync=off, loopback TCP); {}",
-            self.cpus,
-            if self.model.is_empty() {
-                "unknown model"
-            } else {
-                &self.model
-            },
-            self.ram,
-            self.kernel,
-            self.server,
-            if self.pgbackrest.is_empty() {
-                "pgBackRest not installed"
-            } else {
-                &self.pgbackrest
-            }
-        )
-    }
-}
-
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
 }
 
 fn is_root() -> bool {
@@ -2134,7 +2046,15 @@ fn report(
     let w = &mut s;
     let flush = args.flush();
     writeln!(w, "\n# updog-backup change capture benchmark\n").unwrap();
-    writeln!(w, "{}", machine.describe()).unwrap();
+    writeln!(
+        w,
+        "{}",
+        machine.describe(
+            "private clusters, fsync=off, loopback TCP",
+            &pgbackrest_version()
+        )
+    )
+    .unwrap();
     writeln!(w, "command: {}", args.command_line()).unwrap();
     writeln!(
         w,

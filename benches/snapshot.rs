@@ -34,6 +34,8 @@
 //! Needs `age`, `zstd` and GNU `time` (`apt-get install -y age zstd time`). Loopback only;
 //! the cluster is stopped and deleted when this process exits.
 
+#[path = "common/machine.rs"]
+mod machine;
 #[allow(dead_code)]
 #[path = "../tests/e2e/support/postgres.rs"]
 mod postgres;
@@ -48,6 +50,8 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
+
+use machine::{Machine, loadavg};
 
 /// The binary cargo built for this bench (bench profile = release settings).
 const BIN: &str = env!("CARGO_BIN_EXE_updog-backup");
@@ -182,7 +186,10 @@ fn main() {
         .tempdir()
         .expect("temporary directory");
     let machine = Machine::probe(&rt, pg);
-    eprintln!("{}", machine.describe());
+    eprintln!(
+        "{}",
+        machine.describe("private cluster, fsync=off, loopback TCP", "")
+    );
     eprintln!("binary: {BIN}");
     let started = Instant::now();
     let mut results = Vec::new();
@@ -214,56 +221,6 @@ fn preflight() {
     if !gnu_time {
         eprintln!("error: GNU time not found at /usr/bin/time: apt-get install -y time");
         std::process::exit(2);
-    }
-}
-
-struct Machine {
-    cpus: String,
-    model: String,
-    ram: String,
-    server: String,
-    kernel: String,
-}
-
-impl Machine {
-    fn probe(rt: &tokio::runtime::Runtime, pg: &postgres::Cluster) -> Self {
-        let sh = |c: &str| {
-            Command::new("sh")
-                .args(["-c", c])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-                .unwrap_or_default()
-        };
-        let server = rt.block_on(async {
-            pg.client("postgres")
-                .await
-                .query_one("SELECT version()", &[])
-                .await
-                .map(|r| r.get::<_, String>(0))
-                .unwrap_or_default()
-        });
-        Machine {
-            cpus: sh("nproc"),
-            model: sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"),
-            ram: sh("free -g | awk '/^Mem:/ {print $2 \" GiB\"}'"),
-            server: server.split(" on ").next().unwrap_or_default().to_string(),
-            kernel: sh("uname -r"),
-        }
-    }
-
-    fn describe(&self) -> String {
-        format!(
-            "machine: {} CPU(s) ({}), {} RAM, Linux {}; {} (private cluster, fsync=off, loopback TCP)",
-            self.cpus,
-            if self.model.is_empty() {
-                "unknown model"
-            } else {
-                &self.model
-            },
-            self.ram,
-            self.kernel,
-            self.server
-        )
     }
 }
 
@@ -677,12 +634,6 @@ struct ScaleResult {
     costs: Vec<TableCost>,
 }
 
-fn loadavg() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
 fn bench_scale(
     rt: &tokio::runtime::Runtime,
     pg: &'static postgres::Cluster,
@@ -1040,7 +991,12 @@ fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Durati
     let mut s = String::new();
     let w = &mut s;
     writeln!(w, "\n# updog-backup snapshot benchmark\n").unwrap();
-    writeln!(w, "{}", machine.describe()).unwrap();
+    writeln!(
+        w,
+        "{}",
+        machine.describe("private cluster, fsync=off, loopback TCP", "")
+    )
+    .unwrap();
     writeln!(
         w,
         "command: cargo bench --bench snapshot -- --scales {} --tenants {} --runs {} --parallel {}",

@@ -9,18 +9,10 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio_postgres::Client;
 
-use crate::snapshot_restore::{TENANT_FILTERS, digest};
+use crate::snapshot_restore::digest;
+use crate::support::fixture::{REPLICA_IDENTITY_FIXES, TENANT_FILTERS};
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, fixture_tenant};
-
-/// What `check` tells the DBA to run so that every DELETE can be routed.
-const REPLICA_IDENTITY_FIXES: &str = "
-    ALTER TABLE app.users REPLICA IDENTITY FULL;
-    ALTER TABLE app.fund_permissions REPLICA IDENTITY FULL;
-    ALTER TABLE app.portfoliocompanies REPLICA IDENTITY FULL;
-    ALTER TABLE app.investment_lots REPLICA IDENTITY FULL;
-    ALTER TABLE app.reserve_allocations REPLICA IDENTITY FULL;
-    ALTER TABLE app.forecast_snapshots REPLICA IDENTITY FULL;";
 
 /// The daemon as a child process, its output in the test's directory.
 pub struct Daemon {

@@ -1130,7 +1130,7 @@ async fn replay_of_a_real_stream_reproduces_the_source() {
 /// Throughput: 200,000 inserts, 50,000 updates and 50,000 deletes (plus an interleaved mix).
 /// `cargo test --release --test e2e replay_throughput -- --ignored --nocapture`
 #[tokio::test]
-#[ignore]
+#[ignore = "a measurement (prints changes/s, asserts no speed); run it explicitly"]
 async fn replay_throughput() {
     let client = setup("replay_throughput").await;
     client

@@ -2,45 +2,9 @@
 //! The oracle is independent of the code under test: hand-written tenant filters for the
 //! reference schema, and a digest of every column of every row as PostgreSQL prints it.
 
+use crate::support::fixture::TENANT_FILTERS;
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, fixture_tenant};
-
-/// Every table of the reference schema with the rows of tenant `$ORG` (written by hand, not
-/// by the catalog under test). `None`: global, every row.
-pub const TENANT_FILTERS: &[(&str, Option<&str>)] = &[
-    ("app.currencies", None),
-    ("app.organizations", Some("id = '$ORG'")),
-    ("app.users", Some("organization_id = '$ORG'")),
-    ("app.funds", Some("organization_id = '$ORG'")),
-    ("app.fund_permissions", Some("organization_id = '$ORG'")),
-    ("audit.events", Some("organization_id = '$ORG'")),
-    (
-        "app.fundconfigs",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.portfoliocompanies",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.investments",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.forecast_snapshots",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.reserve_allocations",
-        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
-    ),
-    (
-        "app.investment_lots",
-        Some(
-            "investment_id IN (SELECT i.id FROM app.investments i JOIN app.funds f ON f.id = i.fund_id WHERE f.organization_id = '$ORG')",
-        ),
-    ),
-];
 
 /// (rows, md5 of every row's text form in a stable order).
 pub async fn digest(

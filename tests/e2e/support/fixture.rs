@@ -1,0 +1,48 @@
+//! Facts about the reference fixture written by hand, independent of the code under test:
+//! shared by the end-to-end tests and the benches (which `#[path]`-include this file).
+
+/// Every table of the reference schema with the rows of tenant `$ORG` (written by hand, not
+/// by the catalog under test). `None`: global, every row.
+pub const TENANT_FILTERS: &[(&str, Option<&str>)] = &[
+    ("app.currencies", None),
+    ("app.organizations", Some("id = '$ORG'")),
+    ("app.users", Some("organization_id = '$ORG'")),
+    ("app.funds", Some("organization_id = '$ORG'")),
+    ("app.fund_permissions", Some("organization_id = '$ORG'")),
+    ("audit.events", Some("organization_id = '$ORG'")),
+    (
+        "app.fundconfigs",
+        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
+    ),
+    (
+        "app.portfoliocompanies",
+        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
+    ),
+    (
+        "app.investments",
+        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
+    ),
+    (
+        "app.forecast_snapshots",
+        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
+    ),
+    (
+        "app.reserve_allocations",
+        Some("fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')"),
+    ),
+    (
+        "app.investment_lots",
+        Some(
+            "investment_id IN (SELECT i.id FROM app.investments i JOIN app.funds f ON f.id = i.fund_id WHERE f.organization_id = '$ORG')",
+        ),
+    ),
+];
+
+/// What `check` tells the DBA to run so that every DELETE can be routed.
+pub const REPLICA_IDENTITY_FIXES: &str = "
+    ALTER TABLE app.users REPLICA IDENTITY FULL;
+    ALTER TABLE app.fund_permissions REPLICA IDENTITY FULL;
+    ALTER TABLE app.portfoliocompanies REPLICA IDENTITY FULL;
+    ALTER TABLE app.investment_lots REPLICA IDENTITY FULL;
+    ALTER TABLE app.reserve_allocations REPLICA IDENTITY FULL;
+    ALTER TABLE app.forecast_snapshots REPLICA IDENTITY FULL;";
