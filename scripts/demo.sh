@@ -124,6 +124,12 @@ for _ in $(seq 1 120); do
   sleep 0.5
 done
 run list --org "$org"
+if command -v curl >/dev/null; then
+  echo; echo "\$ curl -s 127.0.0.1:9187/status"
+  curl -s 127.0.0.1:9187/status; echo
+  echo; echo "\$ curl -s 127.0.0.1:9187/metrics | grep -E '^updog_backup_(active|changes_captured_total|packs_stored_total|stream_lag_seconds) '"
+  curl -s 127.0.0.1:9187/metrics | grep -E '^updog_backup_(active|changes_captured_total|packs_stored_total|stream_lag_seconds)[ {]' || true
+fi
 target="demo_$(date +%Y%m%d%H%M%S)"
 run restore --org "$org" --at "$at" --target-db "$target"
 run verify --deep

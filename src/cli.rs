@@ -38,7 +38,8 @@ pub enum Command {
     /// Check the source, initialise the repository, create the publication and the slot
     /// with the first snapshot (idempotent)
     Init,
-    /// Capture every change continuously (until SIGTERM / Ctrl-C)
+    /// Capture every change, take scheduled snapshots, apply retention and serve /status and
+    /// /metrics (until SIGTERM / Ctrl-C); a second instance stands by and takes over
     Daemon,
     /// Preflight report: settings, privileges, replica identities, how every table reaches its tenant
     Check {
@@ -60,6 +61,15 @@ pub enum Command {
     },
     /// Restore one tenant into a NEW database
     Restore(RestoreArgs),
+    /// Delete the snapshots and packs that no kept restore window needs (schedule.keep_snapshots)
+    Prune {
+        /// Only show what would be deleted
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep this many snapshots instead of schedule.keep_snapshots
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        keep: Option<u64>,
+    },
     /// Check stored objects against their digests (--deep: also decrypt and parse them)
     Verify {
         #[arg(long, value_name = "ORG")]
@@ -113,6 +123,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::List { org, json } => list(&config, org, json).await,
                 Command::Restore(args) => restore(&config, args).await,
                 Command::Verify { org, deep } => verify(&config, org, deep).await,
+                Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
                 Command::Keygen { .. } => unreachable!("handled above"),
             }
         }
@@ -298,7 +309,7 @@ async fn init(config: &Config) -> Result<(), Error> {
 }
 
 async fn daemon(config: &Config) -> Result<(), Error> {
-    let repo = Repository::new(open_store(config).await?);
+    let store = open_store(config).await?;
     let shutdown = tokio_util::sync::CancellationToken::new();
     let signals = shutdown.clone();
     tokio::spawn(async move {
@@ -308,10 +319,70 @@ async fn daemon(config: &Config) -> Result<(), Error> {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
         }
-        tracing::info!("stopping: storing what is complete, then acknowledging");
+        tracing::info!("stop requested");
         signals.cancel();
     });
-    crate::capture::run(config, &repo, shutdown).await?;
+    crate::daemon::run(config, store, shutdown).await?;
+    Ok(())
+}
+
+async fn prune(config: &Config, dry_run: bool, keep: Option<u64>) -> Result<(), Error> {
+    let repo = Repository::new(open_store(config).await?);
+    repo.info().await?;
+    let keep = keep.map_or(config.schedule.keep_snapshots, |k| k as usize);
+    let plan = crate::retention::plan(&repo, keep).await?;
+    println!(
+        "keeping {} snapshot(s){}",
+        plan.kept.len(),
+        plan.kept
+            .first()
+            .map(|id| format!(", oldest {id}"))
+            .unwrap_or_default()
+    );
+    for (id, objects) in &plan.snapshots {
+        let bytes: u64 = objects.iter().map(|o| o.size).sum();
+        println!(
+            "  snapshot {id}: {} object(s), {}",
+            objects.len(),
+            human_bytes(bytes)
+        );
+    }
+    if !plan.abandoned.is_empty() {
+        println!(
+            "  {} object(s) of snapshots that never completed",
+            plan.abandoned.len()
+        );
+    }
+    if let (Some(first), Some(last)) = (plan.packs.first(), plan.packs.last()) {
+        println!(
+            "  {} pack(s) from {} to {}, {}",
+            plan.packs.len(),
+            first.start,
+            last.end,
+            human_bytes(plan.packs.iter().map(|p| p.size).sum())
+        );
+    }
+    if !plan.checkpoints.is_empty() {
+        println!("  {} routing checkpoint(s)", plan.checkpoints.len());
+    }
+    let verb = if dry_run { "would delete" } else { "deleting" };
+    println!(
+        "{verb} {} object(s), {}",
+        plan.objects(),
+        human_bytes(plan.bytes())
+    );
+    if dry_run || plan.objects() == 0 {
+        return Ok(());
+    }
+    let progress = Progress::new(
+        "prune",
+        "objects",
+        Unit::DeletedBytes,
+        plan.objects() as u64,
+    );
+    let deleted = crate::retention::apply(&repo, &plan, |_, bytes| progress.advance(bytes)).await?;
+    progress.finish();
+    println!("deleted {deleted} object(s)");
     Ok(())
 }
 
@@ -578,6 +649,11 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         target_url,
     };
     let report = crate::restore::run(&repo, identities, &request).await?;
+    // The audit trail (and the daemon's restore count); a repository the restore role may
+    // only read is worth a warning, not a failed restore.
+    if let Err(e) = crate::restore::record(&repo, &report).await {
+        tracing::warn!(error = %e, "could not record the restore in the repository (restores/)");
+    }
     if args.json {
         print_json(&report);
         return Ok(());

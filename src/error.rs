@@ -31,6 +31,8 @@ pub enum Error {
     Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
     Publication(#[from] crate::source::publication::PublicationError),
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
     #[error("{0}")]
     Failed(String),
 }
@@ -45,6 +47,10 @@ impl Error {
             Self::Snapshot(SnapshotError::Tenant { .. }) => true,
             Self::Snapshot(SnapshotError::Repository(e)) => repository_is_usage(e),
             Self::Snapshot(SnapshotError::Catalog(_)) => true,
+            Self::Daemon(e) => {
+                e.is_usage()
+                    || matches!(e, crate::daemon::DaemonError::Repository(r) if repository_is_usage(r))
+            }
             Self::Source(SourceError::Config(_) | SourceError::Catalog(_)) => true,
             Self::Restore(e) => match e {
                 RestoreError::Plan(PlanError::Repository(r)) | RestoreError::Repository(r) => {

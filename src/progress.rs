@@ -12,6 +12,7 @@ const LOG_EVERY: Duration = Duration::from_secs(5);
 pub enum Unit {
     StoredBytes,
     Rows,
+    DeletedBytes,
 }
 
 /// Counts finished items (archives, objects, tables) and the bytes or rows they carried.
@@ -81,6 +82,9 @@ impl Progress {
         match self.unit {
             Unit::StoredBytes => format!("{:.1} MiB stored", amount as f64 / f64::from(1 << 20)),
             Unit::Rows => format!("{amount} rows"),
+            Unit::DeletedBytes => {
+                format!("{:.1} MiB deleted", amount as f64 / f64::from(1 << 20))
+            }
         }
     }
 

@@ -44,6 +44,7 @@ use crate::repository::{Repository, RepositoryError};
 use crate::source::catalog::{Catalog, CatalogError};
 use crate::source::{SourceError, query_context};
 use crate::storage::StorageError;
+use crate::telemetry::{Operation, PackStatus, Task, Telemetry};
 use router::{Destination, RouteError, Routed, Router};
 use spool::TxnSpool;
 use writer::PackWriter;
@@ -117,22 +118,32 @@ impl CaptureError {
 }
 
 /// Captures until `shutdown` is cancelled (then stores what is complete and returns) or a
-/// fatal error; transient failures reconnect with backoff.
+/// fatal error; transient failures reconnect with backoff. `admin` is the daemon's SQL
+/// connection to the source (the one holding its lock: a connection less to budget for).
 pub async fn run(
     config: &Config,
     repo: &Repository,
     shutdown: CancellationToken,
+    telemetry: &Arc<Telemetry>,
+    admin: &Client,
 ) -> Result<(), CaptureError> {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        match session(config, repo, &shutdown).await {
+        let result = session(config, repo, &shutdown, telemetry, admin).await;
+        telemetry.update(|s| s.capturing = false);
+        match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_fatal() => return Err(e),
+            Err(e) if e.is_fatal() => {
+                telemetry.error(Task::Capture, e.to_string());
+                return Err(e);
+            }
             Err(e) => {
                 if started.elapsed() > BACKOFF_MAX {
                     backoff = BACKOFF_MIN;
                 }
+                telemetry.metrics.task_restarts(Task::Capture).inc();
+                telemetry.error(Task::Capture, e.to_string());
                 tracing::warn!(error = %e, retry_in_seconds = backoff.as_secs(), "capture interrupted; reconnecting");
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
@@ -248,11 +259,12 @@ async fn session(
     config: &Config,
     repo: &Repository,
     shutdown: &CancellationToken,
+    telemetry: &Arc<Telemetry>,
+    admin: &Client,
 ) -> Result<(), CaptureError> {
     let info = repo.info().await?;
-    let admin = crate::source::connect(&config.source.url).await?;
-    let catalog = Catalog::load(&admin, &config.source).await?;
-    crate::source::publication::verify(&admin, &config.source.publication, &catalog).await?;
+    let catalog = Catalog::load(admin, &config.source).await?;
+    crate::source::publication::verify(admin, &config.source.publication, &catalog).await?;
     let pg = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
     let mut connection = ReplicationConnection::connect_tls(&pg.config, &pg.tls).await?;
     let system = connection.identify_system().await?;
@@ -264,7 +276,7 @@ async fn session(
     info.check_source(&system.system_id, &database, &repo.store().describe())?;
 
     let slot = &config.source.slot;
-    let state = slot_state(&admin, slot).await?;
+    let state = slot_state(admin, slot).await?;
     let stream_state = StreamState::read(repo.store()).await?;
     let (start, mut progress) = match (&stream_state.progress, stream_state.durable()) {
         (Some(p), Some(durable)) => {
@@ -298,7 +310,7 @@ async fn session(
     progress.slot = slot.clone();
 
     let mut router = Router::new(catalog, &config.source.schemas, &system.system_id);
-    restore_routing(repo, &stream_state, &progress, start, &mut router, &admin).await?;
+    restore_routing(repo, &stream_state, &progress, start, &mut router, admin).await?;
     let publications = quote_publication_names([config.source.publication.as_str()]);
     let stream = connection
         .start_logical(
@@ -312,6 +324,10 @@ async fn session(
         )
         .await?;
     tracing::info!(slot = %slot, start = %start, routing_keys = router.keys(), "capture started");
+    telemetry.update(|s| {
+        s.capturing = true;
+        s.stream.durable_lsn = Some(progress.durable_lsn);
+    });
 
     let recipients = Arc::new(
         crate::codec::parse_recipients(&config.encryption.recipients)
@@ -345,11 +361,13 @@ async fn session(
         confirmed_probe: None,
         last_progress_write: Instant::now(),
         last_checkpoint: Instant::now(),
-        margin: COMMIT_CLOCK_MARGIN + wal_writer_delay(&admin).await? * 3,
+        margin: COMMIT_CLOCK_MARGIN + wal_writer_delay(admin).await? * 3,
         flush_interval: config.stream.flush_interval,
         max_pack_bytes: config.stream.max_pack_bytes,
+        drain_limit: config.daemon.shutdown_timeout / 2,
+        telemetry: telemetry.clone(),
     };
-    capture.run(&admin, shutdown).await?;
+    capture.run(admin, shutdown).await?;
     // A clean CopyDone: the server records the acknowledged position before it lets go.
     if let Err(e) = capture.stream.stop().await {
         tracing::debug!(error = %e, "ending the replication stream");
@@ -379,6 +397,9 @@ struct Capture {
     margin: chrono::TimeDelta,
     flush_interval: Duration,
     max_pack_bytes: u64,
+    /// How long a stop waits for the stream to catch up with the source.
+    drain_limit: Duration,
+    telemetry: Arc<Telemetry>,
 }
 
 impl Capture {
@@ -391,18 +412,42 @@ impl Capture {
         let tick_every = (self.flush_interval / 4).max(Duration::from_millis(100));
         let mut tick = tokio::time::interval(tick_every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Stopping drains first: everything the source had flushed when the stop came is
+        // received (its probe confirmed) before the last pack is stored, so a restore
+        // afterwards reaches the last commit before the signal.
+        let mut draining: Option<Instant> = None;
         loop {
+            if let Some(since) = draining
+                && !self.writer.in_transaction()
+                && (self.pending_probe.is_none() || since.elapsed() >= self.drain_limit)
+            {
+                self.flush(true).await?;
+                tracing::info!(
+                    durable = %self.progress.durable_lsn,
+                    covered_until = %self.progress.covered_until,
+                    drained = self.pending_probe.is_none(),
+                    "capture stopped"
+                );
+                return Ok(());
+            }
             tokio::select! {
                 // The timer before the stream: a busy stream must not starve probes and status.
                 biased;
-                () = shutdown.cancelled(), if !self.writer.in_transaction() => {
-                    self.flush(true).await?;
-                    tracing::info!(durable = %self.progress.durable_lsn, "capture stopped");
-                    return Ok(());
+                () = shutdown.cancelled(), if draining.is_none() => {
+                    // A probe's covered time is its time less the margin: probing the margin
+                    // after the stop covers every commit before it.
+                    tokio::time::sleep(self.margin.to_std().unwrap_or_default()).await;
+                    self.pending_probe = Some(probe(admin).await?);
+                    self.status(true).await?;
+                    draining = Some(Instant::now());
                 }
                 _ = tick.tick() => {
-                    if self.pending_probe.is_none() {
-                        self.pending_probe = Some(probe(admin).await?);
+                    if self.pending_probe.is_none() && draining.is_none() {
+                        let p = probe(admin).await?;
+                        let lag = p.lsn.0.saturating_sub(self.progress.durable_lsn.0);
+                        self.telemetry.metrics.lag_bytes.set(lag as f64);
+                        self.telemetry.update(|s| s.stream.lag_bytes = Some(lag));
+                        self.pending_probe = Some(p);
                     }
                     // The walsender reports how far it has read only in keepalives, which it
                     // sends by itself rarely: ask for one until the probe is confirmed.
@@ -490,6 +535,15 @@ impl Capture {
                 first_commit = ?summary.first_commit, last_commit = ?summary.last_commit,
                 seconds = clock.elapsed().as_secs_f64(), "pack stored"
             );
+            self.telemetry.metrics.packs_stored.inc();
+            self.telemetry.metrics.pack_bytes.add(summary.bytes);
+            let pack = PackStatus {
+                key: summary.key.clone(),
+                bytes: summary.bytes,
+                changes: summary.changes,
+                stored_at: Utc::now(),
+            };
+            self.telemetry.update(|s| s.stream.last_pack = Some(pack));
         } else if !force_progress
             && ((end == self.progress.durable_lsn && covered == self.progress.covered_until)
                 || self.last_progress_write.elapsed() < self.flush_interval / 2)
@@ -502,6 +556,17 @@ impl Capture {
         write_progress(self.repo.store(), &self.progress).await?;
         self.last_progress_write = Instant::now();
         self.status(false).await?;
+        let metrics = &self.telemetry.metrics;
+        metrics
+            .covered_until
+            .set(covered.timestamp_millis() as f64 / 1000.0);
+        if let Some(p) = self.confirmed_probe {
+            metrics.lag_bytes.set(p.lsn.0.saturating_sub(end.0) as f64);
+        }
+        self.telemetry.update(|s| {
+            s.stream.durable_lsn = Some(end);
+            s.stream.covered_until = Some(covered);
+        });
         if force_progress || self.last_checkpoint.elapsed() >= routes::CHECKPOINT_EVERY {
             // The maps now are exactly those after every transaction before `end`.
             routes::write_checkpoint(self.repo.store(), end, &self.router).await?;
@@ -605,6 +670,12 @@ impl Capture {
                 self.writer.relation(r);
             }
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) => {
+                let op = match message {
+                    Message::Insert(_) => Operation::Insert,
+                    Message::Update(_) => Operation::Update,
+                    _ => Operation::Delete,
+                };
+                self.telemetry.metrics.change(op).inc();
                 let oid = relation_oid(message);
                 match self.router.route(message)? {
                     Routed::One(Destination::Tenant(t)) => {
@@ -620,6 +691,7 @@ impl Capture {
                 }
             }
             Message::Truncate(t) => {
+                self.telemetry.metrics.change(Operation::Truncate).inc();
                 for &oid in &t.relations {
                     let one = Message::Truncate(Truncate {
                         xid: None,

@@ -10,7 +10,6 @@
 //! A change that cannot be routed — a DELETE whose replica identity lacks the route's columns,
 //! a child whose parent key is unknown — is an error naming the table, never a silent drop.
 
-use std::cell::RefCell;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
@@ -124,7 +123,9 @@ pub struct Router {
     maps: HashMap<usize, Vec<KeyMap>>,
     /// Keys deleted by the open transaction, removed at its commit.
     doomed: HashSet<(usize, usize, KeyHash)>,
-    interned: RefCell<HashSet<Arc<str>>>,
+    // A mutex, not a RefCell: `snapshot::take` holds a router across awaits in a task that
+    // must be Send (the daemon's schedule). Never contended.
+    interned: std::sync::Mutex<HashSet<Arc<str>>>,
     schemas: HashSet<String>,
     salt: Vec<u8>,
     /// Map changes since the last [`Router::take_delta`].
@@ -210,7 +211,7 @@ impl Router {
             relations: HashMap::new(),
             maps,
             doomed: HashSet::new(),
-            interned: RefCell::new(HashSet::new()),
+            interned: std::sync::Mutex::new(HashSet::new()),
             schemas: schemas.iter().cloned().collect(),
             salt: format!("updog-backup routing {salt}").into_bytes(),
             delta: Vec::new(),
@@ -285,7 +286,10 @@ impl Router {
     /// One allocation per tenant, however many changes name it.
     fn intern(&self, value: &[u8]) -> Arc<str> {
         let s = String::from_utf8_lossy(value);
-        let mut interned = self.interned.borrow_mut();
+        let mut interned = self
+            .interned
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(found) = interned.get(s.as_ref()) {
             return found.clone();
         }

@@ -170,20 +170,28 @@ pub async fn write_checkpoint(
     Ok(())
 }
 
+/// Every checkpoint, oldest first.
+pub async fn checkpoints(
+    store: &Arc<dyn ObjectStore>,
+) -> Result<Vec<(Lsn, String)>, RepositoryError> {
+    let mut keys: Vec<(Lsn, String)> = store
+        .list(ROUTES_PREFIX)
+        .await?
+        .into_iter()
+        .filter_map(|o| lsn_of(&o.key).map(|l| (l, o.key)))
+        .collect();
+    keys.sort();
+    Ok(keys)
+}
+
 /// The newest checkpoint in `[since, at]`.
 pub async fn newest_checkpoint(
     store: &Arc<dyn ObjectStore>,
     since: Lsn,
     at: Lsn,
 ) -> Result<Option<(Lsn, Vec<Delta>)>, RepositoryError> {
-    let mut keys: Vec<(Lsn, String)> = store
-        .list(ROUTES_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|o| lsn_of(&o.key).map(|l| (l, o.key)))
-        .filter(|(l, _)| *l >= since && *l <= at)
-        .collect();
-    keys.sort();
+    let mut keys = checkpoints(store).await?;
+    keys.retain(|(l, _)| *l >= since && *l <= at);
     let Some((lsn, key)) = keys.pop() else {
         return Ok(None);
     };

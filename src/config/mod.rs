@@ -59,6 +59,8 @@ pub struct Config {
     pub restore: RestoreConfig,
     #[serde(default)]
     pub server: ServerConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +149,22 @@ pub struct RestoreConfig {
 pub struct ServerConfig {
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// A file holding the bearer token every endpoint but `/healthz` then requires.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// After SIGTERM: how long storing the open pack may take before the daemon exits anyway
+    /// (nothing is lost: what is not stored is not acknowledged).
+    #[serde(default = "default_shutdown", deserialize_with = "units::duration")]
+    pub shutdown_timeout: Duration,
+    /// With no change captured for this long, a logical message is written to the source's
+    /// WAL so that the slot advances even when nothing else in the database does.
+    #[serde(default = "default_heartbeat", deserialize_with = "units::duration")]
+    pub heartbeat_interval: Duration,
 }
 
 fn default_schemas() -> Vec<String> {
@@ -181,6 +199,12 @@ fn default_pack_bytes() -> u64 {
 }
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
+}
+fn default_shutdown() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(60)
 }
 
 impl Default for CompressionConfig {
@@ -218,6 +242,15 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             listen: default_listen(),
+            token_file: None,
+        }
+    }
+}
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        Self {
+            shutdown_timeout: default_shutdown(),
+            heartbeat_interval: default_heartbeat(),
         }
     }
 }
@@ -323,7 +356,29 @@ impl Config {
         if self.schedule.keep_snapshots == 0 {
             return Err("schedule.keep_snapshots must be at least 1".into());
         }
+        self.snapshot_schedule()?;
+        self.server
+            .listen
+            .parse::<std::net::SocketAddr>()
+            .map_err(|_| {
+                format!(
+                    "server.listen = {:?}: use an address and port, e.g. 127.0.0.1:9187",
+                    self.server.listen
+                )
+            })?;
         Ok(())
+    }
+
+    /// `schedule.snapshot` as a cron schedule (six fields, seconds first, UTC).
+    pub fn snapshot_schedule(&self) -> Result<cron::Schedule, String> {
+        let expr = &self.schedule.snapshot;
+        if expr.split_whitespace().count() < 6 {
+            return Err(format!(
+                "schedule.snapshot = {expr:?}: use six fields, seconds first (UTC), e.g. \"0 0 2 * * *\" for 02:00 every day"
+            ));
+        }
+        expr.parse::<cron::Schedule>()
+            .map_err(|e| format!("schedule.snapshot = {expr:?}: {e}"))
     }
 
     /// Where the repository lives, parsed from `storage.url`.
@@ -460,6 +515,53 @@ mod tests {
         [encryption]
         recipients = ["age1ql3z7hjy54pw3hyww5ayyfg7zqgvc7w3j2elw8zmrj2kg5sfn9aqmcac8p"]
     "#;
+
+    #[test]
+    fn the_shipped_configs_load() {
+        for (name, text) in [
+            (
+                "updog-backup.toml",
+                include_str!("../../config/updog-backup.toml"),
+            ),
+            ("embedded.toml", include_str!("../../config/embedded.toml")),
+        ] {
+            let config =
+                Config::from_toml(text, name, []).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!(
+                config.daemon.shutdown_timeout,
+                Duration::from_secs(10),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn schedule_and_listen_are_checked() {
+        for (key, value, says) in [
+            ("SCHEDULE__SNAPSHOT", "0 2 * * *", "six fields"),
+            ("SCHEDULE__SNAPSHOT", "0 0 25 * * *", "schedule.snapshot"),
+            ("SERVER__LISTEN", "localhost", "server.listen"),
+        ] {
+            let env = [(format!("UPDOG_BACKUP__{key}"), value.to_string())];
+            let e = Config::from_toml(MINIMAL, "t", env)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(says), "{key}={value}: {e}");
+        }
+        let ok = [(
+            "UPDOG_BACKUP__SCHEDULE__SNAPSHOT".to_string(),
+            "*/4 * * * * *".to_string(),
+        )];
+        let config = Config::from_toml(MINIMAL, "t", ok).unwrap();
+        assert!(
+            config
+                .snapshot_schedule()
+                .unwrap()
+                .upcoming(chrono::Utc)
+                .next()
+                .is_some()
+        );
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs

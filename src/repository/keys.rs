@@ -7,6 +7,12 @@ pub const SNAPSHOTS_PREFIX: &str = "snapshots/";
 pub const CHANGES_PREFIX: &str = "changes/";
 /// Where the stream's durable position stands when no pack was needed to say it.
 pub const STREAM_PROGRESS: &str = "changes/progress.json";
+/// Where retention left the chain of packs.
+pub const STREAM_RETAINED: &str = "changes/retained.json";
+/// Restores run, one small record each (no tenant data).
+pub const RESTORES_PREFIX: &str = "restores/";
+/// The active daemon's lease.
+pub const LEASE: &str = "locks/daemon.json";
 const MANIFEST: &str = "manifest.json";
 
 pub fn snapshot_prefix(id: &SnapshotId) -> String {

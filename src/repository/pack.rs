@@ -476,6 +476,52 @@ pub async fn write_progress(store: &Arc<dyn ObjectStore>, progress: &StreamProgr
     Ok(())
 }
 
+/// `changes/retained.json`: retention deleted the packs before `packs_from` (a pack boundary).
+/// Written before the first of them is deleted, so that readers see where the kept chain
+/// starts rather than a gap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retained {
+    pub format_version: u32,
+    pub packs_from: Lsn,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub async fn read_retained(store: &Arc<dyn ObjectStore>) -> Result<Option<Retained>> {
+    let key = super::keys::STREAM_RETAINED;
+    let bytes = match store.get_bytes(key, None).await {
+        Ok(b) => b,
+        Err(StorageError::NotFound { .. }) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let retained: Retained =
+        serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
+    if retained.format_version != super::FORMAT_VERSION {
+        return Err(RepositoryError::UnknownFormat {
+            key: key.into(),
+            found: retained.format_version,
+        });
+    }
+    Ok(Some(retained))
+}
+
+pub async fn write_retained(store: &Arc<dyn ObjectStore>, packs_from: Lsn) -> Result<()> {
+    let retained = Retained {
+        format_version: super::FORMAT_VERSION,
+        packs_from,
+        updated_at: Utc::now(),
+    };
+    let json = serde_json::to_vec_pretty(&retained).expect("retained always serializes");
+    store
+        .put_bytes(
+            super::keys::STREAM_RETAINED,
+            json.into(),
+            crate::storage::PutMode::Overwrite,
+        )
+        .await?;
+    Ok(())
+}
+
 /// A pack as listed.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PackRef {
@@ -489,6 +535,8 @@ pub struct PackRef {
 #[derive(Debug, Clone)]
 pub struct StreamState {
     pub progress: Option<StreamProgress>,
+    /// Where retention left the chain of packs (packs before it are deleted).
+    pub retained_from: Option<Lsn>,
     pub packs: Vec<PackRef>,
 }
 
@@ -496,14 +544,25 @@ impl StreamState {
     pub async fn read(store: &Arc<dyn ObjectStore>) -> Result<Self> {
         // Progress first: a pack stored after it was read is then merely not counted yet.
         let progress = read_progress(store).await?;
+        let retained_from = read_retained(store).await?.map(|r| r.packs_from);
         let packs = list(store).await?;
-        Ok(Self { progress, packs })
+        Ok(Self {
+            progress,
+            retained_from,
+            packs,
+        })
+    }
+
+    /// Where the kept chain of packs starts: the stream's start, or where retention left it.
+    pub fn start(&self) -> Option<Lsn> {
+        let since = self.progress.as_ref()?.since_lsn;
+        Some(self.retained_from.map_or(since, |r| r.max(since)))
     }
 
     /// End of the packs that tile the stream from its start without a gap: where the next
     /// pack starts.
     pub fn chain_end(&self) -> Option<Lsn> {
-        let mut at = self.progress.as_ref()?.since_lsn;
+        let mut at = self.start()?;
         for p in &self.packs {
             if p.start == at {
                 at = p.end;
@@ -525,13 +584,13 @@ impl StreamState {
         let Some(progress) = &self.progress else {
             return Err("no change stream has been captured yet (is the daemon running?)".into());
         };
-        if from < progress.since_lsn {
+        let start = self.start().unwrap_or(progress.since_lsn);
+        if from < start {
             return Err(format!(
-                "the change stream starts at {}, after {from}",
-                progress.since_lsn
+                "the change stream's kept packs start at {start}, after {from} (earlier ones were deleted by retention or precede the stream)"
             ));
         }
-        let mut at = progress.since_lsn;
+        let mut at = start;
         let mut chain = Vec::new();
         for p in &self.packs {
             if p.start > at {

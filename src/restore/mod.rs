@@ -93,6 +93,44 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
+/// `restores/<time>-<random>.json`: one restore that ran — which tenant, into which
+/// database, to which point. An audit trail for the operator, and the daemon's restore count.
+#[derive(Debug, Serialize)]
+struct RestoreRecord<'a> {
+    tenant: &'a str,
+    database: &'a str,
+    snapshot: &'a str,
+    restore_point: &'a RestorePoint,
+    rows: u64,
+    seconds: f64,
+    finished_at: DateTime<Utc>,
+}
+
+/// Records a finished restore in the repository.
+pub async fn record(repo: &Repository, report: &RestoreReport) -> Result<(), RepositoryError> {
+    let now = Utc::now();
+    let record = RestoreRecord {
+        tenant: &report.tenant,
+        database: &report.database,
+        snapshot: &report.snapshot,
+        restore_point: &report.restore_point,
+        rows: report.total_rows(),
+        seconds: report.seconds,
+        finished_at: now,
+    };
+    let key = format!(
+        "{}{}-{:08x}.json",
+        crate::repository::keys::RESTORES_PREFIX,
+        now.format("%Y%m%dT%H%M%S%.3fZ"),
+        fastrand::u32(..)
+    );
+    let json = serde_json::to_vec_pretty(&record).expect("a restore record always serializes");
+    repo.store()
+        .put_bytes(&key, json.into(), crate::storage::PutMode::CreateNew)
+        .await?;
+    Ok(())
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct ChangesReport {
     pub packs: usize,
@@ -148,7 +186,7 @@ pub async fn run(
         None => default_database_name(&request.tenant, point_in_time),
     };
     check_database_name(&database)?;
-    tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, database = %database, "restore planned");
+    tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, snapshot_lsn = %manifest.consistent_lsn, database = %database, "restore planned");
 
     // Everything is checked before anything is created.
     let store = repo.store();
@@ -238,7 +276,11 @@ pub async fn run(
                 not_recreated: loaded.not_recreated,
                 seconds: clock.elapsed().as_secs_f64(),
             };
-            tracing::info!(database = %report.database, rows = report.total_rows(), seconds = report.seconds, "restore complete");
+            tracing::info!(
+                database = %report.database, restore_point_lsn = %report.restore_point.lsn,
+                restore_point_time = %report.restore_point.time, rows = report.total_rows(),
+                seconds = report.seconds, "restore complete"
+            );
             Ok(report)
         }
         Err(e) => {

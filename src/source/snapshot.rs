@@ -246,8 +246,12 @@ async fn export(
         found
     };
     let sequences = read_sequences(&workers[0], &config.source.schemas).await?;
-    if request.stream_slot.is_some() {
-        // The change stream starts here: its routing state too, read inside the snapshot.
+    {
+        // The routing state at the consistent point, read inside the snapshot: where the
+        // change stream starts (`init`), and for later snapshots the checkpoint that lets
+        // retention delete every pack before this snapshot (a restart rebuilds its routing
+        // from the newest checkpoint plus the packs after it; replaying a pack's routing
+        // changes from before the checkpoint again ends in the same maps).
         let mut router = crate::capture::router::Router::new(
             catalog.clone(),
             &config.source.schemas,

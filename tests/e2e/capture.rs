@@ -18,6 +18,8 @@ use crate::support::{Repo, TestEnv, fixture_tenant};
 pub struct Daemon {
     child: Child,
     pub log: std::path::PathBuf,
+    /// Where it serves /status and /metrics (a free loopback port: tests run side by side).
+    pub addr: std::net::SocketAddr,
 }
 
 impl Daemon {
@@ -27,15 +29,24 @@ impl Daemon {
             .path()
             .join(format!("daemon-{}.log", fastrand::u32(..)));
         let file = std::fs::File::create(&log).unwrap();
+        let addr: std::net::SocketAddr =
+            format!("127.0.0.1:{}", crate::support::postgres::free_port())
+                .parse()
+                .unwrap();
         let child = env
             .command(&["daemon"])
+            .env("UPDOG_BACKUP__SERVER__LISTEN", addr.to_string())
             .env("UPDOG_BACKUP_LOG", "info")
             .stdin(Stdio::null())
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
             .unwrap();
-        Daemon { child, log }
+        Daemon { child, log, addr }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn kill(mut self) {
@@ -317,7 +328,7 @@ async fn point_in_time_restore_is_exact_at_every_instant() {
 }
 
 /// A random committed change of one tenant's rows (each its own transaction).
-async fn random_change(source: &Client, tenant: &str, n: u32) {
+pub async fn random_change(source: &Client, tenant: &str, n: u32) {
     let sql = match fastrand::u32(0..6) {
         0 => format!(
             "INSERT INTO audit.events (organization_id, action, entity, entity_id)
@@ -352,39 +363,26 @@ async fn random_change(source: &Client, tenant: &str, n: u32) {
         .unwrap_or_else(|e| panic!("{e}: {sql}"));
 }
 
-/// Kills (SIGKILL) during capture: after restarts, restores at recorded instants equal the
-/// source — nothing lost, nothing applied twice.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkilled_daemon_loses_and_duplicates_nothing() {
-    let kills: u32 = std::env::var("UPDOG_TEST_KILLS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
-    let pg = cluster().await;
-    let db = pg.fixture_db("kills", 6, "0.2").await;
-    let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
-    let mut env = TestEnv::new(&db, Repo::S3).await;
-    capture_env(&mut env);
-    env.ok(&["init"]);
-    let tenants = [
-        fixture_tenant(1).await,
-        fixture_tenant(4).await,
-        fixture_tenant(6).await,
-    ];
+/// Per tenant, its state (digest per table).
+pub type States = BTreeMap<String, BTreeMap<String, (i64, String)>>;
 
-    // The workload runs in rounds; between rounds the instant and the states are recorded
-    // (with no write in flight, so the oracle is exact). Kills happen whenever.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workload = {
-        let db = db.clone();
-        let tenants = tenants.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
+/// A continuous multi-tenant write load in rounds of 40 random changes (every fourth round
+/// also a transaction large enough to be streamed); between rounds, with no write in flight,
+/// the instant and every tenant's state are recorded: the oracle restores are compared with.
+pub struct Workload {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: tokio::task::JoinHandle<Vec<(DateTime<Utc>, States)>>,
+}
+
+impl Workload {
+    pub fn start(db: &str, tenants: &[String]) -> Workload {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (db, tenants, flag) = (db.to_string(), tenants.to_vec(), stop.clone());
+        let handle = tokio::spawn(async move {
             let source = cluster().await.client(&db).await;
             let mut instants = Vec::new();
             let mut round = 0;
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
                 round += 1;
                 if round % 4 == 0 {
                     // Larger than logical_decoding_work_mem: streamed before it commits.
@@ -409,8 +407,40 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
                 instants.push((t, states));
             }
             instants
-        })
-    };
+        });
+        Workload { stop, handle }
+    }
+
+    /// Stops after the current round; the instants recorded, oldest first.
+    pub async fn stop(self) -> Vec<(DateTime<Utc>, States)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.handle.await.unwrap()
+    }
+}
+
+/// Kills (SIGKILL) during capture: after restarts, restores at recorded instants equal the
+/// source — nothing lost, nothing applied twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkilled_daemon_loses_and_duplicates_nothing() {
+    let kills: u32 = std::env::var("UPDOG_TEST_KILLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(6);
+    let pg = cluster().await;
+    let db = pg.fixture_db("kills", 6, "0.2").await;
+    let source = pg.client(&db).await;
+    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
+    let mut env = TestEnv::new(&db, Repo::S3).await;
+    capture_env(&mut env);
+    env.ok(&["init"]);
+    let tenants = [
+        fixture_tenant(1).await,
+        fixture_tenant(4).await,
+        fixture_tenant(6).await,
+    ];
+
+    // Kills happen whenever, the oracle is recorded between rounds.
+    let workload = Workload::start(&db, &tenants);
     let mut daemon = Daemon::start(&env);
     for k in 0..kills {
         tokio::time::sleep(Duration::from_millis(fastrand::u64(300..1500))).await;
@@ -424,8 +454,7 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
         daemon.kill();
         daemon = Daemon::start(&env);
     }
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
-    let instants = workload.await.unwrap();
+    let instants = workload.stop().await;
     let last = instants.last().unwrap().0;
     wait_covered(&env, last, &mut daemon);
     assert!(daemon.terminate().success());

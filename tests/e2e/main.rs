@@ -4,6 +4,7 @@ mod support;
 
 mod bad_input;
 mod capture;
+mod daemon;
 mod pgoutput;
 mod replay;
 mod replication;

@@ -212,6 +212,13 @@ fn start_with(spec: &ClusterSpec) -> Cluster {
         .find("CREATE EXTENSION")
         .expect("the fixture creates its roles first")];
     cluster.psql("postgres", &["-c", roles]);
+    // The fixture's CONNECTION LIMIT 10 budgets one deployment (an active daemon: 2, a standby:
+    // 1, a snapshot: snapshot.parallel + 2). Tests run several deployments side by side on this
+    // one cluster.
+    cluster.psql(
+        "postgres",
+        &["-c", "ALTER ROLE updog_backup CONNECTION LIMIT 60"],
+    );
     cluster
 }
 

@@ -1,0 +1,306 @@
+//! Retention: keep the newest `schedule.keep_snapshots` snapshots and exactly what their
+//! restore windows need.
+//!
+//! A restore at T starts from the newest snapshot at or before T and replays packs from that
+//! snapshot's consistent LSN, so once the oldest kept snapshot is at LSN L, every older
+//! snapshot and every pack that ends at or before L serves no kept window. Packs are cut a
+//! little earlier, at the newest routing checkpoint at or before L: a daemon restart rebuilds
+//! its routing maps from a checkpoint plus the packs after it.
+//!
+//! Deletion order keeps every reader consistent: a snapshot's manifest goes first (it stops
+//! being visible before any of its objects disappear); `changes/retained.json` is written
+//! before the first pack goes (readers see where the kept chain starts, not a gap); the
+//! routing checkpoints the kept packs no longer need go last. The newest snapshot and every
+//! pack after the oldest kept one are never touched.
+
+use std::collections::BTreeMap;
+
+use crate::capture::routes;
+use crate::replication::Lsn;
+use crate::repository::pack::{self, PackRef, StreamState};
+use crate::repository::{Repository, RepositoryError, SnapshotId, keys};
+use crate::storage::ObjectMeta;
+
+/// What a prune deletes, in the order it deletes it.
+#[derive(Debug, Default)]
+pub struct PrunePlan {
+    /// Snapshots kept, oldest first.
+    pub kept: Vec<SnapshotId>,
+    /// Complete snapshots to delete, with their objects (manifest first).
+    pub snapshots: Vec<(SnapshotId, Vec<ObjectMeta>)>,
+    /// Objects of snapshots that never got a manifest and started before the oldest kept one.
+    pub abandoned: Vec<ObjectMeta>,
+    pub packs: Vec<PackRef>,
+    /// Where the kept chain of packs starts once `packs` are gone.
+    pub packs_from: Option<Lsn>,
+    pub checkpoints: Vec<String>,
+}
+
+impl PrunePlan {
+    pub fn objects(&self) -> usize {
+        self.snapshots.iter().map(|(_, o)| o.len()).sum::<usize>()
+            + self.abandoned.len()
+            + self.packs.len()
+            + self.checkpoints.len()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.snapshots
+            .iter()
+            .flat_map(|(_, o)| o)
+            .chain(&self.abandoned)
+            .map(|o| o.size)
+            .sum::<u64>()
+            + self.packs.iter().map(|p| p.size).sum::<u64>()
+    }
+}
+
+/// What `keep` snapshots leave to delete. Reads only listings and one manifest.
+pub async fn plan(repo: &Repository, keep: usize) -> Result<PrunePlan, RepositoryError> {
+    let keep = keep.max(1);
+    let store = repo.store();
+    let mut by_snapshot: BTreeMap<SnapshotId, Vec<ObjectMeta>> = BTreeMap::new();
+    for object in store.list(keys::SNAPSHOTS_PREFIX).await? {
+        let id = object
+            .key
+            .strip_prefix(keys::SNAPSHOTS_PREFIX)
+            .and_then(|rest| rest.split('/').next())
+            .and_then(|id| id.parse::<SnapshotId>().ok());
+        if let Some(id) = id {
+            by_snapshot.entry(id).or_default().push(object);
+        }
+    }
+    let complete: Vec<SnapshotId> = by_snapshot
+        .iter()
+        .filter(|(id, objects)| objects.iter().any(|o| o.key == keys::manifest(id)))
+        .map(|(id, _)| id.clone())
+        .collect();
+    let mut plan = PrunePlan::default();
+    if complete.len() <= keep {
+        plan.kept = complete;
+        return Ok(plan);
+    }
+    plan.kept = complete[complete.len() - keep..].to_vec();
+    let oldest_kept = plan.kept[0].clone();
+    for (id, mut objects) in by_snapshot {
+        if id >= oldest_kept {
+            break;
+        }
+        let manifest = keys::manifest(&id);
+        if objects.iter().any(|o| o.key == manifest) {
+            objects.sort_by_key(|o| o.key != manifest); // the manifest first
+            plan.snapshots.push((id, objects));
+        } else {
+            plan.abandoned.extend(objects);
+        }
+    }
+
+    let horizon = repo.manifest(&oldest_kept).await?.consistent_lsn;
+    let checkpoints = routes::checkpoints(store).await?;
+    let Some(cut) = checkpoints
+        .iter()
+        .map(|(lsn, _)| *lsn)
+        .filter(|lsn| *lsn <= horizon)
+        .max()
+    else {
+        return Ok(plan); // no checkpoint to rebuild routing from: keep every pack
+    };
+    let stream = StreamState::read(store).await?;
+    plan.packs = stream.packs.into_iter().filter(|p| p.end <= cut).collect();
+    plan.packs_from = plan.packs.iter().map(|p| p.end).max();
+    plan.checkpoints = checkpoints
+        .into_iter()
+        .filter(|(lsn, _)| *lsn < cut)
+        .map(|(_, key)| key)
+        .collect();
+    Ok(plan)
+}
+
+/// Deletes what `plan` lists, in its order; `deleted` is told each object (key, size) as it
+/// goes.
+/// Returns the number of objects deleted.
+pub async fn apply(
+    repo: &Repository,
+    plan: &PrunePlan,
+    mut deleted: impl FnMut(&str, u64),
+) -> Result<usize, RepositoryError> {
+    let store = repo.store();
+    let mut count = 0;
+    let mut delete = async |key: &str, size: u64| -> Result<(), RepositoryError> {
+        store.delete(key).await?;
+        deleted(key, size);
+        count += 1;
+        Ok(())
+    };
+    // Every old manifest before any other object: no reader sees a half-deleted snapshot.
+    for (_, objects) in &plan.snapshots {
+        delete(&objects[0].key, objects[0].size).await?;
+    }
+    for (_, objects) in &plan.snapshots {
+        for o in &objects[1..] {
+            delete(&o.key, o.size).await?;
+        }
+    }
+    for o in &plan.abandoned {
+        delete(&o.key, o.size).await?;
+    }
+    if let Some(from) = plan.packs_from {
+        pack::write_retained(store, from).await?;
+    }
+    for p in &plan.packs {
+        delete(&p.key, p.size).await?;
+    }
+    for key in &plan.checkpoints {
+        delete(key, 0).await?;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use chrono::{TimeZone, Utc};
+
+    use super::*;
+    use crate::repository::manifest::ArchiveEntry;
+    use crate::repository::pack::{StreamProgress, write_progress};
+    use crate::repository::{Manifest, StoredObject};
+    use crate::storage::{MemoryStore, ObjectStore, PutMode};
+
+    async fn put(store: &Arc<dyn ObjectStore>, key: &str) {
+        store
+            .put_bytes(key, bytes::Bytes::from_static(b"x"), PutMode::Overwrite)
+            .await
+            .unwrap();
+    }
+
+    async fn snapshot(repo: &Repository, hour: u32, lsn: u64, complete: bool) -> SnapshotId {
+        let time = Utc.with_ymd_and_hms(2026, 11, 26, hour, 0, 0).unwrap();
+        let id = SnapshotId::new(time, Lsn(lsn));
+        put(repo.store(), &keys::schema(&id)).await;
+        put(repo.store(), &keys::tenant(&id, "t1")).await;
+        if complete {
+            let object = |key: String| StoredObject {
+                key,
+                bytes: 1,
+                sha256: String::new(),
+            };
+            let manifest = Manifest {
+                format_version: crate::repository::FORMAT_VERSION,
+                id: id.clone(),
+                system_identifier: "1".into(),
+                database: "d".into(),
+                server_version_num: 150000,
+                tenant_column: "organization_id".into(),
+                tenant_type: "uuid".into(),
+                consistent_lsn: Lsn(lsn),
+                consistent_time: time,
+                started_at: time,
+                finished_at: time,
+                all_tenants: true,
+                tables: vec![],
+                sequences: vec![],
+                schema: object(keys::schema(&id)),
+                global: ArchiveEntry {
+                    object: object(keys::global(&id)),
+                    rows: Default::default(),
+                },
+                tenants: Default::default(),
+            };
+            repo.put_manifest(&manifest).await.unwrap();
+        }
+        id
+    }
+
+    #[tokio::test]
+    async fn keeps_the_newest_snapshots_and_the_packs_their_windows_need() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let repo = Repository::new(store.clone());
+        write_progress(
+            &store,
+            &StreamProgress {
+                format_version: crate::repository::FORMAT_VERSION,
+                slot: "s".into(),
+                since_lsn: Lsn(100),
+                durable_lsn: Lsn(1000),
+                last_pack_end: Some(Lsn(1000)),
+                covered_until: Utc::now(),
+                updated_at: Utc::now(),
+            },
+        )
+        .await
+        .unwrap();
+        let s1 = snapshot(&repo, 1, 100, true).await;
+        let abandoned = snapshot(&repo, 2, 250, false).await;
+        let s2 = snapshot(&repo, 3, 300, true).await;
+        let s3 = snapshot(&repo, 4, 600, true).await;
+        let s4 = snapshot(&repo, 5, 900, true).await;
+        let in_progress = snapshot(&repo, 6, 950, false).await;
+        for (a, b) in [(100, 200), (200, 400), (400, 500), (500, 700), (700, 1000)] {
+            put(&store, &pack::key(Lsn(a), Lsn(b))).await;
+        }
+        for lsn in [100, 400, 550, 800] {
+            put(&store, &routes::checkpoint_key(Lsn(lsn))).await;
+        }
+
+        let plan = plan(&repo, 2).await.unwrap();
+        assert_eq!(plan.kept, vec![s3.clone(), s4.clone()]);
+        let gone: Vec<_> = plan.snapshots.iter().map(|(id, _)| id.clone()).collect();
+        assert_eq!(gone, vec![s1.clone(), s2.clone()]);
+        assert!(
+            plan.snapshots
+                .iter()
+                .all(|(id, o)| o[0].key == keys::manifest(id))
+        );
+        assert!(
+            plan.abandoned
+                .iter()
+                .all(|o| o.key.contains(&abandoned.to_string()))
+        );
+        // Oldest kept snapshot at 600; newest checkpoint at or before it 550: packs ending
+        // at or before 550 go, the one spanning it stays.
+        let packs: Vec<_> = plan.packs.iter().map(|p| (p.start.0, p.end.0)).collect();
+        assert_eq!(packs, vec![(100, 200), (200, 400), (400, 500)]);
+        assert_eq!(plan.packs_from, Some(Lsn(500)));
+        assert_eq!(
+            plan.checkpoints,
+            vec![
+                routes::checkpoint_key(Lsn(100)),
+                routes::checkpoint_key(Lsn(400))
+            ]
+        );
+
+        let n = apply(&repo, &plan, |_, _| {}).await.unwrap();
+        assert_eq!(n, plan.objects());
+        assert_eq!(repo.snapshots().await.unwrap(), vec![s3.clone(), s4]);
+        assert!(
+            !store
+                .list(&keys::snapshot_prefix(&in_progress))
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        let state = StreamState::read(&store).await.unwrap();
+        assert_eq!(state.start(), Some(Lsn(500)));
+        let chain = state.chain_from(Lsn(600)).unwrap();
+        assert_eq!(chain.first().map(|p| p.start), Some(Lsn(500)));
+        assert!(state.chain_from(Lsn(300)).is_err());
+
+        // Nothing more to do.
+        let again = super::plan(&repo, 2).await.unwrap();
+        assert_eq!(again.objects(), 0);
+    }
+
+    #[tokio::test]
+    async fn never_deletes_when_no_more_snapshots_than_kept() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let repo = Repository::new(store.clone());
+        snapshot(&repo, 1, 100, true).await;
+        put(&store, &pack::key(Lsn(100), Lsn(200))).await;
+        put(&store, &routes::checkpoint_key(Lsn(150))).await;
+        let plan = plan(&repo, 1).await.unwrap();
+        assert_eq!(plan.objects(), 0);
+        assert_eq!(plan.kept.len(), 1);
+    }
+}
