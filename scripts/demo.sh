@@ -88,7 +88,9 @@ echo "$daemon_pid" > "$demo/daemon.pid"
 stop_daemon() { kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true; rm -f "$demo/daemon.pid"; }
 trap stop_daemon EXIT
 
-org=$(psql_ -d updog -tAc "SELECT md5('org-1')::uuid")
+# The tenant with the most investments now (a rerun picks one the previous mistake spared).
+org=$(psql_ -d updog -tAc "SELECT f.organization_id FROM app.investments i JOIN app.funds f ON f.id = i.fund_id
+  GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")
 in_funds="fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$org')"
 echo; echo "== ordinary work for tenant $org: new investments, updated funds"
 psql_ -d updog -c "UPDATE app.funds SET size_cents = size_cents + 1 WHERE organization_id = '$org'" \
