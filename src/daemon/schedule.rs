@@ -8,7 +8,7 @@ use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::repository::Repository;
+use crate::repository::{Manifest, Repository, RepositoryError};
 use crate::source::snapshot::{self, SnapshotRequest};
 use crate::telemetry::{SnapshotStatus, Task, Telemetry};
 
@@ -29,6 +29,12 @@ pub async fn run(
         .snapshot_schedule()
         .expect("validated when the config was loaded");
     let mut retry: Option<Duration> = None;
+    // The snapshot-age alert must not reset with a restart: start from the repository's newest.
+    match newest_snapshot(repo).await {
+        Ok(Some(manifest)) => record_snapshot(telemetry, &manifest, None),
+        Ok(None) => {}
+        Err(e) => tracing::warn!(error = %e, "reading the newest snapshot"),
+    }
     loop {
         let now = Utc::now();
         let Some(next) = schedule.after(&now).next() else {
@@ -67,36 +73,7 @@ pub async fn run(
         match result {
             Ok(manifest) => {
                 retry = None;
-                let seconds = started.elapsed().as_secs_f64();
-                let bytes: u64 = manifest.objects().map(|o| o.bytes).sum();
-                let rows: u64 = manifest
-                    .tenants
-                    .values()
-                    .map(|t| t.total_rows())
-                    .sum::<u64>()
-                    + manifest.global.total_rows();
-                metrics.snapshots_succeeded.inc();
-                metrics.snapshot_duration.observe(seconds);
-                metrics.exported_bytes.add(bytes);
-                metrics.exported_rows.add(rows);
-                metrics
-                    .last_snapshot_success
-                    .set(Utc::now().timestamp_millis() as f64 / 1000.0);
-                tracing::info!(
-                    snapshot = %manifest.id, consistent_lsn = %manifest.consistent_lsn,
-                    tenants = manifest.tenants.len(), rows, bytes, seconds, "scheduled snapshot stored"
-                );
-                telemetry.update(|s| {
-                    s.last_snapshot = Some(SnapshotStatus {
-                        id: manifest.id.to_string(),
-                        consistent_lsn: manifest.consistent_lsn,
-                        finished_at: Utc::now(),
-                        duration_seconds: seconds,
-                        tenants: manifest.tenants.len(),
-                        rows,
-                        bytes,
-                    })
-                });
+                record_snapshot(telemetry, &manifest, Some(started.elapsed().as_secs_f64()));
                 prune(config, repo, telemetry).await;
             }
             Err(e) => {
@@ -120,6 +97,52 @@ pub async fn run(
             );
         }
     }
+}
+
+async fn newest_snapshot(repo: &Repository) -> Result<Option<Manifest>, RepositoryError> {
+    match repo.snapshots().await?.last() {
+        Some(id) => Ok(Some(repo.manifest(id).await?)),
+        None => Ok(None),
+    }
+}
+
+/// A successful snapshot in /status and the metrics; `seconds` when this daemon took it
+/// (then it also counts), `None` for the repository's newest at start.
+fn record_snapshot(telemetry: &Telemetry, manifest: &Manifest, seconds: Option<f64>) {
+    let bytes: u64 = manifest.objects().map(|o| o.bytes).sum();
+    let rows: u64 = manifest
+        .tenants
+        .values()
+        .map(|t| t.total_rows())
+        .sum::<u64>()
+        + manifest.global.total_rows();
+    let duration = seconds.unwrap_or_else(|| {
+        (manifest.finished_at - manifest.started_at).num_milliseconds() as f64 / 1000.0
+    });
+    let metrics = &telemetry.metrics;
+    metrics
+        .last_snapshot_success
+        .set(manifest.finished_at.timestamp_millis() as f64 / 1000.0);
+    if let Some(seconds) = seconds {
+        metrics.snapshots_succeeded.inc();
+        metrics.snapshot_duration.observe(seconds);
+        metrics.exported_bytes.add(bytes);
+        metrics.exported_rows.add(rows);
+        tracing::info!(
+            snapshot = %manifest.id, consistent_lsn = %manifest.consistent_lsn,
+            tenants = manifest.tenants.len(), rows, bytes, seconds, "scheduled snapshot stored"
+        );
+    }
+    let status = SnapshotStatus {
+        id: manifest.id.to_string(),
+        consistent_lsn: manifest.consistent_lsn,
+        finished_at: manifest.finished_at,
+        duration_seconds: duration,
+        tenants: manifest.tenants.len(),
+        rows,
+        bytes,
+    };
+    telemetry.update(|s| s.last_snapshot = Some(status));
 }
 
 async fn prune(config: &Config, repo: &Repository, telemetry: &Telemetry) {

@@ -87,6 +87,16 @@ impl Daemon {
     }
 }
 
+/// A test that fails must not leave its daemon running (it would retry forever).
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 pub fn capture_env(env: &mut TestEnv) {
     env.env.push((
         "UPDOG_BACKUP__STREAM__FLUSH_INTERVAL".into(),

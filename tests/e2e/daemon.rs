@@ -92,7 +92,7 @@ async fn scheduled_snapshots_metrics_drain_and_retention() {
             if let Some(id) = s["last_snapshot"]["id"].as_str() {
                 ids.borrow_mut().insert(id.to_string());
             }
-            (ids.borrow().len() >= 3).then_some(())
+            (ids.borrow().len() >= 4).then_some(()) // init's, then three scheduled
         },
     );
     let instants = workload.stop().await;
