@@ -42,7 +42,8 @@ use crate::replication::{
 use crate::repository::pack::{StreamProgress, StreamState, write_progress};
 use crate::repository::{Repository, RepositoryError};
 use crate::source::catalog::{Catalog, CatalogError};
-use crate::source::{SourceError, query_context};
+use crate::source::publication::PublicationError;
+use crate::source::{SourceError, connection_lost, query_context};
 use crate::storage::StorageError;
 use crate::telemetry::{Operation, PackStatus, Task, Telemetry};
 use router::{Destination, RouteError, Routed, Router};
@@ -104,11 +105,17 @@ impl CaptureError {
             CaptureError::NoSlot(_)
             | CaptureError::Gap { .. }
             | CaptureError::WrongPlugin { .. }
-            | CaptureError::Catalog(_)
-            | CaptureError::Publication(_)
             | CaptureError::Codec(_)
             | CaptureError::Decode(_)
             | CaptureError::Protocol(_) => true,
+            // Read over the daemon's SQL connection: a restarting server is no reason to stop.
+            CaptureError::Catalog(CatalogError::Query(e)) => !connection_lost(e),
+            CaptureError::Catalog(_) => true,
+            CaptureError::Publication(PublicationError::Source(SourceError::Query {
+                source: e,
+                ..
+            })) => !connection_lost(e),
+            CaptureError::Publication(_) => true,
             CaptureError::Route(e) => !matches!(e, RouteError::UnknownTable { .. }),
             CaptureError::Repository(e) => !matches!(e, RepositoryError::Storage(_)),
             CaptureError::Replication(e) => !e.is_retryable(),
@@ -581,7 +588,8 @@ impl Capture {
         match message {
             Message::StreamStart(s) => {
                 if !self.streamed.contains_key(&s.xid) {
-                    self.streamed.insert(s.xid, TxnSpool::new(&self.spool_dir)?);
+                    let spool = TxnSpool::new(&self.spool_dir).map_err(spool_error)?;
+                    self.streamed.insert(s.xid, spool);
                 }
                 self.in_stream = Some(s.xid);
             }
@@ -616,21 +624,25 @@ impl Capture {
                     commit_time: c.commit_time,
                     xid: c.xid,
                 });
-                let mut replay = spool.replay()?;
+                let mut replay = spool.replay().map_err(spool_error)?;
                 while let Some(message) = replay.recv().await {
-                    self.data(&message?)?;
+                    self.data(&message.map_err(spool_error)?)?;
                 }
                 self.commit(&commit)?;
             }
             other if self.in_stream.is_some() => {
                 let xid = other.streamed_xid().unwrap_or_default();
+                // Stripped before anything keeps it: a Relation sent inside a streamed block
+                // also describes the table for transactions that commit outside it (and
+                // outlives this one if it aborts), where an xid cannot be encoded.
+                let other = strip_xid(other);
                 if let Message::Relation(r) = &other {
                     self.router.relation(r)?;
                     self.writer.relation(r);
                 }
                 let top = self.in_stream.expect("checked");
                 if let Some(spool) = self.streamed.get_mut(&top) {
-                    spool.push(xid, &strip_xid(other))?;
+                    spool.push(xid, &other).map_err(spool_error)?;
                 }
             }
             Message::Begin(b) => self.writer.begin(&b),
@@ -726,6 +738,15 @@ fn relation_oid(message: &Message) -> u32 {
 }
 
 /// The message as stored: sections hold whole transactions, so xids are dropped.
+/// The spool's local I/O failures (a full disk, above all) as what they are: transient, and
+/// about the spool. Anything else from it (a spooled change that does not decode) stays fatal.
+fn spool_error(e: CodecError) -> CaptureError {
+    match e {
+        CodecError::Io(e) => CaptureError::Spool(e),
+        other => CaptureError::Codec(other),
+    }
+}
+
 fn strip_xid(mut message: Message) -> Message {
     match &mut message {
         Message::Relation(m) => m.xid = None,

@@ -35,6 +35,12 @@ pub async fn run(
         Ok(None) => {}
         Err(e) => tracing::warn!(error = %e, "reading the newest snapshot"),
     }
+    // Finishes a retention run a crash interrupted, or that a daemon killed before its first
+    // scheduled snapshot never got to: otherwise snapshots pile up across restarts.
+    tokio::select! {
+        () = stop.cancelled() => return,
+        () = prune(config, repo, telemetry) => {}
+    }
     loop {
         let now = Utc::now();
         let Some(next) = schedule.after(&now).next() else {

@@ -67,6 +67,15 @@ pub async fn connect(url: &str) -> Result<Client, SourceError> {
     Ok(client)
 }
 
+/// Whether `e` is the connection going away (server restart, network, administrator
+/// command) rather than something a retry would meet again (permissions, a missing object).
+pub fn connection_lost(e: &tokio_postgres::Error) -> bool {
+    match e.as_db_error() {
+        Some(db) => matches!(db.code().code().get(..2), Some("08" | "57" | "53")),
+        None => true,
+    }
+}
+
 /// The message of a database error including its detail and hint, which `Display` of
 /// tokio-postgres leaves out.
 pub fn describe_db_error(e: &tokio_postgres::Error) -> String {
