@@ -5,16 +5,18 @@
 //! and `-malloc_limit_mb` catch the latter). What decodes must also encode back to exactly the
 //! input, which catches fields the decoder reads loosely and the encoder writes canonically.
 //!
-//! Run from the repository root (needs a nightly toolchain and `cargo install cargo-fuzz`):
+//! Run from the repository root (stable toolchain; see scripts/fuzz.sh for why the environment
+//! variable, and to install cargo-fuzz):
 //!
 //! ```text
-//! cargo +nightly fuzz run pgoutput                                  # until stopped
-//! cargo +nightly fuzz run pgoutput -- -max_total_time=600 -malloc_limit_mb=64
+//! scripts/fuzz.sh 60                                                # every target, 60 s each
+//! RUSTC_BOOTSTRAP=1 cargo fuzz run pgoutput                         # until stopped
+//! RUSTC_BOOTSTRAP=1 cargo fuzz run pgoutput -- -max_total_time=600 -malloc_limit_mb=64
 //! ```
 //!
 //! A crash is saved under fuzz/artifacts/pgoutput/; replay it with
-//! `cargo +nightly fuzz run pgoutput fuzz/artifacts/pgoutput/<file>`, and turn it into a unit
-//! test in src/replication/pgoutput.rs once fixed.
+//! `RUSTC_BOOTSTRAP=1 cargo fuzz run pgoutput fuzz/artifacts/pgoutput/<file>`, and turn it into
+//! a unit test in src/replication/pgoutput.rs once fixed.
 
 #![no_main]
 

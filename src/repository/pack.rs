@@ -446,34 +446,48 @@ pub struct StreamProgress {
     pub updated_at: DateTime<Utc>,
 }
 
-pub async fn read_progress(store: &Arc<dyn ObjectStore>) -> Result<Option<StreamProgress>> {
-    let key = super::keys::STREAM_PROGRESS;
+/// A small JSON object rewritten in place, `None` when absent; its version is checked.
+async fn read_state<T: serde::de::DeserializeOwned>(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    version: impl Fn(&T) -> u32,
+) -> Result<Option<T>> {
     let bytes = match store.get_bytes(key, None).await {
         Ok(b) => b,
         Err(StorageError::NotFound { .. }) => return Ok(None),
         Err(e) => return Err(e.into()),
     };
-    let progress: StreamProgress =
-        serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
-    if progress.format_version != super::FORMAT_VERSION {
+    let value: T = serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
+    if version(&value) != super::FORMAT_VERSION {
         return Err(RepositoryError::UnknownFormat {
             key: key.into(),
-            found: progress.format_version,
+            found: version(&value),
         });
     }
-    Ok(Some(progress))
+    Ok(Some(value))
+}
+
+async fn write_state<T: Serialize>(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+    value: &T,
+) -> Result<()> {
+    let json = serde_json::to_vec_pretty(value).expect("a state object always serializes");
+    store
+        .put_bytes(key, json.into(), crate::storage::PutMode::Overwrite)
+        .await?;
+    Ok(())
+}
+
+pub async fn read_progress(store: &Arc<dyn ObjectStore>) -> Result<Option<StreamProgress>> {
+    read_state(store, super::keys::STREAM_PROGRESS, |p: &StreamProgress| {
+        p.format_version
+    })
+    .await
 }
 
 pub async fn write_progress(store: &Arc<dyn ObjectStore>, progress: &StreamProgress) -> Result<()> {
-    let json = serde_json::to_vec_pretty(progress).expect("progress always serializes");
-    store
-        .put_bytes(
-            super::keys::STREAM_PROGRESS,
-            json.into(),
-            crate::storage::PutMode::Overwrite,
-        )
-        .await?;
-    Ok(())
+    write_state(store, super::keys::STREAM_PROGRESS, progress).await
 }
 
 /// `changes/retained.json`: retention deleted the packs before `packs_from` (a pack boundary).
@@ -488,21 +502,10 @@ pub struct Retained {
 }
 
 pub async fn read_retained(store: &Arc<dyn ObjectStore>) -> Result<Option<Retained>> {
-    let key = super::keys::STREAM_RETAINED;
-    let bytes = match store.get_bytes(key, None).await {
-        Ok(b) => b,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let retained: Retained =
-        serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
-    if retained.format_version != super::FORMAT_VERSION {
-        return Err(RepositoryError::UnknownFormat {
-            key: key.into(),
-            found: retained.format_version,
-        });
-    }
-    Ok(Some(retained))
+    read_state(store, super::keys::STREAM_RETAINED, |r: &Retained| {
+        r.format_version
+    })
+    .await
 }
 
 pub async fn write_retained(store: &Arc<dyn ObjectStore>, packs_from: Lsn) -> Result<()> {
@@ -511,15 +514,7 @@ pub async fn write_retained(store: &Arc<dyn ObjectStore>, packs_from: Lsn) -> Re
         packs_from,
         updated_at: Utc::now(),
     };
-    let json = serde_json::to_vec_pretty(&retained).expect("retained always serializes");
-    store
-        .put_bytes(
-            super::keys::STREAM_RETAINED,
-            json.into(),
-            crate::storage::PutMode::Overwrite,
-        )
-        .await?;
-    Ok(())
+    write_state(store, super::keys::STREAM_RETAINED, &retained).await
 }
 
 /// A pack as listed.

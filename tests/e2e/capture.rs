@@ -3,181 +3,19 @@
 //! source's state at those instants (row-level digests from hand-written tenant filters).
 
 use std::collections::BTreeMap;
-use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use tokio_postgres::Client;
 
-use crate::snapshot_restore::digest;
-use crate::support::fixture::{REPLICA_IDENTITY_FIXES, TENANT_FILTERS};
+// Re-exported: the daemon and oracle helpers lived here first.
+pub use crate::support::daemon::{Daemon, capture_env, wait_covered};
+use crate::support::fixture::REPLICA_IDENTITY_FIXES;
+pub use crate::support::oracle::{
+    Workload, assert_restore_equals, assert_restores_at_thirds, now, random_change, state,
+};
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, fixture_tenant};
-
-/// The daemon as a child process, its output in the test's directory.
-pub struct Daemon {
-    child: Child,
-    pub log: std::path::PathBuf,
-    /// Where it serves /status and /metrics (a free loopback port: tests run side by side).
-    pub addr: std::net::SocketAddr,
-}
-
-impl Daemon {
-    pub fn start(env: &TestEnv) -> Daemon {
-        let log = env
-            .dir
-            .path()
-            .join(format!("daemon-{}.log", fastrand::u32(..)));
-        let file = std::fs::File::create(&log).unwrap();
-        let addr: std::net::SocketAddr =
-            format!("127.0.0.1:{}", crate::support::postgres::free_port())
-                .parse()
-                .unwrap();
-        let child = env
-            .command(&["daemon"])
-            .env("UPDOG_BACKUP__SERVER__LISTEN", addr.to_string())
-            .env("UPDOG_BACKUP_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap();
-        Daemon { child, log, addr }
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn kill(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-    }
-
-    /// SIGTERM, then the exit status (within 30 s).
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        let ok = std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        assert!(ok.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the daemon did not stop on SIGTERM:\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    pub fn assert_running(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
-            panic!("the daemon exited ({status}):\n{}", self.output());
-        }
-    }
-}
-
-/// A test that fails must not leave its daemon running (it would retry forever).
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-pub fn capture_env(env: &mut TestEnv) {
-    env.env.push((
-        "UPDOG_BACKUP__STREAM__FLUSH_INTERVAL".into(),
-        "500ms".into(),
-    ));
-}
-
-/// Waits until the repository covers `t` (the daemon stored everything committed by then).
-pub fn wait_covered(env: &TestEnv, t: DateTime<Utc>, daemon: &mut Daemon) {
-    let deadline = Instant::now() + Duration::from_secs(90);
-    loop {
-        daemon.assert_running();
-        let out = env.ok(&["list", "--json"]);
-        let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-        if let Some(c) = list["stream"]["covered_until"].as_str() {
-            let covered: DateTime<Utc> = c.parse().unwrap();
-            if covered >= t {
-                return;
-            }
-        }
-        assert!(
-            Instant::now() < deadline,
-            "covered-until never reached {t}: {out}\n{}",
-            daemon.output()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-/// The source's state of `tenant` now: digest per table.
-pub async fn state(source: &Client, tenant: &str) -> BTreeMap<String, (i64, String)> {
-    let mut out = BTreeMap::new();
-    for (table, filter) in TENANT_FILTERS {
-        let filter = filter.map(|f| f.replace("$ORG", tenant));
-        out.insert(
-            table.to_string(),
-            digest(source, table, filter.as_deref()).await,
-        );
-    }
-    out
-}
-
-pub async fn now(client: &Client) -> DateTime<Utc> {
-    client
-        .query_one("SELECT clock_timestamp()", &[])
-        .await
-        .unwrap()
-        .get(0)
-}
-
-/// Restores `tenant` at `at` and compares every table with `expected` (the recovery side
-/// unfiltered: any other tenant's row would show).
-pub async fn assert_restore_equals(
-    env: &TestEnv,
-    tenant: &str,
-    at: DateTime<Utc>,
-    expected: &BTreeMap<String, (i64, String)>,
-    label: &str,
-) {
-    let target = format!("pitr_{}_{}", label, fastrand::u32(..));
-    let at_text = at.to_rfc3339_opts(SecondsFormat::Micros, true);
-    let out = env.ok(&[
-        "restore",
-        "--org",
-        tenant,
-        "--at",
-        &at_text,
-        "--target-db",
-        &target,
-    ]);
-    assert!(out.contains("restore point: LSN"), "{out}");
-    eprintln!("{label}: {}", out.lines().nth(1).unwrap_or_default());
-    let recovered = cluster().await.client(&target).await;
-    for (table, want) in expected {
-        let found = digest(&recovered, table, None).await;
-        assert_eq!(
-            &found, want,
-            "{label}: {table} of tenant {tenant} restored at {at_text} differs\n{out}"
-        );
-    }
-}
 
 /// One workload step: SQL run as the application would (superuser here), then the instant.
 async fn step(source: &Client, sql: &str) -> DateTime<Utc> {
@@ -337,97 +175,6 @@ async fn point_in_time_restore_is_exact_at_every_instant() {
     assert!(err.contains("outside the restorable window"), "{err}");
 }
 
-/// A random committed change of one tenant's rows (each its own transaction).
-pub async fn random_change(source: &Client, tenant: &str, n: u32) {
-    let sql = match fastrand::u32(0..6) {
-        0 => format!(
-            "INSERT INTO audit.events (organization_id, action, entity, entity_id)
-             VALUES ('{tenant}', 'w', 'e', '{n}')"
-        ),
-        1 => format!(
-            "INSERT INTO app.investment_lots (investment_id, shares, price_per_share_cents, acquired_on)
-             SELECT i.id, {n}, 1, '2026-03-01' FROM app.investments i JOIN app.funds f ON f.id = i.fund_id
-              WHERE f.organization_id = '{tenant}' ORDER BY random() LIMIT 1"
-        ),
-        2 => format!(
-            "UPDATE app.investment_lots SET shares = shares + 1 WHERE id = (
-               SELECT l.id FROM app.investment_lots l JOIN app.investments i ON i.id = l.investment_id
-                 JOIN app.funds f ON f.id = i.fund_id WHERE f.organization_id = '{tenant}' ORDER BY random() LIMIT 1)"
-        ),
-        3 => format!(
-            "DELETE FROM app.investment_lots WHERE id = (
-               SELECT l.id FROM app.investment_lots l JOIN app.investments i ON i.id = l.investment_id
-                 JOIN app.funds f ON f.id = i.fund_id WHERE f.organization_id = '{tenant}' ORDER BY random() LIMIT 1)"
-        ),
-        4 => format!("UPDATE app.funds SET size_cents = {n} WHERE organization_id = '{tenant}'"),
-        _ => format!(
-            "BEGIN; INSERT INTO audit.events (organization_id, action, entity) VALUES ('{tenant}', 'x', 'y');
-             DELETE FROM audit.events WHERE organization_id = '{tenant}' AND action = 'w'
-               AND entity_id = (SELECT min(entity_id) FROM audit.events WHERE organization_id = '{tenant}' AND action = 'w');
-             COMMIT;"
-        ),
-    };
-    source
-        .batch_execute(&sql)
-        .await
-        .unwrap_or_else(|e| panic!("{e}: {sql}"));
-}
-
-/// Per tenant, its state (digest per table).
-pub type States = BTreeMap<String, BTreeMap<String, (i64, String)>>;
-
-/// A continuous multi-tenant write load in rounds of 40 random changes (every fourth round
-/// also a transaction large enough to be streamed); between rounds, with no write in flight,
-/// the instant and every tenant's state are recorded: the oracle restores are compared with.
-pub struct Workload {
-    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: tokio::task::JoinHandle<Vec<(DateTime<Utc>, States)>>,
-}
-
-impl Workload {
-    pub fn start(db: &str, tenants: &[String]) -> Workload {
-        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let (db, tenants, flag) = (db.to_string(), tenants.to_vec(), stop.clone());
-        let handle = tokio::spawn(async move {
-            let source = cluster().await.client(&db).await;
-            let mut instants = Vec::new();
-            let mut round = 0;
-            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
-                round += 1;
-                if round % 4 == 0 {
-                    // Larger than logical_decoding_work_mem: streamed before it commits.
-                    let tenant = &tenants[fastrand::usize(..tenants.len())];
-                    source
-                        .batch_execute(&format!(
-                            "INSERT INTO audit.events (organization_id, action, entity, entity_id)
-                             SELECT '{tenant}', 'big', 'row', g::text FROM generate_series(1, 2000) g"
-                        ))
-                        .await
-                        .unwrap();
-                }
-                for n in 0..40 {
-                    let tenant = &tenants[fastrand::usize(..tenants.len())];
-                    random_change(&source, tenant, round * 100 + n).await;
-                }
-                let t = now(&source).await;
-                let mut states = BTreeMap::new();
-                for tenant in &tenants {
-                    states.insert(tenant.clone(), state(&source, tenant).await);
-                }
-                instants.push((t, states));
-            }
-            instants
-        });
-        Workload { stop, handle }
-    }
-
-    /// Stops after the current round; the instants recorded, oldest first.
-    pub async fn stop(self) -> Vec<(DateTime<Utc>, States)> {
-        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.handle.await.unwrap()
-    }
-}
-
 /// Kills (SIGKILL) during capture: after restarts, restores at recorded instants equal the
 /// source — nothing lost, nothing applied twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -471,17 +218,7 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
 
     // The last instant for every tenant, and a few earlier ones (before and after the second
     // snapshot).
-    let picks = [
-        instants.len() / 3,
-        2 * instants.len() / 3,
-        instants.len() - 1,
-    ];
-    for i in picks {
-        let (t, states) = &instants[i];
-        for tenant in &tenants {
-            assert_restore_equals(&env, tenant, *t, &states[tenant], &format!("k{i}")).await;
-        }
-    }
+    assert_restores_at_thirds(&env, &instants, "k").await;
     eprintln!(
         "daemon SIGKILLed {kills} times during capture; {} instants recorded",
         instants.len()

@@ -6,7 +6,9 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::capture::{Daemon, Workload, assert_restore_equals, capture_env, wait_covered};
+use crate::capture::{
+    Daemon, Workload, assert_restore_equals, assert_restores_at_thirds, capture_env, wait_covered,
+};
 use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, fixture_tenant, http_get, parse_metrics, try_http_get};
@@ -342,17 +344,7 @@ async fn standby_takes_over_after_sigkill_with_nothing_lost() {
     wait_covered(&env, last, &mut second);
     assert!(second.terminate().success());
 
-    let picks = [
-        instants.len() / 3,
-        2 * instants.len() / 3,
-        instants.len() - 1,
-    ];
-    for i in picks {
-        let (t, states) = &instants[i];
-        for tenant in &tenants {
-            assert_restore_equals(&env, tenant, *t, &states[tenant], &format!("s{i}")).await;
-        }
-    }
+    assert_restores_at_thirds(&env, &instants, "s").await;
     eprintln!(
         "standby active and capturing {takeover:.1} s after the active instance was SIGKILLed"
     );

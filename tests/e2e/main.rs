@@ -5,6 +5,8 @@ mod support;
 mod bad_input;
 mod capture;
 mod daemon;
+mod hostile;
+mod isolation;
 mod pgoutput;
 mod replay;
 mod replication;

@@ -3,25 +3,9 @@
 //! reference schema, and a digest of every column of every row as PostgreSQL prints it.
 
 use crate::support::fixture::TENANT_FILTERS;
+pub use crate::support::oracle::digest;
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, fixture_tenant};
-
-/// (rows, md5 of every row's text form in a stable order).
-pub async fn digest(
-    client: &tokio_postgres::Client,
-    table: &str,
-    filter: Option<&str>,
-) -> (i64, String) {
-    let filter = filter.map(|f| format!("WHERE {f}")).unwrap_or_default();
-    let sql = format!(
-        "SELECT count(*), coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r::text)), '') FROM (SELECT * FROM {table} {filter}) r"
-    );
-    let row = client
-        .query_one(&sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    (row.get(0), row.get(1))
-}
 
 /// The recovery database equals the source for `tenant`, table by table, and holds nothing else.
 pub async fn assert_restored(source_db: &str, recovery_db: &str, tenant: &str) {

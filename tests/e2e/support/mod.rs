@@ -3,8 +3,11 @@
 
 #![allow(dead_code)]
 
+pub mod daemon;
 pub mod fixture;
+pub mod oracle;
 pub mod postgres;
+pub mod proxy;
 pub mod seaweed;
 
 use std::path::PathBuf;

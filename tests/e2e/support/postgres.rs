@@ -235,6 +235,20 @@ impl Cluster {
         client_for(&self.url("postgres", db)).await
     }
 
+    /// Restarts the server with `pg_ctl restart -m <mode>` (`fast` or `immediate`), same
+    /// options; every connection breaks.
+    pub fn restart(&self, mode: &str) {
+        run(
+            as_owner(&self.bin.join("pg_ctl"))
+                .arg("-D")
+                .arg(self.dir.join("data"))
+                .arg("-l")
+                .arg(self.dir.join("log"))
+                .args(["-w", "-m", mode, "restart"]),
+            &format!("pg_ctl restart -m {mode}"),
+        );
+    }
+
     /// Runs a SQL file (or `-c` text) with psql as the superuser.
     pub fn psql(&self, db: &str, args: &[&str]) {
         run(
