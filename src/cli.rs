@@ -232,6 +232,10 @@ async fn init(config: &Config) -> Result<(), Error> {
             info.source_label()
         );
     } else {
+        crate::codec::check_recipients(
+            &config.encryption.recipients,
+            &repo.info().await?.recipients,
+        )?;
         println!(
             "repository {} already initialised for {}",
             store.describe(),
@@ -256,8 +260,8 @@ async fn init(config: &Config) -> Result<(), Error> {
             "looking up the replication slot",
         ))?
         .is_some();
-    let progress = crate::repository::pack::read_progress(repo.store()).await?;
-    match (slot_exists, &progress) {
+    let stream = crate::repository::pack::StreamState::read(repo.store()).await?;
+    match (slot_exists, &stream.progress) {
         (true, Some(p)) if &p.slot == slot => {
             println!(
                 "replication slot {slot} exists and the repository's change stream is durable up to {}: nothing to do (run `updog-backup daemon`)",
@@ -282,19 +286,17 @@ async fn init(config: &Config) -> Result<(), Error> {
         },
     )
     .await?;
-    crate::repository::pack::write_progress(
-        repo.store(),
-        &crate::repository::pack::StreamProgress {
-            format_version: crate::repository::FORMAT_VERSION,
-            slot: slot.clone(),
-            since_lsn: manifest.consistent_lsn,
-            durable_lsn: manifest.consistent_lsn,
-            covered_until: DateTime::<Utc>::UNIX_EPOCH,
-            last_pack_end: None,
-            updated_at: Utc::now(),
-        },
-    )
-    .await?;
+    // A stream this repository already holds lost its slot (the daemon stopped saying to run
+    // init): it stays in the progress as an earlier stream, so what it covered stays
+    // restorable.
+    let progress = stream.restart(slot, manifest.consistent_lsn);
+    crate::repository::pack::write_progress(repo.store(), &progress).await?;
+    if let Some(old) = progress.earlier.last() {
+        println!(
+            "the earlier change stream (slot {}, LSN {} to {}) stays restorable; nothing between its end and the new snapshot was captured (`updog-backup list --org ORG` shows each tenant's restorable instants)",
+            old.slot, old.since_lsn, old.durable_lsn
+        );
+    }
     println!(
         "created replication slot {slot} and the first snapshot {} ({} tenant(s)) at {} (LSN {})",
         manifest.id,
@@ -404,6 +406,8 @@ async fn check(config: &Config, json: bool) -> Result<(), Error> {
 
 async fn backup(config: &Config, orgs: Vec<String>) -> Result<(), Error> {
     let repo = Repository::new(open_store(config).await?);
+    let info = repo.info().await?;
+    crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
     let manifest = crate::source::snapshot::take(
         config,
         &repo,
@@ -476,6 +480,17 @@ struct StreamLine {
     covered_until: DateTime<Utc>,
     packs: usize,
     bytes: u64,
+    /// Streams `init` replaced whose packs retention has not deleted yet, oldest first.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    earlier: Vec<EarlierStreamLine>,
+}
+
+#[derive(Serialize)]
+struct EarlierStreamLine {
+    slot: String,
+    since_lsn: String,
+    durable_lsn: String,
+    covered_until: DateTime<Utc>,
 }
 
 /// The configured repository, checked to be initialised, and `--org` resolved against it.
@@ -497,7 +512,12 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
     let store = repo.store().clone();
     let mut snapshots = Vec::new();
     for id in repo.snapshots().await? {
-        let m = repo.manifest(&id).await?;
+        let m = match repo.manifest(&id).await {
+            Ok(m) => m,
+            // Retention (of a running daemon) deleted it since the listing.
+            Err(crate::repository::RepositoryError::NoSuchSnapshot(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
         let tenant = org.as_ref().and_then(|o| m.tenants.get(o));
         if org.is_some() && tenant.is_none() {
             continue;
@@ -514,6 +534,7 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
         });
     }
     let state = crate::repository::pack::StreamState::read(&store).await?;
+    let spans = state.spans();
     let stream = state.progress.as_ref().map(|p| StreamLine {
         slot: p.slot.clone(),
         since_lsn: p.since_lsn.to_string(),
@@ -521,14 +542,23 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
         covered_until: p.covered_until,
         packs: state.packs.len(),
         bytes: state.packs.iter().map(|p| p.size).sum(),
+        earlier: spans
+            .iter()
+            .filter(|s| s.next.is_some() && s.start <= s.durable) // retention left some of it
+            .map(|s| EarlierStreamLine {
+                slot: s.slot.clone(),
+                since_lsn: s.since.to_string(),
+                durable_lsn: s.durable.to_string(),
+                covered_until: s.covered_until,
+            })
+            .collect(),
     });
     let window = match &org {
         Some(o) => {
             let (manifests, _) = plan::tenant_snapshots(&repo, o)
                 .await
                 .map_err(crate::restore::RestoreError::from)?;
-            (!manifests.is_empty())
-                .then(|| plan::window_of(&manifests, state.progress.as_ref(), state.durable()))
+            (!manifests.is_empty()).then(|| plan::window_of(&manifests, &spans))
         }
         None => None,
     };
@@ -551,26 +581,46 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
     }
     println!("repository {}", report.repository);
     if let (Some(t), Some(w)) = (&report.tenant, &report.window) {
+        let ranges: Vec<String> = w
+            .ranges
+            .iter()
+            .map(|r| format!("from {} to {}", time(r.from), time(r.to)))
+            .collect();
         println!(
-            "tenant {t}: restorable from {} to {} ({} snapshot(s))",
-            time(w.earliest),
-            time(w.covered_until),
-            w.snapshots
+            "tenant {t}: restorable {} ({} snapshot(s){})",
+            ranges.join(", "),
+            w.snapshots,
+            if ranges.len() > 1 {
+                "; nothing was captured between these ranges"
+            } else {
+                ""
+            }
         );
     }
     match &report.stream {
-        Some(s) => println!(
-            "change stream (slot {}): {} pack(s), {}, durable up to LSN {}, covered until {}",
-            s.slot,
-            s.packs,
-            human_bytes(s.bytes),
-            s.durable_lsn,
-            if s.covered_until == DateTime::<Utc>::UNIX_EPOCH {
-                "nothing yet (is `updog-backup daemon` running?)".to_string()
-            } else {
-                time(s.covered_until)
+        Some(s) => {
+            for e in &s.earlier {
+                println!(
+                    "earlier change stream (slot {}, replaced by `updog-backup init`): LSN {} to {}, covered until {}",
+                    e.slot,
+                    e.since_lsn,
+                    e.durable_lsn,
+                    time(e.covered_until)
+                );
             }
-        ),
+            println!(
+                "change stream (slot {}): {} pack(s), {}, durable up to LSN {}, covered until {}",
+                s.slot,
+                s.packs,
+                human_bytes(s.bytes),
+                s.durable_lsn,
+                if s.covered_until == DateTime::<Utc>::UNIX_EPOCH {
+                    "nothing yet (is `updog-backup daemon` running?)".to_string()
+                } else {
+                    time(s.covered_until)
+                }
+            )
+        }
         None => println!("no change stream: run `updog-backup init`, then `updog-backup daemon`"),
     }
     if report.snapshots.is_empty() {
@@ -696,7 +746,6 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
 
 async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), Error> {
     let (repo, org) = open_repository(config, org.as_deref()).await?;
-    let store = repo.store().clone();
     let identities = if deep {
         Some(Arc::new(Identities::load(
             config.encryption.identity_file.as_deref(),
@@ -704,9 +753,67 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
     } else {
         None
     };
-    let (mut checked, mut failed) = (0usize, 0usize);
-    let ids = match &org {
-        Some(o) => plan::tenant_snapshots(&repo, o)
+    let mut tally = Tally::default();
+    verify_snapshots(&repo, org.as_deref(), identities.as_ref(), &mut tally).await?;
+    verify_stream(
+        repo.store(),
+        org.as_deref(),
+        identities.as_ref(),
+        &mut tally,
+    )
+    .await?;
+    verify_checkpoints(repo.store(), &mut tally).await?;
+    let what = if deep {
+        "decrypted and parsed"
+    } else {
+        "digests checked"
+    };
+    println!(
+        "{} object(s) {what}, {} failed",
+        tally.checked, tally.failed
+    );
+    if tally.failed == 0 {
+        Ok(())
+    } else {
+        Err(Error::Failed(format!(
+            "{} object(s) failed verification",
+            tally.failed
+        )))
+    }
+}
+
+/// What `verify` checked and how much of it failed. Each failure is printed when found, with
+/// the error naming the object.
+#[derive(Default)]
+struct Tally {
+    checked: usize,
+    failed: usize,
+}
+
+impl Tally {
+    fn record(
+        &mut self,
+        result: Result<(), crate::repository::RepositoryError>,
+        print: impl Fn(&str),
+    ) {
+        self.checked += 1;
+        if let Err(e) = result {
+            print(&format!("FAILED {e}"));
+            self.failed += 1;
+        }
+    }
+}
+
+/// Every snapshot's manifest (its own digest and id), then its objects (of `org` only, with
+/// the global ones, when given).
+async fn verify_snapshots(
+    repo: &Repository,
+    org: Option<&str>,
+    identities: Option<&Arc<Identities>>,
+    tally: &mut Tally,
+) -> Result<(), Error> {
+    let ids = match org {
+        Some(o) => plan::tenant_snapshots(repo, o)
             .await
             .map_err(crate::restore::RestoreError::from)?
             .0
@@ -719,91 +826,99 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
         let manifest = match repo.manifest(&id).await {
             Ok(m) => m,
             Err(e) => {
-                println!("FAILED {id}: {e}");
-                failed += 1;
+                tally.record(Err(e), |m| println!("{m}"));
                 continue;
             }
         };
-        let wanted = |part: &Part<'_>| match (part, &org) {
-            (Part::Tenant(t), Some(o)) => t == o,
+        let wanted = |part: &Part<'_>| match (part, org) {
+            (Part::Tenant(t), Some(o)) => *t == o,
             _ => true,
         };
         let parts: Vec<Part<'_>> = manifest.parts().filter(wanted).collect();
         let progress = Progress::new("verify", "objects", Unit::StoredBytes, parts.len() as u64);
         for part in parts {
-            checked += 1;
-            if let Err(e) = reader::check_part(&store, &manifest, part, identities.clone()).await {
-                progress.println(&format!("FAILED {e}"));
-                failed += 1;
-            }
+            let identities = identities.cloned();
+            let result = reader::check_part(repo.store(), &manifest, part, identities).await;
+            tally.record(result, |m| progress.println(m));
             progress.advance(manifest.object(part).map_or(0, |o| o.bytes));
         }
         progress.finish();
     }
-    // The change stream: every pack's footer, and its sections (the tenant's and the global
-    // ones with --org).
-    let state = crate::repository::pack::StreamState::read(&store).await?;
-    if let Some(p) = &state.progress
-        && let Err(gap) = state.chain_from(p.since_lsn)
+    Ok(())
+}
+
+/// The change stream: that its packs tile it without a gap, then every pack.
+async fn verify_stream(
+    store: &Arc<dyn ObjectStore>,
+    org: Option<&str>,
+    identities: Option<&Arc<Identities>>,
+    tally: &mut Tally,
+) -> Result<(), Error> {
+    let state = crate::repository::pack::StreamState::read(store).await?;
+    // From where the kept chain starts: retention deletes the packs before it on purpose.
+    if let Some(start) = state.start()
+        && let Err(gap) = state.chain_from(start)
     {
         println!("FAILED change stream: {gap}");
-        failed += 1;
+        tally.failed += 1;
     }
-    let sections = Progress::new(
+    let progress = Progress::new(
         "verify",
         "packs",
         Unit::StoredBytes,
         state.packs.len() as u64,
     );
     for p in &state.packs {
-        checked += 1;
-        let result = async {
-            let footer = crate::repository::pack::read_footer(&store, &p.key, p.size).await?;
-            for (index, entry) in footer.sections.iter().enumerate() {
-                if org.is_some() && entry.tenant.is_some() && entry.tenant != org {
-                    continue;
-                }
-                match &identities {
-                    None => {
-                        crate::repository::pack::verify_section_digest(&store, &p.key, index, entry)
-                            .await?
-                    }
-                    Some(ids) => {
-                        let mut rx = crate::repository::pack::stream_section(
-                            &store,
-                            &p.key,
-                            index,
-                            entry,
-                            ids.clone(),
-                        )
-                        .await?;
-                        while let Some(m) = rx.recv().await {
-                            m?;
-                        }
-                    }
+        let result = verify_pack(store, p, org, identities).await;
+        tally.record(result, |m| progress.println(m));
+        progress.advance(p.size);
+    }
+    progress.finish();
+    Ok(())
+}
+
+/// One pack: its footer, its sections (the tenant's and the global ones with --org; with
+/// --deep decrypted and parsed), and its routing region, which restores never read but a
+/// restarted daemon rebuilds its routing state from.
+async fn verify_pack(
+    store: &Arc<dyn ObjectStore>,
+    p: &crate::repository::pack::PackRef,
+    org: Option<&str>,
+    identities: Option<&Arc<Identities>>,
+) -> Result<(), crate::repository::RepositoryError> {
+    use crate::repository::pack;
+    let footer = pack::read_footer(store, &p.key, p.size).await?;
+    for (index, entry) in footer.sections.iter().enumerate() {
+        if org.is_some() && entry.tenant.is_some() && entry.tenant.as_deref() != org {
+            continue;
+        }
+        match identities {
+            None => pack::verify_section_digest(store, &p.key, index, entry).await?,
+            Some(ids) => {
+                let mut rx = pack::stream_section(store, &p.key, index, entry, ids.clone()).await?;
+                while let Some(m) = rx.recv().await {
+                    m?;
                 }
             }
-            Ok::<_, crate::repository::RepositoryError>(())
         }
-        .await;
-        if let Err(e) = result {
-            sections.println(&format!("FAILED {e}"));
-            failed += 1;
+    }
+    if let Some(region) = &footer.routes {
+        crate::capture::routes::read_pack_region(store, &p.key, region).await?;
+    }
+    Ok(())
+}
+
+/// Every routing checkpoint: a daemon restarts from the newest one before its durable LSN.
+async fn verify_checkpoints(store: &Arc<dyn ObjectStore>, tally: &mut Tally) -> Result<(), Error> {
+    use crate::capture::routes;
+    for (_, key) in routes::checkpoints(store).await? {
+        match routes::read_checkpoint(store, &key).await {
+            // Retention deleted it since the listing.
+            Err(crate::repository::RepositoryError::Storage(
+                crate::storage::StorageError::NotFound { .. },
+            )) => {}
+            result => tally.record(result.map(drop), |m| println!("{m}")),
         }
-        sections.advance(p.size);
     }
-    sections.finish();
-    let what = if deep {
-        "decrypted and parsed"
-    } else {
-        "digests checked"
-    };
-    println!("{checked} object(s) {what}, {failed} failed");
-    if failed == 0 {
-        Ok(())
-    } else {
-        Err(Error::Failed(format!(
-            "{failed} object(s) failed verification"
-        )))
-    }
+    Ok(())
 }

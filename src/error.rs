@@ -71,7 +71,10 @@ impl Error {
 fn codec_is_usage(e: &CodecError) -> bool {
     matches!(
         e,
-        CodecError::Recipient(_) | CodecError::Identity { .. } | CodecError::WrongIdentity
+        CodecError::Recipient(_)
+            | CodecError::RecipientMismatch { .. }
+            | CodecError::Identity { .. }
+            | CodecError::WrongIdentity
     )
 }
 

@@ -227,6 +227,7 @@ mod tests {
                 last_pack_end: Some(Lsn(1000)),
                 covered_until: Utc::now(),
                 updated_at: Utc::now(),
+                earlier: vec![],
             },
         )
         .await
@@ -290,6 +291,79 @@ mod tests {
         // Nothing more to do.
         let again = super::plan(&repo, 2).await.unwrap();
         assert_eq!(again.objects(), 0);
+    }
+
+    /// Two streams (`init` restarted it after its slot was lost): retention deletes by LSN
+    /// across both, and every stream's reference to packs it deleted stays harmless: each kept
+    /// snapshot still finds the packs it replays, and no stream shows a gap.
+    #[tokio::test]
+    async fn streams_replaced_by_init_are_pruned_like_the_current_one() {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let repo = Repository::new(store.clone());
+        let mut progress = StreamProgress {
+            format_version: crate::repository::FORMAT_VERSION,
+            slot: "old".into(),
+            since_lsn: Lsn(100),
+            durable_lsn: Lsn(300),
+            last_pack_end: Some(Lsn(300)),
+            covered_until: Utc::now(),
+            updated_at: Utc::now(),
+            earlier: vec![],
+        };
+        write_progress(&store, &progress).await.unwrap();
+        progress = StreamState::read(&store)
+            .await
+            .unwrap()
+            .restart("new", Lsn(500));
+        (progress.durable_lsn, progress.last_pack_end) = (Lsn(700), Some(Lsn(700)));
+        write_progress(&store, &progress).await.unwrap();
+        for (a, b) in [(100, 200), (200, 300), (500, 600), (600, 700)] {
+            put(&store, &pack::key(Lsn(a), Lsn(b))).await;
+        }
+        // Every snapshot writes a routing checkpoint at its consistent LSN.
+        let mut snapshots = Vec::new();
+        for (hour, lsn) in [(1, 100), (2, 250), (4, 500), (5, 650)] {
+            snapshot(&repo, hour, lsn, true).await;
+            put(&store, &routes::checkpoint_key(Lsn(lsn))).await;
+            snapshots.push(Lsn(lsn));
+        }
+
+        // Each kept snapshot replays within its own stream; every stream's kept packs tile it.
+        let restorable = async |kept: &[Lsn]| {
+            let state = StreamState::read(&store).await.unwrap();
+            let spans = state.spans();
+            for span in &spans {
+                state.chain_in(span, span.start).unwrap();
+            }
+            for lsn in kept {
+                let span = spans.iter().find(|s| s.follows(*lsn)).unwrap();
+                state.chain_in(span, *lsn).unwrap();
+            }
+            state
+        };
+
+        // The oldest kept snapshot is in the old stream: the packs before it go.
+        let pruned = plan(&repo, 3).await.unwrap();
+        let packs: Vec<_> = pruned.packs.iter().map(|p| (p.start.0, p.end.0)).collect();
+        assert_eq!(packs, vec![(100, 200)]);
+        apply(&repo, &pruned, |_, _| {}).await.unwrap();
+        let state = restorable(&snapshots[1..]).await;
+        assert_eq!(state.spans()[0].start, Lsn(200));
+
+        // Then in the new one: the old stream's packs are all gone, and with its snapshots no
+        // restore can reach it any more.
+        let pruned = plan(&repo, 2).await.unwrap();
+        let packs: Vec<_> = pruned.packs.iter().map(|p| (p.start.0, p.end.0)).collect();
+        assert_eq!(packs, vec![(200, 300)]);
+        apply(&repo, &pruned, |_, _| {}).await.unwrap();
+        let state = restorable(&snapshots[2..]).await;
+        assert!(state.chain_from(Lsn(250)).is_err());
+        assert!(
+            state
+                .spans()
+                .iter()
+                .all(|s| s.next.is_none() || !s.follows(Lsn(250)))
+        );
     }
 
     #[tokio::test]

@@ -9,7 +9,9 @@
 //! Each input is parsed as a manifest under
 //! `snapshots/20261126T120000Z-0000000016B3748A/manifest.json`, again under the key its `id`
 //! field names when that differs (so inputs need not guess the fixed id to be accepted), and as
-//! `repo.json`.
+//! `repo.json`. A manifest carries a SHA-256 of its own content, which mutations break: each
+//! JSON object input is also parsed with its `digest` recomputed, so that the checks behind it
+//! (fields, key, id against the consistent point) are fuzzed too.
 //!
 //! Run from the repository root (stable toolchain; see scripts/fuzz.sh for why the environment
 //! variable, and to install cargo-fuzz):
@@ -27,6 +29,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use serde_json::Value;
+use updog_backup::repository::manifest::content_digest;
 use updog_backup::repository::{Manifest, RepoInfo, SnapshotId, keys};
 
 const KEY: &str = "snapshots/20261126T120000Z-0000000016B3748A/manifest.json";
@@ -64,6 +68,24 @@ fn key_named_by(bytes: &[u8]) -> Option<String> {
     Some(keys::manifest(&id))
 }
 
+/// The input with the `digest` its other fields call for, if it is a JSON object.
+fn resealed(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut value: Value = serde_json::from_slice(bytes).ok()?;
+    value.as_object_mut()?.remove("digest");
+    let digest = content_digest(&value);
+    value
+        .as_object_mut()?
+        .insert("digest".into(), digest.into());
+    serde_json::to_vec(&value).ok()
+}
+
+fn check_manifest_keys(bytes: &[u8]) {
+    check_manifest(KEY, bytes);
+    if let Some(key) = key_named_by(bytes).filter(|k| k != KEY) {
+        check_manifest(&key, bytes);
+    }
+}
+
 fn check_repo_info(bytes: &[u8]) {
     match RepoInfo::parse(bytes) {
         Ok(info) => {
@@ -82,9 +104,9 @@ fn check_repo_info(bytes: &[u8]) {
 }
 
 fuzz_target!(|data: &[u8]| {
-    check_manifest(KEY, data);
-    if let Some(key) = key_named_by(data).filter(|k| k != KEY) {
-        check_manifest(&key, data);
+    check_manifest_keys(data);
+    if let Some(resealed) = resealed(data) {
+        check_manifest_keys(&resealed);
     }
     check_repo_info(data);
 });

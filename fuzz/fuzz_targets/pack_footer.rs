@@ -3,10 +3,10 @@
 //! A pack comes from the object store, which a restore or a restarted daemon must not trust: the
 //! trailer's footer length, the footer JSON and every offset in it can be anything. Reading must
 //! return the footer or an error, never panic, never allocate more than the pack justifies. An
-//! accepted footer must also be one the reader could have been given honestly: format version 1,
-//! the LSN range of its key, and sections (then the routing region) tiling every byte before the
-//! footer exactly — checked here with overflow-proof arithmetic — and it must read back equal
-//! after encoding it again.
+//! accepted footer must also be one the reader could have been given honestly: the repository's
+//! format version, the LSN range of its key, and sections (then the routing region) tiling every
+//! byte before the footer exactly — checked here with overflow-proof arithmetic — and it must
+//! read back equal after encoding it again.
 //!
 //! The first input byte chooses how the rest becomes a pack (stored in a `MemoryStore` under
 //! `changes/0000000000000100-0000000000000200.pack` and read with its real size):
@@ -40,6 +40,7 @@ use libfuzzer_sys::arbitrary::{Result as ArbitraryResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use updog_backup::replication::Lsn;
+use updog_backup::repository::FORMAT_VERSION;
 use updog_backup::repository::pack::{
     self, PackFooter, Region, SectionEntry, TRAILER_LEN, TRAILER_MAGIC,
 };
@@ -99,10 +100,10 @@ fn read(pack: Vec<u8>) -> Option<PackFooter> {
     }
 }
 
-/// What an honest writer could have produced: version 1, the key's range, regions that tile
-/// `[0, footer_start)` exactly.
+/// What an honest writer could have produced: the format version, the key's range, regions that
+/// tile `[0, footer_start)` exactly.
 fn check_accepted(footer: &PackFooter, footer_start: u64) {
-    assert_eq!(footer.format_version, 1, "accepted {footer:?}");
+    assert_eq!(footer.format_version, FORMAT_VERSION, "accepted {footer:?}");
     assert_eq!(
         (footer.start_lsn, footer.end_lsn),
         (START, END),
@@ -229,7 +230,11 @@ fn structured(u: &mut Unstructured<'_>) -> ArbitraryResult<(PackFooter, usize)> 
         None
     };
     let footer = PackFooter {
-        format_version: if u.ratio(15, 16)? { 1 } else { u.arbitrary()? },
+        format_version: if u.ratio(15, 16)? {
+            FORMAT_VERSION
+        } else {
+            u.arbitrary()?
+        },
         start_lsn: lsn(u, START)?,
         end_lsn: lsn(u, END)?,
         covered_until: time(u)?,

@@ -1,5 +1,6 @@
-//! Fuzzes the routing-state decoder (`capture::routes::decode`): checkpoints
-//! (`changes/routes-<lsn>.zst`) and the `routes` regions of packs.
+//! Fuzzes the routing-state decoder (`capture::routes::decode` and `decode_checkpoint`):
+//! checkpoints (`changes/routes-<lsn>.zst`, whose header must name their key's LSN) and the
+//! `routes` regions of packs.
 //!
 //! They are stored compressed but not encrypted, and their digest is a plain SHA-256 anyone can
 //! recompute, so a hostile repository can feed the daemon any bytes here. Decoding must return
@@ -15,8 +16,8 @@
 //! - `% 4 == 2`: the same, but the target also writes the magic and the header length: the
 //!   bytes are a JSON header followed by operations (the length is that of the first JSON value
 //!   in them, or of all of them), so mutating the header never breaks its framing.
-//! - `% 4 == 3`: the bytes drive a list of deltas that is encoded with `routes::encode` and must
-//!   decode back to itself.
+//! - `% 4 == 3`: the bytes drive a list of deltas that is encoded with `routes::encode` (and
+//!   `encode_checkpoint`) and must decode back to itself.
 //!
 //! Run from the repository root (stable toolchain; see scripts/fuzz.sh for why the environment
 //! variable, and to install cargo-fuzz):
@@ -39,7 +40,9 @@ use libfuzzer_sys::arbitrary::{Result as ArbitraryResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use updog_backup::capture::router::Delta;
-use updog_backup::capture::routes::{checkpoint_key, decode, encode};
+use updog_backup::capture::routes::{
+    checkpoint_key, decode, decode_checkpoint, encode, encode_checkpoint,
+};
 use updog_backup::replication::Lsn;
 
 const MAGIC: &[u8; 8] = b"UPDOGRT\x01";
@@ -51,11 +54,17 @@ fn seal(mut plain: Vec<u8>) -> Vec<u8> {
     zstd::bulk::compress(&plain, 1).expect("compressing in memory")
 }
 
+const KEY_LSN: Lsn = Lsn(0x16_B374_8A00);
+
 fn key() -> String {
-    checkpoint_key(Lsn(0x16_B374_8A00))
+    checkpoint_key(KEY_LSN)
 }
 
 fn check(bytes: &[u8]) -> Option<Vec<Delta>> {
+    // The same bytes read as a checkpoint: one more header check on the same decoder.
+    if let Err(error) = decode_checkpoint(&key(), bytes) {
+        drop(error.to_string());
+    }
     match decode(&key(), bytes) {
         Ok(deltas) => Some(deltas),
         // The error must render without panicking too.
@@ -89,7 +98,12 @@ fn deltas(u: &mut Unstructured<'_>) -> ArbitraryResult<Vec<Delta>> {
             0 => Delta::Set {
                 map,
                 key: u.arbitrary()?,
-                tenant: name(u, &TENANTS)?,
+                // None: a row of no tenant.
+                tenant: if u.ratio(1, 8)? {
+                    None
+                } else {
+                    Some(name(u, &TENANTS)?)
+                },
             },
             1 => Delta::Remove {
                 map,
@@ -130,6 +144,14 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(
                 decoded, deltas,
                 "deltas changed by encoding and decoding them"
+            );
+            let checkpoint = decode_checkpoint(&key(), &encode_checkpoint(KEY_LSN, &deltas))
+                .unwrap_or_else(|e| {
+                    panic!("an encoded checkpoint does not decode ({e}): {deltas:?}")
+                });
+            assert_eq!(
+                checkpoint, deltas,
+                "a checkpoint changed by encoding and decoding it"
             );
         }
     }

@@ -16,6 +16,7 @@
 //! WAL that no commit flushes (page pruning by readers) can sit unflushed for many seconds and
 //! would hold covered-until back on an idle source.
 
+pub mod gaps;
 pub mod router;
 pub mod routes;
 pub mod spool;
@@ -41,7 +42,7 @@ use crate::replication::{
 };
 use crate::repository::pack::{StreamProgress, StreamState, write_progress};
 use crate::repository::{Repository, RepositoryError};
-use crate::source::catalog::{Catalog, CatalogError};
+use crate::source::catalog::{Catalog, CatalogError, quote_ident};
 use crate::source::publication::PublicationError;
 use crate::source::{SourceError, connection_lost, query_context};
 use crate::storage::StorageError;
@@ -78,6 +79,8 @@ pub enum CaptureError {
     Decode(#[from] pgoutput::DecodeError),
     #[error(transparent)]
     Publication(#[from] crate::source::publication::PublicationError),
+    #[error("checking the publication's coverage: {0}")]
+    Coverage(#[from] gaps::GapError),
     #[error("unexpected replication stream: {0}")]
     Protocol(String),
     #[error(
@@ -111,11 +114,13 @@ impl CaptureError {
             // Read over the daemon's SQL connection: a restarting server is no reason to stop.
             CaptureError::Catalog(CatalogError::Query(e)) => !connection_lost(e),
             CaptureError::Catalog(_) => true,
-            CaptureError::Publication(PublicationError::Source(SourceError::Query {
-                source: e,
-                ..
-            })) => !connection_lost(e),
-            CaptureError::Publication(_) => true,
+            CaptureError::Publication(e)
+            | CaptureError::Coverage(gaps::GapError::Publication(e)) => match e {
+                PublicationError::Source(SourceError::Query { source, .. }) => {
+                    !connection_lost(source)
+                }
+                _ => true,
+            },
             CaptureError::Route(e) => !matches!(e, RouteError::UnknownTable { .. }),
             CaptureError::Repository(e) => !matches!(e, RepositoryError::Storage(_)),
             CaptureError::Replication(e) => !e.is_retryable(),
@@ -271,7 +276,7 @@ async fn session(
 ) -> Result<(), CaptureError> {
     let info = repo.info().await?;
     let catalog = Catalog::load(admin, &config.source).await?;
-    crate::source::publication::verify(admin, &config.source.publication, &catalog).await?;
+    gaps::check_publication(repo, admin, &config.source.publication, &catalog).await?;
     let pg = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
     let mut connection = ReplicationConnection::connect_tls(&pg.config, &pg.tls).await?;
     let system = connection.identify_system().await?;
@@ -301,15 +306,7 @@ async fn session(
         _ => {
             // The first session after `init`: the stream begins at the slot's consistent
             // point, where the first snapshot ends.
-            let p = StreamProgress {
-                format_version: crate::repository::FORMAT_VERSION,
-                slot: slot.clone(),
-                since_lsn: state.confirmed_flush,
-                durable_lsn: state.confirmed_flush,
-                covered_until: DateTime::<Utc>::UNIX_EPOCH,
-                last_pack_end: None,
-                updated_at: Utc::now(),
-            };
+            let p = stream_state.restart(slot, state.confirmed_flush);
             write_progress(repo.store(), &p).await?;
             (state.confirmed_flush, p)
         }
@@ -696,9 +693,10 @@ impl Capture {
                     Routed::One(Destination::Global) => self.writer.change(None, oid, message)?,
                     Routed::One(Destination::Skip) => {}
                     Routed::Moved { from, to } => {
-                        let (delete, insert) = split_move(self.router.relation_of(oid)?, message)?;
-                        self.writer.change(Some(from), oid, &delete)?;
-                        self.writer.change(Some(to), oid, &insert)?;
+                        let relation = self.router.relation_of(oid)?;
+                        for (tenant, change) in split_move(relation, message, from, to)? {
+                            self.writer.change(Some(tenant), oid, &change)?;
+                        }
                     }
                 }
             }
@@ -761,55 +759,166 @@ fn strip_xid(mut message: Message) -> Message {
     message
 }
 
-/// An UPDATE that moved a row to another tenant: a DELETE for the old one, an INSERT for the
-/// new one.
+/// An UPDATE that moved a row between tenants, or into or out of every tenant, as each tenant's
+/// restore must replay it: a DELETE of the old row for the tenant it left (`from`), whose
+/// restore has the row, and an INSERT of the whole new row for the one it joined (`to`), whose
+/// restore does not. Both are built before either is stored.
 fn split_move(
     relation: &pgoutput::Relation,
     message: &Message,
-) -> Result<(Message, Message), CaptureError> {
+    from: Option<Arc<str>>,
+    to: Option<Arc<str>>,
+) -> Result<Vec<(Arc<str>, Message)>, CaptureError> {
     let Message::Update(update) = message else {
         return Err(CaptureError::Protocol("only an UPDATE moves a row".into()));
     };
-    let table = router::relation_name(relation);
-    if update
-        .new
-        .0
-        .iter()
-        .any(|v| matches!(v, Value::UnchangedToast))
-    {
-        return Err(RouteError::Tuple {
-            table,
-            message: "a row moved to another tenant with an unchanged TOASTed value; use REPLICA IDENTITY FULL".into(),
-        }
-        .into());
+    let mut changes = Vec::with_capacity(2);
+    if let Some(from) = from {
+        // Without an old row no replica identity column changed: the new row's are the old's.
+        let old = update.old.clone().unwrap_or_else(|| {
+            OldTuple::Key(Tuple(
+                relation
+                    .columns
+                    .iter()
+                    .zip(&update.new.0)
+                    .map(|(c, v)| {
+                        if c.part_of_key {
+                            v.clone()
+                        } else {
+                            Value::Null
+                        }
+                    })
+                    .collect(),
+            ))
+        });
+        changes.push((
+            from,
+            Message::Delete(pgoutput::Delete {
+                xid: None,
+                relation: update.relation,
+                old,
+            }),
+        ));
     }
-    let old = match &update.old {
-        Some(old) => old.clone(),
-        None => OldTuple::Key(Tuple(
-            relation
-                .columns
-                .iter()
-                .zip(&update.new.0)
-                .map(|(c, v)| {
-                    if c.part_of_key {
-                        v.clone()
-                    } else {
-                        Value::Null
+    if let Some(to) = to {
+        // pgoutput leaves out of the new row a TOASTed value the UPDATE did not change; the
+        // whole old row that REPLICA IDENTITY FULL sends carries it (detoasted).
+        let old_row = match &update.old {
+            Some(OldTuple::Full(t)) => Some(t),
+            _ => None,
+        };
+        let mut new = update.new.clone();
+        for (i, value) in new.0.iter_mut().enumerate() {
+            if !matches!(value, Value::UnchangedToast) {
+                continue;
+            }
+            match old_row.and_then(|t| t.0.get(i)) {
+                Some(old) if !matches!(old, Value::UnchangedToast) => *value = old.clone(),
+                _ => {
+                    return Err(RouteError::MovedWithoutValue {
+                        table: router::relation_name(relation),
+                        sql: format!(
+                            "{}.{}",
+                            quote_ident(&relation.namespace),
+                            quote_ident(&relation.name)
+                        ),
+                        column: relation.columns[i].name.clone(),
                     }
+                    .into());
+                }
+            }
+        }
+        changes.push((
+            to,
+            Message::Insert(pgoutput::Insert {
+                xid: None,
+                relation: update.relation,
+                new,
+            }),
+        ));
+    }
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::replication::pgoutput::{Column, Relation, ReplicaIdentity, Update};
+
+    fn relation() -> Relation {
+        Relation {
+            xid: None,
+            oid: 7,
+            namespace: "app".into(),
+            name: "funds".into(),
+            replica_identity: ReplicaIdentity::Default,
+            columns: ["id", "org", "notes"]
+                .iter()
+                .map(|c| Column {
+                    part_of_key: *c == "id",
+                    name: c.to_string(),
+                    type_oid: 25,
+                    type_modifier: -1,
                 })
                 .collect(),
-        )),
-    };
-    Ok((
-        Message::Delete(pgoutput::Delete {
+        }
+    }
+
+    fn text(v: &str) -> Value {
+        Value::Text(bytes::Bytes::copy_from_slice(v.as_bytes()))
+    }
+
+    fn moved(old: Option<OldTuple>) -> Message {
+        Message::Update(Update {
             xid: None,
-            relation: update.relation,
+            relation: 7,
             old,
-        }),
-        Message::Insert(pgoutput::Insert {
-            xid: None,
-            relation: update.relation,
-            new: update.new.clone(),
-        }),
-    ))
+            new: Tuple(vec![text("f1"), text("t2"), Value::UnchangedToast]),
+        })
+    }
+
+    #[test]
+    fn a_move_is_a_delete_for_the_old_tenant_and_a_whole_insert_for_the_new() {
+        let (t1, t2): (Arc<str>, Arc<str>) = (Arc::from("t1"), Arc::from("t2"));
+        let full = OldTuple::Full(Tuple(vec![text("f1"), text("t1"), text("long")]));
+        let changes = split_move(
+            &relation(),
+            &moved(Some(full.clone())),
+            Some(t1.clone()),
+            Some(t2.clone()),
+        )
+        .unwrap();
+        let [
+            (from, Message::Delete(delete)),
+            (to, Message::Insert(insert)),
+        ] = &changes[..]
+        else {
+            panic!("{changes:?}");
+        };
+        assert_eq!((from, to), (&t1, &t2));
+        assert_eq!(delete.old, full);
+        // The unchanged TOASTed value comes from the whole old row.
+        assert_eq!(insert.new.0, [text("f1"), text("t2"), text("long")]);
+
+        // Out of every tenant, without an old row: a DELETE by the key the new row shows.
+        let changes = split_move(&relation(), &moved(None), Some(t1.clone()), None).unwrap();
+        let [(_, Message::Delete(delete))] = &changes[..] else {
+            panic!("{changes:?}");
+        };
+        assert_eq!(
+            delete.old,
+            OldTuple::Key(Tuple(vec![text("f1"), Value::Null, Value::Null]))
+        );
+
+        // Into a tenant without the value: refused, naming the fix.
+        let error = split_move(&relation(), &moved(None), None, Some(t2)).unwrap_err();
+        assert!(
+            matches!(&error, CaptureError::Route(RouteError::MovedWithoutValue { column, .. }) if column == "notes"),
+            "{error}"
+        );
+        assert!(
+            error.to_string().contains("REPLICA IDENTITY FULL"),
+            "{error}"
+        );
+    }
 }

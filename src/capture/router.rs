@@ -5,10 +5,19 @@
 //! only the parent's key, so the router keeps, for every table some route passes through, a
 //! map from its referenced key to the tenant: loaded from the source when capture starts and
 //! kept current by the stream itself (inserts add keys, deletes remove them when their
-//! transaction commits, so cascaded deletes later in the same transaction still route).
+//! transaction commits, so cascaded deletes later in the same transaction still route). The
+//! maps hold the rows of no tenant too: their children belong to no tenant either, and a
+//! key missing from a map must mean "unknown", never "no tenant".
 //!
-//! A change that cannot be routed — a DELETE whose replica identity lacks the route's columns,
-//! a child whose parent key is unknown — is an error naming the table, never a silent drop.
+//! An UPDATE is routed by its old row as well as its new one: a row can change tenant, or
+//! enter or leave every tenant, and then it is a DELETE for the tenant it left and an INSERT
+//! for the one it joined. pgoutput sends the old row only with REPLICA IDENTITY FULL, or its
+//! key when the key changed; without it the new row's identity columns are the old row's, and
+//! the table's own key map, where it has one, gives the old tenant.
+//!
+//! A change that cannot be routed — a DELETE or an UPDATE whose old row (as far as the change
+//! and the key maps show it) lacks the route's columns, a child whose parent key is unknown —
+//! is an error naming the table, never a silent drop or a guess.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -39,18 +48,23 @@ pub enum Scope {
     Skip,
 }
 
-/// What a change means for the tenants it touches. An UPDATE that moves a row to another
-/// tenant is a delete for one and an insert for the other.
+/// What a change means for the tenants it touches.
 #[derive(Debug)]
 pub enum Routed {
     One(Destination),
-    Moved { from: Arc<str>, to: Arc<str> },
+    /// An UPDATE that changed the row's tenant (`None`: no tenant; never both `None`, never
+    /// equal): a DELETE for `from`, whose restore has the row, and an INSERT for `to`, whose
+    /// restore does not.
+    Moved {
+        from: Option<Arc<str>>,
+        to: Option<Arc<str>>,
+    },
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RouteError {
     #[error(
-        "cannot route a {op} on {table}: its old row lacks column {column} (replica identity {identity}); run `ALTER TABLE {sql} REPLICA IDENTITY FULL` (see `updog-backup check`)"
+        "cannot route {op} on {table}: its old row lacks column {column} (replica identity {identity}), so the tenant the row belonged to cannot be known; run `ALTER TABLE {sql} REPLICA IDENTITY FULL` (see `updog-backup check`). The changes already in the slot stay unroutable: then drop the replication slot and run `updog-backup init` to start a new stream from a new snapshot"
     )]
     MissingColumn {
         op: &'static str,
@@ -60,7 +74,7 @@ pub enum RouteError {
         identity: String,
     },
     #[error(
-        "cannot route a {op} on {table}: no row of {parent} with key ({key}) is known (it was deleted before the daemon saw the row that references it)"
+        "cannot route {op} on {table}: no row of {parent} with key ({key}) is known (it was deleted before the daemon saw the row that references it)"
     )]
     UnknownParent {
         op: &'static str,
@@ -72,6 +86,14 @@ pub enum RouteError {
         "table {table} appeared in the change stream but is not in the catalog loaded at start: restart the daemon to load it"
     )]
     UnknownTable { table: String },
+    #[error(
+        "cannot capture an UPDATE that moves a row of {table} into another tenant: it left column {column} unchanged and TOASTed, so the change lacks its value, and the new tenant's restore needs the whole row; run `ALTER TABLE {sql} REPLICA IDENTITY FULL` (the old row then carries it). The change already in the slot stays incomplete: then drop the replication slot and run `updog-backup init` to start a new stream from a new snapshot"
+    )]
+    MovedWithoutValue {
+        table: String,
+        sql: String,
+        column: String,
+    },
     #[error("a change names relation oid {0}, which no Relation message defined")]
     UnknownRelation(u32),
     #[error("{table}: {message}")]
@@ -88,7 +110,8 @@ struct KeyMap {
     /// `schema.table(col, …)`: how persisted state names the map.
     name: Arc<str>,
     columns: Vec<String>,
-    tenants: HashMap<KeyHash, Arc<str>>,
+    /// `None`: the row belongs to no tenant.
+    tenants: HashMap<KeyHash, Option<Arc<str>>>,
 }
 
 /// One change to the key maps, as persisted in packs.
@@ -97,7 +120,8 @@ pub enum Delta {
     Set {
         map: Arc<str>,
         key: KeyHash,
-        tenant: Arc<str>,
+        /// `None`: the row belongs to no tenant.
+        tenant: Option<Arc<str>>,
     },
     Remove {
         map: Arc<str>,
@@ -176,11 +200,19 @@ fn describe_key(parts: &[&[u8]]) -> String {
 impl Router {
     /// `salt`: mixed into every key hash (the source's system identifier).
     pub fn new(catalog: Catalog, schemas: &[String], salt: &str) -> Self {
+        // A partition's changes are its partitioned table's: published without
+        // publish_via_partition_root they name the partition, and with it pgoutput still sends
+        // the partition's Relation message as well as the root's, which the changes name.
         let by_name = catalog
             .tables
             .iter()
             .enumerate()
-            .map(|(i, t)| ((t.schema.clone(), t.name.clone()), i))
+            .flat_map(|(i, t)| {
+                let partitions = t.partitions.iter().flatten();
+                std::iter::once((t.schema.clone(), t.name.clone()))
+                    .chain(partitions.map(|p| (p.schema.clone(), p.name.clone())))
+                    .map(move |key| (key, i))
+            })
             .collect();
         let mut maps: HashMap<usize, Vec<KeyMap>> = HashMap::new();
         for table in &catalog.tables {
@@ -251,7 +283,7 @@ impl Router {
         for d in deltas {
             match d {
                 Delta::Set { map, key, tenant } => {
-                    let tenant = self.intern(tenant.as_bytes());
+                    let tenant = tenant.map(|t| self.intern(t.as_bytes()));
                     if let Some(m) = self.map_mut(&map) {
                         m.tenants.insert(key, tenant);
                     }
@@ -340,8 +372,8 @@ impl Router {
                     names: &wanted,
                     values: &values,
                 };
-                let Ok(Some(tenant)) = self.tenant_of(table, "load", &view) else {
-                    continue; // rows of no tenant; unknown parents cannot happen in one snapshot
+                let Ok(tenant) = self.tenant_of(table, "a loaded row", &view) else {
+                    continue; // unknown parents cannot happen in one snapshot
                 };
                 self.remember(table, &view, tenant);
                 loaded += 1;
@@ -371,9 +403,16 @@ impl Router {
                 table: format!("{}.{}", relation.namespace, relation.name),
             });
         }
-        if let Some(old) = self.relations.get(&relation.oid)
-            && old.relation.columns != relation.columns
-        {
+        let changed = match self.relations.get(&relation.oid) {
+            Some(old) => old.relation.columns != relation.columns,
+            // The table's first definition this session: against the catalog read at its start
+            // (a session often begins with the change that follows an ALTER).
+            None => table.is_some_and(|t| {
+                let known = self.catalog.tables[t].columns.iter().map(|c| &c.name);
+                !known.eq(relation.columns.iter().map(|c| &c.name))
+            }),
+        };
+        if changed {
             tracing::warn!(
                 table = %format!("{}.{}", relation.namespace, relation.name),
                 "table definition changed while capturing: restores across this change need a snapshot taken after it"
@@ -426,9 +465,9 @@ impl Router {
     /// Routes an Insert, Update or Delete and keeps the key maps current.
     pub fn route(&mut self, message: &Message) -> Result<Routed, RouteError> {
         let (oid, op, new, old) = match message {
-            Message::Insert(m) => (m.relation, "INSERT", Some(&m.new), None),
-            Message::Update(m) => (m.relation, "UPDATE", Some(&m.new), m.old.as_ref()),
-            Message::Delete(m) => (m.relation, "DELETE", None, Some(&m.old)),
+            Message::Insert(m) => (m.relation, "an INSERT", Some(&m.new), None),
+            Message::Update(m) => (m.relation, "an UPDATE", Some(&m.new), m.old.as_ref()),
+            Message::Delete(m) => (m.relation, "a DELETE", None, Some(&m.old)),
             _ => return Ok(Routed::One(Destination::Skip)),
         };
         let rel = self
@@ -456,46 +495,64 @@ impl Router {
                 });
             }
         }
-        let new_get = new.map(|tuple| RowView::Tuple {
+        let new_row = new.map(|tuple| RowView::Tuple {
             relation,
             tuple,
             key_only: false,
         });
-        let old_get = old.map(|t| RowView::Tuple {
-            relation,
-            tuple: t.tuple(),
-            key_only: matches!(t, OldTuple::Key(_)),
-        });
-        let new_tenant = new_get.as_ref().map(|g| self.tenant_of(table, op, g));
-        let old_tenant = old_get.as_ref().map(|g| self.tenant_of(table, op, g));
-        let (from, to) = match (old_tenant, new_tenant) {
-            (None, Some(n)) => (None, n?),
-            (Some(o), None) => (o?, None),
-            // An UPDATE: the new row decides, unless it lacks the route (then the row stays).
-            (Some(o), Some(n)) => match n {
-                Ok(to) => (o.ok().flatten(), to),
-                Err(RouteError::MissingColumn { .. }) => {
-                    let from = o?;
-                    (from.clone(), from)
-                }
-                Err(e) => return Err(e),
-            },
-            (None, None) => (None, None),
+        // The old row as far as the change shows it. An UPDATE carries none when no column of
+        // the replica identity changed: then the new row's identity columns are the old row's.
+        let old_row = match (old, new) {
+            (Some(t), _) => Some(RowView::Tuple {
+                relation,
+                tuple: t.tuple(),
+                key_only: matches!(t, OldTuple::Key(_)),
+            }),
+            (None, Some(tuple)) if matches!(message, Message::Update(_)) => Some(RowView::Tuple {
+                relation,
+                tuple,
+                key_only: true,
+            }),
+            (None, _) => None,
         };
-        // Key map updates: computed while the relation is borrowed, applied after.
+        let (from, to) = match (&old_row, &new_row) {
+            (None, Some(n)) => (None, self.tenant_of(table, op, n)?),
+            (Some(o), None) => (self.tenant_of(table, op, o)?, None),
+            (Some(o), Some(n)) => {
+                match (self.tenant_of(table, op, o), self.tenant_of(table, op, n)) {
+                    (Ok(from), Ok(to)) => (from, to),
+                    // A new row lacks a route column only when it is an unchanged TOASTed
+                    // value: the route did not change.
+                    (Ok(from), Err(RouteError::MissingColumn { .. })) => (from.clone(), from),
+                    // The old tenant is unknown (the replica identity lacks the route and no
+                    // key map knows the row): refused, not guessed. Taking the new tenant for
+                    // the old one would misroute every UPDATE that moves a row, silently — the
+                    // old tenant's restore would keep it, the new one's would fail. `check`
+                    // asks for REPLICA IDENTITY FULL on exactly these tables, which their
+                    // DELETEs need anyway; keeping a key map of every such table instead would
+                    // hold a key of every row in the daemon's memory and checkpoints.
+                    (Err(e), Ok(_) | Err(RouteError::MissingColumn { .. })) => return Err(e),
+                    // The new row's parent is unknown.
+                    (_, Err(e)) => return Err(e),
+                }
+            }
+            (None, None) => return Ok(Routed::One(Destination::Skip)),
+        };
+        // Key map updates: computed while the relation is borrowed, applied after. A new row's
+        // keys are remembered with its tenant, or as keys of no tenant.
         let mut doomed = Vec::new();
         let mut remembered = Vec::new();
         if let Some(maps) = self.maps.get(&table) {
             for (i, m) in maps.iter().enumerate() {
-                if let Some(row) = &old_get
+                if let Some(row) = &old_row
                     && let Some(key) = keys_of(&self.salt, m, row)
                 {
                     doomed.push((i, key));
                 }
-                if let (Some(row), Some(tenant)) = (&new_get, &to)
+                if let Some(row) = &new_row
                     && let Some(key) = keys_of(&self.salt, m, row)
                 {
-                    remembered.push((i, key, tenant.clone()));
+                    remembered.push((i, key, to.clone()));
                 }
             }
         }
@@ -515,11 +572,14 @@ impl Router {
                 });
             }
         }
-        Ok(match (from, to) {
-            (Some(from), Some(to)) if from != to => Routed::Moved { from, to },
-            (_, Some(to)) => Routed::One(Destination::Tenant(to)),
-            (Some(from), None) => Routed::One(Destination::Tenant(from)),
-            (None, None) => Routed::One(Destination::Skip),
+        let destination = |tenant: Option<Arc<str>>| match tenant {
+            Some(t) => Destination::Tenant(t),
+            None => Destination::Skip,
+        };
+        Ok(match message {
+            Message::Update(_) if from != to => Routed::Moved { from, to },
+            Message::Delete(_) => Routed::One(destination(from)),
+            _ => Routed::One(destination(to)),
         })
     }
 
@@ -571,7 +631,7 @@ impl Router {
                                 .and_then(|m| m.tenants.get(&hash_key(&self.salt, &m.name, &parts)))
                         });
                         match found {
-                            Some(tenant) => return Ok(Some(tenant.clone())),
+                            Some(tenant) => return Ok(tenant.clone()),
                             None => RouteError::UnknownParent {
                                 op,
                                 table: t.qualified(),
@@ -598,7 +658,7 @@ impl Router {
                 if let Some(parts) = parts
                     && let Some(tenant) = m.tenants.get(&hash_key(&self.salt, &m.name, &parts))
                 {
-                    return Ok(Some(tenant.clone()));
+                    return Ok(tenant.clone());
                 }
             }
         }
@@ -606,7 +666,7 @@ impl Router {
     }
 
     /// Loads a row's keys (not a change: nothing for the delta).
-    fn remember(&mut self, table: usize, row: &RowView<'_>, tenant: Arc<str>) {
+    fn remember(&mut self, table: usize, row: &RowView<'_>, tenant: Option<Arc<str>>) {
         if let Some(maps) = self.maps.get_mut(&table) {
             for m in maps {
                 if let Some(key) = keys_of(&self.salt, m, row) {
@@ -715,6 +775,8 @@ mod tests {
             replica_identity: catalog::ReplicaIdentity::Default(vec!["id".into()]),
             row_security: false,
             can_select: true,
+            unlogged: false,
+            partitions: None,
             scope,
         }
     }
@@ -847,18 +909,131 @@ mod tests {
     fn an_update_that_changes_the_tenant_moves_the_row() {
         let mut r = router();
         r.route(&insert(1, &["f1", "t1"])).unwrap();
-        let update = Message::Update(Update {
-            xid: None,
-            relation: 1,
-            old: Some(OldTuple::Full(tuple(&["f1", "t1"]))),
-            new: tuple(&["f1", "t2"]),
-        });
-        match r.route(&update).unwrap() {
-            Routed::Moved { from, to } => assert_eq!((&*from, &*to), ("t1", "t2")),
-            other => panic!("{other:?}"),
-        }
+        let update = update(1, Some(OldTuple::Full(tuple(&["f1", "t1"]))), &["f1", "t2"]);
+        assert_eq!(
+            moved(r.route(&update).unwrap()),
+            (Some("t1".into()), Some("t2".into()))
+        );
         // Its children follow the key map.
         assert_eq!(tenant(r.route(&insert(2, &["i9", "f1"])).unwrap()), "t2");
+    }
+
+    fn update(relation: u32, old: Option<OldTuple>, new: &[&str]) -> Message {
+        Message::Update(Update {
+            xid: None,
+            relation,
+            old,
+            new: tuple(new),
+        })
+    }
+
+    fn null_tuple(values: &[Option<&str>]) -> Tuple {
+        Tuple(
+            values
+                .iter()
+                .map(|v| match v {
+                    Some(v) => Value::Text(bytes::Bytes::copy_from_slice(v.as_bytes())),
+                    None => Value::Null,
+                })
+                .collect(),
+        )
+    }
+
+    fn moved(r: Routed) -> (Option<String>, Option<String>) {
+        match r {
+            Routed::Moved { from, to } => (from.map(|t| t.to_string()), to.map(|t| t.to_string())),
+            other => panic!("expected a move, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_update_without_its_old_row_finds_the_old_tenant_in_the_key_map() {
+        let mut r = router();
+        r.route(&insert(1, &["f1", "t1"])).unwrap();
+        r.route(&insert(1, &["f2", "t1"])).unwrap();
+        r.route(&insert(2, &["i1", "f2"])).unwrap();
+        r.commit();
+        // Default replica identity: the tenant column changed, the key did not, no old row.
+        assert_eq!(
+            moved(r.route(&update(1, None, &["f1", "t2"])).unwrap()),
+            (Some("t1".into()), Some("t2".into()))
+        );
+        // An UPDATE that leaves the tenant alone stays an UPDATE of that tenant.
+        assert_eq!(
+            tenant(r.route(&update(1, None, &["f1", "t2"])).unwrap()),
+            "t2"
+        );
+        // A key change carries the old key: the old tenant comes from the map by it.
+        let old = OldTuple::Key(null_tuple(&[Some("i1"), None]));
+        assert_eq!(
+            tenant(r.route(&update(2, Some(old), &["i2", "f2"])).unwrap()),
+            "t1"
+        );
+        r.commit();
+        assert!(r.route(&insert(3, &["l1", "i1"])).is_err(), "i1 became i2");
+        assert_eq!(tenant(r.route(&insert(3, &["l1", "i2"])).unwrap()), "t1");
+        // lots: no key map, and its replica identity lacks the route. Whether the row moved
+        // cannot be known, so even an UPDATE whose new row routes is refused, not guessed.
+        assert!(matches!(
+            r.route(&update(3, None, &["l1", "i2"])),
+            Err(RouteError::MissingColumn { .. })
+        ));
+    }
+
+    #[test]
+    fn rows_move_into_and_out_of_every_tenant() {
+        let mut r = router();
+        let full = |values: &[Option<&str>]| Some(OldTuple::Full(null_tuple(values)));
+        r.route(&insert(1, &["f1", "t1"])).unwrap();
+        let out = Message::Update(Update {
+            xid: None,
+            relation: 1,
+            old: full(&[Some("f1"), Some("t1")]),
+            new: null_tuple(&[Some("f1"), None]),
+        });
+        assert_eq!(moved(r.route(&out).unwrap()), (Some("t1".into()), None));
+        // Its children now belong to no tenant either: skipped, not an error.
+        assert!(matches!(
+            r.route(&insert(2, &["i1", "f1"])).unwrap(),
+            Routed::One(Destination::Skip)
+        ));
+        assert!(matches!(
+            r.route(&update(2, None, &["i1", "f1"])).unwrap(),
+            Routed::One(Destination::Skip)
+        ));
+        r.commit();
+        // Back in, without the old row: the key map knows the fund is of no tenant.
+        assert_eq!(
+            moved(r.route(&update(1, None, &["f1", "t2"])).unwrap()),
+            (None, Some("t2".into()))
+        );
+        assert_eq!(tenant(r.route(&insert(2, &["i2", "f1"])).unwrap()), "t2");
+    }
+
+    #[test]
+    fn keys_of_no_tenant_survive_a_checkpoint() {
+        let mut r = router();
+        let row = Message::Insert(Insert {
+            xid: None,
+            relation: 1,
+            new: null_tuple(&[Some("f1"), None]),
+        });
+        assert!(matches!(
+            r.route(&row).unwrap(),
+            Routed::One(Destination::Skip)
+        ));
+        r.commit();
+        let bytes = super::super::routes::encode(&r.checkpoint());
+        let mut fresh = router();
+        fresh.apply(super::super::routes::decode("k", &bytes).unwrap());
+        assert!(matches!(
+            fresh.route(&insert(2, &["i1", "f1"])).unwrap(),
+            Routed::One(Destination::Skip)
+        ));
+        assert!(
+            fresh.route(&insert(2, &["i2", "f2"])).is_err(),
+            "f2 is unknown"
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! recipients), so it is compressed, not encrypted: it holds salted hashes of key values and
 //! tenant values, never a key or column value (FORMAT.md).
 
+use std::io::Read;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use super::router::{Delta, KeyHash, Router};
 use crate::replication::Lsn;
 use crate::repository::RepositoryError;
 use crate::repository::keys::CHANGES_PREFIX;
+use crate::repository::pack::{Region, read_region};
 use crate::storage::{ObjectStore, PutMode};
 
 pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(600);
@@ -39,15 +41,45 @@ struct Header {
     maps: Vec<String>,
     tenants: Vec<String>,
     operations: u64,
+    /// A checkpoint's LSN, which its key must name: the state of an older checkpoint stored
+    /// under a newer key would route changes with maps from before them. `None` in a pack's
+    /// routing region, which its pack's footer binds to the pack.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lsn: Option<Lsn>,
 }
 
 const SET: u8 = b'S';
+/// A Set to no tenant (the row's route is NULL): no entry in the tenant table.
+const SET_NONE: u8 = b'N';
 const REMOVE: u8 = b'R';
 const CLEAR: u8 = b'C';
 
-/// Encodes deltas: magic, JSON header (map and tenant tables), operations, then a SHA-256 of
-/// everything before it; zstd-compressed.
+/// The smallest operation: Clear, a tag and a map index.
+const MIN_OPERATION: usize = 1 + 4;
+/// How much larger than its stored bytes a routing object's plaintext may be. It is mostly
+/// 16-byte hashes, which do not compress (a few times smaller at most); anything beyond this is
+/// a decompression bomb, which must not make the daemon or `verify` allocate without bound.
+const MAX_EXPANSION: usize = 64;
+/// Plaintext always allowed whatever the stored size: long runs of Clear operations (a table
+/// truncated over and over) compress far better than hashes.
+const MIN_PLAINTEXT_LIMIT: usize = 64 << 20;
+/// zstd windows this large are refused (level 3, which [`encode`] uses, needs 2^21 at most):
+/// a frame may ask the decoder for a window of any size before giving any data.
+const MAX_WINDOW_LOG: u32 = 24;
+
+/// Encodes the deltas of a pack's transactions, for the pack's routing region.
 pub fn encode(deltas: &[Delta]) -> Vec<u8> {
+    seal(None, deltas)
+}
+
+/// Encodes a checkpoint: the whole state after every transaction committed before `lsn`.
+pub fn encode_checkpoint(lsn: Lsn, deltas: &[Delta]) -> Vec<u8> {
+    seal(Some(lsn), deltas)
+}
+
+/// Magic, JSON header (map and tenant tables), operations, then a SHA-256 of everything
+/// before it; zstd-compressed.
+fn seal(lsn: Option<Lsn>, deltas: &[Delta]) -> Vec<u8> {
     let mut maps: Vec<String> = Vec::new();
     let mut tenants: Vec<String> = Vec::new();
     let index = |list: &mut Vec<String>, v: &str| -> u32 {
@@ -62,11 +94,24 @@ pub fn encode(deltas: &[Delta]) -> Vec<u8> {
     let mut ops = Vec::new();
     for d in deltas {
         match d {
-            Delta::Set { map, key, tenant } => {
+            Delta::Set {
+                map,
+                key,
+                tenant: Some(tenant),
+            } => {
                 ops.push(SET);
                 ops.extend_from_slice(&index(&mut maps, map).to_le_bytes());
                 ops.extend_from_slice(key);
                 ops.extend_from_slice(&index(&mut tenants, tenant).to_le_bytes());
+            }
+            Delta::Set {
+                map,
+                key,
+                tenant: None,
+            } => {
+                ops.push(SET_NONE);
+                ops.extend_from_slice(&index(&mut maps, map).to_le_bytes());
+                ops.extend_from_slice(key);
             }
             Delta::Remove { map, key } => {
                 ops.push(REMOVE);
@@ -83,6 +128,7 @@ pub fn encode(deltas: &[Delta]) -> Vec<u8> {
         maps,
         tenants,
         operations: deltas.len() as u64,
+        lsn,
     })
     .expect("a header always serializes");
     let mut plain = MAGIC.to_vec();
@@ -94,13 +140,27 @@ pub fn encode(deltas: &[Delta]) -> Vec<u8> {
     zstd::bulk::compress(&plain, 3).expect("compressing in memory")
 }
 
-/// The inverse of [`encode`]; any damage is an error.
+/// The inverse of [`encode`] (a pack's routing region); any damage is an error.
 pub fn decode(key: &str, bytes: &[u8]) -> Result<Vec<Delta>, RepositoryError> {
+    open(key, bytes, None)
+}
+
+/// The inverse of [`encode_checkpoint`]: the checkpoint must hold the state at the LSN its
+/// key names.
+pub fn decode_checkpoint(key: &str, bytes: &[u8]) -> Result<Vec<Delta>, RepositoryError> {
+    let lsn = lsn_of(key).ok_or_else(|| RepositoryError::Malformed {
+        key: key.into(),
+        message: "not a routing checkpoint key".into(),
+    })?;
+    open(key, bytes, Some(lsn))
+}
+
+fn open(key: &str, bytes: &[u8], lsn: Option<Lsn>) -> Result<Vec<Delta>, RepositoryError> {
     let bad = |m: &str| RepositoryError::Malformed {
         key: key.into(),
         message: format!("routing state: {m}"),
     };
-    let plain = zstd::stream::decode_all(bytes).map_err(|e| bad(&e.to_string()))?;
+    let plain = decompress(bytes, plaintext_limit(bytes.len())).map_err(|m| bad(&m))?;
     if plain.len() < MAGIC.len() + 4 + 32 || &plain[..8] != MAGIC {
         return Err(bad("not a routing state object"));
     }
@@ -112,6 +172,9 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<Vec<Delta>, RepositoryError> {
     let header: Header =
         serde_json::from_slice(body.get(12..12 + hlen).ok_or_else(|| bad("short"))?)
             .map_err(|e| bad(&e.to_string()))?;
+    if let Some(m) = lsn_mismatch(header.lsn, lsn) {
+        return Err(bad(&m));
+    }
     let maps: Vec<Arc<str>> = header.maps.iter().map(|m| Arc::from(m.as_str())).collect();
     let tenants: Vec<Arc<str>> = header
         .tenants
@@ -119,7 +182,10 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<Vec<Delta>, RepositoryError> {
         .map(|t| Arc::from(t.as_str()))
         .collect();
     let mut ops = &body[12 + hlen..];
-    let mut out = Vec::with_capacity(header.operations as usize);
+    // The count comes from the object: never reserve more than its bytes can hold.
+    let fit = ops.len() / MIN_OPERATION;
+    let mut out =
+        Vec::with_capacity(usize::try_from(header.operations).map_or(fit, |n| n.min(fit)));
     let take = |ops: &mut &[u8], n: usize| -> Result<Vec<u8>, RepositoryError> {
         if ops.len() < n {
             return Err(bad("truncated operation"));
@@ -145,8 +211,17 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<Vec<Delta>, RepositoryError> {
                     .get(u32_at(&take(&mut ops, 4)?))
                     .ok_or_else(|| bad("tenant index"))?
                     .clone();
-                Delta::Set { map, key, tenant }
+                Delta::Set {
+                    map,
+                    key,
+                    tenant: Some(tenant),
+                }
             }
+            SET_NONE => Delta::Set {
+                map,
+                key: key()?,
+                tenant: None,
+            },
             REMOVE => Delta::Remove { map, key: key()? },
             CLEAR => Delta::Clear { map },
             _ => return Err(bad("unknown operation")),
@@ -158,12 +233,58 @@ pub fn decode(key: &str, bytes: &[u8]) -> Result<Vec<Delta>, RepositoryError> {
     Ok(out)
 }
 
+/// The most plaintext a routing object of `stored` bytes can hold.
+fn plaintext_limit(stored: usize) -> usize {
+    stored
+        .saturating_mul(MAX_EXPANSION)
+        .max(MIN_PLAINTEXT_LIMIT)
+}
+
+/// The stored bytes, decompressed, if they stay within `limit` bytes.
+fn decompress(bytes: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(bytes).map_err(|e| e.to_string())?;
+    decoder
+        .window_log_max(MAX_WINDOW_LOG)
+        .map_err(|e| e.to_string())?;
+    let mut plain = Vec::new();
+    decoder
+        .take(limit as u64 + 1)
+        .read_to_end(&mut plain)
+        .map_err(|e| e.to_string())?;
+    if plain.len() > limit {
+        return Err(format!(
+            "decompresses to more than {limit} bytes, the most {} stored bytes of routing state \
+             can hold (it is mostly hashes, which do not compress): damaged or not a routing state",
+            bytes.len()
+        ));
+    }
+    Ok(plain)
+}
+
+/// Why the LSN a routing object holds its state at is not the one expected, if it is not.
+fn lsn_mismatch(found: Option<Lsn>, expected: Option<Lsn>) -> Option<String> {
+    if found == expected {
+        return None;
+    }
+    Some(match (found, expected) {
+        (Some(found), Some(expected)) => format!(
+            "holds the state at {found}, not at {expected} as its key says (an older checkpoint \
+             stored under a newer key?): delete it, and the daemon resumes from the checkpoint \
+             before it and the packs after that"
+        ),
+        (Some(found), None) => {
+            format!("is a checkpoint (at {found}) where a pack's routing region belongs")
+        }
+        (None, _) => "does not say which LSN it holds the state at".into(),
+    })
+}
+
 pub async fn write_checkpoint(
     store: &Arc<dyn ObjectStore>,
     lsn: Lsn,
     router: &Router,
 ) -> Result<(), RepositoryError> {
-    let bytes = encode(&router.checkpoint());
+    let bytes = encode_checkpoint(lsn, &router.checkpoint());
     store
         .put_bytes(&checkpoint_key(lsn), bytes.into(), PutMode::Overwrite)
         .await?;
@@ -195,8 +316,26 @@ pub async fn newest_checkpoint(
     let Some((lsn, key)) = keys.pop() else {
         return Ok(None);
     };
-    let bytes = store.get_bytes(&key, None).await?;
-    Ok(Some((lsn, decode(&key, &bytes)?)))
+    Ok(Some((lsn, read_checkpoint(store, &key).await?)))
+}
+
+/// One checkpoint's state, checked (digest, and the LSN its key names).
+pub async fn read_checkpoint(
+    store: &Arc<dyn ObjectStore>,
+    key: &str,
+) -> Result<Vec<Delta>, RepositoryError> {
+    let bytes = store.get_bytes(key, None).await?;
+    decode_checkpoint(key, &bytes)
+}
+
+/// The deltas of a pack's routing region, checked (the footer's digest, then its content).
+pub async fn read_pack_region(
+    store: &Arc<dyn ObjectStore>,
+    pack_key: &str,
+    region: &Region,
+) -> Result<Vec<Delta>, RepositoryError> {
+    let bytes = read_region(store, pack_key, region).await?;
+    decode(&format!("{pack_key} routing region"), &bytes)
 }
 
 /// Whether `key` is a routing checkpoint (for listings that skip them).
@@ -216,7 +355,12 @@ mod tests {
             Delta::Set {
                 map: m.clone(),
                 key: [7; 16],
-                tenant: Arc::from("t1"),
+                tenant: Some(Arc::from("t1")),
+            },
+            Delta::Set {
+                map: m.clone(),
+                key: [8; 16],
+                tenant: None,
             },
             Delta::Remove {
                 map: m.clone(),
@@ -231,5 +375,72 @@ mod tests {
         let damaged = zstd::bulk::compress(&plain, 3).unwrap();
         assert!(decode("k", &damaged).is_err());
         assert!(decode("k", b"garbage").is_err());
+    }
+}
+
+#[cfg(test)]
+mod hostile_input {
+    use super::*;
+
+    fn clear(map: &str) -> Delta {
+        Delta::Clear {
+            map: Arc::from(map),
+        }
+    }
+
+    /// What a writer stores for a hand-made plaintext: it, its SHA-256, compressed.
+    fn stored(mut plain: Vec<u8>) -> Vec<u8> {
+        let digest = Sha256::digest(&plain);
+        plain.extend_from_slice(&digest);
+        zstd::bulk::compress(&plain, 3).unwrap()
+    }
+
+    fn message(result: Result<Vec<Delta>, RepositoryError>) -> String {
+        match result {
+            Ok(deltas) => panic!("accepted {deltas:?}"),
+            Err(RepositoryError::Malformed { message, .. }) => message,
+            Err(e) => panic!("not a Malformed error: {e}"),
+        }
+    }
+
+    /// Found by fuzzing: the capacity was taken from the header's operation count as it was.
+    #[test]
+    fn a_huge_operation_count_reserves_nothing_it_cannot_fill() {
+        let header = br#"{"maps":["m"],"tenants":[],"operations":18446744073709551615}"#;
+        let mut plain = MAGIC.to_vec();
+        plain.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        plain.extend_from_slice(header);
+        plain.extend_from_slice(&[CLEAR, 0, 0, 0, 0]);
+        let m = message(decode("k", &stored(plain)));
+        assert!(m.contains("operation count"), "{m}");
+    }
+
+    /// Found by fuzzing: a few stored bytes decompressed without bound (a zstd bomb).
+    #[test]
+    fn decompression_stops_at_the_limit() {
+        let bomb = zstd::bulk::compress(&vec![0u8; 1 << 20], 3).unwrap();
+        assert!(bomb.len() < 1 << 10);
+        let m = decompress(&bomb, 1 << 16).unwrap_err();
+        assert!(m.contains("more than 65536 bytes"), "{m}");
+        assert_eq!(decompress(&bomb, 1 << 20).unwrap().len(), 1 << 20);
+        // Hashes do not compress: a real checkpoint is never near the limit.
+        assert_eq!(plaintext_limit(1 << 10), MIN_PLAINTEXT_LIMIT);
+        assert_eq!(plaintext_limit(1 << 30), (1 << 30) * MAX_EXPANSION);
+    }
+
+    #[test]
+    fn a_checkpoint_holds_the_state_at_the_lsn_of_its_key() {
+        let deltas = vec![clear("app.funds(id)")];
+        let at = |lsn| checkpoint_key(Lsn(lsn));
+        let checkpoint = encode_checkpoint(Lsn(0x500), &deltas);
+        assert_eq!(decode_checkpoint(&at(0x500), &checkpoint).unwrap(), deltas);
+        // An older checkpoint stored under a newer key.
+        let m = message(decode_checkpoint(&at(0x900), &checkpoint));
+        assert!(m.contains("holds the state at 0/500, not at 0/900"), "{m}");
+        // A checkpoint where a region belongs, and the other way round.
+        let m = message(decode(&at(0x500), &checkpoint));
+        assert!(m.contains("where a pack's routing region belongs"), "{m}");
+        let m = message(decode_checkpoint(&at(0x500), &encode(&deltas)));
+        assert!(m.contains("does not say which LSN"), "{m}");
     }
 }

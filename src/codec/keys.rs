@@ -29,6 +29,23 @@ pub fn recipient_fingerprint(recipient: &age::x25519::Recipient) -> String {
     hex::encode(&Sha256::digest(recipient.to_string().as_bytes())[..8])
 }
 
+/// Checks that the configured recipients are exactly the repository's (by fingerprint):
+/// data encrypted to other keys would be unreadable with the repository's identity, or
+/// readable by someone else's.
+pub fn check_recipients(configured: &[String], repository: &[String]) -> Result<(), CodecError> {
+    let mut found: Vec<String> = parse_recipients(configured)?
+        .iter()
+        .map(recipient_fingerprint)
+        .collect();
+    let mut expected = repository.to_vec();
+    found.sort();
+    expected.sort();
+    if found != expected {
+        return Err(CodecError::RecipientMismatch { expected, found });
+    }
+    Ok(())
+}
+
 /// A new identity: (secret identity file text, public recipient).
 pub fn generate_identity() -> (String, String) {
     let identity = age::x25519::Identity::generate();

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
-pub use keys::{Identities, generate_identity, parse_recipients, recipient_fingerprint};
+pub use keys::{
+    Identities, check_recipients, generate_identity, parse_recipients, recipient_fingerprint,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -24,6 +26,14 @@ pub enum CodecError {
         "invalid age recipient {0:?}: expected an X25519 recipient starting with age1 (see `updog-backup keygen`)"
     )]
     Recipient(String),
+    #[error(
+        "encryption.recipients do not match the repository's (repo.json lists fingerprints {expected:?}, the config gives {found:?}): \
+         new data would be unreadable with the repository's identity; restore the configured recipients, or start a new repository"
+    )]
+    RecipientMismatch {
+        expected: Vec<String>,
+        found: Vec<String>,
+    },
     #[error("identity file {path}: {message}")]
     Identity { path: String, message: String },
     #[error(

@@ -41,13 +41,13 @@ pub enum DaemonError {
     Capture(#[from] CaptureError),
     #[error(transparent)]
     Source(#[from] crate::source::SourceError),
-    #[error(
-        "encryption.recipients do not match the repository's (repo.json lists {expected:?}, the config gives {found:?}): \
-         new data would be readable by other keys than the repository's; restore the configured recipients, or start a new repository"
-    )]
-    RecipientMismatch {
-        expected: Vec<String>,
-        found: Vec<String>,
+    #[error(transparent)]
+    Codec(#[from] crate::codec::CodecError),
+    #[error("replication connection to {target}: {source}")]
+    Replication {
+        target: String,
+        #[source]
+        source: crate::replication::ReplicationError,
     },
     #[error("{0}")]
     Internal(String),
@@ -59,7 +59,7 @@ pub enum DaemonError {
 
 impl DaemonError {
     pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Config(_) | Self::RecipientMismatch { .. })
+        matches!(self, Self::Config(_) | Self::Codec(_))
     }
 }
 
@@ -72,7 +72,11 @@ pub async fn run(
     let telemetry = Arc::new(Telemetry::new(&config.source.slot, store.describe()));
     let store: Arc<dyn ObjectStore> = Arc::new(InstrumentedStore::new(store, telemetry.clone()));
     let repo = Repository::new(store);
-    check_recipients(config, &repo).await?;
+    // Before the lock, the lease or the slot: a daemon pointed at the wrong repository must
+    // touch none of them, and say so instead of waiting or asking for `init`.
+    let info = repo.info().await?;
+    check_source(config, &info, &repo).await?;
+    crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
 
     let server = http::Server::bind(config).await?;
     tracing::info!(listen = ?server.local_addr(), "serving /healthz /readyz /status /metrics");
@@ -221,19 +225,33 @@ async fn active(
     outcome
 }
 
-/// The daemon encrypts to `encryption.recipients`; they must be the repository's own.
-async fn check_recipients(config: &Config, repo: &Repository) -> Result<(), DaemonError> {
-    let info = repo.info().await?;
-    let mut found: Vec<String> = crate::codec::parse_recipients(&config.encryption.recipients)
-        .map_err(|e| DaemonError::Config(e.to_string()))?
-        .iter()
-        .map(crate::codec::recipient_fingerprint)
-        .collect();
-    let mut expected = info.recipients.clone();
-    found.sort();
-    expected.sort();
-    if found != expected {
-        return Err(DaemonError::RecipientMismatch { expected, found });
-    }
+/// The repository must be the configured source database's.
+async fn check_source(
+    config: &Config,
+    info: &crate::repository::RepoInfo,
+    repo: &Repository,
+) -> Result<(), DaemonError> {
+    let target =
+        crate::config::pg_config(&config.source.url).map_err(crate::source::SourceError::from)?;
+    let replication_error = |source| DaemonError::Replication {
+        target: crate::config::redact_url(&config.source.url),
+        source,
+    };
+    let mut replication =
+        crate::replication::ReplicationConnection::connect_tls(&target.config, &target.tls)
+            .await
+            .map_err(replication_error)?;
+    let system = replication
+        .identify_system()
+        .await
+        .map_err(replication_error)?;
+    let _ = replication.close().await;
+    let client = crate::source::connect(&config.source.url).await?;
+    let identity = crate::source::snapshot::source_identity(&client, system.system_id).await?;
+    info.check_source(
+        &identity.system_identifier,
+        &identity.database,
+        &repo.store().describe(),
+    )?;
     Ok(())
 }

@@ -10,9 +10,11 @@ use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::capture::CaptureError;
+use crate::capture::gaps::{self, GapError};
 use crate::config::Config;
 use crate::replication::Lsn;
 use crate::repository::Repository;
+use crate::source::catalog::Catalog;
 use crate::source::query_context;
 use crate::telemetry::{Operation, Task, Telemetry};
 
@@ -23,6 +25,8 @@ const CHECK_EVERY: Duration = Duration::from_secs(15);
 /// Warn when less than this share of `max_slot_wal_keep_size` is left.
 const WARN_SAFE_SHARE: f64 = 0.2;
 const WARN_EVERY: Duration = Duration::from_secs(300);
+/// The publication's coverage is checked every this many slot checks (a minute).
+const COVERAGE_EVERY: u32 = 4;
 
 struct Health {
     wal_status: Option<String>,
@@ -84,6 +88,8 @@ pub async fn run(
     let mut last_warning: Option<Instant> = None;
     let mut heartbeat_allowed = true;
     let mut quiet_since = (Instant::now(), changes_captured(telemetry));
+    // The capture checked the publication as it started: the first check here is a minute on.
+    let mut checks: u32 = 1;
     loop {
         match read(client, slot).await {
             Ok(Some(health)) => {
@@ -118,6 +124,11 @@ pub async fn run(
             quiet_since.0 = Instant::now();
         }
 
+        if checks % COVERAGE_EVERY == 0 {
+            coverage(config, repo, telemetry, client).await;
+        }
+        checks += 1;
+
         match repo
             .store()
             .list(crate::repository::keys::RESTORES_PREFIX)
@@ -128,6 +139,40 @@ pub async fn run(
         }
         if sleep_or_stop(CHECK_EVERY, stop).await {
             return Ok(());
+        }
+    }
+}
+
+/// A table created since the capture started is in the catalog but, with a `FOR TABLE`
+/// publication, not in the stream: record the gap and say so until the publication is fixed.
+async fn coverage(config: &Config, repo: &Repository, telemetry: &Telemetry, client: &Client) {
+    let result = async {
+        let catalog = Catalog::load(client, &config.source)
+            .await
+            .map_err(|e| GapError::Source(e.into()))?;
+        gaps::check_publication(repo, client, &config.source.publication, &catalog).await
+    }
+    .await;
+    match result {
+        Ok(missing) => {
+            telemetry
+                .metrics
+                .unpublished_tables
+                .set(missing.len() as f64);
+            if !missing.is_empty() {
+                telemetry.error(
+                    Task::SlotHealth,
+                    format!(
+                        "publication {} lacks {}: their changes are not captured (a stream gap is recorded)",
+                        config.source.publication,
+                        missing.join(", ")
+                    ),
+                );
+            }
+        }
+        Err(e) => {
+            telemetry.error(Task::SlotHealth, format!("checking the publication: {e}"));
+            tracing::warn!(error = %e, "checking the publication's coverage failed");
         }
     }
 }

@@ -5,8 +5,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::str::FromStr;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SecondsFormat, Utc};
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
 
 use super::archive::{ArchiveHeader, ArchiveKind};
 use super::{FORMAT_VERSION, RepositoryError};
@@ -162,35 +164,87 @@ pub struct Manifest {
     pub tenants: BTreeMap<String, ArchiveEntry>,
 }
 
+/// The manifest's own field: the SHA-256 of the rest of it.
+const DIGEST_FIELD: &str = "digest";
+/// What to do about a manifest that cannot be trusted. Every restore reads every manifest (to
+/// choose its base), so a damaged one stops them all until it is dealt with.
+const DAMAGED_MANIFEST: &str = "put back an intact copy, or move it aside so that restores \
+     use the other snapshots (this one then no longer exists)";
+
 impl Manifest {
+    /// Parses and checks a manifest read from `key`: its format version, its digest, that it
+    /// is the manifest of the snapshot its key names, and that its consistent point is the
+    /// one its id names. Plain JSON is not authenticated by age like the objects are; without
+    /// these checks one flipped bit (a digit of `consistent_time` or of a sequence's value)
+    /// would restore wrong data without a word.
     pub fn parse(key: &str, bytes: &[u8]) -> Result<Self, RepositoryError> {
-        #[derive(Deserialize)]
-        struct Version {
-            format_version: u32,
-        }
-        let malformed = |e: serde_json::Error| RepositoryError::Malformed {
+        let malformed = |message: String| RepositoryError::Malformed {
             key: key.into(),
-            message: e.to_string(),
+            message,
         };
-        let version: Version = serde_json::from_slice(bytes).map_err(malformed)?;
-        if version.format_version != FORMAT_VERSION {
+        let mut value: Value =
+            serde_json::from_slice(bytes).map_err(|e| malformed(e.to_string()))?;
+        let version = value
+            .get("format_version")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| malformed("no format_version".into()))?;
+        if version != u64::from(FORMAT_VERSION) {
             return Err(RepositoryError::UnknownFormat {
                 key: key.into(),
-                found: version.format_version,
+                found: u32::try_from(version).unwrap_or(u32::MAX),
             });
         }
-        let manifest: Manifest = serde_json::from_slice(bytes).map_err(malformed)?;
+        let recorded = match value.as_object_mut().and_then(|o| o.remove(DIGEST_FIELD)) {
+            Some(Value::String(digest)) => digest,
+            _ => return Err(malformed(format!("no {DIGEST_FIELD} of its own"))),
+        };
+        let computed = content_digest(&value);
+        if computed != recorded {
+            return Err(malformed(format!(
+                "its content does not match its digest (sha256 {computed}, the manifest records \
+                 {recorded}): it was modified or damaged; {DAMAGED_MANIFEST}"
+            )));
+        }
+        let manifest: Manifest =
+            serde_json::from_value(value).map_err(|e| malformed(e.to_string()))?;
         if super::keys::manifest(&manifest.id) != key {
-            return Err(RepositoryError::Malformed {
-                key: key.into(),
-                message: format!("names snapshot {}", manifest.id),
-            });
+            return Err(malformed(format!("names snapshot {}", manifest.id)));
         }
+        manifest.check_id().map_err(malformed)?;
         Ok(manifest)
     }
 
+    /// The id is `<consistent time>-<consistent LSN>`, and every archive's header carries it:
+    /// a consistent point that disagrees with it is not the point the archives were taken at.
+    fn check_id(&self) -> Result<(), String> {
+        let named = SnapshotId::new(self.consistent_time, self.consistent_lsn);
+        if named != self.id {
+            return Err(format!(
+                "its consistent point ({} at {}) is not the one its id {} names: it was modified \
+                 or damaged; {DAMAGED_MANIFEST}",
+                self.consistent_lsn,
+                self.consistent_time
+                    .to_rfc3339_opts(SecondsFormat::Micros, true),
+                self.id
+            ));
+        }
+        Ok(())
+    }
+
+    /// The manifest as stored: its fields, then its digest.
     pub fn to_json(&self) -> Vec<u8> {
-        serde_json::to_vec_pretty(self).expect("a manifest always serializes")
+        #[derive(Serialize)]
+        struct Stored<'a> {
+            #[serde(flatten)]
+            manifest: &'a Manifest,
+            digest: String,
+        }
+        let value = serde_json::to_value(self).expect("a manifest always serializes");
+        let stored = Stored {
+            manifest: self,
+            digest: content_digest(&value),
+        };
+        serde_json::to_vec_pretty(&stored).expect("a manifest always serializes")
     }
 
     /// Every object of the snapshot, schema first.
@@ -237,5 +291,197 @@ impl Manifest {
 
     pub fn table(&self, qualified: &str) -> Option<&TableEntry> {
         self.tables.iter().find(|t| t.qualified() == qualified)
+    }
+}
+
+/// A manifest's `digest` for its other fields (`value`, without `digest`): SHA-256 (hex) of
+/// their canonical JSON, so that it depends on the content only, never on layout: object keys
+/// sorted by their UTF-8 bytes, no whitespace, strings escaped only where JSON requires it
+/// (serde_json's escaping, which `jq -c` shares).
+pub fn content_digest(value: &Value) -> String {
+    let mut canonical = Vec::new();
+    write_canonical(value, &mut canonical);
+    hex::encode(Sha256::digest(&canonical))
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
+            for (i, (key, item)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_compact(key, out);
+                out.push(b':');
+                write_canonical(item, out);
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(item, out);
+            }
+            out.push(b']');
+        }
+        scalar => write_compact(scalar, out),
+    }
+}
+
+/// A string or a number as serde_json writes it compactly.
+fn write_compact<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    serde_json::to_writer(out, value).expect("writing JSON to memory");
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+    use crate::repository::keys;
+
+    fn object(key: String) -> StoredObject {
+        StoredObject {
+            key,
+            bytes: 10,
+            sha256: "ab".repeat(32),
+        }
+    }
+
+    fn sample() -> Manifest {
+        let time = Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap()
+            + chrono::Duration::microseconds(123_456);
+        let lsn = Lsn(0x16_B374_8A00);
+        let id = SnapshotId::new(time, lsn);
+        let archive = |key| ArchiveEntry {
+            object: object(key),
+            rows: BTreeMap::from([("app.funds".to_string(), 3)]),
+        };
+        Manifest {
+            format_version: FORMAT_VERSION,
+            id: id.clone(),
+            system_identifier: "7441".into(),
+            database: "updog".into(),
+            server_version_num: 150_018,
+            tenant_column: "organization_id".into(),
+            tenant_type: "uuid".into(),
+            consistent_lsn: lsn,
+            consistent_time: time,
+            started_at: time,
+            finished_at: time,
+            all_tenants: true,
+            tables: vec![],
+            sequences: vec![SequenceState {
+                schema: "app".into(),
+                name: "events_id_seq".into(),
+                last_value: 1234,
+                is_called: true,
+            }],
+            schema: object(keys::schema(&id)),
+            global: archive(keys::global(&id)),
+            tenants: BTreeMap::from([(
+                "t\u{e9}\"1\n".to_string(),
+                archive(keys::tenant(&id, "t1")),
+            )]),
+        }
+    }
+
+    fn parse(manifest: &Manifest, json: &[u8]) -> Result<Manifest, RepositoryError> {
+        Manifest::parse(&keys::manifest(&manifest.id), json)
+    }
+
+    fn refusal(manifest: &Manifest, json: &[u8]) -> String {
+        match parse(manifest, json) {
+            Ok(_) => panic!("accepted {}", String::from_utf8_lossy(json)),
+            Err(RepositoryError::Malformed { message, .. }) => message,
+            Err(e) => panic!("not a Malformed error: {e}"),
+        }
+    }
+
+    /// The JSON of `manifest` after `edit`, with its digest recomputed as a writer would.
+    fn edited(manifest: &Manifest, edit: impl Fn(&mut Value)) -> Vec<u8> {
+        let mut value: Value = serde_json::from_slice(&manifest.to_json()).unwrap();
+        edit(&mut value);
+        let object = value.as_object_mut().unwrap();
+        object.remove(DIGEST_FIELD);
+        let digest = content_digest(&Value::Object(object.clone()));
+        object.insert(DIGEST_FIELD.into(), digest.into());
+        serde_json::to_vec_pretty(&value).unwrap()
+    }
+
+    #[test]
+    fn written_manifests_read_back_whatever_their_layout() {
+        let m = sample();
+        let json = m.to_json();
+        assert_eq!(parse(&m, &json).unwrap().to_json(), json);
+        // Layout is not content: compact JSON with another key order is the same manifest.
+        let value: Value = serde_json::from_slice(&json).unwrap();
+        assert_eq!(
+            parse(&m, value.to_string().as_bytes()).unwrap().to_json(),
+            json
+        );
+    }
+
+    #[test]
+    fn one_flipped_bit_is_refused() {
+        let m = sample();
+        let json = m.to_json();
+        let text = String::from_utf8(json.clone()).unwrap();
+        // Each flip turns a digit into another digit: the JSON stays valid.
+        for needle in [
+            "\"last_value\": 1234",
+            "\"consistent_time\": \"2026",
+            "\"bytes\": 10",
+        ] {
+            let at = text.find(needle).unwrap() + needle.len() - 1;
+            let mut damaged = json.clone();
+            damaged[at] ^= 0x01;
+            let message = refusal(&m, &damaged);
+            assert!(message.contains("does not match its digest"), "{message}");
+        }
+    }
+
+    #[test]
+    fn a_manifest_without_its_digest_is_refused() {
+        let m = sample();
+        let mut value: Value = serde_json::from_slice(&m.to_json()).unwrap();
+        value.as_object_mut().unwrap().remove(DIGEST_FIELD);
+        let message = refusal(&m, value.to_string().as_bytes());
+        assert!(message.contains("no digest"), "{message}");
+    }
+
+    /// Even with a digest recomputed, the consistent point must be the one the id names (the
+    /// archives' headers carry the id).
+    #[test]
+    fn a_consistent_point_other_than_the_ids_is_refused() {
+        let m = sample();
+        for edit in [
+            |v: &mut Value| v["consistent_lsn"] = "0/1".into(),
+            |v: &mut Value| v["consistent_time"] = "2027-11-26T12:00:00.123456Z".into(),
+        ] {
+            let message = refusal(&m, &edited(&m, edit));
+            assert!(message.contains("is not the one its id"), "{message}");
+        }
+        // Below the id's one-second resolution only the digest guards the time.
+        let sub_second = edited(&m, |v| {
+            v["consistent_time"] = "2026-11-26T12:00:00.5Z".into()
+        });
+        assert!(parse(&m, &sub_second).is_ok());
+    }
+
+    #[test]
+    fn another_format_version_is_named() {
+        let m = sample();
+        let json = edited(&m, |v| v["format_version"] = 1.into());
+        assert!(matches!(
+            parse(&m, &json),
+            Err(RepositoryError::UnknownFormat { found: 1, .. })
+        ));
     }
 }

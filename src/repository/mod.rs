@@ -21,8 +21,9 @@ use crate::storage::{ObjectStore, PutMode, StorageError};
 pub use info::RepoInfo;
 pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
 
-/// The newest format this build reads and writes.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this build reads and writes (FORMAT.md). 2: manifests carry a digest of their
+/// own, routing checkpoints the LSN they hold the state at.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
@@ -33,7 +34,8 @@ pub enum RepositoryError {
     #[error("no repository at {location}: run `updog-backup init` first")]
     NotInitialized { location: String },
     #[error(
-        "{key} has format version {found}; this build reads version {FORMAT_VERSION}: upgrade updog-backup"
+        "{key} has format version {found}; this build reads version {FORMAT_VERSION}: {}",
+        format_advice(*found)
     )]
     UnknownFormat { key: String, found: u32 },
     #[error("{key}: {source}")]
@@ -69,6 +71,15 @@ pub enum RepositoryError {
 }
 
 pub type Result<T, E = RepositoryError> = std::result::Result<T, E>;
+
+/// What to do about an object of another format version.
+fn format_advice(found: u32) -> &'static str {
+    if found > FORMAT_VERSION {
+        "upgrade updog-backup"
+    } else {
+        "it was written by an older updog-backup; read it with that version, or start a new repository (another storage.url) with `updog-backup init`"
+    }
+}
 
 /// A handle on the repository's objects.
 #[derive(Debug, Clone)]

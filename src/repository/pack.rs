@@ -228,15 +228,27 @@ pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> 
             ),
         ));
     }
+    check_tiling(key, &footer, footer_start)?;
+    Ok(footer)
+}
+
+/// Sections, then the routing region, must cover `[0, footer_start)` exactly, in order.
+/// The footer is hostile input: offsets and lengths can be anything up to `u64::MAX`, so every
+/// comparison is written so that it cannot overflow.
+fn check_tiling(key: &str, footer: &PackFooter, footer_start: u64) -> Result<()> {
+    // `offset <= footer_start` holds throughout: each length was checked to fit before adding.
+    let fits = |offset: u64, region_offset: u64, length: u64| {
+        region_offset == offset && length <= footer_start - offset
+    };
     let mut offset = 0;
     for s in &footer.sections {
-        if s.offset != offset || s.offset + s.length > footer_start {
+        if !fits(offset, s.offset, s.length) {
             return Err(malformed(key, "section offsets do not tile the pack"));
         }
         offset += s.length;
     }
     if let Some(r) = &footer.routes {
-        if r.offset != offset || r.offset + r.length > footer_start {
+        if !fits(offset, r.offset, r.length) {
             return Err(malformed(
                 key,
                 "the routing region does not follow the sections",
@@ -247,7 +259,7 @@ pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> 
     if offset != footer_start {
         return Err(malformed(key, "section offsets do not tile the pack"));
     }
-    Ok(footer)
+    Ok(())
 }
 
 /// A region's bytes, checked against its digest.
@@ -444,6 +456,23 @@ pub struct StreamProgress {
     /// Every transaction that committed at or before it is stored.
     pub covered_until: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
+    /// The streams `init` replaced (their slot was lost), oldest first. Their packs stay in the
+    /// repository, so the instants they covered stay restorable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub earlier: Vec<EarlierStream>,
+}
+
+/// A stream that ended when `init` started a new one: what it had stored, frozen.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EarlierStream {
+    pub slot: String,
+    pub since_lsn: Lsn,
+    pub durable_lsn: Lsn,
+    /// Its packs tile `[since_lsn, last_pack_end)`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_pack_end: Option<Lsn>,
+    pub covered_until: DateTime<Utc>,
 }
 
 /// A small JSON object rewritten in place, `None` when absent; its version is checked.
@@ -535,6 +564,37 @@ pub struct StreamState {
     pub packs: Vec<PackRef>,
 }
 
+/// One stream's reach, as readers use it: the current stream's, or an earlier one's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Span {
+    pub slot: String,
+    /// Where the stream began.
+    pub since: Lsn,
+    /// Where its kept packs start: `since`, or where retention left the chain.
+    pub start: Lsn,
+    /// Every transaction that committed before it, and after `since`, is stored.
+    pub durable: Lsn,
+    /// Its packs tile `[start, last_pack_end)` at least.
+    pub last_pack_end: Option<Lsn>,
+    pub covered_until: DateTime<Utc>,
+    /// Where the next stream began (`None` for the current one): packs from there on are not
+    /// this stream's.
+    pub next: Option<Lsn>,
+}
+
+impl Span {
+    /// A snapshot at `lsn` can be continued by this stream's kept packs. A restore never
+    /// replays across from one stream into the next: nothing between them was captured.
+    pub fn follows(&self, lsn: Lsn) -> bool {
+        self.start <= lsn && lsn <= self.durable
+    }
+
+    /// `pack` belongs to this stream.
+    pub fn holds(&self, pack: &PackRef) -> bool {
+        pack.end > self.since && self.next.is_none_or(|next| pack.start < next)
+    }
+}
+
 impl StreamState {
     pub async fn read(store: &Arc<dyn ObjectStore>) -> Result<Self> {
         // Progress first: a pack stored after it was read is then merely not counted yet.
@@ -548,51 +608,29 @@ impl StreamState {
         })
     }
 
-    /// Where the kept chain of packs starts: the stream's start, or where retention left it.
+    /// Where a stream that began at `since` keeps its packs from.
+    fn kept_from(&self, since: Lsn) -> Lsn {
+        self.retained_from.map_or(since, |r| r.max(since))
+    }
+
+    /// Where the current stream's kept chain of packs starts.
     pub fn start(&self) -> Option<Lsn> {
-        let since = self.progress.as_ref()?.since_lsn;
-        Some(self.retained_from.map_or(since, |r| r.max(since)))
+        Some(self.kept_from(self.progress.as_ref()?.since_lsn))
     }
 
-    /// End of the packs that tile the stream from its start without a gap: where the next
-    /// pack starts.
-    pub fn chain_end(&self) -> Option<Lsn> {
-        let mut at = self.start()?;
-        for p in &self.packs {
-            if p.start == at {
-                at = p.end;
-            } else if p.start > at {
-                break;
-            }
-        }
-        Some(at)
-    }
-
-    /// The durable LSN: the progress object's, or the end of the packs if a crash came between
-    /// storing a pack and rewriting the progress.
-    pub fn durable(&self) -> Option<Lsn> {
-        Some(self.progress.as_ref()?.durable_lsn.max(self.chain_end()?))
-    }
-
-    /// The packs a replay from `from` needs, checked to tile `[from, durable)` without a gap.
-    pub fn chain_from(&self, from: Lsn) -> std::result::Result<Vec<PackRef>, String> {
-        let Some(progress) = &self.progress else {
-            return Err("no change stream has been captured yet (is the daemon running?)".into());
-        };
-        let start = self.start().unwrap_or(progress.since_lsn);
-        if from < start {
-            return Err(format!(
-                "the change stream's kept packs start at {start}, after {from} (earlier ones were deleted by retention or precede the stream)"
-            ));
-        }
+    /// Follows the packs that tile a stream from `start`, leaving out those from `next` on
+    /// (a later stream's). Returns the packs that end after `from`, where the tiling ended,
+    /// and the start of the first pack past a gap, if there is one.
+    fn walk(&self, start: Lsn, next: Option<Lsn>, from: Lsn) -> (Vec<PackRef>, Lsn, Option<Lsn>) {
         let mut at = start;
         let mut chain = Vec::new();
-        for p in &self.packs {
+        for p in self
+            .packs
+            .iter()
+            .filter(|p| next.is_none_or(|next| p.start < next))
+        {
             if p.start > at {
-                return Err(format!(
-                    "changes between {at} and {} are missing (a pack was deleted?)",
-                    p.start
-                ));
+                return (chain, at, Some(p.start));
             }
             if p.start == at {
                 at = p.end;
@@ -601,14 +639,124 @@ impl StreamState {
                 }
             }
         }
-        if let Some(last) = progress.last_pack_end
-            && at < last
-        {
+        (chain, at, None)
+    }
+
+    /// End of the packs that tile the current stream from its start without a gap: where the
+    /// next pack starts.
+    pub fn chain_end(&self) -> Option<Lsn> {
+        Some(self.walk(self.start()?, None, Lsn(u64::MAX)).1)
+    }
+
+    /// The current stream's durable LSN: the progress object's, or the end of the packs if a
+    /// crash came between storing a pack and rewriting the progress.
+    pub fn durable(&self) -> Option<Lsn> {
+        Some(self.progress.as_ref()?.durable_lsn.max(self.chain_end()?))
+    }
+
+    /// Every stream's reach, oldest first; the current stream is the last.
+    pub fn spans(&self) -> Vec<Span> {
+        let Some(p) = &self.progress else {
+            return Vec::new();
+        };
+        let nexts = p.earlier.iter().skip(1).map(|e| e.since_lsn);
+        let mut spans: Vec<Span> = p
+            .earlier
+            .iter()
+            .zip(nexts.chain([p.since_lsn]))
+            .map(|(e, next)| Span {
+                slot: e.slot.clone(),
+                since: e.since_lsn,
+                start: self.kept_from(e.since_lsn),
+                durable: e.durable_lsn,
+                last_pack_end: e.last_pack_end,
+                covered_until: e.covered_until,
+                next: Some(next),
+            })
+            .collect();
+        spans.push(Span {
+            slot: p.slot.clone(),
+            since: p.since_lsn,
+            start: self.kept_from(p.since_lsn),
+            durable: self.durable().unwrap_or(p.durable_lsn),
+            last_pack_end: p.last_pack_end,
+            covered_until: p.covered_until,
+            next: None,
+        });
+        spans
+    }
+
+    /// The progress of a new stream that begins at `since` from slot `slot` (what `init`
+    /// writes): the current stream, if any, joins the earlier ones with what it stored.
+    pub fn restart(&self, slot: &str, since: Lsn) -> StreamProgress {
+        let mut earlier = Vec::new();
+        if let Some(p) = &self.progress {
+            earlier.clone_from(&p.earlier);
+            earlier.push(EarlierStream {
+                slot: p.slot.clone(),
+                since_lsn: p.since_lsn,
+                durable_lsn: self.durable().unwrap_or(p.durable_lsn),
+                // Packs stored after the last rewrite of the progress count too.
+                last_pack_end: p.last_pack_end.max(self.chain_end()),
+                covered_until: p.covered_until,
+            });
+        }
+        StreamProgress {
+            format_version: super::FORMAT_VERSION,
+            slot: slot.into(),
+            since_lsn: since,
+            durable_lsn: since,
+            last_pack_end: None,
+            covered_until: DateTime::<Utc>::UNIX_EPOCH,
+            updated_at: Utc::now(),
+            earlier,
+        }
+    }
+
+    /// The packs a replay from `from` needs, from the stream `from` is in, checked to tile it
+    /// without a gap.
+    pub fn chain_from(&self, from: Lsn) -> std::result::Result<Vec<PackRef>, String> {
+        if self.progress.is_none() {
+            return Err("no change stream has been captured yet (is the daemon running?)".into());
+        }
+        let spans = self.spans();
+        let Some(span) = spans.iter().rev().find(|s| s.since <= from) else {
             return Err(format!(
-                "changes between {at} and {last} are missing (a pack was deleted?)"
+                "{from} precedes the change stream, which begins at {}",
+                spans[0].since
+            ));
+        };
+        if from < span.start {
+            return Err(format!(
+                "the change stream's kept packs start at {}, after {from} (earlier ones were deleted by retention)",
+                span.start
             ));
         }
-        Ok(chain)
+        if let Some(next) = span.next
+            && from > span.durable
+        {
+            return Err(format!(
+                "the change stream of slot {} stored changes up to {}, and the next one (`updog-backup init`) begins at {next}: nothing between was captured",
+                span.slot, span.durable
+            ));
+        }
+        self.chain_in(span, from)
+    }
+
+    /// The packs of `span` that a replay from `from` needs, checked to tile the span's kept
+    /// packs without a gap.
+    pub fn chain_in(&self, span: &Span, from: Lsn) -> std::result::Result<Vec<PackRef>, String> {
+        let missing = |at: Lsn, to: Lsn| {
+            format!("changes between {at} and {to} are missing (a pack was deleted?)")
+        };
+        let (chain, at, gap) = self.walk(span.start, span.next, from);
+        if let Some(to) = gap {
+            return Err(missing(at, to));
+        }
+        match span.last_pack_end {
+            Some(last) if at < last => Err(missing(at, last)),
+            _ => Ok(chain),
+        }
     }
 }
 
@@ -629,4 +777,88 @@ pub async fn list(store: &Arc<dyn ObjectStore>) -> Result<Vec<PackRef>> {
         .collect();
     out.sort();
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::{MemoryStore, PutMode};
+
+    const START: Lsn = Lsn(0x100);
+    const END: Lsn = Lsn(0x200);
+
+    fn section(offset: u64, length: u64) -> SectionEntry {
+        let time = DateTime::<Utc>::UNIX_EPOCH;
+        SectionEntry {
+            tenant: None,
+            offset,
+            length,
+            sha256: String::new(),
+            first_lsn: START,
+            last_lsn: START,
+            first_time: time,
+            last_time: time,
+            transactions: 1,
+            changes: 1,
+        }
+    }
+
+    fn footer(sections: Vec<SectionEntry>, routes: Option<Region>) -> PackFooter {
+        PackFooter {
+            format_version: super::super::FORMAT_VERSION,
+            start_lsn: START,
+            end_lsn: END,
+            covered_until: DateTime::<Utc>::UNIX_EPOCH,
+            sections,
+            routes,
+        }
+    }
+
+    /// Stores `body` followed by `footer` and reads the footer back the way restores do.
+    async fn read_back(body: &[u8], footer: &PackFooter) -> Result<PackFooter> {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let mut pack = body.to_vec();
+        pack.extend_from_slice(&footer.encode());
+        let size = pack.len() as u64;
+        let key = key(START, END);
+        store
+            .put_bytes(&key, pack.into(), PutMode::CreateNew)
+            .await
+            .unwrap();
+        read_footer(&store, &key, size).await
+    }
+
+    #[tokio::test]
+    async fn regions_that_tile_the_pack_are_accepted() {
+        let routes = Region {
+            offset: 5,
+            length: 2,
+            sha256: String::new(),
+        };
+        let honest = footer(vec![section(0, 3), section(3, 2)], Some(routes));
+        assert_eq!(read_back(b"abcdefg", &honest).await.unwrap(), honest);
+    }
+
+    /// Found by fuzzing: `offset + length` overflowed (a panic in debug builds, wrapping
+    /// arithmetic in release builds).
+    #[tokio::test]
+    async fn lengths_near_u64_max_are_an_error_not_an_overflow() {
+        let huge_section = footer(vec![section(0, 3), section(3, u64::MAX)], None);
+        let huge_routes = footer(
+            vec![section(0, 3)],
+            Some(Region {
+                offset: 3,
+                length: u64::MAX - 2,
+                sha256: String::new(),
+            }),
+        );
+        let past_the_end = footer(vec![section(u64::MAX, 1)], None);
+        for hostile in [huge_section, huge_routes, past_the_end] {
+            let error = read_back(b"abc", &hostile).await.unwrap_err();
+            assert!(
+                matches!(error, RepositoryError::Malformed { .. }),
+                "{error}"
+            );
+        }
+    }
 }

@@ -2,15 +2,20 @@
 //! restorable window.
 //!
 //! The base is the newest snapshot holding the tenant whose consistent time is at or before
-//! T; the change stream then replays every transaction after its consistent LSN that committed
-//! at or before T (PostgreSQL's inclusive `recovery_target_time`). The window runs from the
-//! earliest snapshot to the stream's covered-until time. A repository without a change stream
-//! (only `backup` was ever run) restores snapshots as they are, up to the newest one.
+//! T; the change stream that follows it then replays every transaction after its consistent
+//! LSN that committed at or before T (PostgreSQL's inclusive `recovery_target_time`).
+//!
+//! A repository can hold several streams: when the slot is lost, `init` starts a new one from
+//! a new snapshot, and the earlier streams' packs stay. A replay never crosses from one stream
+//! into the next (nothing between them was captured), so the window is a list of ranges: from
+//! each snapshot to the covered-until time of the stream that follows it, or only the
+//! snapshot's own instant when none does. A repository without a change stream (only `backup`
+//! was ever run) restores snapshots as they are, up to the newest one.
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::replication::Lsn;
-use crate::repository::pack::{PackRef, StreamProgress, StreamState};
+use crate::repository::pack::{PackRef, Span, StreamState, read_footer};
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,7 +34,9 @@ pub enum PlanError {
         "tenant {tenant} is in none of the {snapshots} snapshot(s): check the value (`updog-backup list` shows each snapshot's tenants)"
     )]
     UnknownTenant { tenant: String, snapshots: usize },
-    #[error("{at} is outside the restorable window of tenant {tenant}: {window}")]
+    #[error(
+        "{at} is outside the restorable window of tenant {tenant}: restorable instants are {window}; choose one of them with --at"
+    )]
     OutsideWindow {
         tenant: String,
         at: String,
@@ -37,26 +44,81 @@ pub enum PlanError {
     },
     #[error("the change stream cannot replay after snapshot {snapshot}: {reason}")]
     Stream { snapshot: String, reason: String },
+    #[error(
+        "snapshot {snapshot} is at {}, but the change stream holds a transaction after its consistent LSN that committed at {} (LSN {lsn}), and covers only until {}: restoring the snapshot alone would leave it out. \
+         Retry once the daemon covers {} (`updog-backup list` shows covered-until); if this persists, the snapshot's time disagrees with the stream: check the repository with `updog-backup verify`, and restore an earlier instant with --at",
+        .at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        .committed.to_rfc3339_opts(SecondsFormat::Micros, true),
+        .covered_until.to_rfc3339_opts(SecondsFormat::Micros, true),
+        .at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    )]
+    LeftOut {
+        snapshot: String,
+        at: DateTime<Utc>,
+        lsn: Lsn,
+        committed: DateTime<Utc>,
+        covered_until: DateTime<Utc>,
+    },
+    #[error(
+        "the change stream lacks the changes of {} after {} (a stream gap: they were not in the publication{}); restore a point before that, or from a snapshot taken after the publication covered them again (`updog-backup backup`)",
+        .tables.join(", "),
+        .from.map_or("the repository's start".to_string(), |t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
+        .resolved.map_or(" and still are not".to_string(), |t| format!(" until {}", t.to_rfc3339_opts(SecondsFormat::Micros, true)))
+    )]
+    StreamGap {
+        tables: Vec<String>,
+        from: Option<DateTime<Utc>>,
+        resolved: Option<DateTime<Utc>>,
+    },
 }
 
-/// The span a tenant can be restored to.
+/// The instants a tenant can be restored to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Window {
+    /// The first restorable instant.
     pub earliest: DateTime<Utc>,
+    /// The last restorable instant (what `--latest` restores).
     pub covered_until: DateTime<Utc>,
     pub snapshots: usize,
+    /// Every restorable instant, in disjoint ranges, oldest first: between two ranges no
+    /// change stream was captured.
+    pub ranges: Vec<Restorable>,
+}
+
+/// The instants from `from` to `to`, both included (the same instant: a snapshot alone).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Restorable {
+    pub from: DateTime<Utc>,
+    pub to: DateTime<Utc>,
+}
+
+impl Window {
+    pub fn contains(&self, at: DateTime<Utc>) -> bool {
+        self.ranges.iter().any(|r| r.from <= at && at <= r.to)
+    }
+}
+
+impl std::fmt::Display for Restorable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let time = |t: DateTime<Utc>| t.to_rfc3339_opts(SecondsFormat::Micros, true);
+        if self.from == self.to {
+            write!(f, "{}", time(self.from))
+        } else {
+            write!(f, "{} .. {}", time(self.from), time(self.to))
+        }
+    }
 }
 
 impl std::fmt::Display for Window {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} .. {} ({} snapshot(s))",
-            self.earliest.to_rfc3339_opts(SecondsFormat::Micros, true),
-            self.covered_until
-                .to_rfc3339_opts(SecondsFormat::Micros, true),
-            self.snapshots
-        )
+        for (i, range) in self.ranges.iter().enumerate() {
+            write!(f, "{}{range}", if i == 0 { "" } else { ", " })?;
+        }
+        write!(f, " ({} snapshot(s)", self.snapshots)?;
+        if self.ranges.len() > 1 {
+            write!(f, "; nothing was captured between these ranges")?;
+        }
+        write!(f, ")")
     }
 }
 
@@ -68,33 +130,38 @@ pub struct RestorePlan {
     pub changes: Option<(Vec<PackRef>, DateTime<Utc>)>,
 }
 
-/// The change stream's reach, as far as planning needs it.
-struct Stream {
-    state: StreamState,
-    since: Lsn,
-    durable: Lsn,
-    covered_until: DateTime<Utc>,
-}
-
-impl Stream {
-    async fn read(repo: &Repository) -> Result<Option<Stream>, PlanError> {
-        let state = StreamState::read(repo.store()).await?;
-        let Some(progress) = state.progress.clone() else {
-            return Ok(None);
-        };
-        let durable = state.durable().unwrap_or(progress.durable_lsn);
-        Ok(Some(Stream {
-            state,
-            since: progress.since_lsn,
-            durable,
-            covered_until: progress.covered_until,
-        }))
+/// Restoring `manifest` alone at `at` (its own instant, which `span`, the stream that follows
+/// it, does not cover yet) is exact only if no transaction the stream holds after its
+/// consistent LSN committed at or before `at`. One that did shows a snapshot time that
+/// disagrees with the stream: briefly after a snapshot of a busy source, or for good if the
+/// manifest is wrong.
+async fn check_nothing_left_out(
+    repo: &Repository,
+    state: &StreamState,
+    span: &Span,
+    manifest: &Manifest,
+    tenant: &str,
+    at: DateTime<Utc>,
+) -> Result<(), PlanError> {
+    let from = manifest.consistent_lsn;
+    for p in state.packs.iter().filter(|p| p.end > from && span.holds(p)) {
+        let footer = read_footer(repo.store(), &p.key, p.size).await?;
+        let left_out = footer.sections_for(tenant).find_map(|s| {
+            [(s.first_lsn, s.first_time), (s.last_lsn, s.last_time)]
+                .into_iter()
+                .find(|&(lsn, time)| lsn >= from && time <= at)
+        });
+        if let Some((lsn, committed)) = left_out {
+            return Err(PlanError::LeftOut {
+                snapshot: manifest.id.to_string(),
+                at,
+                lsn,
+                committed,
+                covered_until: span.covered_until,
+            });
+        }
     }
-
-    /// The stream continues this snapshot.
-    fn follows(&self, manifest: &Manifest) -> bool {
-        manifest.consistent_lsn >= self.since && manifest.consistent_lsn <= self.durable
-    }
+    Ok(())
 }
 
 /// Manifests of every snapshot holding `tenant`, oldest first.
@@ -129,49 +196,57 @@ pub async fn plan(
             snapshots: total,
         });
     }
-    let stream = Stream::read(repo).await?;
-    let window = window(&manifests, stream.as_ref());
+    let state = StreamState::read(repo.store()).await?;
+    let spans = state.spans();
+    let window = window_of(&manifests, &spans);
     let at = match target {
         RestoreTarget::Latest => window.covered_until,
+        RestoreTarget::At(at) if window.contains(at) => at,
         RestoreTarget::At(at) => {
-            if at < window.earliest || at > window.covered_until {
-                return Err(PlanError::OutsideWindow {
-                    tenant: tenant.into(),
-                    at: at.to_rfc3339_opts(SecondsFormat::Micros, true),
-                    window,
-                });
-            }
-            at
+            return Err(PlanError::OutsideWindow {
+                tenant: tenant.into(),
+                at: at.to_rfc3339_opts(SecondsFormat::Micros, true),
+                window,
+            });
         }
     };
     let chosen = manifests
         .iter()
         .rposition(|m| m.consistent_time <= at)
-        .expect("at >= earliest");
+        .expect("every restorable instant is at or after the earliest snapshot");
     let manifest = manifests.swap_remove(chosen);
-    let changes = match &stream {
-        Some(s) if s.follows(&manifest) && at <= s.covered_until => {
-            let packs = s
-                .state
-                .chain_from(manifest.consistent_lsn)
+    // `window_of` makes every restorable instant after the base's own one covered by the
+    // stream that follows the base.
+    let changes = match spans.iter().find(|s| s.follows(manifest.consistent_lsn)) {
+        Some(s) if at <= s.covered_until => {
+            let packs = state
+                .chain_in(s, manifest.consistent_lsn)
                 .map_err(|reason| PlanError::Stream {
                     snapshot: manifest.id.to_string(),
                     reason,
                 })?;
             Some((packs, at))
         }
-        // Between this snapshot and `at` no stream was captured: only its own instant is exact.
-        _ if at > manifest.consistent_time && stream.is_some() => {
-            return Err(PlanError::Stream {
-                snapshot: manifest.id.to_string(),
-                reason: format!(
-                    "no captured change stream follows it up to {} (restorable window: {window})",
-                    at.to_rfc3339_opts(SecondsFormat::Micros, true)
-                ),
-            });
+        // The snapshot's own instant, which the stream does not cover yet: the snapshot alone.
+        Some(s) => {
+            check_nothing_left_out(repo, &state, s, &manifest, tenant, at).await?;
+            None
         }
-        _ => None,
+        // No stream follows the snapshot: only its own instant is in the window.
+        None => None,
     };
+    if changes.is_some()
+        && let Some(gap) = crate::capture::gaps::read_all(repo.store())
+            .await?
+            .into_iter()
+            .find(|g| g.breaks(manifest.consistent_lsn, at))
+    {
+        return Err(PlanError::StreamGap {
+            tables: gap.tables,
+            from: gap.from_time,
+            resolved: gap.resolved_at,
+        });
+    }
     Ok(RestorePlan {
         manifest,
         window,
@@ -179,29 +254,246 @@ pub async fn plan(
     })
 }
 
-/// From the earliest snapshot to the stream's covered-until (when it follows a snapshot the
-/// tenant is in), else to the newest snapshot.
-pub fn window_of(
-    manifests: &[Manifest],
-    progress: Option<&StreamProgress>,
-    durable: Option<Lsn>,
-) -> Window {
-    let newest = manifests[manifests.len() - 1].consistent_time;
-    let streamed = progress.and_then(|p| {
-        let durable = durable.unwrap_or(p.durable_lsn);
-        manifests
-            .iter()
-            .any(|m| m.consistent_lsn >= p.since_lsn && m.consistent_lsn <= durable)
-            .then_some(p.covered_until)
-    });
+/// The instants `plan` restores: from each snapshot (oldest first) to the covered-until time
+/// of the stream that follows it, or its own instant alone when none does; from the next
+/// snapshot's instant on, that snapshot is the base instead. Without any stream, each snapshot
+/// stands as it is until the next one.
+pub fn window_of(manifests: &[Manifest], spans: &[Span]) -> Window {
+    let mut ranges: Vec<Restorable> = Vec::new();
+    for (i, m) in manifests.iter().enumerate() {
+        let from = m.consistent_time;
+        let next = manifests.get(i + 1);
+        let mut to = match spans.iter().find(|s| s.follows(m.consistent_lsn)) {
+            Some(s) => s.covered_until.max(from),
+            None if spans.is_empty() => next.map_or(from, |n| n.consistent_time),
+            None => from,
+        };
+        if let Some(next) = next {
+            to = to.min(next.consistent_time).max(from);
+        }
+        match ranges.last_mut() {
+            Some(last) if from <= last.to => last.to = last.to.max(to),
+            _ => ranges.push(Restorable { from, to }),
+        }
+    }
     Window {
-        earliest: manifests[0].consistent_time,
-        covered_until: streamed.map_or(newest, |c| c.max(newest)),
+        earliest: ranges[0].from,
+        covered_until: ranges[ranges.len() - 1].to,
         snapshots: manifests.len(),
+        ranges,
     }
 }
 
-fn window(manifests: &[Manifest], stream: Option<&Stream>) -> Window {
-    let progress = stream.and_then(|s| s.state.progress.as_ref());
-    window_of(manifests, progress, stream.map(|s| s.durable))
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use chrono::{Duration, TimeZone};
+
+    use super::*;
+    use crate::repository::keys;
+    use crate::repository::manifest::{ArchiveEntry, StoredObject};
+    use crate::repository::pack::{self, PackFooter, SectionEntry, StreamProgress};
+    use crate::storage::{MemoryStore, ObjectStore, PutMode};
+
+    const TENANT: &str = "t1";
+    const SNAPSHOT_LSN: Lsn = Lsn(0x100);
+    const DURABLE: Lsn = Lsn(0x300);
+
+    fn snapshot_time() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 26, 12, 0, 0).unwrap()
+    }
+
+    fn manifest(time: DateTime<Utc>, lsn: Lsn) -> Manifest {
+        let id = SnapshotId::new(time, lsn);
+        let object = |key| StoredObject {
+            key,
+            bytes: 1,
+            sha256: String::new(),
+        };
+        let archive = |key| ArchiveEntry {
+            object: object(key),
+            rows: BTreeMap::new(),
+        };
+        Manifest {
+            format_version: crate::repository::FORMAT_VERSION,
+            id: id.clone(),
+            system_identifier: "1".into(),
+            database: "d".into(),
+            server_version_num: 150_000,
+            tenant_column: "organization_id".into(),
+            tenant_type: "text".into(),
+            consistent_lsn: lsn,
+            consistent_time: time,
+            started_at: time,
+            finished_at: time,
+            all_tenants: true,
+            tables: vec![],
+            sequences: vec![],
+            schema: object(keys::schema(&id)),
+            global: archive(keys::global(&id)),
+            tenants: BTreeMap::from([(TENANT.to_string(), archive(keys::tenant(&id, TENANT)))]),
+        }
+    }
+
+    /// The progress of a stream that began at `since` and stored everything before `durable`.
+    fn progress(since: Lsn, durable: Lsn, covered_until: DateTime<Utc>) -> StreamProgress {
+        StreamProgress {
+            format_version: crate::repository::FORMAT_VERSION,
+            slot: "s".into(),
+            since_lsn: since,
+            durable_lsn: durable,
+            last_pack_end: Some(durable),
+            covered_until,
+            updated_at: Utc::now(),
+            earlier: vec![],
+        }
+    }
+
+    /// Stores the pack `[start, end)` holding one transaction of the tenant.
+    async fn put_pack(
+        store: &Arc<dyn ObjectStore>,
+        start: Lsn,
+        end: Lsn,
+        (lsn, committed): (Lsn, DateTime<Utc>),
+    ) {
+        let section = SectionEntry {
+            tenant: Some(TENANT.into()),
+            offset: 0,
+            length: 4,
+            sha256: String::new(),
+            first_lsn: lsn,
+            last_lsn: lsn,
+            first_time: committed,
+            last_time: committed,
+            transactions: 1,
+            changes: 1,
+        };
+        let footer = PackFooter {
+            format_version: crate::repository::FORMAT_VERSION,
+            start_lsn: start,
+            end_lsn: end,
+            covered_until: committed,
+            sections: vec![section],
+            routes: None,
+        };
+        let mut bytes = b"sect".to_vec();
+        bytes.extend_from_slice(&footer.encode());
+        store
+            .put_bytes(&pack::key(start, end), bytes.into(), PutMode::CreateNew)
+            .await
+            .unwrap();
+    }
+
+    /// A repository with one snapshot, and a stream that holds it and one transaction of the
+    /// tenant after it, committed at `committed`, but covers only until 10 s before it.
+    async fn repository(committed: DateTime<Utc>) -> Repository {
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let repo = Repository::new(store.clone());
+        repo.put_manifest(&manifest(snapshot_time(), SNAPSHOT_LSN))
+            .await
+            .unwrap();
+        let covered = snapshot_time() - Duration::seconds(10);
+        pack::write_progress(&store, &progress(SNAPSHOT_LSN, DURABLE, covered))
+            .await
+            .unwrap();
+        put_pack(&store, SNAPSHOT_LSN, DURABLE, (Lsn(0x150), committed)).await;
+        repo
+    }
+
+    /// The snapshot's own instant is restored from the snapshot alone while the stream has not
+    /// covered it: right when what the stream holds after the snapshot committed after it.
+    #[tokio::test]
+    async fn the_snapshot_alone_serves_its_own_instant() {
+        let later = snapshot_time() + Duration::seconds(1);
+        let plan = plan(&repository(later).await, TENANT, RestoreTarget::Latest)
+            .await
+            .unwrap();
+        assert!(plan.changes.is_none());
+        assert_eq!(plan.window.covered_until, snapshot_time());
+    }
+
+    /// A stored transaction after the snapshot's LSN that committed before its time (a
+    /// manifest whose time is wrong) would be left out without a word: refused.
+    #[tokio::test]
+    async fn what_the_snapshot_alone_would_leave_out_is_refused() {
+        let earlier = snapshot_time() - Duration::seconds(5);
+        let refused = plan(&repository(earlier).await, TENANT, RestoreTarget::Latest)
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&refused, PlanError::LeftOut { lsn, committed, .. }
+                if *lsn == Lsn(0x150) && *committed == earlier),
+            "{refused}"
+        );
+        assert!(
+            refused.to_string().contains("would leave it out"),
+            "{refused}"
+        );
+    }
+
+    /// `init` restarted the stream (its slot was lost): the old stream's instants replay from
+    /// the old snapshot with the old packs only, the new stream's from the new snapshot, and
+    /// an instant between them (nothing captured) is refused with both ranges.
+    #[tokio::test]
+    async fn an_earlier_stream_stays_restorable_and_is_never_crossed() {
+        let t = |seconds| snapshot_time() + Duration::seconds(seconds);
+        let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
+        let repo = Repository::new(store.clone());
+        repo.put_manifest(&manifest(t(0), Lsn(0x100)))
+            .await
+            .unwrap();
+        pack::write_progress(&store, &progress(Lsn(0x100), Lsn(0x200), t(60)))
+            .await
+            .unwrap();
+        put_pack(&store, Lsn(0x100), Lsn(0x200), (Lsn(0x150), t(30))).await;
+        // Stored just before the slot was lost, after the last rewrite of the progress.
+        put_pack(&store, Lsn(0x200), Lsn(0x300), (Lsn(0x250), t(50))).await;
+
+        // What `init` does: a new snapshot, a new stream, the old one kept.
+        let old = StreamState::read(&store).await.unwrap();
+        let mut new = old.restart("s2", Lsn(0x500));
+        assert_eq!(new.earlier.len(), 1);
+        assert_eq!(new.earlier[0].durable_lsn, Lsn(0x300));
+        assert_eq!(new.earlier[0].last_pack_end, Some(Lsn(0x300)));
+        repo.put_manifest(&manifest(t(120), Lsn(0x500)))
+            .await
+            .unwrap();
+        put_pack(&store, Lsn(0x500), Lsn(0x600), (Lsn(0x550), t(150))).await;
+        (new.durable_lsn, new.last_pack_end, new.covered_until) =
+            (Lsn(0x600), Some(Lsn(0x600)), t(180));
+        pack::write_progress(&store, &new).await.unwrap();
+
+        let replays = async |at| {
+            let plan = plan(&repo, TENANT, RestoreTarget::At(at)).await.unwrap();
+            let (packs, _) = plan.changes.expect("changes to replay");
+            let packs: Vec<_> = packs.iter().map(|p| (p.start.0, p.end.0)).collect();
+            (plan.manifest.consistent_lsn, packs, plan.window)
+        };
+        let (base, packs, window) = replays(t(55)).await;
+        assert_eq!(base, Lsn(0x100));
+        assert_eq!(packs, vec![(0x100, 0x200), (0x200, 0x300)]);
+        let ranges: Vec<_> = window.ranges.iter().map(|r| (r.from, r.to)).collect();
+        assert_eq!(ranges, vec![(t(0), t(60)), (t(120), t(180))]);
+        let (base, packs, _) = replays(t(150)).await;
+        assert_eq!(base, Lsn(0x500));
+        assert_eq!(packs, vec![(0x500, 0x600)]);
+
+        let refused = plan(&repo, TENANT, RestoreTarget::At(t(90)))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(refused, PlanError::OutsideWindow { .. }),
+            "{refused}"
+        );
+        let message = refused.to_string();
+        for range in &window.ranges {
+            assert!(message.contains(&range.to_string()), "{message}");
+        }
+        assert!(
+            message.contains("nothing was captured between"),
+            "{message}"
+        );
+    }
 }

@@ -327,6 +327,24 @@ impl Bound {
                 ),
             });
         }
+        // A column the source dropped would be left holding values (or NULLs, or fail a NOT
+        // NULL) that the source no longer has: not the source's state either.
+        let dropped: Vec<&str> = table
+            .columns
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !c.generated && !target.contains(i))
+            .map(|(_, c)| c.name.as_str())
+            .collect();
+        if !dropped.is_empty() {
+            return Err(ReplayError::ColumnMismatch {
+                table: table.display.clone(),
+                message: format!(
+                    "the source's table no longer has column {}",
+                    dropped.join(", ")
+                ),
+            });
+        }
         let written: Vec<usize> = (0..target.len())
             .filter(|&i| !table.columns[target[i]].generated)
             .collect();

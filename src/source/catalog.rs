@@ -25,6 +25,14 @@ pub enum CatalogError {
         schemas: Vec<String>,
     },
     #[error(
+        "{key} names {table}, a partition of {parent}: name {parent} instead (a partitioned table's rows are backed up, and configured, as one table)"
+    )]
+    ConfiguredPartition {
+        key: &'static str,
+        table: String,
+        parent: String,
+    },
+    #[error(
         "no table in schemas {schemas:?} has the tenant column {column:?}: check source.schemas and source.tenant_column"
     )]
     NoTenantTables {
@@ -85,7 +93,33 @@ pub struct Table {
     pub replica_identity: ReplicaIdentity,
     pub row_security: bool,
     pub can_select: bool,
+    /// UNLOGGED: its changes are not written to WAL, so no publication can carry them.
+    pub unlogged: bool,
+    /// A partitioned table: its leaf partitions, which hold its rows. The table is backed up
+    /// as one (its snapshot reads them through it), but their replica identities are what
+    /// the source checks, and a publication without `publish_via_partition_root` names them
+    /// instead of it. `None`: an ordinary table.
+    pub partitions: Option<Vec<Partition>>,
     pub scope: TableScope,
+}
+
+/// A leaf partition of a partitioned table (in any schema).
+#[derive(Debug, Clone)]
+pub struct Partition {
+    pub schema: String,
+    pub name: String,
+    pub replica_identity: ReplicaIdentity,
+}
+
+impl Partition {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+
+    /// `"schema"."name"`, safe to splice into SQL.
+    pub fn sql_name(&self) -> String {
+        sql_name(&self.schema, &self.name)
+    }
 }
 
 impl Table {
@@ -95,7 +129,7 @@ impl Table {
 
     /// `"schema"."name"`, safe to splice into SQL.
     pub fn sql_name(&self) -> String {
-        format!("{}.{}", quote_ident(&self.schema), quote_ident(&self.name))
+        sql_name(&self.schema, &self.name)
     }
 
     pub fn column_list(&self) -> String {
@@ -139,6 +173,11 @@ pub fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
+/// `"schema"."name"`, safe to splice into SQL.
+fn sql_name(schema: &str, name: &str) -> String {
+    format!("{}.{}", quote_ident(schema), quote_ident(name))
+}
+
 /// A string literal (standard_conforming_strings is on since 9.1; connections pin it on).
 pub fn quote_literal(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
@@ -150,10 +189,13 @@ impl Catalog {
         client: &Client,
         config: &SourceConfig,
     ) -> Result<(Self, Option<CatalogError>), CatalogError> {
+        // Partitions are not tables of their own here: their rows are their partitioned
+        // table's, which the snapshot reads (and the restore writes) as one.
         let rows = client
             .query(
-                "SELECT c.oid, n.nspname, c.relname, c.relreplident::text, c.relrowsecurity,
-                        has_table_privilege(c.oid, 'SELECT')
+                "SELECT c.oid, n.nspname, c.relname, c.relrowsecurity,
+                        has_table_privilege(c.oid, 'SELECT'), c.relpersistence = 'u',
+                        c.relkind = 'p'
                    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                   WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p') AND NOT c.relispartition
                   ORDER BY n.nspname, c.relname",
@@ -162,21 +204,55 @@ impl Catalog {
             .await?;
         let mut oids = Vec::new();
         let mut tables = Vec::new();
-        let mut identity_kind = Vec::new();
         for row in rows {
             oids.push(row.get::<_, u32>(0));
-            identity_kind.push(row.get::<_, String>(3));
             tables.push(Table {
                 schema: row.get(1),
                 name: row.get(2),
                 columns: Vec::new(),
                 replica_identity: ReplicaIdentity::Nothing,
-                row_security: row.get(4),
-                can_select: row.get(5),
+                row_security: row.get(3),
+                can_select: row.get(4),
+                unlogged: row.get(5),
+                partitions: row.get::<_, bool>(6).then(Vec::new),
                 scope: TableScope::Unroutable,
             });
         }
         let index_of = |oid: u32| oids.iter().position(|o| *o == oid);
+
+        // Leaf partitions at any depth (intermediate ones hold no rows), by partitioned table.
+        let partitioned: Vec<u32> = oids
+            .iter()
+            .zip(&tables)
+            .filter(|(_, t)| t.partitions.is_some())
+            .map(|(oid, _)| *oid)
+            .collect();
+        let mut leaves: Vec<(usize, u32, Partition)> = Vec::new();
+        if !partitioned.is_empty() {
+            for row in client
+                .query(
+                    "SELECT r.root, t.relid::oid, n.nspname, c.relname
+                       FROM unnest($1::oid[]) AS r(root)
+                      CROSS JOIN LATERAL pg_partition_tree(r.root) AS t
+                       JOIN pg_class c ON c.oid = t.relid
+                       JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE t.isleaf AND t.relid <> r.root
+                      ORDER BY n.nspname, c.relname",
+                    &[&partitioned],
+                )
+                .await?
+            {
+                let Some(t) = index_of(row.get(0)) else {
+                    continue;
+                };
+                let partition = Partition {
+                    schema: row.get(2),
+                    name: row.get(3),
+                    replica_identity: ReplicaIdentity::Nothing,
+                };
+                leaves.push((t, row.get(1), partition));
+            }
+        }
 
         let mut all_columns: BTreeMap<(usize, i16), String> = BTreeMap::new();
         for row in client
@@ -205,34 +281,50 @@ impl Catalog {
                 .collect()
         };
 
-        let mut primary_keys: BTreeMap<usize, Vec<String>> = BTreeMap::new();
-        let mut identity_indexes: BTreeMap<usize, Vec<String>> = BTreeMap::new();
+        // Replica identities of the tables and of the leaf partitions: the source checks a
+        // partition's own when a row of it changes, whatever the publication publishes.
+        let mut identities: BTreeMap<u32, ReplicaIdentity> = BTreeMap::new();
+        let relations: Vec<u32> = oids
+            .iter()
+            .copied()
+            .chain(leaves.iter().map(|(_, oid, _)| *oid))
+            .collect();
         for row in client
             .query(
-                "SELECT indrelid, indisprimary, indisreplident, indkey::int2[] FROM pg_index
-                  WHERE indrelid = ANY($1) AND (indisprimary OR indisreplident)",
-                &[&oids],
+                "WITH keys AS (
+                   SELECT i.indrelid, i.indisprimary, i.indisreplident,
+                          array(SELECT a.attname::text
+                                  FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(num, ord)
+                                  JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.num
+                                 ORDER BY k.ord) AS columns
+                     FROM pg_index i
+                    WHERE i.indrelid = ANY($1) AND (i.indisprimary OR i.indisreplident))
+                 SELECT c.oid, c.relreplident::text,
+                        (SELECT columns FROM keys WHERE indrelid = c.oid AND indisprimary),
+                        (SELECT columns FROM keys WHERE indrelid = c.oid AND indisreplident)
+                   FROM pg_class c WHERE c.oid = ANY($1)",
+                &[&relations],
             )
             .await?
         {
-            let Some(t) = index_of(row.get(0)) else {
-                continue;
-            };
-            let cols = names(t, &row.get::<_, Vec<i16>>(3));
-            if row.get(1) {
-                primary_keys.insert(t, cols.clone());
-            }
-            if row.get(2) {
-                identity_indexes.insert(t, cols);
-            }
-        }
-        for (t, kind) in identity_kind.iter().enumerate() {
-            tables[t].replica_identity = match kind.as_str() {
+            let identity = match row.get::<_, String>(1).as_str() {
                 "f" => ReplicaIdentity::Full,
                 "n" => ReplicaIdentity::Nothing,
-                "i" => ReplicaIdentity::Index(identity_indexes.remove(&t).unwrap_or_default()),
-                _ => ReplicaIdentity::Default(primary_keys.remove(&t).unwrap_or_default()),
+                "i" => ReplicaIdentity::Index(row.get::<_, Option<_>>(3).unwrap_or_default()),
+                _ => ReplicaIdentity::Default(row.get::<_, Option<_>>(2).unwrap_or_default()),
             };
+            identities.insert(row.get(0), identity);
+        }
+        for (t, oid) in oids.iter().enumerate() {
+            tables[t].replica_identity = identities.remove(oid).unwrap_or(ReplicaIdentity::Nothing);
+        }
+        for (t, oid, mut partition) in leaves {
+            partition.replica_identity =
+                identities.remove(&oid).unwrap_or(ReplicaIdentity::Nothing);
+            tables[t]
+                .partitions
+                .get_or_insert_with(Vec::new)
+                .push(partition);
         }
 
         let mut foreign_keys = Vec::new();
@@ -286,14 +378,24 @@ impl Catalog {
          -> Result<BTreeSet<usize>, CatalogError> {
             list.iter()
                 .map(|q| {
-                    tables
+                    if let Some(t) = tables.iter().position(|t| &t.qualified() == q) {
+                        return Ok(t);
+                    }
+                    let parent = tables
                         .iter()
-                        .position(|t| &t.qualified() == q)
-                        .ok_or_else(|| CatalogError::UnknownConfiguredTable {
+                        .find(|t| t.partitions.iter().flatten().any(|p| &p.qualified() == q));
+                    Err(match parent {
+                        Some(parent) => CatalogError::ConfiguredPartition {
+                            key,
+                            table: q.clone(),
+                            parent: parent.qualified(),
+                        },
+                        None => CatalogError::UnknownConfiguredTable {
                             key,
                             table: q.clone(),
                             schemas: config.schemas.clone(),
-                        })
+                        },
+                    })
                 })
                 .collect()
         };
@@ -318,45 +420,53 @@ impl Catalog {
                 column: tc.clone(),
             });
         }
-        // A foreign key that maps a tenant column onto another table's column carries the
-        // tenant value itself, in either direction: upwards it finds the tenants' own table
-        // (users.organization_id → organizations.id), downwards a child whose key includes
-        // the parent's tenant column.
-        loop {
-            let mut changed = false;
-            for fk in fks {
-                if fk.child == fk.parent {
-                    continue;
-                }
-                let pairs = fk.columns.iter().zip(&fk.parent_columns);
-                let mapped = |t: usize| match &scope[t] {
-                    Some(Route::Direct { column }) => Some(column.clone()),
-                    _ => None,
-                };
-                if let (Some(child_col), None) = (mapped(fk.child), &scope[fk.parent]) {
-                    if let Some((_, p)) = pairs.clone().find(|(c, _)| **c == child_col) {
-                        if !configured(fk.parent) {
+        let not_null = |t: usize, columns: &[String]| {
+            columns
+                .iter()
+                .all(|c| self.tables[t].column(c).is_some_and(|c| c.not_null))
+        };
+        // Through NOT NULL keys first, whatever the route's length: a row whose key is NULL
+        // reaches no tenant, so a nullable route is taken only when there is no other (a
+        // nullable `shared_with → organizations.id` must not override `fund_id → funds`).
+        for allow_nullable in [false, true] {
+            // A foreign key that maps a tenant column onto another table's column carries the
+            // tenant value itself, in either direction: upwards it finds the tenants' own
+            // table (users.organization_id → organizations.id; the parent's key is a tenant
+            // value whatever the child's nullability), downwards a child whose key includes
+            // the parent's tenant column.
+            loop {
+                let mut changed = false;
+                for fk in fks {
+                    if fk.child == fk.parent {
+                        continue;
+                    }
+                    let pairs = fk.columns.iter().zip(&fk.parent_columns);
+                    let mapped = |t: usize| match &scope[t] {
+                        Some(Route::Direct { column }) => Some(column.clone()),
+                        _ => None,
+                    };
+                    if let (Some(child_col), None) = (mapped(fk.child), &scope[fk.parent]) {
+                        if let Some((_, p)) = pairs.clone().find(|(c, _)| **c == child_col)
+                            && !configured(fk.parent)
+                        {
                             scope[fk.parent] = Some(Route::Direct { column: p.clone() });
                             changed = true;
                         }
-                    }
-                } else if let (None, Some(parent_col)) = (&scope[fk.child], mapped(fk.parent)) {
-                    if let Some((c, _)) = pairs.clone().find(|(_, p)| **p == parent_col) {
-                        if !configured(fk.child) {
-                            scope[fk.child] = Some(Route::Direct { column: c.clone() });
-                            changed = true;
-                        }
+                    } else if let (None, Some(parent_col)) = (&scope[fk.child], mapped(fk.parent))
+                        && let Some((c, _)) = pairs.clone().find(|(_, p)| **p == parent_col)
+                        && !configured(fk.child)
+                        && (allow_nullable || not_null(fk.child, std::slice::from_ref(c)))
+                    {
+                        scope[fk.child] = Some(Route::Direct { column: c.clone() });
+                        changed = true;
                     }
                 }
+                if !changed {
+                    break;
+                }
             }
-            if !changed {
-                break;
-            }
-        }
-        // Then breadth first through the remaining foreign keys, so each table takes the
-        // shortest route — through NOT NULL keys first, whatever the length: a row whose key is
-        // NULL reaches no tenant, so a nullable route is taken only when there is no other.
-        for allow_nullable in [false, true] {
+            // Then breadth first through the remaining foreign keys, so each table takes the
+            // shortest route.
             loop {
                 let mut assigned = Vec::new();
                 for t in 0..self.tables.len() {
@@ -366,13 +476,7 @@ impl Catalog {
                     let best = fks
                         .iter()
                         .filter(|fk| fk.child == t && fk.parent != t && scope[fk.parent].is_some())
-                        .map(|fk| {
-                            let nullable = fk
-                                .columns
-                                .iter()
-                                .any(|c| !self.tables[t].column(c).is_some_and(|c| c.not_null));
-                            (nullable, fk)
-                        })
+                        .map(|fk| (!not_null(t, &fk.columns), fk))
                         .filter(|(nullable, _)| allow_nullable || !nullable)
                         .min_by(|(na, a), (nb, b)| (na, &a.name).cmp(&(nb, &b.name)));
                     if let Some((nullable, fk)) = best {
@@ -475,8 +579,10 @@ impl Catalog {
                 _ => None,
             })
             .collect();
+        // DISTINCT: with a single table carrying the column there is no UNION to dedupe, and
+        // every tenant would be listed (and exported) once per row.
         format!(
-            "SELECT tenant FROM ({}) AS all_tenants WHERE tenant IS NOT NULL ORDER BY tenant",
+            "SELECT DISTINCT tenant FROM ({}) AS all_tenants WHERE tenant IS NOT NULL ORDER BY tenant",
             parts.join(" UNION ")
         )
     }
@@ -553,6 +659,106 @@ impl Catalog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A table of schema `m`; columns as (name, NOT NULL).
+    fn table(name: &str, columns: &[(&str, bool)]) -> Table {
+        Table {
+            schema: "m".into(),
+            name: name.into(),
+            columns: columns
+                .iter()
+                .map(|(c, not_null)| Column {
+                    name: c.to_string(),
+                    type_name: "uuid".into(),
+                    not_null: *not_null,
+                    text_only: false,
+                })
+                .collect(),
+            replica_identity: ReplicaIdentity::Default(vec!["id".into()]),
+            row_security: false,
+            can_select: true,
+            unlogged: false,
+            partitions: None,
+            scope: TableScope::Unroutable,
+        }
+    }
+
+    fn fk(
+        name: &str,
+        child: usize,
+        column: &str,
+        parent: usize,
+        parent_column: &str,
+    ) -> ForeignKey {
+        ForeignKey {
+            name: name.into(),
+            child,
+            parent,
+            columns: vec![column.into()],
+            parent_columns: vec![parent_column.into()],
+        }
+    }
+
+    fn classified(tables: Vec<Table>, fks: &[ForeignKey]) -> Catalog {
+        let config = SourceConfig {
+            url: String::new(),
+            schemas: vec!["m".into()],
+            tenant_column: "organization_id".into(),
+            slot: "s".into(),
+            publication: "p".into(),
+            exclude_tables: Vec::new(),
+            global_tables: Vec::new(),
+        };
+        let mut catalog = Catalog {
+            tenant_column: config.tenant_column.clone(),
+            tables,
+        };
+        assert!(catalog.classify(&config, fks).unwrap().is_none());
+        catalog
+    }
+
+    #[test]
+    fn a_not_null_route_wins_over_a_nullable_key_onto_the_tenants() {
+        let catalog = classified(
+            vec![
+                table("orgs", &[("id", true)]),
+                table("funds", &[("id", true), ("organization_id", true)]),
+                table("documents", &[("fund_id", true), ("shared_with", false)]),
+            ],
+            &[
+                fk("a_shared_with", 2, "shared_with", 0, "id"),
+                fk("funds_org", 1, "organization_id", 0, "id"),
+                fk("z_fund", 2, "fund_id", 1, "id"),
+            ],
+        );
+        let documents = &catalog.tables[2];
+        assert_eq!(
+            catalog.describe_route(documents),
+            "(fund_id) → m.funds(id).organization_id"
+        );
+        assert_eq!(catalog.describe_route(&catalog.tables[0]), "own column id");
+    }
+
+    #[test]
+    fn a_nullable_key_onto_the_tenants_routes_when_there_is_no_other() {
+        let catalog = classified(
+            vec![
+                table("orgs", &[("id", true)]),
+                table("funds", &[("id", true), ("organization_id", true)]),
+                table("notes", &[("shared_with", false)]),
+            ],
+            &[
+                fk("funds_org", 1, "organization_id", 0, "id"),
+                fk("notes_shared", 2, "shared_with", 0, "id"),
+            ],
+        );
+        assert_eq!(
+            catalog.tables[2].scope,
+            TableScope::Tenant(Route::Direct {
+                column: "shared_with".into()
+            })
+        );
+    }
 
     #[test]
     fn quoting_resists_injection() {

@@ -7,7 +7,7 @@ use std::fmt;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::catalog::{Catalog, ReplicaIdentity, Route, TableScope, quote_ident};
+use super::catalog::{Catalog, ReplicaIdentity, Route, Table, TableScope, quote_ident};
 use super::{SourceError, connect, pg_tools, query_context};
 use crate::config::Config;
 
@@ -217,7 +217,10 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
         Err(super::publication::PublicationError::Incomplete { missing, sql, .. }) => push(
             Level::Error,
             "publication",
-            format!("{publication} lacks {missing}: their changes would not be captured"),
+            format!(
+                "{publication} lacks {}: their changes would not be captured",
+                missing.join(", ")
+            ),
             Some(sql),
         ),
         Err(e) => push(Level::Error, "publication", e.to_string(), None),
@@ -256,8 +259,10 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
         if table.row_security {
             rls_tables.push(name.clone());
         }
+        // Global tables too: the publication covers them, so the source refuses their
+        // UPDATEs and DELETEs just the same without a replica identity.
+        identity_findings(&catalog, table, &mut push);
         if let TableScope::Tenant(route) = &table.scope {
-            identity_findings(&catalog, table, &mut push);
             if let Route::Via {
                 nullable: true,
                 columns,
@@ -361,49 +366,94 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
     Ok(report)
 }
 
-/// Whether a DELETE's old tuple will carry the columns that route it to its tenant.
+/// Whether the source accepts the table's UPDATEs and DELETEs once it is published, and
+/// whether their old rows will carry the columns that route them to their tenant.
 fn identity_findings(
     catalog: &Catalog,
-    table: &super::catalog::Table,
+    table: &Table,
     push: &mut impl FnMut(Level, &str, String, Option<String>),
 ) {
-    let needed: BTreeSet<&String> = catalog.route_columns(table).iter().collect();
     let name = table.qualified();
-    let fix = Some(format!(
-        "ALTER TABLE {} REPLICA IDENTITY FULL;",
-        table.sql_name()
-    ));
-    let (carried, described): (BTreeSet<&String>, String) = match &table.replica_identity {
-        ReplicaIdentity::Full => return,
-        ReplicaIdentity::Nothing => {
-            push(
-                Level::Error,
-                &name,
-                "REPLICA IDENTITY NOTHING: its UPDATEs and DELETEs cannot be captured".into(),
-                fix,
-            );
-            return;
+    let partitions = table.partitions.as_deref().unwrap_or_default();
+    // A partitioned table's old rows are logged as its partitions' identities say, then sent
+    // through it as its own says (whole rows, or its key columns): FULL is needed on all.
+    let fix: Vec<String> = std::iter::once((table.sql_name(), &table.replica_identity))
+        .chain(
+            partitions
+                .iter()
+                .map(|p| (p.sql_name(), &p.replica_identity)),
+        )
+        .filter(|(_, identity)| **identity != ReplicaIdentity::Full)
+        .map(|(sql, _)| format!("ALTER TABLE {sql} REPLICA IDENTITY FULL;"))
+        .collect();
+    if fix.is_empty() {
+        return;
+    }
+    let fix = Some(fix.join("\n"));
+    // The source checks the identity of the relation holding the changed row.
+    let lacking =
+        |identity: &ReplicaIdentity| identity_columns(identity).is_some_and(<[String]>::is_empty);
+    let unidentified = match &table.partitions {
+        None => {
+            lacking(&table.replica_identity).then(|| describe_identity(&table.replica_identity))
         }
-        ReplicaIdentity::Default(cols) if cols.is_empty() => {
-            push(
-                Level::Error,
-                &name,
-                "no primary key and default replica identity: once published, its UPDATEs and DELETEs fail on the source".into(),
-                fix,
-            );
-            return;
+        Some(partitions) => {
+            let lacking: Vec<String> = partitions
+                .iter()
+                .filter(|p| lacking(&p.replica_identity))
+                .map(|p| {
+                    format!(
+                        "{} ({})",
+                        p.qualified(),
+                        describe_identity(&p.replica_identity)
+                    )
+                })
+                .collect();
+            (!lacking.is_empty()).then(|| format!("partition(s) {}", lacking.join(", ")))
         }
-        ReplicaIdentity::Default(cols) => (
-            cols.iter().collect(),
-            format!("primary key ({})", cols.join(", ")),
-        ),
-        ReplicaIdentity::Index(cols) => (
-            cols.iter().collect(),
-            format!("identity index ({})", cols.join(", ")),
-        ),
     };
+    if let Some(described) = unidentified {
+        push(
+            Level::Error,
+            &name,
+            format!(
+                "{described}: once published, its UPDATEs and DELETEs fail on the source; give it a primary key, or REPLICA IDENTITY FULL"
+            ),
+            fix,
+        );
+        return;
+    }
+    if table.partitions.is_some() && table.replica_identity == ReplicaIdentity::Full {
+        push(
+            Level::Error,
+            &name,
+            "REPLICA IDENTITY FULL, but not all its partitions: their old rows are sent through it as whole rows with NULL in every column outside the partition's own identity, so their changes would be routed and replayed by those NULLs".into(),
+            fix,
+        );
+        return;
+    }
+    // The root's key columns (the only ones pgoutput marks as sent), as far as every
+    // partition logs them.
+    let mut carried: BTreeSet<&String> = identity_columns(&table.replica_identity)
+        .unwrap_or_default()
+        .iter()
+        .collect();
+    let root_columns = carried.len();
+    for partition in partitions {
+        if let Some(columns) = identity_columns(&partition.replica_identity) {
+            carried.retain(|c| columns.contains(c));
+        }
+    }
+    let mut described = describe_identity(&table.replica_identity);
+    if carried.len() < root_columns {
+        described.push_str(&format!(
+            " (of which its partitions' identities log only ({}))",
+            join(&carried)
+        ));
+    }
     // Rows other tables route through are also known by key (the daemon keeps their key →
-    // tenant map), so a DELETE carrying that key routes too.
+    // tenant map), so a DELETE carrying that key routes too, and so does an UPDATE, whose old
+    // tenant (it may move the row) the map gives.
     let by_key = catalog.tables.iter().any(|t| match &t.scope {
         TableScope::Tenant(Route::Via {
             parent,
@@ -415,21 +465,47 @@ fn identity_findings(
         }
         _ => false,
     });
+    let needed: BTreeSet<&String> = catalog.route_columns(table).iter().collect();
     if !needed.is_subset(&carried) && !by_key {
         push(
             Level::Warning,
             &name,
             format!(
-                "its replica identity, {described}, lacks ({}): a DELETE of it cannot be routed to its tenant, and capture stops at the first one",
-                needed
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                "its replica identity, {described}, lacks ({}): the tenant a row had before an UPDATE or a DELETE cannot be known (an UPDATE may move it to another tenant), and capture stops at the first one",
+                join(&needed)
             ),
             fix,
         );
     }
+}
+
+/// The columns an old row carries under `identity`; `None`: all of them (FULL).
+fn identity_columns(identity: &ReplicaIdentity) -> Option<&[String]> {
+    match identity {
+        ReplicaIdentity::Full => None,
+        ReplicaIdentity::Nothing => Some(&[]),
+        ReplicaIdentity::Default(cols) | ReplicaIdentity::Index(cols) => Some(cols),
+    }
+}
+
+fn describe_identity(identity: &ReplicaIdentity) -> String {
+    match identity {
+        ReplicaIdentity::Full => "REPLICA IDENTITY FULL".into(),
+        ReplicaIdentity::Nothing => "REPLICA IDENTITY NOTHING".into(),
+        ReplicaIdentity::Default(cols) if cols.is_empty() => {
+            "no primary key and default replica identity".into()
+        }
+        ReplicaIdentity::Default(cols) => format!("primary key ({})", cols.join(", ")),
+        ReplicaIdentity::Index(cols) => format!("identity index ({})", cols.join(", ")),
+    }
+}
+
+fn join(columns: &BTreeSet<&String>) -> String {
+    columns
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 async fn leading_index_columns(

@@ -178,6 +178,7 @@ pub struct Metrics {
     pub slot_retained_wal: Gauge,
     pub slot_safe_wal: Gauge,
     pub slot_wal_limit: Gauge,
+    pub unpublished_tables: Gauge,
     storage_duration: [Histogram; 5],
     storage_errors: [Counter; 5],
     pub restores: Counter,
@@ -203,6 +204,7 @@ impl Default for Metrics {
             slot_retained_wal: Gauge::default(),
             slot_safe_wal: Gauge::default(),
             slot_wal_limit: Gauge::default(),
+            unpublished_tables: Gauge::default(),
             storage_duration: std::array::from_fn(|_| Histogram::new(STORAGE_SECONDS)),
             storage_errors: Default::default(),
             restores: Counter::default(),
@@ -337,6 +339,11 @@ impl Metrics {
             "updog_backup_slot_wal_limit_bytes",
             "The source's max_slot_wal_keep_size",
             &self.slot_wal_limit,
+        );
+        out.gauge(
+            "updog_backup_unpublished_tables",
+            "Tables backed up by snapshots whose changes the publication does not carry (a stream gap is recorded; restores across it are refused)",
+            &self.unpublished_tables,
         );
         out.family(
             "updog_backup_storage_request_duration_seconds",

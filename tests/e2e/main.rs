@@ -11,6 +11,7 @@ mod pgoutput;
 mod replay;
 mod replication;
 mod replication_stream;
+mod schema_change;
 mod snapshot_restore;
 mod storage;
 mod tls;

@@ -164,7 +164,13 @@ async fn spool_disk_full_then_freed() {
            FROM generate_series(1, 100000)",
         tenants[0]
     );
-    cluster().await.client(&db).await.batch_execute(&huge).await.unwrap();
+    cluster()
+        .await
+        .client(&db)
+        .await
+        .batch_execute(&huge)
+        .await
+        .unwrap();
     // Committed before the load starts, so that no recorded instant straddles it.
     let workload = Workload::start(&db, &tenants);
     let deadline = Instant::now() + Duration::from_secs(60);
