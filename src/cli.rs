@@ -818,6 +818,7 @@ async fn verify_snapshots(
             .map_err(crate::restore::RestoreError::from)?
             .0
             .into_iter()
+            .filter(|m| m.tenants.contains_key(o))
             .map(|m| m.id)
             .collect(),
         None => repo.snapshots().await?,

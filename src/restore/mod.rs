@@ -191,8 +191,11 @@ pub async fn run(
     // Everything is checked before anything is created.
     let store = repo.store();
     let dump = reader::read_sealed(store, &manifest.schema, identities.clone()).await?;
-    for part in [Part::Global, Part::Tenant(&request.tenant)] {
-        reader::check_part(store, &manifest, part, Some(identities.clone())).await?;
+    // A base snapshot of all tenants without this one: it had no rows then.
+    let in_base = manifest.tenants.contains_key(&request.tenant);
+    let parts = [Part::Global, Part::Tenant(&request.tenant)];
+    for part in &parts[..if in_base { 2 } else { 1 }] {
+        reader::check_part(store, &manifest, *part, Some(identities.clone())).await?;
     }
     let pg_restore = schema::pg_restore(manifest.server_version_num / 10000).await?;
     let (pre_preamble, pre) = schema::entries(&pg_restore, &dump, schema::Section::PreData).await?;
@@ -365,7 +368,8 @@ async fn load(
         .batch_execute("BEGIN")
         .await
         .map_err(step("starting the data load"))?;
-    let tables = manifest.global.rows.len() + manifest.tenants[tenant].rows.len();
+    let tenant_archive = manifest.tenants.get(tenant);
+    let tables = manifest.global.rows.len() + tenant_archive.map_or(0, |t| t.rows.len());
     let mut loader = ArchiveLoader {
         client,
         repo,
@@ -375,7 +379,10 @@ async fn load(
         tables: Vec::new(),
     };
     let mut global_rows = loader.load(Part::Global).await?;
-    let mut tenant_rows = loader.load(Part::Tenant(tenant)).await?;
+    let mut tenant_rows = match tenant_archive {
+        Some(_) => loader.load(Part::Tenant(tenant)).await?,
+        None => BTreeMap::new(),
+    };
     loader.progress.finish();
     let loaded_tables = loader.tables;
     for seq in &manifest.sequences {

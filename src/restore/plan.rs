@@ -31,7 +31,7 @@ pub enum PlanError {
     #[error("the repository has no snapshot yet: run `updog-backup backup` first")]
     NoSnapshots,
     #[error(
-        "tenant {tenant} is in none of the {snapshots} snapshot(s): check the value (`updog-backup list` shows each snapshot's tenants)"
+        "tenant {tenant} is in none of the {snapshots} snapshot(s), and the change stream holds none of its changes: check the value (`updog-backup list` shows each snapshot's tenants)"
     )]
     UnknownTenant { tenant: String, snapshots: usize },
     #[error(
@@ -164,7 +164,11 @@ async fn check_nothing_left_out(
     Ok(())
 }
 
-/// Manifests of every snapshot holding `tenant`, oldest first.
+/// Manifests a restore of `tenant` can start from, oldest first: those holding it, and
+/// snapshots of all tenants without it (it had no rows then: a tenant created after a snapshot
+/// starts empty there and its changes follow). None when no snapshot holds the tenant and the
+/// change stream never saw it either: a mistyped tenant is an error, not an empty restore.
+/// Also returns the number of snapshots in the repository.
 pub async fn tenant_snapshots(
     repo: &Repository,
     tenant: &str,
@@ -172,13 +176,41 @@ pub async fn tenant_snapshots(
     let ids: Vec<SnapshotId> = repo.snapshots().await?;
     let total = ids.len();
     let mut out = Vec::new();
+    let mut held = false;
     for id in ids {
-        let manifest = repo.manifest(&id).await?;
-        if manifest.tenants.contains_key(tenant) {
+        let manifest = match repo.manifest(&id).await {
+            Ok(m) => m,
+            // Retention (of a running daemon) deleted it since the listing.
+            Err(RepositoryError::NoSuchSnapshot(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        let holds = manifest.tenants.contains_key(tenant);
+        held |= holds;
+        if holds || manifest.all_tenants {
             out.push(manifest);
         }
     }
+    if !held && !in_stream(repo, tenant).await? {
+        out.clear();
+    }
     Ok((out, total))
+}
+
+/// Whether any stored pack has a section of `tenant` (read only for a tenant no snapshot
+/// holds: one footer per pack).
+async fn in_stream(repo: &Repository, tenant: &str) -> Result<bool, PlanError> {
+    let state = StreamState::read(repo.store()).await?;
+    for p in &state.packs {
+        let footer = read_footer(repo.store(), &p.key, p.size).await?;
+        if footer
+            .sections
+            .iter()
+            .any(|s| s.tenant.as_deref() == Some(tenant))
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
 }
 
 pub async fn plan(

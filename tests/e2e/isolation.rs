@@ -2539,11 +2539,9 @@ async fn a_child_of_a_row_of_no_tenant_does_not_stop_capture() {
 }
 
 /// A tenant that first appears after the last snapshot: its rows are captured (routed to it),
-/// but `restore` refuses it ("tenant … is in none of the 1 snapshot(s)") until the next
-/// snapshot, although the snapshot (of all tenants) shows it had no rows then, so the restore
-/// is well defined: empty at the snapshot, then its changes.
+/// and the snapshot (of all tenants) shows it had no rows then, so its restore is well
+/// defined: empty at the snapshot, then its changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a tenant created after the last snapshot cannot be restored until the next snapshot"]
 async fn a_tenant_created_after_the_snapshot_is_restorable() {
     let mut m = Mini::new(
         "CREATE SCHEMA m;

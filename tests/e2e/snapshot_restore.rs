@@ -269,7 +269,7 @@ async fn restore_as_of_a_snapshot_time_and_window_refusals() {
     // Tenant 3 is in init's snapshot and the first backup, not in the partial one.
     let other = fixture_tenant(3).await;
     let out = env.ok(&["list", "--org", &other]);
-    assert!(out.contains("(2 snapshot(s))"), "{out}");
+    assert!(out.contains("(2 snapshot(s)"), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
