@@ -95,6 +95,12 @@ pub async fn read_all(store: &Arc<dyn ObjectStore>) -> Result<Vec<Gap>, Reposito
     Ok(gaps)
 }
 
+async fn read_open(store: &Arc<dyn ObjectStore>) -> Result<Vec<Gap>, RepositoryError> {
+    let mut gaps = read_all(store).await?;
+    gaps.retain(|g| g.resolved_lsn.is_none());
+    Ok(gaps)
+}
+
 async fn write(store: &Arc<dyn ObjectStore>, gap: &Gap) -> Result<(), StorageError> {
     let json = serde_json::to_vec_pretty(gap).expect("a gap always serializes");
     store
@@ -128,13 +134,9 @@ pub async fn check_publication(
 
 /// Records that `unpublished` tables are missing from the stream, unless an open gap already
 /// says so. Returns the gap now open for them.
-pub async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, GapError> {
+async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, GapError> {
     let store = repo.store();
-    let open: Vec<Gap> = read_all(store)
-        .await?
-        .into_iter()
-        .filter(|g| g.resolved_lsn.is_none())
-        .collect();
+    let open = read_open(store).await?;
     if let Some(gap) = open
         .iter()
         .find(|g| unpublished.iter().all(|t| g.tables.contains(t)))
@@ -186,13 +188,9 @@ pub async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, Ga
 
 /// The publication covers every table again: open gaps end at the source's current WAL
 /// position (after the change that fixed it, so a later snapshot is a complete base).
-pub async fn resolve(repo: &Repository, client: &Client) -> Result<usize, GapError> {
+async fn resolve(repo: &Repository, client: &Client) -> Result<usize, GapError> {
     let store = repo.store();
-    let open: Vec<Gap> = read_all(store)
-        .await?
-        .into_iter()
-        .filter(|g| g.resolved_lsn.is_none())
-        .collect();
+    let open = read_open(store).await?;
     if open.is_empty() {
         return Ok(0);
     }

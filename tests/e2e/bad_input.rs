@@ -1,40 +1,10 @@
 //! Bad input gets a clear message, the exit code of DESIGN.md (2: usage/config, 1:
 //! operational) and never leaves anything half-made or damaged.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::support::postgres::cluster;
-use crate::support::{Repo, TestEnv, fixture_tenant};
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p))
-            } else {
-                out.push(p)
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-async fn database_exists(name: &str) -> bool {
-    cluster()
-        .await
-        .client("postgres")
-        .await
-        .query_one(
-            "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
+use crate::support::{Repo, TestEnv, database_exists, files_under, fixture_tenant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_and_argument_errors() {

@@ -20,51 +20,11 @@ use crate::support::daemon::{Daemon, capture_env, wait_covered};
 use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::oracle::{digest, now, state};
 use crate::support::postgres::cluster;
-use crate::support::{Repo, TestEnv, fixture_tenant};
+use crate::support::{Repo, TestEnv, database_exists, drop_database, files_under, fixture_tenant};
 
 // ---------------------------------------------------------------------------------------------
 // Helpers
 // ---------------------------------------------------------------------------------------------
-
-fn files_under(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(files_under(&p))
-            } else {
-                out.push(p)
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
-async fn database_exists(name: &str) -> bool {
-    cluster()
-        .await
-        .client("postgres")
-        .await
-        .query_one(
-            "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
-            &[&name],
-        )
-        .await
-        .unwrap()
-        .get(0)
-}
-
-async fn drop_database(name: &str) {
-    cluster()
-        .await
-        .client("postgres")
-        .await
-        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-        .await
-        .unwrap();
-}
 
 /// stdout and stderr of a run, together.
 fn text(out: &Output) -> String {

@@ -349,6 +349,10 @@ async fn status_updates_keep_a_short_timeout_session_alive_and_silence_ends_it()
                         .expect("status update");
                 }
                 StreamEvent::Keepalive { .. } => {}
+                // PostgreSQL 15 sends empty stream blocks (start, stop, abort) for large
+                // transactions of other databases: tests beside this one write those.
+                StreamEvent::XLogData { data, .. }
+                    if data.first().is_some_and(|b| b"SEA".contains(b)) => {}
                 other => panic!("nothing was written, got {other:?}"),
             }
         }

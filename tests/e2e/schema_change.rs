@@ -12,7 +12,7 @@ use crate::support::daemon::{Daemon, capture_env, wait_covered};
 use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::oracle::{digest, now};
 use crate::support::postgres::cluster;
-use crate::support::{Repo, TestEnv, fixture_tenant, http_get, parse_metrics};
+use crate::support::{Repo, TestEnv, database_exists, fixture_tenant, http_get, parse_metrics};
 
 /// What the tests compare: the tenant's funds (all columns) and notes.
 async fn tenant_state(source: &Client, tenant: &str) -> Vec<(i64, String)> {
@@ -34,17 +34,6 @@ async fn tenant_state(source: &Client, tenant: &str) -> Vec<(i64, String)> {
 
 fn at(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
-async fn database_exists(name: &str) -> bool {
-    cluster()
-        .await
-        .client("postgres")
-        .await
-        .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
-        .await
-        .unwrap()
-        .is_some()
 }
 
 /// `restore --at` must refuse with exit 2 or 1 and a message holding `needle`, leaving no

@@ -243,3 +243,44 @@ pub fn parse_metrics(text: &str) -> std::collections::BTreeMap<String, f64> {
         })
         .collect()
 }
+
+/// Every file below `dir`, sorted (a repository's objects, to see that nothing changed).
+pub fn files_under(dir: &std::path::Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                out.extend(files_under(&p))
+            } else {
+                out.push(p)
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub async fn database_exists(name: &str) -> bool {
+    postgres::cluster()
+        .await
+        .client("postgres")
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+pub async fn drop_database(name: &str) {
+    postgres::cluster()
+        .await
+        .client("postgres")
+        .await
+        .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .await
+        .unwrap();
+}
