@@ -61,7 +61,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 
-use fixture::{REPLICA_IDENTITY_FIXES, TENANT_FILTERS};
+use fixture::TENANT_FILTERS;
 use machine::{Machine, loadavg, sh};
 
 /// The binary cargo built for this bench (bench profile = release settings).
@@ -587,8 +587,7 @@ fn timed(dir: &Path, cmd: &mut Command, what: &str) -> Timed {
 
 /// A source database: the fixture, the REPLICA IDENTITY fixes, the load's lookup tables.
 async fn source_db(pg: &postgres::Cluster, hint: &str, args: &Args) -> String {
-    let db = pg.fixture_db(hint, args.tenants, &args.scale).await;
-    pg.psql(&db, &["-c", REPLICA_IDENTITY_FIXES]);
+    let db = pg.capture_fixture_db(hint, args.tenants, &args.scale).await;
     pg.psql(
         &db,
         &[

@@ -10,7 +10,6 @@ use tokio_postgres::Client;
 
 // Re-exported: the daemon and oracle helpers lived here first.
 pub use crate::support::daemon::{Daemon, capture_env, wait_covered};
-use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 pub use crate::support::oracle::{
     Workload, assert_restore_equals, assert_restores_at_thirds, now, random_change, state,
 };
@@ -41,9 +40,8 @@ async fn a_fund(source: &Client, tenant: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_in_time_restore_is_exact_at_every_instant() {
     let pg = cluster().await;
-    let db = pg.fixture_db("pitr", 6, "0.2").await;
+    let db = pg.capture_fixture_db("pitr", 6, "0.2").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     let init = env.ok(&["init"]);
@@ -184,9 +182,7 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(6);
     let pg = cluster().await;
-    let db = pg.fixture_db("kills", 6, "0.2").await;
-    let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
+    let db = pg.capture_fixture_db("kills", 6, "0.2").await;
     let mut env = TestEnv::new(&db, Repo::S3).await;
     capture_env(&mut env);
     env.ok(&["init"]);
@@ -231,9 +227,8 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_routes_changes_to_parents_deleted_while_down() {
     let pg = cluster().await;
-    let db = pg.fixture_db("routes", 4, "0.2").await;
+    let db = pg.capture_fixture_db("routes", 4, "0.2").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     env.ok(&["init"]);
@@ -287,9 +282,8 @@ async fn restart_routes_changes_to_parents_deleted_while_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn damaged_or_missing_packs_are_refused_before_writing() {
     let pg = cluster().await;
-    let db = pg.fixture_db("badpack", 3, "0.1").await;
+    let db = pg.capture_fixture_db("badpack", 3, "0.1").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     env.ok(&["init"]);

@@ -9,7 +9,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use crate::capture::{
     Daemon, Workload, assert_restore_equals, assert_restores_at_thirds, capture_env, wait_covered,
 };
-use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, fixture_tenant, http_get, parse_metrics, try_http_get};
 
@@ -51,12 +50,7 @@ fn time_of(v: &serde_json::Value) -> DateTime<Utc> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scheduled_snapshots_metrics_drain_and_retention() {
     let pg = cluster().await;
-    let db = pg.fixture_db("daemon", 4, "0.2").await;
-    pg.client(&db)
-        .await
-        .batch_execute(REPLICA_IDENTITY_FIXES)
-        .await
-        .unwrap();
+    let db = pg.capture_fixture_db("daemon", 4, "0.2").await;
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     let token = format!("{:032x}", fastrand::u128(..));
@@ -279,12 +273,7 @@ fn lsn_key_ge(start: &str, lsn: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn standby_takes_over_after_sigkill_with_nothing_lost() {
     let pg = cluster().await;
-    let db = pg.fixture_db("standby", 4, "0.2").await;
-    pg.client(&db)
-        .await
-        .batch_execute(REPLICA_IDENTITY_FIXES)
-        .await
-        .unwrap();
+    let db = pg.capture_fixture_db("standby", 4, "0.2").await;
     let mut env = TestEnv::new(&db, Repo::S3).await;
     capture_env(&mut env);
     env.ok(&["init"]);

@@ -17,7 +17,6 @@ use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
-use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::oracle::{digest, now, state};
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, database_exists, drop_database, files_under, fixture_tenant};
@@ -324,9 +323,8 @@ fn canonical_json(v: &serde_json::Value) -> String {
 
 async fn damaged_fixture(name: &str) -> Damaged {
     let pg = cluster().await;
-    let db = pg.fixture_db(name, 3, "0.1").await;
+    let db = pg.capture_fixture_db(name, 3, "0.1").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     env.ok(&["init"]);
@@ -1426,9 +1424,8 @@ async fn hostile_identifiers_and_tenant_values_are_quoted_and_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_moved_to_another_tenant_leaves_one_and_joins_the_other() {
     let pg = cluster().await;
-    let db = pg.fixture_db("hostile_move", 3, "0.1").await;
+    let db = pg.capture_fixture_db("hostile_move", 3, "0.1").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     env.ok(&["init"]);
@@ -1702,9 +1699,8 @@ struct SlotDropped {
 
 async fn drop_slot_under_daemon(name: &str) -> SlotDropped {
     let pg = cluster().await;
-    let db = pg.fixture_db(name, 3, "0.1").await;
+    let db = pg.capture_fixture_db(name, 3, "0.1").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     env.ok(&["init"]);

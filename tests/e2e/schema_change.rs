@@ -9,7 +9,6 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use tokio_postgres::Client;
 
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
-use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::oracle::{digest, now};
 use crate::support::postgres::cluster;
 use crate::support::{Repo, TestEnv, database_exists, fixture_tenant, http_get, parse_metrics};
@@ -82,9 +81,8 @@ async fn assert_restores(env: &TestEnv, tenant: &str, t: DateTime<Utc>, want: &[
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn schema_changes_while_capturing_are_recorded_and_never_restored_wrong() {
     let pg = cluster().await;
-    let db = pg.fixture_db("schema_change", 3, "0.1").await;
+    let db = pg.capture_fixture_db("schema_change", 3, "0.1").await;
     let source = pg.client(&db).await;
-    source.batch_execute(REPLICA_IDENTITY_FIXES).await.unwrap();
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
     // A publication of the tables as they are (what `init` creates), not FOR ALL TABLES: a

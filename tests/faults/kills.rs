@@ -6,11 +6,9 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
-use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::oracle::{Workload, assert_restore_equals};
 use crate::support::postgres::cluster;
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::seaweed::s3;
 use crate::support::{Repo, TestEnv, fixture_tenant};
 use crate::{serial, setting};
 
@@ -46,28 +44,13 @@ async fn sigkills_at_every_phase_lose_and_duplicate_nothing() {
     let _serial = serial().await;
     let kills = setting("UPDOG_FAULTS_KILLS", 20);
     let pg = cluster().await;
-    let db = pg.fixture_db("kills", 6, "0.2").await;
-    pg.client(&db)
-        .await
-        .batch_execute(REPLICA_IDENTITY_FIXES)
-        .await
-        .unwrap();
+    let db = pg.capture_fixture_db("kills", 6, "0.2").await;
     let mut env = TestEnv::new(&db, Repo::S3).await;
     capture_env(&mut env);
     // Every store request crosses a proxy that makes it last: kills land inside uploads.
-    let server = s3()
-        .await
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(server);
+    let proxy = Proxy::in_front_of_s3(&mut env).await;
     proxy.set(Mode::Slow(Duration::from_millis(30)));
     for (k, v) in [
-        (
-            "UPDOG_BACKUP__STORAGE__S3_ENDPOINT",
-            format!("http://{}", proxy.addr),
-        ),
         ("UPDOG_BACKUP__SCHEDULE__SNAPSHOT", "*/5 * * * * *".into()),
         ("UPDOG_BACKUP__SCHEDULE__KEEP_SNAPSHOTS", "4".into()),
     ] {

@@ -5,11 +5,9 @@
 use std::time::{Duration, Instant};
 
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
-use crate::support::fixture::REPLICA_IDENTITY_FIXES;
 use crate::support::oracle::{Workload, assert_restores_at_thirds};
 use crate::support::postgres::cluster;
 use crate::support::proxy::{Mode, Proxy};
-use crate::support::seaweed::s3;
 use crate::support::{Repo, TestEnv, fixture_tenant, http_get, parse_metrics, try_http_get};
 use crate::{serial, setting};
 
@@ -20,12 +18,7 @@ fn status(daemon: &Daemon) -> Option<serde_json::Value> {
 
 async fn source_with_load(name: &str) -> (String, [String; 2]) {
     let pg = cluster().await;
-    let db = pg.fixture_db(name, 4, "0.2").await;
-    pg.client(&db)
-        .await
-        .batch_execute(REPLICA_IDENTITY_FIXES)
-        .await
-        .unwrap();
+    let db = pg.capture_fixture_db(name, 4, "0.2").await;
     (db, [fixture_tenant(1).await, fixture_tenant(3).await])
 }
 
@@ -36,17 +29,7 @@ async fn store_outage_then_slow_responses() {
     let (db, tenants) = source_with_load("outage").await;
     let mut env = TestEnv::new(&db, Repo::S3).await;
     capture_env(&mut env);
-    let server = s3()
-        .await
-        .endpoint()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let proxy = Proxy::start(server);
-    env.env.push((
-        "UPDOG_BACKUP__STORAGE__S3_ENDPOINT".into(),
-        format!("http://{}", proxy.addr),
-    ));
+    let proxy = Proxy::in_front_of_s3(&mut env).await;
     env.ok(&["init"]);
     let mut daemon = Daemon::start(&env);
     let workload = Workload::start(&db, &tenants);

@@ -46,3 +46,17 @@ pub const REPLICA_IDENTITY_FIXES: &str = "
     ALTER TABLE app.investment_lots REPLICA IDENTITY FULL;
     ALTER TABLE app.reserve_allocations REPLICA IDENTITY FULL;
     ALTER TABLE app.forecast_snapshots REPLICA IDENTITY FULL;";
+
+impl super::postgres::Cluster {
+    /// A fixture database (see [`Cluster::fixture_db`]) after the replica identity fixes that
+    /// `check` asks for: every change of it can be captured and routed.
+    pub async fn capture_fixture_db(&self, name_hint: &str, tenants: u32, scale: &str) -> String {
+        let db = self.fixture_db(name_hint, tenants, scale).await;
+        self.client(&db)
+            .await
+            .batch_execute(REPLICA_IDENTITY_FIXES)
+            .await
+            .unwrap();
+        db
+    }
+}

@@ -66,6 +66,22 @@ impl Proxy {
         }
     }
 
+    /// A proxy in front of the test's S3 server, and `env`'s repository reached through it.
+    pub async fn in_front_of_s3(env: &mut super::TestEnv) -> Proxy {
+        let server = super::seaweed::s3()
+            .await
+            .endpoint()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let proxy = Proxy::start(server);
+        env.env.push((
+            "UPDOG_BACKUP__STORAGE__S3_ENDPOINT".into(),
+            format!("http://{}", proxy.addr),
+        ));
+        proxy
+    }
+
     pub fn set(&self, mode: Mode) {
         *self.mode.lock().unwrap() = mode;
         if mode == Mode::Down {
