@@ -10,13 +10,14 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::codec::{Identities, generate_identity, parse_recipients, recipient_fingerprint};
-use crate::config::{Config, StorageLocation, redact_url};
+use crate::config::{Config, StorageLocation};
 use crate::error::Error;
+use crate::pg::redact_url;
+use crate::pg::replication::ReplicationConnection;
 use crate::progress::{Progress, Unit};
-use crate::replication::ReplicationConnection;
 use crate::repository::{Part, RepoInfo, Repository, reader};
 use crate::restore::{RestoreRequest, RestoreTarget, plan};
-use crate::source::snapshot::{SnapshotRequest, validate_tenant};
+use crate::snapshot::{SnapshotRequest, validate_tenant};
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
 
 #[derive(Debug, Parser)]
@@ -192,7 +193,7 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
 }
 
 async fn init(config: &Config) -> Result<(), Error> {
-    let pg_config = crate::config::pg_config(&config.source.url)?;
+    let pg_config = crate::pg::pg_config(&config.source.url)?;
     let mut replication = ReplicationConnection::connect_tls(&pg_config.config, &pg_config.tls)
         .await
         .map_err(|e| {
@@ -206,8 +207,8 @@ async fn init(config: &Config) -> Result<(), Error> {
         .await
         .map_err(|e| Error::Failed(format!("IDENTIFY_SYSTEM: {e}")))?;
     let _ = replication.close().await;
-    let client = crate::source::connect(&config.source.url).await?;
-    let identity = crate::source::snapshot::source_identity(&client, system.system_id).await?;
+    let client = crate::pg::connect(&config.source.url).await?;
+    let identity = crate::snapshot::source_identity(&client, system.system_id).await?;
     // The catalog must classify every table before the first backup can work.
     let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
         .await
@@ -277,7 +278,7 @@ async fn init(config: &Config) -> Result<(), Error> {
         }
         (false, _) => {}
     }
-    let manifest = crate::source::snapshot::take(
+    let manifest = crate::snapshot::take(
         config,
         &repo,
         &SnapshotRequest {
@@ -408,7 +409,7 @@ async fn backup(config: &Config, orgs: Vec<String>) -> Result<(), Error> {
     let repo = Repository::new(open_store(config).await?);
     let info = repo.info().await?;
     crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
-    let manifest = crate::source::snapshot::take(
+    let manifest = crate::snapshot::take(
         config,
         &repo,
         &SnapshotRequest {

@@ -1,32 +1,35 @@
-//! The crate's error at the command boundary: every module error, and which exit code it
-//! earns (DESIGN.md: 1 operational failure, 2 usage or configuration error).
+//! The crate's error at the command boundary: every module error, and the exit code its
+//! class earns (README.md: 0 success, 1 operational failure, 2 usage or configuration error).
+//! Which class each error has is its module's answer ([`Classify`]); this type only carries it.
 
-use crate::codec::CodecError;
-use crate::config::ConfigError;
-use crate::repository::RepositoryError;
-use crate::restore::{PlanError, RestoreError};
-use crate::source::SourceError;
-use crate::source::snapshot::SnapshotError;
-use crate::storage::StorageError;
+use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{0}")]
     Usage(String),
     #[error(transparent)]
-    Config(#[from] ConfigError),
+    Config(#[from] crate::config::ConfigError),
     #[error(transparent)]
-    Codec(#[from] CodecError),
+    Url(#[from] crate::pg::InvalidUrl),
     #[error(transparent)]
-    Storage(#[from] StorageError),
+    Connect(#[from] crate::pg::ConnectError),
     #[error(transparent)]
-    Repository(#[from] RepositoryError),
+    Replication(#[from] crate::pg::replication::ReplicationError),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Codec(#[from] crate::codec::CodecError),
     #[error(transparent)]
-    Snapshot(#[from] SnapshotError),
+    Storage(#[from] crate::storage::StorageError),
     #[error(transparent)]
-    Restore(#[from] RestoreError),
+    Repository(#[from] crate::repository::RepositoryError),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Snapshot(#[from] crate::snapshot::SnapshotError),
+    #[error(transparent)]
+    Restore(#[from] crate::restore::RestoreError),
+    #[error(transparent)]
+    Plan(#[from] crate::restore::PlanError),
     #[error(transparent)]
     Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
@@ -37,53 +40,32 @@ pub enum Error {
     Failed(String),
 }
 
-impl Error {
-    /// 2 when the user can fix it by changing arguments or configuration, 1 otherwise.
-    pub fn exit_code(&self) -> u8 {
-        let usage = match self {
-            Self::Usage(_) | Self::Config(_) => true,
-            Self::Codec(e) => codec_is_usage(e),
-            Self::Repository(e) => repository_is_usage(e),
-            Self::Snapshot(SnapshotError::Tenant { .. }) => true,
-            Self::Snapshot(SnapshotError::Repository(e)) => repository_is_usage(e),
-            Self::Snapshot(SnapshotError::Catalog(_)) => true,
-            Self::Daemon(e) => {
-                e.is_usage()
-                    || matches!(e, crate::daemon::DaemonError::Repository(r) if repository_is_usage(r))
-            }
-            Self::Source(SourceError::Config(_) | SourceError::Catalog(_)) => true,
-            Self::Restore(e) => match e {
-                RestoreError::Plan(PlanError::Repository(r)) | RestoreError::Repository(r) => {
-                    repository_is_usage(r)
-                }
-                RestoreError::Plan(_)
-                | RestoreError::TargetExists(_)
-                | RestoreError::TargetName(_)
-                | RestoreError::NoTarget => true,
-                _ => false,
-            },
-            _ => false,
-        };
-        if usage { 2 } else { 1 }
+impl Classify for Error {
+    fn class(&self) -> ErrorClass {
+        match self {
+            Error::Usage(_) => ErrorClass::Usage,
+            Error::Config(e) => e.class(),
+            Error::Url(e) => e.class(),
+            Error::Connect(e) => e.class(),
+            Error::Replication(e) => e.class(),
+            Error::Codec(e) => e.class(),
+            Error::Storage(e) => e.class(),
+            Error::Repository(e) => e.class(),
+            Error::Source(e) => e.class(),
+            Error::Snapshot(e) => e.class(),
+            Error::Restore(e) => e.class(),
+            Error::Plan(e) => e.class(),
+            Error::Capture(e) => e.class(),
+            Error::Publication(e) => e.class(),
+            Error::Daemon(e) => e.class(),
+            Error::Failed(_) => ErrorClass::Permanent,
+        }
     }
 }
 
-fn codec_is_usage(e: &CodecError) -> bool {
-    matches!(
-        e,
-        CodecError::Recipient(_)
-            | CodecError::RecipientMismatch { .. }
-            | CodecError::Identity { .. }
-            | CodecError::WrongIdentity
-    )
-}
-
-fn repository_is_usage(e: &RepositoryError) -> bool {
-    match e {
-        RepositoryError::NotInitialized { .. }
-        | RepositoryError::ForeignRepository { .. }
-        | RepositoryError::NoSuchSnapshot(_) => true,
-        RepositoryError::Codec(c) | RepositoryError::Object { source: c, .. } => codec_is_usage(c),
-        _ => false,
+impl Error {
+    /// The process exit code: the class's (2 for usage, 1 otherwise).
+    pub fn exit_code(&self) -> u8 {
+        self.class().exit_code()
     }
 }

@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 
 use crate::capture::routes;
-use crate::replication::Lsn;
+use crate::pg::Lsn;
 use crate::repository::pack::{self, PackRef, StreamState};
 use crate::repository::{Repository, RepositoryError, SnapshotId, keys};
 use crate::storage::ObjectMeta;

@@ -39,7 +39,7 @@ use chrono::{DateTime, Utc};
 use libfuzzer_sys::arbitrary::{Result as ArbitraryResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
-use updog_backup::replication::Lsn;
+use updog_backup::pg::Lsn;
 use updog_backup::repository::FORMAT_VERSION;
 use updog_backup::repository::pack::{
     self, PackFooter, Region, SectionEntry, TRAILER_LEN, TRAILER_MAGIC,

@@ -22,7 +22,7 @@
 
 use bytes::Bytes;
 use libfuzzer_sys::fuzz_target;
-use updog_backup::replication::pgoutput::{Context, ProtocolVersion, decode, encode};
+use updog_backup::pg::pgoutput::{Context, ProtocolVersion, decode, encode};
 
 /// Protocol 1 and 2, in and out of a streamed block. Protocol 1 inside a streamed block cannot
 /// happen and must always be refused, which is also worth checking on every input.

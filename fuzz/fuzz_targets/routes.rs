@@ -43,7 +43,7 @@ use updog_backup::capture::router::Delta;
 use updog_backup::capture::routes::{
     checkpoint_key, decode, decode_checkpoint, encode, encode_checkpoint,
 };
-use updog_backup::replication::Lsn;
+use updog_backup::pg::Lsn;
 
 const MAGIC: &[u8; 8] = b"UPDOGRT\x01";
 

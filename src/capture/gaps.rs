@@ -16,9 +16,11 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Client;
 
-use crate::replication::Lsn;
+use crate::pg::Lsn;
+use crate::pg::quote_ident;
 use crate::repository::{FORMAT_VERSION, Repository, RepositoryError};
-use crate::source::catalog::{Catalog, quote_ident};
+use crate::retry::{Classify, ErrorClass};
+use crate::source::catalog::Catalog;
 use crate::source::publication::PublicationError;
 use crate::source::{SourceError, query_context};
 use crate::storage::{ObjectStore, PutMode, StorageError};
@@ -207,6 +209,18 @@ async fn resolve(repo: &Repository, client: &Client) -> Result<usize, GapError> 
         tracing::info!(tables = ?gap.tables, from_lsn = %gap.from_lsn, resolved_lsn = %lsn, "stream gap resolved: the publication covers its tables again; take a snapshot to make later restores possible");
     }
     Ok(open.len())
+}
+
+impl Classify for GapError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            GapError::Repository(e) => e.class(),
+            GapError::Storage(e) => e.class(),
+            GapError::Source(e) => e.class(),
+            GapError::Publication(e) => e.class(),
+            GapError::Position(_) => ErrorClass::Permanent,
+        }
+    }
 }
 
 #[cfg(test)]

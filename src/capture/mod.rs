@@ -33,18 +33,20 @@ use tokio_util::sync::CancellationToken;
 
 use crate::codec::CodecError;
 use crate::config::Config;
-use crate::replication::pgoutput::{
+use crate::pg::Lsn;
+use crate::pg::pgoutput::{
     self, Begin, Commit, Context, Message, OldTuple, ProtocolVersion, Truncate, Tuple, Value,
 };
-use crate::replication::{
-    Lsn, ReplicationConnection, ReplicationError, ReplicationStream, StreamEvent,
+use crate::pg::quote_ident;
+use crate::pg::replication::{
+    ReplicationConnection, ReplicationError, ReplicationStream, StreamEvent,
     quote_publication_names,
 };
 use crate::repository::pack::{StreamProgress, StreamState, write_progress};
 use crate::repository::{Repository, RepositoryError};
-use crate::source::catalog::{Catalog, CatalogError, quote_ident};
-use crate::source::publication::PublicationError;
-use crate::source::{SourceError, connection_lost, query_context};
+use crate::retry::{Classify, ErrorClass};
+use crate::source::catalog::{Catalog, CatalogError};
+use crate::source::{SourceError, query_context};
 use crate::storage::StorageError;
 use crate::telemetry::{Operation, PackStatus, Task, Telemetry};
 use router::{Destination, RouteError, Routed, Router};
@@ -101,30 +103,26 @@ pub enum CaptureError {
     WrongPlugin { slot: String, plugin: String },
 }
 
-impl CaptureError {
-    /// Errors a reconnect cannot heal: the daemon stops with them.
-    pub fn is_fatal(&self) -> bool {
+impl Classify for CaptureError {
+    /// What a reconnect cannot heal stops the daemon; the rest is retried with backoff.
+    fn class(&self) -> ErrorClass {
         match self {
-            CaptureError::NoSlot(_)
-            | CaptureError::Gap { .. }
-            | CaptureError::WrongPlugin { .. }
-            | CaptureError::Codec(_)
-            | CaptureError::Decode(_)
-            | CaptureError::Protocol(_) => true,
-            // Read over the daemon's SQL connection: a restarting server is no reason to stop.
-            CaptureError::Catalog(CatalogError::Query(e)) => !connection_lost(e),
-            CaptureError::Catalog(_) => true,
-            CaptureError::Publication(e)
-            | CaptureError::Coverage(gaps::GapError::Publication(e)) => match e {
-                PublicationError::Source(SourceError::Query { source, .. }) => {
-                    !connection_lost(source)
-                }
-                _ => true,
-            },
-            CaptureError::Route(e) => !matches!(e, RouteError::UnknownTable { .. }),
-            CaptureError::Repository(e) => !matches!(e, RepositoryError::Storage(_)),
-            CaptureError::Replication(e) => !e.is_retryable(),
-            _ => false,
+            CaptureError::Source(e) => e.class(),
+            CaptureError::Catalog(e) => e.class(),
+            CaptureError::Replication(e) => e.class(),
+            CaptureError::Repository(e) => e.class(),
+            CaptureError::Storage(e) => e.class(),
+            CaptureError::Codec(e) => e.class(),
+            CaptureError::Publication(e) => e.class(),
+            CaptureError::Coverage(e) => e.class(),
+            CaptureError::Route(e) => e.class(),
+            // A full or failing spool disk may be freed.
+            CaptureError::Spool(_) => ErrorClass::Transient,
+            CaptureError::WrongPlugin { .. } => ErrorClass::Usage,
+            CaptureError::Decode(_)
+            | CaptureError::Protocol(_)
+            | CaptureError::NoSlot(_)
+            | CaptureError::Gap { .. } => ErrorClass::Permanent,
         }
     }
 }
@@ -146,7 +144,7 @@ pub async fn run(
         telemetry.update(|s| s.capturing = false);
         match result {
             Ok(()) => return Ok(()),
-            Err(e) if e.is_fatal() => {
+            Err(e) if !e.class().is_transient() => {
                 telemetry.error(Task::Capture, e.to_string());
                 return Err(e);
             }
@@ -277,7 +275,7 @@ async fn session(
     let info = repo.info().await?;
     let catalog = Catalog::load(admin, &config.source).await?;
     gaps::check_publication(repo, admin, &config.source.publication, &catalog).await?;
-    let pg = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
+    let pg = crate::pg::pg_config(&config.source.url).map_err(SourceError::from)?;
     let mut connection = ReplicationConnection::connect_tls(&pg.config, &pg.tls).await?;
     let system = connection.identify_system().await?;
     let database: String = admin
@@ -843,7 +841,7 @@ fn split_move(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::pgoutput::{Column, Relation, ReplicaIdentity, Update};
+    use crate::pg::pgoutput::{Column, Relation, ReplicaIdentity, Update};
 
     fn relation() -> Relation {
         Relation {

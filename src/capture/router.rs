@@ -25,8 +25,10 @@ use std::sync::Arc;
 use futures::{StreamExt, pin_mut};
 use tokio_postgres::Client;
 
-use crate::replication::pgoutput::{Message, OldTuple, Relation, Tuple, Value};
-use crate::source::catalog::{Catalog, Route, TableScope, quote_ident};
+use crate::pg::pgoutput::{Message, OldTuple, Relation, Tuple, Value};
+use crate::pg::quote_ident;
+use crate::retry::{Classify, ErrorClass};
+use crate::source::catalog::{Catalog, Route, TableScope};
 use crate::source::{SourceError, query_context};
 
 /// Where a change goes.
@@ -753,10 +755,20 @@ pub fn relation_name(relation: &Relation) -> String {
     format!("{}.{}", relation.namespace, relation.name)
 }
 
+impl Classify for RouteError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // A restart loads the catalog again, and with it the new table.
+            RouteError::UnknownTable { .. } => ErrorClass::Transient,
+            _ => ErrorClass::Permanent,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::replication::pgoutput::{Column, Delete, Insert, ReplicaIdentity, Update};
+    use crate::pg::pgoutput::{Column, Delete, Insert, ReplicaIdentity, Update};
     use crate::source::catalog::{self, Table};
 
     fn table(name: &str, columns: &[&str], scope: TableScope) -> Table {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::router::{Delta, KeyHash, Router};
-use crate::replication::Lsn;
+use crate::pg::Lsn;
 use crate::repository::RepositoryError;
 use crate::repository::keys::CHANGES_PREFIX;
 use crate::repository::pack::{Region, read_region};

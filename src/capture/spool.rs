@@ -17,7 +17,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use crate::codec::{CodecError, Identities, Sealer, open};
-use crate::replication::pgoutput::{self, Message};
+use crate::pg::pgoutput::{self, Message};
 use crate::repository::pack::CONTEXT;
 use crate::storage::ByteStream;
 

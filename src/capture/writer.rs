@@ -21,8 +21,8 @@ use chrono::{DateTime, Utc};
 use super::CaptureError;
 use super::spool::BodySpool;
 use crate::codec::Sealer;
-use crate::replication::Lsn;
-use crate::replication::pgoutput::{Begin, Commit, Message, Relation};
+use crate::pg::Lsn;
+use crate::pg::pgoutput::{Begin, Commit, Message, Relation};
 use crate::repository::pack::{self, PackFooter, Region, SectionEntry, SectionHeader};
 use sha2::Digest;
 
@@ -466,7 +466,7 @@ impl PackWriter {
 mod tests {
     use super::*;
     use crate::codec::Identities;
-    use crate::replication::pgoutput::{
+    use crate::pg::pgoutput::{
         Column, Insert, PgTimestamp, ReplicaIdentity, Truncate, Tuple, Value,
     };
     use crate::storage::MemoryStore;

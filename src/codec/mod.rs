@@ -227,6 +227,21 @@ pub fn classify_read_error(e: io::Error) -> CodecError {
     }
 }
 
+impl crate::retry::Classify for CodecError {
+    fn class(&self) -> crate::retry::ErrorClass {
+        use crate::retry::ErrorClass;
+        match self {
+            CodecError::Recipient(_)
+            | CodecError::RecipientMismatch { .. }
+            | CodecError::Identity { .. }
+            | CodecError::WrongIdentity => ErrorClass::Usage,
+            CodecError::Corrupt(_) | CodecError::Encrypt(_) => ErrorClass::Permanent,
+            // The bytes came from a store or a spool that failed under them.
+            CodecError::Io(_) => ErrorClass::Transient,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

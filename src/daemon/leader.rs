@@ -102,7 +102,7 @@ pub async fn acquire(
     let key = lock_key(&config.source.slot);
     let mut announced = false;
     loop {
-        let client = match crate::source::connect(&config.source.url).await {
+        let client = match crate::pg::connect(&config.source.url).await {
             Ok(c) => c,
             Err(e) => {
                 telemetry.set_role(Role::Starting);

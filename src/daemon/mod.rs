@@ -26,7 +26,9 @@ use tokio_util::task::TaskTracker;
 use crate::capture::CaptureError;
 use crate::config::Config;
 use crate::repository::{Repository, RepositoryError};
-use crate::storage::{InstrumentedStore, ObjectStore};
+use crate::retry::{Classify, ErrorClass};
+use crate::storage::ObjectStore;
+use crate::telemetry::InstrumentedStore;
 use crate::telemetry::{Role, Task, Telemetry};
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +42,8 @@ pub enum DaemonError {
     #[error(transparent)]
     Capture(#[from] CaptureError),
     #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
+    #[error(transparent)]
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
     Codec(#[from] crate::codec::CodecError),
@@ -47,7 +51,7 @@ pub enum DaemonError {
     Replication {
         target: String,
         #[source]
-        source: crate::replication::ReplicationError,
+        source: crate::pg::replication::ReplicationError,
     },
     #[error("{0}")]
     Internal(String),
@@ -57,9 +61,19 @@ pub enum DaemonError {
     SlotLost(String),
 }
 
-impl DaemonError {
-    pub fn is_usage(&self) -> bool {
-        matches!(self, Self::Config(_) | Self::Codec(_))
+impl Classify for DaemonError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            // Another process on server.listen is a configuration conflict, not an outage.
+            DaemonError::Config(_) | DaemonError::Listen(..) => ErrorClass::Usage,
+            DaemonError::Repository(e) => e.class(),
+            DaemonError::Capture(e) => e.class(),
+            DaemonError::Connect(e) => e.class(),
+            DaemonError::Source(e) => e.class(),
+            DaemonError::Codec(e) => e.class(),
+            DaemonError::Replication { source, .. } => source.class(),
+            DaemonError::Internal(_) | DaemonError::SlotLost(_) => ErrorClass::Permanent,
+        }
     }
 }
 
@@ -232,13 +246,13 @@ async fn check_source(
     repo: &Repository,
 ) -> Result<(), DaemonError> {
     let target =
-        crate::config::pg_config(&config.source.url).map_err(crate::source::SourceError::from)?;
+        crate::pg::pg_config(&config.source.url).map_err(crate::source::SourceError::from)?;
     let replication_error = |source| DaemonError::Replication {
-        target: crate::config::redact_url(&config.source.url),
+        target: crate::pg::redact_url(&config.source.url),
         source,
     };
     let mut replication =
-        crate::replication::ReplicationConnection::connect_tls(&target.config, &target.tls)
+        crate::pg::replication::ReplicationConnection::connect_tls(&target.config, &target.tls)
             .await
             .map_err(replication_error)?;
     let system = replication
@@ -246,8 +260,8 @@ async fn check_source(
         .await
         .map_err(replication_error)?;
     let _ = replication.close().await;
-    let client = crate::source::connect(&config.source.url).await?;
-    let identity = crate::source::snapshot::source_identity(&client, system.system_id).await?;
+    let client = crate::pg::connect(&config.source.url).await?;
+    let identity = crate::snapshot::source_identity(&client, system.system_id).await?;
     info.check_source(
         &identity.system_identifier,
         &identity.database,

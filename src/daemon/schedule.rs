@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
 use crate::repository::{Manifest, Repository, RepositoryError};
-use crate::source::snapshot::{self, SnapshotRequest};
+use crate::snapshot::{self, SnapshotRequest};
 use crate::telemetry::{SnapshotStatus, Task, Telemetry};
 
 use super::leader::sleep_or_stop;

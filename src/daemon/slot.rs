@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::capture::CaptureError;
 use crate::capture::gaps::{self, GapError};
 use crate::config::Config;
-use crate::replication::Lsn;
+use crate::pg::Lsn;
 use crate::repository::Repository;
 use crate::source::catalog::Catalog;
 use crate::source::query_context;
@@ -215,7 +215,7 @@ async fn heartbeat(client: &Client) -> bool {
         }
         Err(e) => {
             tracing::warn!(
-                error = %crate::source::describe_db_error(&e),
+                error = %crate::pg::sqlstate::describe(&e),
                 "cannot write the slot heartbeat; with no writes to this database the slot will hold WAL: \
                  GRANT EXECUTE ON FUNCTION pg_logical_emit_message(boolean, text, text) TO the daemon's role"
             );

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use super::archive::{ArchiveHeader, ArchiveKind};
 use super::{FORMAT_VERSION, RepositoryError};
-use crate::replication::Lsn;
+use crate::pg::Lsn;
 
 /// One object of a snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

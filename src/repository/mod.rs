@@ -16,6 +16,7 @@ pub mod reader;
 use std::sync::Arc;
 
 use crate::codec::CodecError;
+use crate::retry::{Classify, ErrorClass};
 use crate::storage::{ObjectStore, PutMode, StorageError};
 
 pub use info::RepoInfo;
@@ -180,6 +181,22 @@ impl Repository {
             Err(e) => {
                 tracing::warn!(snapshot = %id, error = %e, "could not list objects of a failed snapshot")
             }
+        }
+    }
+}
+
+impl Classify for RepositoryError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RepositoryError::Storage(e) => e.class(),
+            RepositoryError::Codec(e) | RepositoryError::Object { source: e, .. } => e.class(),
+            RepositoryError::NotInitialized { .. }
+            | RepositoryError::ForeignRepository { .. }
+            | RepositoryError::NoSuchSnapshot(_) => ErrorClass::Usage,
+            RepositoryError::UnknownFormat { .. }
+            | RepositoryError::Malformed { .. }
+            | RepositoryError::DigestMismatch { .. }
+            | RepositoryError::Archive { .. } => ErrorClass::Permanent,
         }
     }
 }

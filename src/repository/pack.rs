@@ -32,8 +32,8 @@ use tokio::sync::mpsc;
 use super::archive::{MAX_RECORD, json_record, record_prefix};
 use super::{RepositoryError, Result};
 use crate::codec::{HashingReader, Identities, classify_read_error, open};
-use crate::replication::Lsn;
-use crate::replication::pgoutput::{self, Context, Message, ProtocolVersion};
+use crate::pg::Lsn;
+use crate::pg::pgoutput::{self, Context, Message, ProtocolVersion};
 use crate::storage::{ObjectStore, StorageError};
 
 pub const SECTION_MAGIC: &[u8; 8] = b"UPDOGCS\x01";

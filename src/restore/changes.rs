@@ -19,11 +19,12 @@ use tokio::sync::mpsc;
 
 use super::replay::{ReplayError, Replayer};
 use crate::codec::Identities;
-use crate::replication::Lsn;
-use crate::replication::pgoutput::{Begin, Message};
+use crate::pg::Lsn;
+use crate::pg::pgoutput::{Begin, Message};
 use crate::repository::manifest::Scope;
 use crate::repository::pack::{self, PackFooter, PackRef, SectionEntry};
 use crate::repository::{Manifest, RepositoryError};
+use crate::retry::{Classify, ErrorClass};
 use crate::storage::ObjectStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -267,4 +268,14 @@ pub async fn apply(
         }
     }
     Ok(applied)
+}
+
+impl Classify for ChangesError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            ChangesError::Repository(e) => e.class(),
+            ChangesError::Replay(e) => e.class(),
+            ChangesError::Structure { .. } => ErrorClass::Permanent,
+        }
+    }
 }

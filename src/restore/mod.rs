@@ -22,13 +22,15 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use crate::codec::Identities;
-use crate::config::redact_url;
+use crate::pg::Lsn;
+use crate::pg::redact_url;
+use crate::pg::sqlstate;
+use crate::pg::{quote_ident, quote_literal};
 use crate::progress::{Progress, Unit};
-use crate::replication::Lsn;
 use crate::repository::archive::ArchiveEvent;
 use crate::repository::{Manifest, Part, Repository, RepositoryError, reader};
-use crate::source::catalog::{quote_ident, quote_literal};
-use crate::source::{SourceError, describe_db_error};
+use crate::retry::{Classify, ErrorClass};
+use crate::source::SourceError;
 
 pub use changes::ChangePlan;
 pub use plan::{PlanError, RestoreTarget, Window};
@@ -39,6 +41,8 @@ pub enum RestoreError {
     Plan(#[from] PlanError),
     #[error(transparent)]
     Repository(#[from] RepositoryError),
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -227,15 +231,15 @@ pub async fn run(
     };
     tracing::info!(objects = 3, "repository objects verified");
 
-    let maintenance = crate::source::connect(&request.target_url).await?;
+    let maintenance = crate::pg::connect(&request.target_url).await?;
     create_database(&maintenance, &database).await?;
     let loading = async {
-        let mut target = crate::config::pg_config(&request.target_url)?;
+        let mut target = crate::pg::pg_config(&request.target_url)?;
         target.config.dbname(&database);
-        let (client, connection) = crate::tls::connect_client(&target.config, &target.tls)
+        let (client, connection) = crate::pg::tls::connect_client(&target.config, &target.tls)
             .await
             .map_err(|e| {
-                SourceError::connecting(
+                crate::pg::ConnectError::connecting(
                     format!("{} database {database}", redact_url(&request.target_url)),
                     e,
                 )
@@ -317,7 +321,7 @@ async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError
         }
         Err(e) => Err(RestoreError::CreateDatabase {
             name: name.into(),
-            message: describe_db_error(&e),
+            message: sqlstate::describe(&e),
         }),
     }
 }
@@ -325,7 +329,7 @@ async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError
 async fn drop_database(client: &Client, name: &str) {
     let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
     if let Err(e) = client.batch_execute(&sql).await {
-        tracing::error!(database = name, error = %describe_db_error(&e), "could not drop the incomplete recovery database: drop it by hand");
+        tracing::error!(database = name, error = %sqlstate::describe(&e), "could not drop the incomplete recovery database: drop it by hand");
     }
 }
 
@@ -334,16 +338,16 @@ enum LoadError {
     #[error("{0}: {1}")]
     Step(String, String),
     #[error(transparent)]
-    Source(#[from] SourceError),
+    Connect(#[from] crate::pg::ConnectError),
     #[error(transparent)]
-    Config(#[from] crate::config::ConfigError),
+    Url(#[from] crate::pg::InvalidUrl),
     #[error("replaying changes: {0}")]
     Changes(#[from] changes::ChangesError),
 }
 
 fn step(name: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> LoadError {
     let name = name.into();
-    move |e| LoadError::Step(name, describe_db_error(&e))
+    move |e| LoadError::Step(name, sqlstate::describe(&e))
 }
 
 /// The dump's SQL: preamble and entries, before and after the rows.
@@ -363,7 +367,7 @@ async fn load(
 ) -> Result<Loaded, LoadError> {
     let mut not_recreated = schema::apply(client, pre.0, pre.1)
         .await
-        .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?;
+        .map_err(|(entry, e)| LoadError::Step(entry, sqlstate::describe(&e)))?;
     client
         .batch_execute("BEGIN")
         .await
@@ -413,7 +417,7 @@ async fn load(
     not_recreated.extend(
         schema::apply(client, post.0, &keys)
             .await
-            .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?,
+            .map_err(|(entry, e)| LoadError::Step(entry, sqlstate::describe(&e)))?,
     );
     let replayed = match changes {
         Some(plan) => Some(replay(client, repo, identities, manifest, tenant, plan).await?),
@@ -438,7 +442,7 @@ async fn load(
     not_recreated.extend(
         schema::apply(client, post.0, &rest)
             .await
-            .map_err(|(entry, e)| LoadError::Step(entry, describe_db_error(&e)))?,
+            .map_err(|(entry, e)| LoadError::Step(entry, sqlstate::describe(&e)))?,
     );
     // Only the restored tables: a database-wide ANALYZE would touch catalogs the restore
     // role does not own.
@@ -600,5 +604,23 @@ impl ArchiveLoader<'_> {
             }
         }
         Ok(rows)
+    }
+}
+
+impl Classify for RestoreError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            RestoreError::Plan(e) => e.class(),
+            RestoreError::Repository(e) => e.class(),
+            RestoreError::Connect(e) => e.class(),
+            RestoreError::Source(e) => e.class(),
+            RestoreError::Tool(e) => e.class(),
+            RestoreError::TargetExists(_)
+            | RestoreError::TargetName(_)
+            | RestoreError::NoTarget => ErrorClass::Usage,
+            RestoreError::CreateDatabase { .. } | RestoreError::Load { .. } => {
+                ErrorClass::Permanent
+            }
+        }
     }
 }

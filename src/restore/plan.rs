@@ -14,9 +14,10 @@
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use crate::replication::Lsn;
+use crate::pg::Lsn;
 use crate::repository::pack::{PackRef, Span, StreamState, read_footer};
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId};
+use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RestoreTarget {
@@ -313,6 +314,22 @@ pub fn window_of(manifests: &[Manifest], spans: &[Span]) -> Window {
         covered_until: ranges[ranges.len() - 1].to,
         snapshots: manifests.len(),
         ranges,
+    }
+}
+
+impl Classify for PlanError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            PlanError::Repository(e) => e.class(),
+            // The stream has not reached the instant yet: asking again shortly succeeds.
+            PlanError::LeftOut { .. } => ErrorClass::Transient,
+            // The instant or the tenant asked for: the message says which ones exist.
+            PlanError::NoSnapshots
+            | PlanError::UnknownTenant { .. }
+            | PlanError::OutsideWindow { .. }
+            | PlanError::Stream { .. }
+            | PlanError::StreamGap { .. } => ErrorClass::Usage,
+        }
     }
 }
 

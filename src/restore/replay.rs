@@ -48,12 +48,12 @@ use futures::{SinkExt, StreamExt};
 use tokio_postgres::types::{Format, IsNull, Kind, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, CopyInSink, Statement};
 
-use crate::replication::pgoutput::{
+use crate::pg::pgoutput::{
     Delete, Insert, Message, Oid, OldTuple, Relation, ReplicaIdentity, Truncate, Tuple, Update,
     Value,
 };
-use crate::source::catalog::quote_ident;
-use crate::source::describe_db_error;
+use crate::pg::quote_ident;
+use crate::pg::sqlstate;
 
 /// Most pipelined executes awaiting their answer.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -150,7 +150,7 @@ impl ReplayError {
         ReplayError::Database {
             table: table.to_string(),
             op,
-            message: describe_db_error(error),
+            message: sqlstate::describe(error),
         }
     }
 }
@@ -1413,6 +1413,13 @@ async fn load_table(client: &Client, schema: &str, name: &str) -> Result<Table, 
         indexes,
         sequences,
     })
+}
+
+impl crate::retry::Classify for ReplayError {
+    /// The stream does not fit the recovery database: replaying it again fits no better.
+    fn class(&self) -> crate::retry::ErrorClass {
+        crate::retry::ErrorClass::Permanent
+    }
 }
 
 #[cfg(test)]

@@ -169,7 +169,7 @@ pub async fn apply(
             if is_essential(&entry.kind) {
                 return Err((entry.label.clone(), e));
             }
-            let error = crate::source::describe_db_error(&e);
+            let error = crate::pg::sqlstate::describe(&e);
             tracing::warn!(entry = %entry.label, error = %error, "not recreated in the recovery database");
             skipped.push(Skipped {
                 entry: entry.label.clone(),

@@ -11,8 +11,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use tokio_postgres::Client;
 
 use crate::config::SourceConfig;
+use crate::pg::{qualified, quote_ident, quote_literal};
 use crate::repository::copy_binary::CopyFormat;
 use crate::repository::manifest::{Scope, TableEntry};
+use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -118,7 +120,7 @@ impl Partition {
 
     /// `"schema"."name"`, safe to splice into SQL.
     pub fn sql_name(&self) -> String {
-        sql_name(&self.schema, &self.name)
+        qualified(&self.schema, &self.name)
     }
 }
 
@@ -129,7 +131,7 @@ impl Table {
 
     /// `"schema"."name"`, safe to splice into SQL.
     pub fn sql_name(&self) -> String {
-        sql_name(&self.schema, &self.name)
+        qualified(&self.schema, &self.name)
     }
 
     pub fn column_list(&self) -> String {
@@ -166,21 +168,6 @@ struct ForeignKey {
     parent: usize,
     columns: Vec<String>,
     parent_columns: Vec<String>,
-}
-
-/// Double-quotes an identifier (doubling embedded quotes), whatever it contains.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `"schema"."name"`, safe to splice into SQL.
-fn sql_name(schema: &str, name: &str) -> String {
-    format!("{}.{}", quote_ident(schema), quote_ident(name))
-}
-
-/// A string literal (standard_conforming_strings is on since 9.1; connections pin it on).
-pub fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 impl Catalog {
@@ -653,6 +640,15 @@ impl Catalog {
                 columns: t.columns.iter().map(|c| c.name.clone()).collect(),
             })
             .collect()
+    }
+}
+
+impl Classify for CatalogError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            CatalogError::Query(e) => crate::pg::sqlstate::class_of(e),
+            _ => ErrorClass::Usage,
+        }
     }
 }
 

@@ -7,9 +7,10 @@ use std::fmt;
 use serde::Serialize;
 use tokio_postgres::Client;
 
-use super::catalog::{Catalog, ReplicaIdentity, Route, Table, TableScope, quote_ident};
-use super::{SourceError, connect, pg_tools, query_context};
+use super::catalog::{Catalog, ReplicaIdentity, Route, Table, TableScope};
+use super::{SourceError, pg_tools, query_context};
 use crate::config::Config;
+use crate::pg::{connect, quote_ident};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -356,7 +357,7 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
     let mut report = CheckReport {
         source: format!(
             "{} (database {database})",
-            crate::config::redact_url(&config.source.url)
+            crate::pg::redact_url(&config.source.url)
         ),
         role,
         tables,

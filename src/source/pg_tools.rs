@@ -7,7 +7,7 @@ use std::process::Stdio;
 
 use tokio::process::Command;
 
-use crate::config::PgTarget;
+use crate::pg::PgTarget;
 
 /// Directory holding pg_dump/pg_restore, overriding the search (e.g. a custom install).
 pub const PG_BIN_ENV: &str = "UPDOG_BACKUP_PG_BIN";
@@ -63,8 +63,8 @@ pub fn command(path: &PathBuf, target: &PgTarget) -> Command {
     if let Some(password) = config.get_password() {
         cmd.env("PGPASSWORD", String::from_utf8_lossy(password).into_owned());
     }
-    cmd.env_remove(crate::tls::SSLMODE_ENV)
-        .env_remove(crate::tls::SSLROOTCERT_ENV);
+    cmd.env_remove(crate::pg::tls::SSLMODE_ENV)
+        .env_remove(crate::pg::tls::SSLROOTCERT_ENV);
     cmd.envs(target.tls.libpq_env());
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -95,4 +95,13 @@ fn conninfo(config: &tokio_postgres::Config) -> String {
     }
     parts.push("application_name='updog-backup'".into());
     parts.join(" ")
+}
+
+impl crate::retry::Classify for ToolError {
+    fn class(&self) -> crate::retry::ErrorClass {
+        match self {
+            ToolError::NotFound { .. } => crate::retry::ErrorClass::Usage,
+            ToolError::Failed { .. } => crate::retry::ErrorClass::Permanent,
+        }
+    }
 }

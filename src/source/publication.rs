@@ -10,8 +10,11 @@ use std::collections::HashSet;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
-use super::catalog::{Catalog, Table, TableScope, quote_ident};
-use super::{SourceError, describe_db_error, query_context};
+use super::catalog::{Catalog, Table, TableScope};
+use super::{SourceError, query_context};
+use crate::pg::quote_ident;
+use crate::pg::sqlstate;
+use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PublicationError {
@@ -108,7 +111,7 @@ pub async fn ensure(
             Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
                 Err(PublicationError::CannotCreate {
                     name: name.into(),
-                    reason: describe_db_error(&e),
+                    reason: sqlstate::describe(&e),
                     sql,
                 })
             }
@@ -198,6 +201,18 @@ fn completion_sql(name: &str, settings: &Settings, missing: &[&Table]) -> String
         }
     }
     statements.join("\n")
+}
+
+impl Classify for PublicationError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            PublicationError::Source(e) => e.class(),
+            // The message holds the statement for the tables' owner to run.
+            PublicationError::CannotCreate { .. }
+            | PublicationError::Missing { .. }
+            | PublicationError::Incomplete { .. } => ErrorClass::Usage,
+        }
+    }
 }
 
 #[cfg(test)]

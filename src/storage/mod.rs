@@ -29,7 +29,6 @@
 //! - Transient failures (network, throttling, 5xx) are retried with backoff inside the backend;
 //!   what surfaces is permanent or has exhausted its retries.
 
-mod instrumented;
 mod local;
 mod memory;
 mod s3;
@@ -42,7 +41,6 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
-pub use instrumented::InstrumentedStore;
 pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use s3::{S3Settings, S3Store};
@@ -99,6 +97,9 @@ pub enum StorageError {
     S3 {
         operation: &'static str,
         key: String,
+        /// The HTTP status of the server's answer; `None` when there was none (connection
+        /// refused, timeout) or the answer itself was unusable.
+        status: Option<u16>,
         message: String,
     },
     #[error("storage configuration: {0}")]
@@ -247,6 +248,27 @@ impl StorageError {
         StorageError::Io {
             key: key.to_string(),
             source,
+        }
+    }
+}
+
+impl crate::retry::Classify for StorageError {
+    fn class(&self) -> crate::retry::ErrorClass {
+        use crate::retry::ErrorClass;
+        match self {
+            StorageError::Config(_) => ErrorClass::Usage,
+            // The store's state may change by itself: a disk with room again, a server back.
+            StorageError::Io { .. } => ErrorClass::Transient,
+            // Without an answer, or with one saying "later" (timeouts, throttling, 5xx); a
+            // refused request (credentials, policy, a missing bucket) is asked again in vain.
+            StorageError::S3 { status, .. } => match status {
+                None | Some(408 | 429 | 500..) => ErrorClass::Transient,
+                Some(_) => ErrorClass::Permanent,
+            },
+            StorageError::NotFound { .. }
+            | StorageError::AlreadyExists { .. }
+            | StorageError::InvalidKey { .. }
+            | StorageError::InvalidRange { .. } => ErrorClass::Permanent,
         }
     }
 }

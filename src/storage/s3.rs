@@ -238,6 +238,7 @@ impl S3Store {
             return Err(StorageError::S3 {
                 operation: "CreateMultipartUpload",
                 key: key.to_string(),
+                status: None,
                 message: "response has no upload id".to_string(),
             });
         };
@@ -380,6 +381,7 @@ impl ObjectStore for S3Store {
                     return Err(StorageError::S3 {
                         operation: "GetObject",
                         key: key.to_string(),
+                        status: None,
                         message: format!(
                             "asked for bytes {}..{}, got a body of {length:?} bytes (Content-Range {:?})",
                             range.start,
@@ -395,6 +397,7 @@ impl ObjectStore for S3Store {
                     return Err(StorageError::S3 {
                         operation: "GetObject",
                         key: key.to_string(),
+                        status: None,
                         message: "response has no Content-Length".to_string(),
                     });
                 };
@@ -437,6 +440,7 @@ impl ObjectStore for S3Store {
                     .ok_or_else(|| StorageError::S3 {
                         operation: "HeadObject",
                         key: key.to_string(),
+                        status: None,
                         message: "response has no valid Content-Length".to_string(),
                     })?;
                 Ok(Some(ObjectMeta {
@@ -504,6 +508,7 @@ impl ObjectStore for S3Store {
                         return Err(StorageError::S3 {
                             operation: "ListObjectsV2",
                             key: prefix.to_string(),
+                            status: None,
                             message: "truncated listing without a new continuation token"
                                 .to_string(),
                         });
@@ -764,6 +769,7 @@ impl Upload<'_> {
         StorageError::S3 {
             operation,
             key: self.key.to_string(),
+            status: None,
             message,
         }
     }
@@ -983,6 +989,7 @@ where
     StorageError::S3 {
         operation,
         key: key.to_string(),
+        status: status(err),
         message: describe_sdk_error(err),
     }
 }

@@ -1,7 +1,9 @@
 //! What the daemon knows about itself, shared by its tasks and served over HTTP: the
-//! Prometheus [`metrics`] and the `/status` document. One value made by the supervisor and
+//! Prometheus [`metrics`], the `/status` document, and the store wrapper that times every request
+//! ([`InstrumentedStore`]). One value made by the supervisor and
 //! passed to each task (no global state). Nothing here holds tenant data or a secret.
 
+mod instrumented_store;
 pub mod metrics;
 
 use std::sync::Mutex;
@@ -9,9 +11,10 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
+pub use instrumented_store::InstrumentedStore;
 pub use metrics::{Metrics, Operation, StorageOp, Task};
 
-use crate::replication::Lsn;
+use crate::pg::Lsn;
 
 /// This instance's part.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]

@@ -17,8 +17,8 @@ use std::collections::HashMap;
 
 use bytes::Bytes;
 use chrono::{DateTime, Duration, Utc};
-use updog_backup::replication::Lsn;
-use updog_backup::replication::pgoutput::{
+use updog_backup::pg::Lsn;
+use updog_backup::pg::pgoutput::{
     self, Context, Delete, Insert, LogicalMessage, Message, OldTuple, Origin, ProtocolVersion,
     ReplicaIdentity, Truncate, Tuple, Update, Value, Xid,
 };

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use tokio_postgres::{Client, SimpleQueryMessage};
-use updog_backup::replication::pgoutput::{
+use updog_backup::pg::pgoutput::{
     self, Column, Context, Delete, Insert, Message, OldTuple, ProtocolVersion, Relation,
     ReplicaIdentity, Truncate, Tuple, Update, Value,
 };

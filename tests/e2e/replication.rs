@@ -13,9 +13,11 @@ use std::time::Duration;
 use tokio_postgres::Config;
 use tokio_postgres::config::Host;
 use tokio_postgres::types::PgLsn;
-use updog_backup::replication::{
-    Lsn, ReplicationConnection, ReplicationError, SlotSnapshot, SystemIdentity,
+use updog_backup::pg::Lsn;
+use updog_backup::pg::replication::{
+    ReplicationConnection, ReplicationError, SlotSnapshot, SystemIdentity,
 };
+use updog_backup::retry::Classify as _;
 
 use crate::support::postgres;
 
@@ -189,7 +191,7 @@ async fn persistent_slots_are_created_and_dropped() {
         .await
         .expect_err("duplicate slot");
     assert_eq!(err.code(), Some("42710"), "{err}");
-    assert!(!err.is_retryable());
+    assert!(!err.class().is_transient());
 
     // The connection survives the error.
     replication.drop_slot(&slot, false).await.expect("drop");
@@ -251,7 +253,7 @@ async fn a_role_without_replication_is_refused_permanently() {
         .await
         .expect("drop role");
     assert_eq!(err.code(), Some("42501"), "{err}");
-    assert!(!err.is_retryable());
+    assert!(!err.class().is_transient());
 }
 
 #[tokio::test]
@@ -303,7 +305,7 @@ async fn an_unreachable_server_is_a_retryable_io_error() {
         .await
         .expect_err("refused");
     assert!(matches!(err, ReplicationError::Io { .. }), "{err:?}");
-    assert!(err.is_retryable());
+    assert!(err.class().is_transient());
     assert!(
         err.to_string().contains(&format!("127.0.0.1:{port}")),
         "{err}"
@@ -336,7 +338,7 @@ async fn a_silent_server_times_out_as_a_retryable_io_error() {
         }
         other => panic!("expected a timeout, got {other:?}"),
     }
-    assert!(err.is_retryable());
+    assert!(err.class().is_transient());
 }
 
 // ---- password authentication ----
@@ -483,7 +485,7 @@ async fn a_wrong_password_is_refused_with_28p01_and_never_echoed() {
             .await
             .expect_err("wrong password");
         assert_eq!(err.code(), Some("28P01"), "{}: {err}", method.role());
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
         assert!(
             !format!("{err} {err:?}").contains("do-not-print"),
             "{err:?}"
@@ -505,6 +507,6 @@ async fn a_missing_password_says_how_to_provide_one() {
             .expect_err("no password");
         assert!(matches!(err, ReplicationError::Auth(_)), "{err:?}");
         assert!(err.to_string().contains("PGPASSWORD"), "{err}");
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
     }
 }

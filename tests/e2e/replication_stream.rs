@@ -21,10 +21,12 @@ use futures::FutureExt;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::PgLsn;
 use tokio_postgres::{Client, Config};
-use updog_backup::replication::{
-    Lsn, ReplicationConnection, ReplicationError, ReplicationStream, SlotSnapshot, StreamEvent,
+use updog_backup::pg::Lsn;
+use updog_backup::pg::replication::{
+    ReplicationConnection, ReplicationError, ReplicationStream, SlotSnapshot, StreamEvent,
     quote_publication_names,
 };
+use updog_backup::retry::Classify as _;
 
 use crate::support::postgres;
 
@@ -377,7 +379,7 @@ async fn status_updates_keep_a_short_timeout_session_alive_and_silence_ends_it()
             matches!(err, ReplicationError::Closed | ReplicationError::Io { .. }),
             "{err:?}"
         );
-        assert!(err.is_retryable());
+        assert!(err.class().is_transient());
         assert!(started.elapsed() >= Duration::from_millis(1500));
     })
     .await;
@@ -465,7 +467,7 @@ async fn starting_from_a_missing_slot_is_a_42704_server_error() {
             .await
             .expect_err("no such slot");
         assert_eq!(err.code(), Some("42704"), "{err}");
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
     })
     .await;
 }

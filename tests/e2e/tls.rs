@@ -8,9 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use updog_backup::config::pg_config;
-use updog_backup::replication::{ReplicationConnection, ReplicationError};
-use updog_backup::source::SourceError;
+use updog_backup::pg::ConnectError;
+use updog_backup::pg::pg_config;
+use updog_backup::pg::replication::{ReplicationConnection, ReplicationError};
+use updog_backup::retry::Classify as _;
 
 use crate::support::postgres::{Cluster, ClusterSpec, cluster, start_extra};
 use crate::support::{Repo, TestEnv, fixture_tenant};
@@ -200,8 +201,8 @@ async fn replication_uses_tls(url: &str) -> bool {
     rows[0].get("ssl") == Some("t")
 }
 
-async fn client_error(url: &str) -> SourceError {
-    match updog_backup::source::connect(url).await {
+async fn client_error(url: &str) -> ConnectError {
+    match updog_backup::pg::connect(url).await {
         Ok(_) => panic!("{url} connected"),
         Err(e) => e,
     }
@@ -219,7 +220,7 @@ async fn require_encrypts_client_and_replication_connections() {
     let tls = tls_cluster();
     for params in ["sslmode=require", "sslmode=prefer", ""] {
         let url = tls.url("127.0.0.1", "postgres", params);
-        let client = updog_backup::source::connect(&url)
+        let client = updog_backup::pg::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         assert!(client_uses_tls(&client).await, "{url}");
@@ -233,7 +234,7 @@ async fn verify_full_checks_the_chain_and_the_host_name() {
     let params = format!("sslmode=verify-full&sslrootcert={}", tls.ca.display());
     for host in ["localhost", "127.0.0.1"] {
         let url = tls.url(host, "postgres", &params);
-        let client = updog_backup::source::connect(&url)
+        let client = updog_backup::pg::connect(&url)
             .await
             .unwrap_or_else(|e| panic!("{url}: {e}"));
         assert!(client_uses_tls(&client).await);
@@ -245,7 +246,7 @@ async fn verify_full_checks_the_chain_and_the_host_name() {
         tls.pg.port,
         tls.ca.display()
     );
-    updog_backup::source::connect(&url)
+    updog_backup::pg::connect(&url)
         .await
         .unwrap_or_else(|e| panic!("{url}: {e}"));
 }
@@ -262,7 +263,7 @@ async fn a_certificate_from_another_ca_is_refused_clearly() {
             &format!("sslmode={mode}&sslrootcert={other}"),
         );
         let err = client_error(&url).await;
-        assert!(matches!(err, SourceError::Tls { .. }), "{mode}: {err:?}");
+        assert!(matches!(err, ConnectError::Tls { .. }), "{mode}: {err:?}");
         let message = err.to_string();
         assert!(
             message.contains("not signed by a CA in sslrootcert")
@@ -272,7 +273,7 @@ async fn a_certificate_from_another_ca_is_refused_clearly() {
         );
         let err = replication_error(&url).await;
         assert!(matches!(err, ReplicationError::Tls(_)), "{mode}: {err:?}");
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
         assert!(
             err.to_string().contains("not signed by a CA"),
             "{mode}: {err}"
@@ -306,9 +307,7 @@ async fn a_host_name_the_certificate_lacks_needs_verify_ca() {
         "{message}"
     );
     // verify-ca checks the chain only.
-    let client = updog_backup::source::connect(&url("verify-ca"))
-        .await
-        .unwrap();
+    let client = updog_backup::pg::connect(&url("verify-ca")).await.unwrap();
     assert!(client_uses_tls(&client).await);
     assert!(replication_uses_tls(&url("verify-ca")).await);
 }
@@ -338,7 +337,7 @@ async fn a_server_without_tls_is_refused_unless_prefer() {
     for mode in ["require", "verify-full"] {
         let url = format!("{}?sslmode={mode}", pg.url("updog_backup", &db));
         let err = client_error(&url).await;
-        assert!(matches!(err, SourceError::Tls { .. }), "{mode}: {err:?}");
+        assert!(matches!(err, ConnectError::Tls { .. }), "{mode}: {err:?}");
         assert!(
             err.to_string()
                 .contains(&format!("does not support TLS but sslmode={mode}")),
@@ -350,12 +349,12 @@ async fn a_server_without_tls_is_refused_unless_prefer() {
                 .contains(&format!("does not support TLS but sslmode={mode}")),
             "{err}"
         );
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
     }
     // prefer (explicit or libpq's default) falls back to a plain connection.
     for suffix in ["?sslmode=prefer", ""] {
         let url = format!("{}{suffix}", pg.url("updog_backup", &db));
-        let client = updog_backup::source::connect(&url).await.unwrap();
+        let client = updog_backup::pg::connect(&url).await.unwrap();
         assert!(!client_uses_tls(&client).await, "{url}");
         assert!(!replication_uses_tls(&url).await, "{url}");
     }

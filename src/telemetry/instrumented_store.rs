@@ -10,8 +10,10 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 
-use super::{ByteStream, ListPage, ObjectMeta, ObjectStore, PutMode, Result, StorageError};
-use crate::telemetry::{ErrorStatus, StorageOp, Telemetry};
+use super::{ErrorStatus, StorageOp, Telemetry};
+use crate::storage::{
+    ByteStream, ListPage, ObjectMeta, ObjectStore, PutMode, Result, StorageError,
+};
 
 #[derive(Debug)]
 pub struct InstrumentedStore {

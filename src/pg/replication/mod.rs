@@ -1,26 +1,23 @@
-//! The PostgreSQL side of change capture: the walsender (replication) protocol.
+//! The walsender (replication) protocol.
 //!
 //! Owns the replication connection — startup and authentication on a `replication=database`
 //! session, the replication commands (`IDENTIFY_SYSTEM`, `CREATE_REPLICATION_SLOT`,
 //! `DROP_REPLICATION_SLOT`) — the CopyBoth stream of `START_REPLICATION` ([`ReplicationStream`]:
-//! WAL data, keepalives, standby status updates), the [`pgoutput`] decoder that turns WAL
-//! payloads into typed messages, and the [`Lsn`] type that names positions in the WAL
-//! everywhere in the crate.
+//! WAL data, keepalives, standby status updates). Its payloads are decoded by
+//! [`crate::pg::pgoutput`]; positions are [`crate::pg::Lsn`]s.
 //!
 //! It must never decide what to back up: which slot, from which position, which tables and
 //! tenants are the caller's decisions. It also never
-//! acknowledges a position on its own; only the caller knows what is durable (invariant 1).
+//! acknowledges a position on its own; only the caller knows what is durable (ARCHITECTURE.md,
+//! invariant 1: no loss).
 //!
 //! It is written directly on `postgres-protocol` because tokio-postgres has no replication mode.
 
 mod connection;
-mod lsn;
-pub mod pgoutput;
 mod stream;
 
 pub use connection::{
     CreatedSlot, DEFAULT_APPLICATION_NAME, ReplicationConnection, ReplicationError, Row,
     SlotSnapshot, Socket, SystemIdentity,
 };
-pub use lsn::{Lsn, LsnParseError};
 pub use stream::{ReplicationStream, STATUS_UPDATE_INTERVAL, StreamEvent, quote_publication_names};

@@ -1119,6 +1119,12 @@ fn put_value(out: &mut BytesMut, kind: u8, bytes: &[u8]) {
     out.put_slice(bytes);
 }
 
+impl crate::retry::Classify for DecodeError {
+    fn class(&self) -> crate::retry::ErrorClass {
+        crate::retry::ErrorClass::Permanent
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -26,9 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::connection::{
     BackendMessage, ReplicationConnection, ReplicationError, ServerFields, Socket, message_name,
-    quote_identifier, tag_name, validate_slot_name,
+    tag_name, validate_slot_name,
 };
-use super::lsn::Lsn;
+use crate::pg::Lsn;
+use crate::pg::quote::{quote_ident, quote_literal};
 
 /// How often a consumer should send a status update even when nothing new is durable.
 ///
@@ -446,7 +447,7 @@ pub fn quote_publication_names<'a>(names: impl IntoIterator<Item = &'a str>) -> 
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&quote_identifier(name));
+        out.push_str(&quote_ident(name));
     }
     out
 }
@@ -461,7 +462,7 @@ fn start_logical_command(
     validate_slot_name(slot)?;
     let mut command = format!(
         "START_REPLICATION SLOT {} LOGICAL {start}",
-        quote_identifier(slot)
+        quote_ident(slot)
     );
     for (i, (name, value)) in options.iter().enumerate() {
         if name.is_empty() {
@@ -477,7 +478,7 @@ fn start_logical_command(
             )));
         }
         command.push_str(if i == 0 { " (" } else { ", " });
-        command.push_str(&quote_identifier(name));
+        command.push_str(&quote_ident(name));
         command.push(' ');
         command.push_str(&quote_literal(value));
     }
@@ -485,12 +486,6 @@ fn start_logical_command(
         command.push(')');
     }
     Ok(command)
-}
-
-/// A string literal of the replication grammar: quotes doubled, backslashes literal (its scanner
-/// has no escape syntax, whatever `standard_conforming_strings` says).
-fn quote_literal(value: &str) -> String {
-    format!("'{}'", value.replace('\'', "''"))
 }
 
 /// Splits a CopyData payload into an event, without copying the XLogData payload.
@@ -580,6 +575,7 @@ mod tests {
         ready, with_server,
     };
     use super::*;
+    use crate::retry::Classify as _;
 
     fn copy_data(body: &[u8]) -> Vec<u8> {
         backend(b'd', body)
@@ -802,7 +798,7 @@ mod tests {
         .await;
         let err = stream.next().await.expect_err("hung up");
         assert!(matches!(err, ReplicationError::Closed), "{err:?}");
-        assert!(err.is_retryable());
+        assert!(err.class().is_transient());
         assert!(matches!(
             stream.finish().await,
             Err(ReplicationError::Closed)
@@ -836,7 +832,7 @@ mod tests {
             .await
             .expect_err("no slot");
         assert_eq!(err.code(), Some("42704"), "{err}");
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
         server.await.expect("server script");
     }
 

@@ -784,6 +784,13 @@ fn explain_client_error(error: tokio_postgres::Error, tls: &TlsSettings) -> Clie
     }
 }
 
+impl crate::retry::Classify for TlsError {
+    /// The message says what to change; the same settings meet the same refusal.
+    fn class(&self) -> crate::retry::ErrorClass {
+        crate::retry::ErrorClass::Usage
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,19 +16,25 @@ use futures::{StreamExt, pin_mut};
 use tokio::io::AsyncReadExt;
 use tokio_postgres::Client;
 
-use super::catalog::{Catalog, CatalogError, Table, quote_ident, quote_literal};
-use super::{SourceError, connect, describe_db_error, pg_tools, query_context};
 use crate::config::Config;
+use crate::pg::Lsn;
+use crate::pg::replication::{ReplicationConnection, ReplicationError, SlotSnapshot};
+use crate::pg::sqlstate;
+use crate::pg::{connect, quote_ident, quote_literal};
 use crate::progress::{Progress, Unit};
-use crate::replication::{Lsn, ReplicationConnection, ReplicationError, SlotSnapshot};
 use crate::repository::archive::{self, ArchiveHeader, ArchiveKind, TableHeader};
 use crate::repository::copy_binary::CopyChecker;
 use crate::repository::manifest::{ArchiveEntry, SequenceState};
 use crate::repository::object::ObjectWriter;
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId, StoredObject, keys};
+use crate::retry::{Classify, ErrorClass};
+use crate::source::catalog::{Catalog, CatalogError, Table};
+use crate::source::{SourceError, pg_tools, query_context};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
+    #[error(transparent)]
+    Connect(#[from] crate::pg::ConnectError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -119,7 +125,7 @@ pub async fn take(
     let admin = connect(&config.source.url).await?;
     let catalog = Catalog::load(&admin, &config.source).await?;
 
-    let pg_config = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
+    let pg_config = crate::pg::pg_config(&config.source.url).map_err(SourceError::from)?;
     let mut replication =
         ReplicationConnection::connect_tls(&pg_config.config, &pg_config.tls).await?;
     let system = replication.identify_system().await?;
@@ -185,7 +191,7 @@ pub async fn take(
                     .execute("SELECT pg_drop_replication_slot($1)", &[&slot_name])
                     .await
                 {
-                    tracing::error!(slot = %slot_name, error = %describe_db_error(&drop_error), "could not drop the new replication slot: drop it by hand");
+                    tracing::error!(slot = %slot_name, error = %sqlstate::describe(&drop_error), "could not drop the new replication slot: drop it by hand");
                 }
             }
             Err(e)
@@ -282,7 +288,7 @@ async fn export(
 
     let schema_task = {
         let exporter = exporter.clone();
-        let pg_config = crate::config::pg_config(&config.source.url).map_err(SourceError::from)?;
+        let pg_config = crate::pg::pg_config(&config.source.url).map_err(SourceError::from)?;
         let schemas = config.source.schemas.clone();
         let snapshot_name = snapshot_name.to_string();
         let major = identity.server_version_num / 10000;
@@ -523,7 +529,7 @@ impl Exporter {
 
     async fn export_schema(
         &self,
-        pg_config: &crate::config::PgTarget,
+        pg_config: &crate::pg::PgTarget,
         major: u32,
         schemas: &[String],
         snapshot_name: &str,
@@ -621,12 +627,12 @@ async fn export_table(
     let stream = client
         .copy_out(&sql)
         .await
-        .map_err(|e| fail(super::describe_db_error(&e)))?;
+        .map_err(|e| fail(sqlstate::describe(&e)))?;
     pin_mut!(stream);
     let mut checker = CopyChecker::new(header.format);
     let mut pending = BytesMut::with_capacity(archive::DATA_RECORD + 64 * 1024);
     while let Some(chunk) = stream.next().await {
-        let chunk = chunk.map_err(|e| fail(super::describe_db_error(&e)))?;
+        let chunk = chunk.map_err(|e| fail(sqlstate::describe(&e)))?;
         checker.feed(&chunk).map_err(&fail)?;
         pending.extend_from_slice(&chunk);
         if pending.len() >= archive::DATA_RECORD {
@@ -655,4 +661,19 @@ async fn flush_data(
     writer.write(pending).await?;
     pending.clear();
     Ok(())
+}
+
+impl Classify for SnapshotError {
+    fn class(&self) -> ErrorClass {
+        match self {
+            SnapshotError::Connect(e) => e.class(),
+            SnapshotError::Source(e) => e.class(),
+            SnapshotError::Catalog(e) => e.class(),
+            SnapshotError::Repository(e) => e.class(),
+            SnapshotError::Replication(e) => e.class(),
+            SnapshotError::Tool(e) => e.class(),
+            SnapshotError::Tenant { .. } => ErrorClass::Usage,
+            SnapshotError::Export { .. } => ErrorClass::Permanent,
+        }
+    }
 }

@@ -9,7 +9,7 @@
 //!
 //! The connection is generic over its byte stream, so TLS does not touch the protocol code:
 //! [`ReplicationConnection::connect_tls`] opens a [`Socket`] (TCP, TCP with TLS after the
-//! SSLRequest, or Unix, which never uses TLS) as the `sslmode` policy of [`crate::tls`] says, and
+//! SSLRequest, or Unix, which never uses TLS) as the `sslmode` policy of [`crate::pg::tls`] says, and
 //! [`ReplicationConnection::connect_stream`] runs the same startup over any stream.
 
 use std::collections::HashMap;
@@ -34,8 +34,9 @@ use tokio::net::UnixStream;
 use tokio_postgres::config::{ChannelBinding, Config, Host, SslNegotiation};
 use tokio_postgres::fallible_iterator::FallibleIterator;
 
-use super::lsn::Lsn;
-use crate::tls::{TlsError, TlsSettings};
+use crate::pg::Lsn;
+use crate::pg::quote_ident;
+use crate::pg::tls::{TlsError, TlsSettings};
 
 /// `application_name` sent when the config does not set one, so that the walsender is
 /// recognisable in `pg_stat_replication` and `pg_stat_activity`.
@@ -112,31 +113,26 @@ pub enum ReplicationError {
     Tls(#[from] TlsError),
 }
 
-impl ReplicationError {
-    /// Whether trying again later (on a new connection) may succeed.
-    ///
-    /// Network failures and closed connections are; configuration, authentication (SQLSTATE class
-    /// 28), syntax and privilege (class 42) errors are not. Server errors are transient only for
-    /// classes that describe the server's state rather than the request: connection exceptions
-    /// (08), rollbacks (40), exhausted resources such as `max_wal_senders` (53), operator
-    /// intervention such as a shutdown (57), system errors (58), and `55006 object_in_use`, which
-    /// is what a slot still held by a dying previous connection reports.
-    #[must_use]
-    pub fn is_retryable(&self) -> bool {
+impl crate::retry::Classify for ReplicationError {
+    /// Network failures and closed connections are transient; server errors by their SQLSTATE
+    /// ([`crate::pg::sqlstate`]); settings the server cannot take (slot names, options, TLS
+    /// policy) are the user's to change; a protocol violation or a refused authentication meets
+    /// the same answer next time.
+    fn class(&self) -> crate::retry::ErrorClass {
+        use crate::retry::ErrorClass;
         match self {
-            ReplicationError::Io { .. } | ReplicationError::Closed => true,
-            ReplicationError::Server { code, .. } => {
-                matches!(code.get(..2), Some("08" | "40" | "53" | "57" | "58")) || code == "55006"
-            }
-            ReplicationError::Protocol(_)
-            | ReplicationError::Auth(_)
-            | ReplicationError::Config(_)
+            ReplicationError::Io { .. } | ReplicationError::Closed => ErrorClass::Transient,
+            ReplicationError::Server { code, .. } => crate::pg::sqlstate::class_of_code(code),
+            ReplicationError::Config(_)
             | ReplicationError::InvalidSlotName { .. }
             | ReplicationError::InvalidOption(_)
-            | ReplicationError::Tls(_) => false,
+            | ReplicationError::Tls(_) => ErrorClass::Usage,
+            ReplicationError::Protocol(_) | ReplicationError::Auth(_) => ErrorClass::Permanent,
         }
     }
+}
 
+impl ReplicationError {
     /// The SQLSTATE of a server error.
     #[must_use]
     pub fn code(&self) -> Option<&str> {
@@ -624,7 +620,7 @@ impl ReplicationConnection<Socket> {
         // Built before connecting: an unreadable sslrootcert is a configuration error, reported
         // without touching the network.
         let client_config = match (&target, tls.mode) {
-            (_, crate::tls::SslMode::Disable) => None,
+            (_, crate::pg::tls::SslMode::Disable) => None,
             (Target::Tcp { tls_name, .. }, _) => Some((tls.client_config()?, tls_name.as_str())),
             #[cfg(unix)]
             (Target::Unix { .. }, _) => None,
@@ -640,7 +636,7 @@ impl ReplicationConnection<Socket> {
                 .await
                 .map_err(|e| match &e {
                     ReplicationError::Server { code, message, .. } => {
-                        crate::tls::plain_refused(tls.mode, code, message).map_or(e, Into::into)
+                        crate::pg::tls::plain_refused(tls.mode, code, message).map_or(e, Into::into)
                     }
                     _ => e,
                 })
@@ -688,7 +684,7 @@ async fn start_tls(
         );
         return Ok(Socket::Tcp(tcp));
     }
-    match crate::tls::handshake(client_config, tls_name, tcp).await? {
+    match crate::pg::tls::handshake(client_config, tls_name, tcp).await? {
         Ok(stream) => Ok(Socket::Tls(Box::new(stream))),
         Err(e) => Err(ReplicationError::io(
             format!("TLS handshake with {target}"),
@@ -917,7 +913,7 @@ where
         validate_slot_name(name)?;
         let sql = format!(
             "{COMMAND} {} {}LOGICAL pgoutput (SNAPSHOT '{}')",
-            quote_identifier(name),
+            quote_ident(name),
             if temporary { "TEMPORARY " } else { "" },
             snapshot.option_value()
         );
@@ -949,7 +945,7 @@ where
         validate_slot_name(name)?;
         let sql = format!(
             "DROP_REPLICATION_SLOT {}{}",
-            quote_identifier(name),
+            quote_ident(name),
             if wait { " WAIT" } else { "" }
         );
         self.simple_query(&sql).await.map(drop)
@@ -1297,12 +1293,6 @@ pub(super) fn validate_slot_name(name: &str) -> Result<(), ReplicationError> {
     }
 }
 
-/// Double-quotes an identifier for the replication grammar. Validated slot names never contain
-/// `"`, but quoting keeps names like `select` or `user` from being read as keywords.
-pub(super) fn quote_identifier(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 pub(super) fn message_name(message: &Message) -> &'static str {
     match message {
         Message::AuthenticationCleartextPassword => "AuthenticationCleartextPassword",
@@ -1349,10 +1339,11 @@ pub(super) mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
+    use crate::retry::Classify as _;
 
     // ---- backend messages, built by hand as a server would send them ----
 
-    pub(in crate::replication) fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
+    pub(in crate::pg::replication) fn backend(tag: u8, body: &[u8]) -> Vec<u8> {
         let len = u32::try_from(body.len() + 4).expect("test message fits");
         let mut out = vec![tag];
         out.extend(len.to_be_bytes());
@@ -1366,7 +1357,7 @@ pub(super) mod tests {
         backend(b'R', &body)
     }
 
-    pub(in crate::replication) fn cstrs(parts: &[&str]) -> Vec<u8> {
+    pub(in crate::pg::replication) fn cstrs(parts: &[&str]) -> Vec<u8> {
         let mut out = Vec::new();
         for part in parts {
             out.extend(part.as_bytes());
@@ -1385,11 +1376,11 @@ pub(super) mod tests {
         backend(b'K', &body)
     }
 
-    pub(in crate::replication) fn ready() -> Vec<u8> {
+    pub(in crate::pg::replication) fn ready() -> Vec<u8> {
         backend(b'Z', b"I")
     }
 
-    pub(in crate::replication) fn server_fields(
+    pub(in crate::pg::replication) fn server_fields(
         tag: u8,
         severity: &str,
         code: &str,
@@ -1414,7 +1405,7 @@ pub(super) mod tests {
         backend(tag, &body)
     }
 
-    pub(in crate::replication) fn error_response(
+    pub(in crate::pg::replication) fn error_response(
         severity: &str,
         code: &str,
         message: &str,
@@ -1457,11 +1448,11 @@ pub(super) mod tests {
         backend(b'D', &body)
     }
 
-    pub(in crate::replication) fn command_complete(tag: &str) -> Vec<u8> {
+    pub(in crate::pg::replication) fn command_complete(tag: &str) -> Vec<u8> {
         backend(b'C', &cstrs(&[tag]))
     }
 
-    pub(in crate::replication) fn copy_both_response(columns: u16) -> Vec<u8> {
+    pub(in crate::pg::replication) fn copy_both_response(columns: u16) -> Vec<u8> {
         let mut body = vec![0u8];
         body.extend(columns.to_be_bytes());
         for _ in 0..columns {
@@ -1472,8 +1463,8 @@ pub(super) mod tests {
 
     // ---- a scripted server on the other end of an in-memory pipe ----
 
-    pub(in crate::replication) struct MockServer {
-        pub(in crate::replication) stream: DuplexStream,
+    pub(in crate::pg::replication) struct MockServer {
+        pub(in crate::pg::replication) stream: DuplexStream,
     }
 
     impl MockServer {
@@ -1496,7 +1487,7 @@ pub(super) mod tests {
                 .collect()
         }
 
-        pub(in crate::replication) async fn read_message(&mut self) -> (u8, Vec<u8>) {
+        pub(in crate::pg::replication) async fn read_message(&mut self) -> (u8, Vec<u8>) {
             let tag = self.stream.read_u8().await.expect("tag");
             let len = self.stream.read_u32().await.expect("length");
             let mut body = vec![0; len as usize - 4];
@@ -1504,21 +1495,21 @@ pub(super) mod tests {
             (tag, body)
         }
 
-        pub(in crate::replication) async fn send(&mut self, messages: &[Vec<u8>]) {
+        pub(in crate::pg::replication) async fn send(&mut self, messages: &[Vec<u8>]) {
             for message in messages {
                 self.stream.write_all(message).await.expect("server write");
             }
             self.stream.flush().await.expect("server flush");
         }
 
-        pub(in crate::replication) async fn accept_trust(&mut self) {
+        pub(in crate::pg::replication) async fn accept_trust(&mut self) {
             self.read_startup().await;
             self.send(&[authentication(0, b""), backend_key_data(42, 7), ready()])
                 .await;
         }
     }
 
-    pub(in crate::replication) fn config() -> Config {
+    pub(in crate::pg::replication) fn config() -> Config {
         let mut config = Config::new();
         config.user("alice").dbname("updog");
         config
@@ -1526,7 +1517,7 @@ pub(super) mod tests {
 
     /// Runs `script` as the server and connects a client to it. `pipe` is the in-memory buffer
     /// size: 1 forces every message, both ways, to cross in one-byte reads.
-    pub(in crate::replication) async fn with_server<F, Fut>(
+    pub(in crate::pg::replication) async fn with_server<F, Fut>(
         pipe: usize,
         config: &Config,
         script: F,
@@ -1686,7 +1677,7 @@ pub(super) mod tests {
             let err = connection.expect_err("no password");
             assert!(matches!(err, ReplicationError::Auth(_)), "{err:?}");
             assert!(err.to_string().contains("PGPASSWORD"), "{err}");
-            assert!(!err.is_retryable());
+            assert!(!err.class().is_transient());
         }
     }
 
@@ -1768,7 +1759,7 @@ pub(super) mod tests {
         .await;
         let err = connection.expect_err("rejected");
         assert_eq!(err.code(), Some("28P01"));
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
         assert!(!err.to_string().contains("wrong"), "{err}");
     }
 
@@ -1804,7 +1795,7 @@ pub(super) mod tests {
         let mut connection = connection.expect("connects");
         let err = connection.simple_query("BOGUS").await.expect_err("syntax");
         assert_eq!(err.code(), Some("42601"));
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
         assert!(
             err.to_string()
                 .contains("hint: check the replication grammar"),
@@ -1845,7 +1836,7 @@ pub(super) mod tests {
         let mut connection = connection.expect("connects");
         let err = connection.identify_system().await.expect_err("fatal");
         assert_eq!(err.code(), Some("57P01"));
-        assert!(err.is_retryable());
+        assert!(err.class().is_transient());
         let err = connection.identify_system().await.expect_err("unusable");
         assert!(matches!(err, ReplicationError::Closed), "{err:?}");
         server.await.expect("server script");
@@ -1866,7 +1857,7 @@ pub(super) mod tests {
         assert!(call.await.is_err(), "the server never answers");
         let err = connection.identify_system().await.expect_err("out of sync");
         assert!(matches!(err, ReplicationError::Closed), "{err:?}");
-        assert!(err.is_retryable());
+        assert!(err.class().is_transient());
         connection.close().await.expect("terminate");
         server.await.expect("server script");
     }
@@ -2118,8 +2109,8 @@ pub(super) mod tests {
         ] {
             assert!(validate_slot_name(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(quote_identifier("select"), "\"select\"");
-        assert_eq!(quote_identifier("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_ident("select"), "\"select\"");
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
     }
 
     #[test]
@@ -2133,19 +2124,23 @@ pub(super) mod tests {
         for code in [
             "08006", "40001", "53300", "57P01", "57P03", "58030", "55006",
         ] {
-            assert!(server(code).is_retryable(), "{code}");
+            assert!(server(code).class().is_transient(), "{code}");
         }
         for code in [
             "28P01", "28000", "42501", "42710", "42704", "22023", "0A000", "55000",
         ] {
-            assert!(!server(code).is_retryable(), "{code}");
+            assert!(!server(code).class().is_transient(), "{code}");
         }
         let refused = ReplicationError::io("connecting", io::ErrorKind::ConnectionRefused.into());
-        assert!(refused.is_retryable());
-        assert!(ReplicationError::Closed.is_retryable());
-        assert!(!ReplicationError::Auth("x".into()).is_retryable());
-        assert!(!ReplicationError::Protocol("x".into()).is_retryable());
-        assert!(!ReplicationError::Config("x".into()).is_retryable());
+        assert!(refused.class().is_transient());
+        assert!(ReplicationError::Closed.class().is_transient());
+        assert!(!ReplicationError::Auth("x".into()).class().is_transient());
+        assert!(
+            !ReplicationError::Protocol("x".into())
+                .class()
+                .is_transient()
+        );
+        assert!(!ReplicationError::Config("x".into()).class().is_transient());
     }
 
     #[test]
@@ -2220,9 +2215,9 @@ pub(super) mod tests {
     async fn tls_settings_come_from_the_config_or_are_refused() {
         // What tokio-postgres's sslmode can say maps one to one; nothing is weakened.
         for (text, mode) in [
-            ("sslmode=disable", crate::tls::SslMode::Disable),
-            ("sslmode=prefer", crate::tls::SslMode::Prefer),
-            ("sslmode=require", crate::tls::SslMode::Require),
+            ("sslmode=disable", crate::pg::tls::SslMode::Disable),
+            ("sslmode=prefer", crate::pg::tls::SslMode::Prefer),
+            ("sslmode=require", crate::pg::tls::SslMode::Require),
         ] {
             let config: Config = format!("host=h user=u {text}").parse().expect("config");
             let tls = TlsSettings::from_tokio_postgres(config.get_ssl_mode()).expect("known");
@@ -2241,14 +2236,14 @@ pub(super) mod tests {
         // An unreadable root certificate is reported before connecting (port 1 is closed).
         let config: Config = "host=127.0.0.1 port=1 user=u".parse().expect("config");
         let tls = TlsSettings {
-            mode: crate::tls::SslMode::VerifyCa,
+            mode: crate::pg::tls::SslMode::VerifyCa,
             root_cert: Some("/nonexistent/updog-ca.pem".into()),
         };
         let err = ReplicationConnection::connect_tls(&config, &tls)
             .await
             .expect_err("no root certificate");
         assert!(matches!(err, ReplicationError::Tls(_)), "{err:?}");
-        assert!(!err.is_retryable());
+        assert!(!err.class().is_transient());
         assert!(err.to_string().contains("updog-ca.pem"), "{err}");
 
         let config: Config = "user=u channel_binding=require".parse().expect("config");
