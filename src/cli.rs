@@ -15,7 +15,7 @@ use crate::error::Error;
 use crate::pg::redact_url;
 use crate::pg::replication::ReplicationConnection;
 use crate::progress::{Progress, Unit};
-use crate::repository::{Part, RepoInfo, Repository, reader};
+use crate::repository::{RepoInfo, Repository};
 use crate::restore::{RestoreRequest, RestoreTarget, plan};
 use crate::snapshot::{SnapshotRequest, validate_tenant};
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
@@ -229,7 +229,7 @@ async fn init(config: &Config) -> Result<(), Error> {
     if repo.init(&info).await? {
         println!(
             "initialised repository {} for {}",
-            store.describe(),
+            repo.location(),
             info.source_label()
         );
     } else {
@@ -239,7 +239,7 @@ async fn init(config: &Config) -> Result<(), Error> {
         )?;
         println!(
             "repository {} already initialised for {}",
-            store.describe(),
+            repo.location(),
             info.source_label()
         );
     }
@@ -261,7 +261,7 @@ async fn init(config: &Config) -> Result<(), Error> {
             "looking up the replication slot",
         ))?
         .is_some();
-    let stream = crate::repository::pack::StreamState::read(repo.store()).await?;
+    let stream = repo.stream_state().await?;
     match (slot_exists, &stream.progress) {
         (true, Some(p)) if &p.slot == slot => {
             println!(
@@ -291,7 +291,7 @@ async fn init(config: &Config) -> Result<(), Error> {
     // init): it stays in the progress as an earlier stream, so what it covered stays
     // restorable.
     let progress = stream.restart(slot, manifest.consistent_lsn);
-    crate::repository::pack::write_progress(repo.store(), &progress).await?;
+    repo.put_stream_progress(&progress).await?;
     if let Some(old) = progress.earlier.last() {
         println!(
             "the earlier change stream (slot {}, LSN {} to {}) stays restorable; nothing between its end and the new snapshot was captured (`updog-backup list --org ORG` shows each tenant's restorable instants)",
@@ -510,7 +510,7 @@ async fn open_repository(
 
 async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
     let (repo, org) = open_repository(config, org.as_deref()).await?;
-    let store = repo.store().clone();
+
     let mut snapshots = Vec::new();
     for id in repo.snapshots().await? {
         let m = match repo.manifest(&id).await {
@@ -534,7 +534,7 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
             tenant_bytes: tenant.map(|t| t.object.bytes),
         });
     }
-    let state = crate::repository::pack::StreamState::read(&store).await?;
+    let state = repo.stream_state().await?;
     let spans = state.spans();
     let stream = state.progress.as_ref().map(|p| StreamLine {
         slot: p.slot.clone(),
@@ -566,11 +566,11 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
     if let (Some(o), None) = (&org, &window) {
         return Err(Error::Usage(format!(
             "tenant {o} is in no snapshot of {}",
-            store.describe()
+            repo.location()
         )));
     }
     let report = ListReport {
-        repository: store.describe(),
+        repository: repo.location(),
         tenant: org,
         window,
         stream,
@@ -754,16 +754,10 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
     } else {
         None
     };
-    let mut tally = Tally::default();
-    verify_snapshots(&repo, org.as_deref(), identities.as_ref(), &mut tally).await?;
-    verify_stream(
-        repo.store(),
-        org.as_deref(),
-        identities.as_ref(),
-        &mut tally,
-    )
-    .await?;
-    verify_checkpoints(repo.store(), &mut tally).await?;
+    let report = crate::verify::run(&repo, org.as_deref(), identities.as_ref()).await?;
+    for failure in &report.failures {
+        println!("FAILED {failure}");
+    }
     let what = if deep {
         "decrypted and parsed"
     } else {
@@ -771,156 +765,15 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
     };
     println!(
         "{} object(s) {what}, {} failed",
-        tally.checked, tally.failed
+        report.checked,
+        report.failures.len()
     );
-    if tally.failed == 0 {
+    if report.failures.is_empty() {
         Ok(())
     } else {
         Err(Error::Failed(format!(
             "{} object(s) failed verification",
-            tally.failed
+            report.failures.len()
         )))
     }
-}
-
-/// What `verify` checked and how much of it failed. Each failure is printed when found, with
-/// the error naming the object.
-#[derive(Default)]
-struct Tally {
-    checked: usize,
-    failed: usize,
-}
-
-impl Tally {
-    fn record(
-        &mut self,
-        result: Result<(), crate::repository::RepositoryError>,
-        print: impl Fn(&str),
-    ) {
-        self.checked += 1;
-        if let Err(e) = result {
-            print(&format!("FAILED {e}"));
-            self.failed += 1;
-        }
-    }
-}
-
-/// Every snapshot's manifest (its own digest and id), then its objects (of `org` only, with
-/// the global ones, when given).
-async fn verify_snapshots(
-    repo: &Repository,
-    org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
-    tally: &mut Tally,
-) -> Result<(), Error> {
-    let ids = match org {
-        Some(o) => plan::tenant_snapshots(repo, o)
-            .await
-            .map_err(crate::restore::RestoreError::from)?
-            .0
-            .into_iter()
-            .filter(|m| m.tenants.contains_key(o))
-            .map(|m| m.id)
-            .collect(),
-        None => repo.snapshots().await?,
-    };
-    for id in ids {
-        let manifest = match repo.manifest(&id).await {
-            Ok(m) => m,
-            Err(e) => {
-                tally.record(Err(e), |m| println!("{m}"));
-                continue;
-            }
-        };
-        let wanted = |part: &Part<'_>| match (part, org) {
-            (Part::Tenant(t), Some(o)) => *t == o,
-            _ => true,
-        };
-        let parts: Vec<Part<'_>> = manifest.parts().filter(wanted).collect();
-        let progress = Progress::new("verify", "objects", Unit::StoredBytes, parts.len() as u64);
-        for part in parts {
-            let identities = identities.cloned();
-            let result = reader::check_part(repo.store(), &manifest, part, identities).await;
-            tally.record(result, |m| progress.println(m));
-            progress.advance(manifest.object(part).map_or(0, |o| o.bytes));
-        }
-        progress.finish();
-    }
-    Ok(())
-}
-
-/// The change stream: that its packs tile it without a gap, then every pack.
-async fn verify_stream(
-    store: &Arc<dyn ObjectStore>,
-    org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
-    tally: &mut Tally,
-) -> Result<(), Error> {
-    let state = crate::repository::pack::StreamState::read(store).await?;
-    // From where the kept chain starts: retention deletes the packs before it on purpose.
-    if let Some(start) = state.start()
-        && let Err(gap) = state.chain_from(start)
-    {
-        println!("FAILED change stream: {gap}");
-        tally.failed += 1;
-    }
-    let progress = Progress::new(
-        "verify",
-        "packs",
-        Unit::StoredBytes,
-        state.packs.len() as u64,
-    );
-    for p in &state.packs {
-        let result = verify_pack(store, p, org, identities).await;
-        tally.record(result, |m| progress.println(m));
-        progress.advance(p.size);
-    }
-    progress.finish();
-    Ok(())
-}
-
-/// One pack: its footer, its sections (the tenant's and the global ones with --org; with
-/// --deep decrypted and parsed), and its routing region, which restores never read but a
-/// restarted daemon rebuilds its routing state from.
-async fn verify_pack(
-    store: &Arc<dyn ObjectStore>,
-    p: &crate::repository::pack::PackRef,
-    org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
-) -> Result<(), crate::repository::RepositoryError> {
-    use crate::repository::pack;
-    let footer = pack::read_footer(store, &p.key, p.size).await?;
-    for (index, entry) in footer.sections.iter().enumerate() {
-        if org.is_some() && entry.tenant.is_some() && entry.tenant.as_deref() != org {
-            continue;
-        }
-        match identities {
-            None => pack::verify_section_digest(store, &p.key, index, entry).await?,
-            Some(ids) => {
-                let mut rx = pack::stream_section(store, &p.key, index, entry, ids.clone()).await?;
-                while let Some(m) = rx.recv().await {
-                    m?;
-                }
-            }
-        }
-    }
-    if let Some(region) = &footer.routes {
-        crate::capture::routes::read_pack_region(store, &p.key, region).await?;
-    }
-    Ok(())
-}
-
-/// Every routing checkpoint: a daemon restarts from the newest one before its durable LSN.
-async fn verify_checkpoints(store: &Arc<dyn ObjectStore>, tally: &mut Tally) -> Result<(), Error> {
-    use crate::capture::routes;
-    for (_, key) in routes::checkpoints(store).await? {
-        match routes::read_checkpoint(store, &key).await {
-            // Retention deleted it since the listing.
-            Err(crate::repository::RepositoryError::Storage(
-                crate::storage::StorageError::NotFound { .. },
-            )) => {}
-            result => tally.record(result.map(drop), |m| println!("{m}")),
-        }
-    }
-    Ok(())
 }

@@ -36,6 +36,8 @@ pub enum Error {
     Publication(#[from] crate::source::publication::PublicationError),
     #[error(transparent)]
     Daemon(#[from] crate::daemon::DaemonError),
+    #[error(transparent)]
+    Verify(#[from] crate::verify::VerifyError),
     #[error("{0}")]
     Failed(String),
 }
@@ -58,6 +60,7 @@ impl Classify for Error {
             Error::Capture(e) => e.class(),
             Error::Publication(e) => e.class(),
             Error::Daemon(e) => e.class(),
+            Error::Verify(e) => e.class(),
             Error::Failed(_) => ErrorClass::Permanent,
         }
     }

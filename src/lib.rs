@@ -37,3 +37,4 @@ pub mod snapshot;
 pub mod source;
 pub mod storage;
 pub mod telemetry;
+pub mod verify;

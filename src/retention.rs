@@ -13,11 +13,8 @@
 //! routing checkpoints the kept packs no longer need go last. The newest snapshot and every
 //! pack after the oldest kept one are never touched.
 
-use std::collections::BTreeMap;
-
-use crate::capture::routes;
 use crate::pg::Lsn;
-use crate::repository::pack::{self, PackRef, StreamState};
+use crate::repository::PackRef;
 use crate::repository::{Repository, RepositoryError, SnapshotId, keys};
 use crate::storage::ObjectMeta;
 
@@ -58,18 +55,7 @@ impl PrunePlan {
 /// What `keep` snapshots leave to delete. Reads only listings and one manifest.
 pub async fn plan(repo: &Repository, keep: usize) -> Result<PrunePlan, RepositoryError> {
     let keep = keep.max(1);
-    let store = repo.store();
-    let mut by_snapshot: BTreeMap<SnapshotId, Vec<ObjectMeta>> = BTreeMap::new();
-    for object in store.list(keys::SNAPSHOTS_PREFIX).await? {
-        let id = object
-            .key
-            .strip_prefix(keys::SNAPSHOTS_PREFIX)
-            .and_then(|rest| rest.split('/').next())
-            .and_then(|id| id.parse::<SnapshotId>().ok());
-        if let Some(id) = id {
-            by_snapshot.entry(id).or_default().push(object);
-        }
-    }
+    let by_snapshot = repo.snapshot_objects().await?;
     let complete: Vec<SnapshotId> = by_snapshot
         .iter()
         .filter(|(id, objects)| objects.iter().any(|o| o.key == keys::manifest(id)))
@@ -96,7 +82,7 @@ pub async fn plan(repo: &Repository, keep: usize) -> Result<PrunePlan, Repositor
     }
 
     let horizon = repo.manifest(&oldest_kept).await?.consistent_lsn;
-    let checkpoints = routes::checkpoints(store).await?;
+    let checkpoints = repo.routing_checkpoints().await?;
     let Some(cut) = checkpoints
         .iter()
         .map(|(lsn, _)| *lsn)
@@ -105,7 +91,7 @@ pub async fn plan(repo: &Repository, keep: usize) -> Result<PrunePlan, Repositor
     else {
         return Ok(plan); // no checkpoint to rebuild routing from: keep every pack
     };
-    let stream = StreamState::read(store).await?;
+    let stream = repo.stream_state().await?;
     plan.packs = stream.packs.into_iter().filter(|p| p.end <= cut).collect();
     plan.packs_from = plan.packs.iter().map(|p| p.end).max();
     plan.checkpoints = checkpoints
@@ -124,10 +110,9 @@ pub async fn apply(
     plan: &PrunePlan,
     mut deleted: impl FnMut(&str, u64),
 ) -> Result<usize, RepositoryError> {
-    let store = repo.store();
     let mut count = 0;
     let mut delete = async |key: &str, size: u64| -> Result<(), RepositoryError> {
-        store.delete(key).await?;
+        repo.delete_object(key).await?;
         deleted(key, size);
         count += 1;
         Ok(())
@@ -145,7 +130,7 @@ pub async fn apply(
         delete(&o.key, o.size).await?;
     }
     if let Some(from) = plan.packs_from {
-        pack::write_retained(store, from).await?;
+        repo.put_retained(from).await?;
     }
     for p in &plan.packs {
         delete(&p.key, p.size).await?;
@@ -163,8 +148,10 @@ mod tests {
     use chrono::{TimeZone, Utc};
 
     use super::*;
+    use crate::repository::StreamProgress;
     use crate::repository::manifest::ArchiveEntry;
-    use crate::repository::pack::{StreamProgress, write_progress};
+    use crate::repository::pack;
+    use crate::repository::routes;
     use crate::repository::{Manifest, StoredObject};
     use crate::storage::{MemoryStore, ObjectStore, PutMode};
 
@@ -217,19 +204,16 @@ mod tests {
     async fn keeps_the_newest_snapshots_and_the_packs_their_windows_need() {
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let repo = Repository::new(store.clone());
-        write_progress(
-            &store,
-            &StreamProgress {
-                format_version: crate::repository::FORMAT_VERSION,
-                slot: "s".into(),
-                since_lsn: Lsn(100),
-                durable_lsn: Lsn(1000),
-                last_pack_end: Some(Lsn(1000)),
-                covered_until: Utc::now(),
-                updated_at: Utc::now(),
-                earlier: vec![],
-            },
-        )
+        repo.put_stream_progress(&StreamProgress {
+            format_version: crate::repository::FORMAT_VERSION,
+            slot: "s".into(),
+            since_lsn: Lsn(100),
+            durable_lsn: Lsn(1000),
+            last_pack_end: Some(Lsn(1000)),
+            covered_until: Utc::now(),
+            updated_at: Utc::now(),
+            earlier: vec![],
+        })
         .await
         .unwrap();
         let s1 = snapshot(&repo, 1, 100, true).await;
@@ -282,7 +266,7 @@ mod tests {
                 .unwrap()
                 .is_empty()
         );
-        let state = StreamState::read(&store).await.unwrap();
+        let state = repo.stream_state().await.unwrap();
         assert_eq!(state.start(), Some(Lsn(500)));
         let chain = state.chain_from(Lsn(600)).unwrap();
         assert_eq!(chain.first().map(|p| p.start), Some(Lsn(500)));
@@ -310,13 +294,10 @@ mod tests {
             updated_at: Utc::now(),
             earlier: vec![],
         };
-        write_progress(&store, &progress).await.unwrap();
-        progress = StreamState::read(&store)
-            .await
-            .unwrap()
-            .restart("new", Lsn(500));
+        repo.put_stream_progress(&progress).await.unwrap();
+        progress = repo.stream_state().await.unwrap().restart("new", Lsn(500));
         (progress.durable_lsn, progress.last_pack_end) = (Lsn(700), Some(Lsn(700)));
-        write_progress(&store, &progress).await.unwrap();
+        repo.put_stream_progress(&progress).await.unwrap();
         for (a, b) in [(100, 200), (200, 300), (500, 600), (600, 700)] {
             put(&store, &pack::key(Lsn(a), Lsn(b))).await;
         }
@@ -330,7 +311,7 @@ mod tests {
 
         // Each kept snapshot replays within its own stream; every stream's kept packs tile it.
         let restorable = async |kept: &[Lsn]| {
-            let state = StreamState::read(&store).await.unwrap();
+            let state = repo.stream_state().await.unwrap();
             let spans = state.spans();
             for span in &spans {
                 state.chain_in(span, span.start).unwrap();

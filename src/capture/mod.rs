@@ -18,7 +18,7 @@
 
 pub mod gaps;
 pub mod router;
-pub mod routes;
+
 pub mod spool;
 pub mod writer;
 
@@ -42,8 +42,8 @@ use crate::pg::replication::{
     ReplicationConnection, ReplicationError, ReplicationStream, StreamEvent,
     quote_publication_names,
 };
-use crate::repository::pack::{StreamProgress, StreamState, write_progress};
 use crate::repository::{Repository, RepositoryError};
+use crate::repository::{StreamProgress, StreamState};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, CatalogError};
 use crate::source::{SourceError, query_context};
@@ -56,6 +56,10 @@ use writer::PackWriter;
 /// See the module documentation.
 pub const COMMIT_CLOCK_MARGIN: chrono::TimeDelta = chrono::TimeDelta::milliseconds(500);
 /// Reconnect backoff bounds.
+/// How often the daemon stores a routing checkpoint (and when it stops): a restart replays the
+/// routing regions of the packs after the newest one.
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(600);
+
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
 
@@ -238,9 +242,9 @@ async fn restore_routing(
     router: &mut Router,
     admin: &Client,
 ) -> Result<(), CaptureError> {
-    let store = repo.store();
-    let Some((lsn, checkpoint)) =
-        routes::newest_checkpoint(store, progress.since_lsn, start).await?
+    let Some((lsn, checkpoint)) = repo
+        .newest_routing_checkpoint(progress.since_lsn, start)
+        .await?
     else {
         tracing::warn!(
             "no routing checkpoint in the repository: loading keys from the source's current rows; \
@@ -254,10 +258,9 @@ async fn restore_routing(
         .chain_from(lsn)
         .map_err(|m| CaptureError::Protocol(format!("rebuilding the routing state: {m}")))?;
     for p in packs.iter().filter(|p| p.end <= start) {
-        let footer = crate::repository::pack::read_footer(store, &p.key, p.size).await?;
+        let footer = repo.pack_footer(p).await?;
         if let Some(region) = &footer.routes {
-            let bytes = crate::repository::pack::read_region(store, &p.key, region).await?;
-            router.apply(routes::decode(&p.key, &bytes)?);
+            router.apply(repo.pack_routes(&p.key, region).await?);
         }
     }
     tracing::info!(checkpoint = %lsn, packs = packs.len(), keys = router.keys(), "routing state restored");
@@ -283,11 +286,11 @@ async fn session(
         .await
         .map_err(query_context("reading the database name"))?
         .get(0);
-    info.check_source(&system.system_id, &database, &repo.store().describe())?;
+    info.check_source(&system.system_id, &database, &repo.location())?;
 
     let slot = &config.source.slot;
     let state = slot_state(admin, slot).await?;
-    let stream_state = StreamState::read(repo.store()).await?;
+    let stream_state = repo.stream_state().await?;
     let (start, mut progress) = match (&stream_state.progress, stream_state.durable()) {
         (Some(p), Some(durable)) => {
             if durable < state.confirmed_flush {
@@ -305,7 +308,7 @@ async fn session(
             // The first session after `init`: the stream begins at the slot's consistent
             // point, where the first snapshot ends.
             let p = stream_state.restart(slot, state.confirmed_flush);
-            write_progress(repo.store(), &p).await?;
+            repo.put_stream_progress(&p).await?;
             (state.confirmed_flush, p)
         }
     };
@@ -555,7 +558,7 @@ impl Capture {
         self.progress.durable_lsn = end;
         self.progress.covered_until = covered;
         self.progress.updated_at = Utc::now();
-        write_progress(self.repo.store(), &self.progress).await?;
+        self.repo.put_stream_progress(&self.progress).await?;
         self.last_progress_write = Instant::now();
         self.status(false).await?;
         let metrics = &self.telemetry.metrics;
@@ -569,9 +572,11 @@ impl Capture {
             s.stream.durable_lsn = Some(end);
             s.stream.covered_until = Some(covered);
         });
-        if force_progress || self.last_checkpoint.elapsed() >= routes::CHECKPOINT_EVERY {
+        if force_progress || self.last_checkpoint.elapsed() >= CHECKPOINT_EVERY {
             // The maps now are exactly those after every transaction before `end`.
-            routes::write_checkpoint(self.repo.store(), end, &self.router).await?;
+            self.repo
+                .put_routing_checkpoint(end, &self.router.checkpoint())
+                .await?;
             self.last_checkpoint = Instant::now();
         }
         Ok(())

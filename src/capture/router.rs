@@ -27,6 +27,7 @@ use tokio_postgres::Client;
 
 use crate::pg::pgoutput::{Message, OldTuple, Relation, Tuple, Value};
 use crate::pg::quote_ident;
+use crate::repository::routes::{Delta, KeyHash};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, Route, TableScope};
 use crate::source::{SourceError, query_context};
@@ -102,10 +103,6 @@ pub enum RouteError {
     Tuple { table: String, message: String },
 }
 
-/// A key as the maps hold it: a salted SHA-256 of the key's text values, truncated. Fixed
-/// size keeps the maps small, and the persisted routing state (FORMAT.md) carries no key value.
-pub type KeyHash = [u8; 16];
-
 /// One key map: the key columns of a table other tables route through.
 #[derive(Debug)]
 struct KeyMap {
@@ -114,24 +111,6 @@ struct KeyMap {
     columns: Vec<String>,
     /// `None`: the row belongs to no tenant.
     tenants: HashMap<KeyHash, Option<Arc<str>>>,
-}
-
-/// One change to the key maps, as persisted in packs.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Delta {
-    Set {
-        map: Arc<str>,
-        key: KeyHash,
-        /// `None`: the row belongs to no tenant.
-        tenant: Option<Arc<str>>,
-    },
-    Remove {
-        map: Arc<str>,
-        key: KeyHash,
-    },
-    Clear {
-        map: Arc<str>,
-    },
 }
 
 #[derive(Debug)]
@@ -1035,9 +1014,9 @@ mod tests {
             Routed::One(Destination::Skip)
         ));
         r.commit();
-        let bytes = super::super::routes::encode(&r.checkpoint());
+        let bytes = crate::repository::routes::encode(&r.checkpoint());
         let mut fresh = router();
-        fresh.apply(super::super::routes::decode("k", &bytes).unwrap());
+        fresh.apply(crate::repository::routes::decode("k", &bytes).unwrap());
         assert!(matches!(
             fresh.route(&insert(2, &["i1", "f1"])).unwrap(),
             Routed::One(Destination::Skip)
@@ -1060,10 +1039,10 @@ mod tests {
         r.route(&insert(1, &["f2", "t2"])).unwrap();
         r.commit();
         let delta = r.take_delta();
-        let bytes = super::super::routes::encode(&delta);
+        let bytes = crate::repository::routes::encode(&delta);
         let mut fresh = router();
         fresh.apply(checkpoint);
-        fresh.apply(super::super::routes::decode("k", &bytes).unwrap());
+        fresh.apply(crate::repository::routes::decode("k", &bytes).unwrap());
         assert_eq!(fresh.checkpoint().len(), r.checkpoint().len());
         assert_eq!(
             tenant(fresh.route(&insert(2, &["i2", "f2"])).unwrap()),

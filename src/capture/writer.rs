@@ -26,7 +26,7 @@ use crate::pg::pgoutput::{Begin, Commit, Message, Relation};
 use crate::repository::pack::{self, PackFooter, Region, SectionEntry, SectionHeader};
 use sha2::Digest;
 
-use super::router::Delta;
+use crate::repository::routes::Delta;
 use crate::storage::{ObjectStore, PutMode};
 
 /// A section is sealed once its plaintext reaches this size.
@@ -424,7 +424,7 @@ impl PackWriter {
         let routes = if routes.is_empty() {
             None
         } else {
-            let bytes = super::routes::encode(routes);
+            let bytes = crate::repository::routes::encode(routes);
             let region = Region {
                 offset: self.body.size(),
                 length: bytes.len() as u64,
@@ -469,6 +469,7 @@ mod tests {
     use crate::pg::pgoutput::{
         Column, Insert, PgTimestamp, ReplicaIdentity, Truncate, Tuple, Value,
     };
+    use crate::repository::Repository;
     use crate::storage::MemoryStore;
 
     fn relation(oid: u32, name: &str) -> Relation {
@@ -509,7 +510,8 @@ mod tests {
             if s.tenant.as_deref() != tenant {
                 continue;
             }
-            let mut rx = pack::stream_section(store, key, i, s, ids.clone())
+            let mut rx = Repository::new(store.clone())
+                .pack_section(key, i, s, ids.clone())
                 .await
                 .unwrap();
             while let Some(m) = rx.recv().await {
@@ -559,7 +561,13 @@ mod tests {
         assert_eq!(w.transactions(), 1);
         let summary = w.store(Lsn(160), Utc::now(), &[]).await.unwrap();
         assert_eq!(summary.key, pack::key(Lsn(100), Lsn(160)));
-        let footer = pack::read_footer(&store, &summary.key, summary.bytes)
+        let footer = Repository::new(store.clone())
+            .pack_footer(&crate::repository::PackRef {
+                start: Lsn(100),
+                end: Lsn(160),
+                key: summary.key.clone(),
+                size: summary.bytes,
+            })
             .await
             .unwrap();
         let tags = |ms: &[Message]| ms.iter().map(|m| m.tag() as char).collect::<String>();
@@ -581,10 +589,10 @@ mod tests {
         // A section moved to another place in the footer is refused by its own header.
         let mut swapped = footer.clone();
         swapped.sections.swap(0, 1);
-        let mut rx =
-            pack::stream_section(&store, &summary.key, 0, &swapped.sections[0], ids.clone())
-                .await
-                .unwrap();
+        let mut rx = Repository::new(store.clone())
+            .pack_section(&summary.key, 0, &swapped.sections[0], ids.clone())
+            .await
+            .unwrap();
         let mut failed = false;
         while let Some(m) = rx.recv().await {
             failed |= m.is_err();

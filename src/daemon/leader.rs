@@ -11,16 +11,14 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::Utc;
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
-use crate::repository::{Repository, RepositoryError, keys};
+use crate::repository::{Lease, Repository};
 use crate::source::query_context;
-use crate::storage::{PutMode, StorageError};
 use crate::telemetry::{Role, Task, Telemetry};
 
 use super::DaemonError;
@@ -30,15 +28,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(2);
 const RENEW_EVERY: Duration = Duration::from_secs(10);
 /// A lock-holding connection that does not answer in this long is taken as lost.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `locks/daemon.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Lease {
-    pub instance: String,
-    pub slot: String,
-    pub acquired_at: DateTime<Utc>,
-    pub renewed_at: DateTime<Utc>,
-}
 
 /// The advisory lock key of a slot: the first 8 bytes of SHA-256("updog-backup/slot/<slot>").
 pub fn lock_key(slot: &str) -> i64 {
@@ -73,22 +62,6 @@ pub struct Leadership {
     client: Arc<Client>,
     key: i64,
     lease: Lease,
-}
-
-async fn read_lease(repo: &Repository) -> Result<Option<Lease>, RepositoryError> {
-    match repo.store().get_bytes(keys::LEASE, None).await {
-        Ok(bytes) => Ok(serde_json::from_slice(&bytes).ok()),
-        Err(StorageError::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
-}
-
-async fn write_lease(repo: &Repository, lease: &Lease) -> Result<(), RepositoryError> {
-    let json = serde_json::to_vec_pretty(lease).expect("a lease always serializes");
-    repo.store()
-        .put_bytes(keys::LEASE, json.into(), PutMode::Overwrite)
-        .await?;
-    Ok(())
 }
 
 /// Waits until this instance holds the lock (`None` if `stop` came first). Meanwhile the
@@ -128,8 +101,8 @@ pub async fn acquire(
                         acquired_at: now,
                         renewed_at: now,
                     };
-                    let previous = read_lease(repo).await?;
-                    write_lease(repo, &lease).await?;
+                    let previous = repo.lease().await?;
+                    repo.put_lease(&lease).await?;
                     tracing::info!(
                         instance = %lease.instance,
                         previous = previous.as_ref().map(|l| l.instance.as_str()).unwrap_or("none"),
@@ -144,7 +117,7 @@ pub async fn acquire(
                     }));
                 }
                 Ok(false) => {
-                    let holder = read_lease(repo).await.ok().flatten();
+                    let holder = repo.lease().await.ok().flatten();
                     let name = holder.map(|l| l.instance);
                     if !announced {
                         tracing::info!(
@@ -191,13 +164,13 @@ impl Leadership {
                 continue;
             }
             // A failing store is the capture's problem (it retries); the lease is advisory.
-            match read_lease(repo).await {
+            match repo.lease().await {
                 Ok(Some(lease)) if lease.instance != self.lease.instance => {
                     return Some(Lost::Lease(lease.instance));
                 }
                 Ok(_) => {
                     self.lease.renewed_at = Utc::now();
-                    if let Err(e) = write_lease(repo, &self.lease).await {
+                    if let Err(e) = repo.put_lease(&self.lease).await {
                         tracing::warn!(error = %e, "could not renew the lease");
                     }
                     renewed = tokio::time::Instant::now();
@@ -209,9 +182,9 @@ impl Leadership {
 
     /// Lets go of the lock and the lease (a standby takes over at once).
     pub async fn release(self, repo: &Repository) {
-        if let Ok(Some(lease)) = read_lease(repo).await
+        if let Ok(Some(lease)) = repo.lease().await
             && lease.instance == self.lease.instance
-            && let Err(e) = repo.store().delete(keys::LEASE).await
+            && let Err(e) = repo.delete_lease().await
         {
             tracing::warn!(error = %e, "could not delete the lease");
         }

@@ -265,7 +265,7 @@ async fn check_source(
     info.check_source(
         &identity.system_identifier,
         &identity.database,
-        &repo.store().describe(),
+        &repo.location(),
     )?;
     Ok(())
 }

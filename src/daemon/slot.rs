@@ -129,12 +129,8 @@ pub async fn run(
         }
         checks += 1;
 
-        match repo
-            .store()
-            .list(crate::repository::keys::RESTORES_PREFIX)
-            .await
-        {
-            Ok(records) => telemetry.metrics.restores.set(records.len() as u64),
+        match repo.restore_record_count().await {
+            Ok(records) => telemetry.metrics.restores.set(records as u64),
             Err(e) => tracing::debug!(error = %e, "counting restore records"),
         }
         if sleep_or_stop(CHECK_EVERY, stop).await {

@@ -1,4 +1,5 @@
-//! Object keys (format version 1). LSNs are 16 hex digits so that keys sort.
+//! Object keys of the repository format (FORMAT.md; [`super::FORMAT_VERSION`]). LSNs are 16
+//! hex digits so that keys sort.
 
 use super::SnapshotId;
 
@@ -9,6 +10,8 @@ pub const CHANGES_PREFIX: &str = "changes/";
 pub const STREAM_PROGRESS: &str = "changes/progress.json";
 /// Where retention left the chain of packs.
 pub const STREAM_RETAINED: &str = "changes/retained.json";
+/// Stream gaps: tables whose changes the stream lacks.
+pub const GAPS_PREFIX: &str = "changes/gaps/";
 /// Restores run, one small record each (no tenant data).
 pub const RESTORES_PREFIX: &str = "restores/";
 /// The active daemon's lease.

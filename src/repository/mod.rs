@@ -1,17 +1,26 @@
 //! The repository: the self-describing set of objects that restore needs, and nothing else.
 //!
-//! Owns the format (FORMAT.md): keys, `repo.json`, snapshot manifests, tenant archives and the
-//! sealed-object plumbing between the codec and the store. It never talks to PostgreSQL.
-//! Visibility rule: a snapshot exists only once its manifest — written last — exists.
+//! Owns the whole format (FORMAT.md, [`FORMAT_VERSION`]): every key, object and record —
+//! `repo.json`, snapshot manifests and archives, packs, the stream's state, routing
+//! checkpoints, gaps, restore records, the daemon's lease — read and written through
+//! [`Repository`] methods, so that a format change is this module's change. It never talks to
+//! PostgreSQL and never decides policy (what to snapshot, capture, keep or delete).
+//! Visibility rule: a snapshot exists only once its manifest — written last — exists; a pack
+//! only once it is stored whole.
 
 pub mod archive;
 pub mod copy_binary;
+mod gaps;
 pub mod info;
 pub mod keys;
+mod lease;
 pub mod manifest;
 pub mod object;
 pub mod pack;
 pub mod reader;
+mod restores;
+pub mod routes;
+pub mod stream;
 
 use std::sync::Arc;
 
@@ -19,8 +28,12 @@ use crate::codec::CodecError;
 use crate::retry::{Classify, ErrorClass};
 use crate::storage::{ObjectStore, PutMode, StorageError};
 
+pub use gaps::Gap;
 pub use info::RepoInfo;
+pub use lease::Lease;
 pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
+pub use restores::{RestorePoint, RestoreRecord};
+pub use stream::{PackRef, Span, StreamProgress, StreamState};
 
 /// The format this build reads and writes (FORMAT.md). 2: manifests carry a digest of their
 /// own, routing checkpoints the LSN they hold the state at.
@@ -93,8 +106,14 @@ impl Repository {
         Self { store }
     }
 
-    pub fn store(&self) -> &Arc<dyn ObjectStore> {
+    /// The store, for the format's own modules and for writers that stream to it.
+    pub(crate) fn store(&self) -> &Arc<dyn ObjectStore> {
         &self.store
+    }
+
+    /// Where the repository is (`file:///…`, `s3://…`), for messages.
+    pub fn location(&self) -> String {
+        self.store.describe()
     }
 
     /// `repo.json`, or [`RepositoryError::NotInitialized`].
@@ -164,6 +183,30 @@ impl Repository {
         self.store
             .put_bytes(&key, manifest.to_json().into(), PutMode::CreateNew)
             .await?;
+        Ok(())
+    }
+
+    /// Every object under `snapshots/`, by snapshot (complete or not): what retention weighs.
+    pub async fn snapshot_objects(
+        &self,
+    ) -> Result<std::collections::BTreeMap<SnapshotId, Vec<crate::storage::ObjectMeta>>> {
+        let mut by_snapshot = std::collections::BTreeMap::<SnapshotId, Vec<_>>::new();
+        for object in self.store.list(keys::SNAPSHOTS_PREFIX).await? {
+            let id = object
+                .key
+                .strip_prefix(keys::SNAPSHOTS_PREFIX)
+                .and_then(|rest| rest.split('/').next())
+                .and_then(|id| id.parse::<SnapshotId>().ok());
+            if let Some(id) = id {
+                by_snapshot.entry(id).or_default().push(object);
+            }
+        }
+        Ok(by_snapshot)
+    }
+
+    /// Deletes one object (retention, which decides what may go and in which order).
+    pub async fn delete_object(&self, key: &str) -> Result<()> {
+        self.store.delete(key).await?;
         Ok(())
     }
 

@@ -135,7 +135,7 @@ impl ObjectWriter {
 
 /// A blocking reader of the stored bytes of `key` (or of a range of them); use it on a
 /// blocking thread.
-pub async fn fetch_reader(
+pub(super) async fn fetch_reader(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     range: Option<std::ops::Range<u64>>,
@@ -143,4 +143,17 @@ pub async fn fetch_reader(
     let stream = store.get(key, range).await?;
     let reader = tokio_util::io::StreamReader::new(stream.map_err(io::Error::other));
     Ok(tokio_util::io::SyncIoBridge::new(reader))
+}
+
+impl super::Repository {
+    /// A new sealed object at `key` (zstd then age to `recipients`), streamed to the store as it
+    /// is written; it becomes visible only when [`ObjectWriter::finish`] succeeds.
+    pub fn object_writer(
+        &self,
+        key: String,
+        recipients: &[age::x25519::Recipient],
+        level: i32,
+    ) -> Result<ObjectWriter> {
+        ObjectWriter::create(self.store().clone(), key, recipients, level)
+    }
 }

@@ -30,11 +30,12 @@ use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
 use super::archive::{MAX_RECORD, json_record, record_prefix};
-use super::{RepositoryError, Result};
+use super::stream::PackRef;
+use super::{Repository, RepositoryError, Result};
 use crate::codec::{HashingReader, Identities, classify_read_error, open};
 use crate::pg::Lsn;
 use crate::pg::pgoutput::{self, Context, Message, ProtocolVersion};
-use crate::storage::{ObjectStore, StorageError};
+use crate::storage::ObjectStore;
 
 pub const SECTION_MAGIC: &[u8; 8] = b"UPDOGCS\x01";
 pub const TRAILER_MAGIC: &[u8; 8] = b"UPDOGPK\x01";
@@ -173,7 +174,7 @@ fn malformed(key: &str, message: impl Into<String>) -> RepositoryError {
 }
 
 /// Reads a pack's footer with ranged reads of its tail (`size` from the listing).
-pub async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> Result<PackFooter> {
+async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> Result<PackFooter> {
     if size < TRAILER_LEN {
         return Err(malformed(
             key,
@@ -263,11 +264,7 @@ fn check_tiling(key: &str, footer: &PackFooter, footer_start: u64) -> Result<()>
 }
 
 /// A region's bytes, checked against its digest.
-pub async fn read_region(
-    store: &Arc<dyn ObjectStore>,
-    key: &str,
-    region: &Region,
-) -> Result<Bytes> {
+async fn read_region(store: &Arc<dyn ObjectStore>, key: &str, region: &Region) -> Result<Bytes> {
     let bytes = store
         .get_bytes(key, Some(region.offset..region.offset + region.length))
         .await?;
@@ -286,7 +283,7 @@ pub async fn read_region(
 /// Streams the decoded messages of one section. The channel's last item is an error if
 /// anything is wrong (digest, decryption, framing, identity), so a consumer treats what it
 /// applied as provisional until the channel closes cleanly.
-pub async fn stream_section(
+async fn stream_section(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     index: usize,
@@ -419,7 +416,7 @@ fn check_digest(
 }
 
 /// Checks one section's stored bytes against the footer's digest, without decrypting.
-pub async fn verify_section_digest(
+async fn verify_section_digest(
     store: &Arc<dyn ObjectStore>,
     key: &str,
     index: usize,
@@ -438,345 +435,40 @@ pub async fn verify_section_digest(
         })?
 }
 
-/// `changes/progress.json`: how far the stream is durable, rewritten after every pack and
-/// while the source is idle (so covered-until advances without empty packs).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct StreamProgress {
-    pub format_version: u32,
-    pub slot: String,
-    /// Where this stream began (the slot's consistent point): packs tile `[since, durable)`.
-    pub since_lsn: Lsn,
-    /// Every transaction that committed before it is stored.
-    pub durable_lsn: Lsn,
-    /// End of the newest pack when this was written: packs tile `[since, last_pack_end)`, so a
-    /// missing pack is a gap readers can see.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_pack_end: Option<Lsn>,
-    /// Every transaction that committed at or before it is stored.
-    pub covered_until: DateTime<Utc>,
-    pub updated_at: DateTime<Utc>,
-    /// The streams `init` replaced (their slot was lost), oldest first. Their packs stay in the
-    /// repository, so the instants they covered stay restorable.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub earlier: Vec<EarlierStream>,
-}
-
-/// A stream that ended when `init` started a new one: what it had stored, frozen.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct EarlierStream {
-    pub slot: String,
-    pub since_lsn: Lsn,
-    pub durable_lsn: Lsn,
-    /// Its packs tile `[since_lsn, last_pack_end)`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub last_pack_end: Option<Lsn>,
-    pub covered_until: DateTime<Utc>,
-}
-
-/// A small JSON object rewritten in place, `None` when absent; its version is checked.
-async fn read_state<T: serde::de::DeserializeOwned>(
-    store: &Arc<dyn ObjectStore>,
-    key: &str,
-    version: impl Fn(&T) -> u32,
-) -> Result<Option<T>> {
-    let bytes = match store.get_bytes(key, None).await {
-        Ok(b) => b,
-        Err(StorageError::NotFound { .. }) => return Ok(None),
-        Err(e) => return Err(e.into()),
-    };
-    let value: T = serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
-    if version(&value) != super::FORMAT_VERSION {
-        return Err(RepositoryError::UnknownFormat {
-            key: key.into(),
-            found: version(&value),
-        });
-    }
-    Ok(Some(value))
-}
-
-async fn write_state<T: Serialize>(
-    store: &Arc<dyn ObjectStore>,
-    key: &str,
-    value: &T,
-) -> Result<()> {
-    let json = serde_json::to_vec_pretty(value).expect("a state object always serializes");
-    store
-        .put_bytes(key, json.into(), crate::storage::PutMode::Overwrite)
-        .await?;
-    Ok(())
-}
-
-pub async fn read_progress(store: &Arc<dyn ObjectStore>) -> Result<Option<StreamProgress>> {
-    read_state(store, super::keys::STREAM_PROGRESS, |p: &StreamProgress| {
-        p.format_version
-    })
-    .await
-}
-
-pub async fn write_progress(store: &Arc<dyn ObjectStore>, progress: &StreamProgress) -> Result<()> {
-    write_state(store, super::keys::STREAM_PROGRESS, progress).await
-}
-
-/// `changes/retained.json`: retention deleted the packs before `packs_from` (a pack boundary).
-/// Written before the first of them is deleted, so that readers see where the kept chain
-/// starts rather than a gap.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Retained {
-    pub format_version: u32,
-    pub packs_from: Lsn,
-    pub updated_at: DateTime<Utc>,
-}
-
-pub async fn read_retained(store: &Arc<dyn ObjectStore>) -> Result<Option<Retained>> {
-    read_state(store, super::keys::STREAM_RETAINED, |r: &Retained| {
-        r.format_version
-    })
-    .await
-}
-
-pub async fn write_retained(store: &Arc<dyn ObjectStore>, packs_from: Lsn) -> Result<()> {
-    let retained = Retained {
-        format_version: super::FORMAT_VERSION,
-        packs_from,
-        updated_at: Utc::now(),
-    };
-    write_state(store, super::keys::STREAM_RETAINED, &retained).await
-}
-
-/// A pack as listed.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct PackRef {
-    pub start: Lsn,
-    pub end: Lsn,
-    pub key: String,
-    pub size: u64,
-}
-
-/// What the repository says about the change stream.
-#[derive(Debug, Clone)]
-pub struct StreamState {
-    pub progress: Option<StreamProgress>,
-    /// Where retention left the chain of packs (packs before it are deleted).
-    pub retained_from: Option<Lsn>,
-    pub packs: Vec<PackRef>,
-}
-
-/// One stream's reach, as readers use it: the current stream's, or an earlier one's.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Span {
-    pub slot: String,
-    /// Where the stream began.
-    pub since: Lsn,
-    /// Where its kept packs start: `since`, or where retention left the chain.
-    pub start: Lsn,
-    /// Every transaction that committed before it, and after `since`, is stored.
-    pub durable: Lsn,
-    /// Its packs tile `[start, last_pack_end)` at least.
-    pub last_pack_end: Option<Lsn>,
-    pub covered_until: DateTime<Utc>,
-    /// Where the next stream began (`None` for the current one): packs from there on are not
-    /// this stream's.
-    pub next: Option<Lsn>,
-}
-
-impl Span {
-    /// A snapshot at `lsn` can be continued by this stream's kept packs. A restore never
-    /// replays across from one stream into the next: nothing between them was captured.
-    pub fn follows(&self, lsn: Lsn) -> bool {
-        self.start <= lsn && lsn <= self.durable
+impl Repository {
+    /// A pack's footer, read with ranged reads of its tail and checked (digest, version, its
+    /// key's range, the tiling of its regions).
+    pub async fn pack_footer(&self, pack: &PackRef) -> Result<PackFooter> {
+        read_footer(self.store(), &pack.key, pack.size).await
     }
 
-    /// `pack` belongs to this stream.
-    pub fn holds(&self, pack: &PackRef) -> bool {
-        pack.end > self.since && self.next.is_none_or(|next| pack.start < next)
-    }
-}
-
-impl StreamState {
-    pub async fn read(store: &Arc<dyn ObjectStore>) -> Result<Self> {
-        // Progress first: a pack stored after it was read is then merely not counted yet.
-        let progress = read_progress(store).await?;
-        let retained_from = read_retained(store).await?.map(|r| r.packs_from);
-        let packs = list(store).await?;
-        Ok(Self {
-            progress,
-            retained_from,
-            packs,
-        })
+    /// A pack region's bytes (the routing region), checked against the footer's digest.
+    pub async fn pack_region(&self, pack_key: &str, region: &Region) -> Result<Bytes> {
+        read_region(self.store(), pack_key, region).await
     }
 
-    /// Where a stream that began at `since` keeps its packs from.
-    fn kept_from(&self, since: Lsn) -> Lsn {
-        self.retained_from.map_or(since, |r| r.max(since))
+    /// Streams the decoded messages of one section. The channel's last item is an error if
+    /// anything is wrong (digest, decryption, framing, identity), so a consumer treats what it
+    /// applied as provisional until the channel closes cleanly.
+    pub async fn pack_section(
+        &self,
+        pack_key: &str,
+        index: usize,
+        entry: &SectionEntry,
+        identities: Arc<Identities>,
+    ) -> Result<mpsc::Receiver<Result<Message>>> {
+        stream_section(self.store(), pack_key, index, entry, identities).await
     }
 
-    /// Where the current stream's kept chain of packs starts.
-    pub fn start(&self) -> Option<Lsn> {
-        Some(self.kept_from(self.progress.as_ref()?.since_lsn))
+    /// Checks one section's stored bytes against the footer's digest, without decrypting.
+    pub async fn verify_pack_section(
+        &self,
+        pack_key: &str,
+        index: usize,
+        entry: &SectionEntry,
+    ) -> Result<()> {
+        verify_section_digest(self.store(), pack_key, index, entry).await
     }
-
-    /// Follows the packs that tile a stream from `start`, leaving out those from `next` on
-    /// (a later stream's). Returns the packs that end after `from`, where the tiling ended,
-    /// and the start of the first pack past a gap, if there is one.
-    fn walk(&self, start: Lsn, next: Option<Lsn>, from: Lsn) -> (Vec<PackRef>, Lsn, Option<Lsn>) {
-        let mut at = start;
-        let mut chain = Vec::new();
-        for p in self
-            .packs
-            .iter()
-            .filter(|p| next.is_none_or(|next| p.start < next))
-        {
-            if p.start > at {
-                return (chain, at, Some(p.start));
-            }
-            if p.start == at {
-                at = p.end;
-                if p.end > from {
-                    chain.push(p.clone());
-                }
-            }
-        }
-        (chain, at, None)
-    }
-
-    /// End of the packs that tile the current stream from its start without a gap: where the
-    /// next pack starts.
-    pub fn chain_end(&self) -> Option<Lsn> {
-        Some(self.walk(self.start()?, None, Lsn(u64::MAX)).1)
-    }
-
-    /// The current stream's durable LSN: the progress object's, or the end of the packs if a
-    /// crash came between storing a pack and rewriting the progress.
-    pub fn durable(&self) -> Option<Lsn> {
-        Some(self.progress.as_ref()?.durable_lsn.max(self.chain_end()?))
-    }
-
-    /// Every stream's reach, oldest first; the current stream is the last.
-    pub fn spans(&self) -> Vec<Span> {
-        let Some(p) = &self.progress else {
-            return Vec::new();
-        };
-        let nexts = p.earlier.iter().skip(1).map(|e| e.since_lsn);
-        let mut spans: Vec<Span> = p
-            .earlier
-            .iter()
-            .zip(nexts.chain([p.since_lsn]))
-            .map(|(e, next)| Span {
-                slot: e.slot.clone(),
-                since: e.since_lsn,
-                start: self.kept_from(e.since_lsn),
-                durable: e.durable_lsn,
-                last_pack_end: e.last_pack_end,
-                covered_until: e.covered_until,
-                next: Some(next),
-            })
-            .collect();
-        spans.push(Span {
-            slot: p.slot.clone(),
-            since: p.since_lsn,
-            start: self.kept_from(p.since_lsn),
-            durable: self.durable().unwrap_or(p.durable_lsn),
-            last_pack_end: p.last_pack_end,
-            covered_until: p.covered_until,
-            next: None,
-        });
-        spans
-    }
-
-    /// The progress of a new stream that begins at `since` from slot `slot` (what `init`
-    /// writes): the current stream, if any, joins the earlier ones with what it stored.
-    pub fn restart(&self, slot: &str, since: Lsn) -> StreamProgress {
-        let mut earlier = Vec::new();
-        if let Some(p) = &self.progress {
-            earlier.clone_from(&p.earlier);
-            earlier.push(EarlierStream {
-                slot: p.slot.clone(),
-                since_lsn: p.since_lsn,
-                durable_lsn: self.durable().unwrap_or(p.durable_lsn),
-                // Packs stored after the last rewrite of the progress count too.
-                last_pack_end: p.last_pack_end.max(self.chain_end()),
-                covered_until: p.covered_until,
-            });
-        }
-        StreamProgress {
-            format_version: super::FORMAT_VERSION,
-            slot: slot.into(),
-            since_lsn: since,
-            durable_lsn: since,
-            last_pack_end: None,
-            covered_until: DateTime::<Utc>::UNIX_EPOCH,
-            updated_at: Utc::now(),
-            earlier,
-        }
-    }
-
-    /// The packs a replay from `from` needs, from the stream `from` is in, checked to tile it
-    /// without a gap.
-    pub fn chain_from(&self, from: Lsn) -> std::result::Result<Vec<PackRef>, String> {
-        if self.progress.is_none() {
-            return Err("no change stream has been captured yet (is the daemon running?)".into());
-        }
-        let spans = self.spans();
-        let Some(span) = spans.iter().rev().find(|s| s.since <= from) else {
-            return Err(format!(
-                "{from} precedes the change stream, which begins at {}",
-                spans[0].since
-            ));
-        };
-        if from < span.start {
-            return Err(format!(
-                "the change stream's kept packs start at {}, after {from} (earlier ones were deleted by retention)",
-                span.start
-            ));
-        }
-        if let Some(next) = span.next
-            && from > span.durable
-        {
-            return Err(format!(
-                "the change stream of slot {} stored changes up to {}, and the next one (`updog-backup init`) begins at {next}: nothing between was captured",
-                span.slot, span.durable
-            ));
-        }
-        self.chain_in(span, from)
-    }
-
-    /// The packs of `span` that a replay from `from` needs, checked to tile the span's kept
-    /// packs without a gap.
-    pub fn chain_in(&self, span: &Span, from: Lsn) -> std::result::Result<Vec<PackRef>, String> {
-        let missing = |at: Lsn, to: Lsn| {
-            format!("changes between {at} and {to} are missing (a pack was deleted?)")
-        };
-        let (chain, at, gap) = self.walk(span.start, span.next, from);
-        if let Some(to) = gap {
-            return Err(missing(at, to));
-        }
-        match span.last_pack_end {
-            Some(last) if at < last => Err(missing(at, last)),
-            _ => Ok(chain),
-        }
-    }
-}
-
-/// Packs in the repository, by start LSN.
-pub async fn list(store: &Arc<dyn ObjectStore>) -> Result<Vec<PackRef>> {
-    let mut out: Vec<PackRef> = store
-        .list(super::keys::CHANGES_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            range_of(&o.key).map(|(start, end)| PackRef {
-                start,
-                end,
-                key: o.key,
-                size: o.size,
-            })
-        })
-        .collect();
-    out.sort();
-    Ok(out)
 }
 
 #[cfg(test)]

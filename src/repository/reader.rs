@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use super::archive::{ArchiveEvent, ArchiveHeader, ArchiveReader};
 use super::manifest::{Manifest, Part, StoredObject};
 use super::object::fetch_reader;
-use super::{RepositoryError, Result};
+use super::{Repository, RepositoryError, Result};
 use crate::codec::{CodecError, HashingReader, Identities, classify_read_error, open};
 use crate::storage::ObjectStore;
 
@@ -25,7 +25,7 @@ const EVENTS_IN_FLIGHT: usize = 4;
 /// Streams the events of an archive whose header must equal `expect`. The last item is an
 /// error if anything is wrong, including a digest mismatch found at the very end — so a
 /// consumer must treat its work as provisional until the channel closes without error.
-pub async fn stream_archive(
+async fn stream_archive(
     store: &Arc<dyn ObjectStore>,
     object: &StoredObject,
     identities: Arc<Identities>,
@@ -108,7 +108,7 @@ fn check_digest<R: Read>(object: &StoredObject, hashing: &HashingReader<R>) -> R
 }
 
 /// Reads a whole (small) sealed object into memory after checking it: the schema dump.
-pub async fn read_sealed(
+async fn read_sealed(
     store: &Arc<dyn ObjectStore>,
     object: &StoredObject,
     identities: Arc<Identities>,
@@ -136,7 +136,7 @@ pub async fn read_sealed(
 }
 
 /// Checks an object's stored bytes against its digest, without decrypting.
-pub async fn verify_digest(store: &Arc<dyn ObjectStore>, object: &StoredObject) -> Result<()> {
+async fn verify_digest(store: &Arc<dyn ObjectStore>, object: &StoredObject) -> Result<()> {
     let reader = fetch_reader(store, &object.key, None).await?;
     let object = object.clone();
     tokio::task::spawn_blocking(move || {
@@ -153,7 +153,7 @@ pub async fn verify_digest(store: &Arc<dyn ObjectStore>, object: &StoredObject) 
 }
 
 /// Decrypts and parses a whole archive; returns its rows per table (`schema.table`).
-pub async fn verify_archive(
+async fn verify_archive(
     store: &Arc<dyn ObjectStore>,
     object: &StoredObject,
     identities: Arc<Identities>,
@@ -202,7 +202,7 @@ pub async fn verify_archive(
 /// Checks one part of a snapshot. Without identities: the stored bytes against the manifest's
 /// digest. With them: also decrypts and parses it, and an archive must hold exactly the rows
 /// the manifest records.
-pub async fn check_part(
+async fn check_part(
     store: &Arc<dyn ObjectStore>,
     manifest: &Manifest,
     part: Part<'_>,
@@ -228,4 +228,39 @@ pub async fn check_part(
         });
     }
     Ok(())
+}
+
+impl Repository {
+    /// Streams the events of an archive whose header must equal `expect`. The last item is an
+    /// error if anything is wrong, including a digest mismatch found at the very end — so a
+    /// consumer must treat its work as provisional until the channel closes without error.
+    pub async fn archive_events(
+        &self,
+        object: &StoredObject,
+        identities: Arc<Identities>,
+        expect: ArchiveHeader,
+    ) -> Result<mpsc::Receiver<Result<ArchiveEvent>>> {
+        stream_archive(self.store(), object, identities, expect).await
+    }
+
+    /// A whole (small) sealed object, checked: the schema dump.
+    pub async fn read_sealed(
+        &self,
+        object: &StoredObject,
+        identities: Arc<Identities>,
+    ) -> Result<Vec<u8>> {
+        read_sealed(self.store(), object, identities).await
+    }
+
+    /// Checks one part of a snapshot. Without identities: the stored bytes against the
+    /// manifest's digest. With them: also decrypts and parses it, and an archive must hold
+    /// exactly the rows the manifest records.
+    pub async fn check_part(
+        &self,
+        manifest: &Manifest,
+        part: Part<'_>,
+        identities: Option<Arc<Identities>>,
+    ) -> Result<()> {
+        check_part(self.store(), manifest, part, identities).await
+    }
 }

@@ -22,10 +22,9 @@ use crate::codec::Identities;
 use crate::pg::Lsn;
 use crate::pg::pgoutput::{Begin, Message};
 use crate::repository::manifest::Scope;
-use crate::repository::pack::{self, PackFooter, PackRef, SectionEntry};
-use crate::repository::{Manifest, RepositoryError};
+use crate::repository::pack::{PackFooter, SectionEntry};
+use crate::repository::{Manifest, PackRef, Repository, RepositoryError};
 use crate::retry::{Classify, ErrorClass};
-use crate::storage::ObjectStore;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ChangesError {
@@ -56,12 +55,12 @@ pub struct Applied {
 
 /// Footers of the packs a replay from `from` needs.
 pub async fn footers(
-    store: &Arc<dyn ObjectStore>,
+    repo: &Repository,
     packs: Vec<PackRef>,
 ) -> Result<Vec<(PackRef, PackFooter)>, RepositoryError> {
     let mut out = Vec::with_capacity(packs.len());
     for p in packs {
-        let footer = pack::read_footer(store, &p.key, p.size).await?;
+        let footer = repo.pack_footer(&p).await?;
         out.push((p, footer));
     }
     Ok(out)
@@ -83,7 +82,7 @@ fn sections<'a>(
 /// authentication, framing, identity), before anything is created. Returns the number of
 /// messages checked.
 pub async fn verify(
-    store: &Arc<dyn ObjectStore>,
+    repo: &Repository,
     plan: &ChangePlan,
     tenant: &str,
     identities: &Arc<Identities>,
@@ -92,8 +91,9 @@ pub async fn verify(
     for (p, footer) in &plan.packs {
         for who in [None, Some(tenant)] {
             for (index, entry) in sections(footer, who) {
-                let mut rx =
-                    pack::stream_section(store, &p.key, index, entry, identities.clone()).await?;
+                let mut rx = repo
+                    .pack_section(&p.key, index, entry, identities.clone())
+                    .await?;
                 while let Some(m) = rx.recv().await {
                     m?;
                     messages += 1;
@@ -106,7 +106,7 @@ pub async fn verify(
 
 /// The messages of a pack's sections for one owner, one section after another.
 struct Chain {
-    store: Arc<dyn ObjectStore>,
+    repo: Repository,
     key: String,
     identities: Arc<Identities>,
     pending: VecDeque<(usize, SectionEntry)>,
@@ -116,14 +116,14 @@ struct Chain {
 
 impl Chain {
     fn new(
-        store: &Arc<dyn ObjectStore>,
+        repo: &Repository,
         p: &PackRef,
         footer: &PackFooter,
         owner: Option<&str>,
         identities: &Arc<Identities>,
     ) -> Self {
         Self {
-            store: store.clone(),
+            repo: repo.clone(),
             key: p.key.clone(),
             identities: identities.clone(),
             pending: sections(footer, owner)
@@ -149,14 +149,9 @@ impl Chain {
                 return Ok(None);
             };
             self.current = Some(
-                pack::stream_section(
-                    &self.store,
-                    &self.key,
-                    index,
-                    &entry,
-                    self.identities.clone(),
-                )
-                .await?,
+                self.repo
+                    .pack_section(&self.key, index, &entry, self.identities.clone())
+                    .await?,
             );
         }
     }
@@ -198,7 +193,7 @@ impl Chain {
 
 /// Replays the plan for `tenant` through `replayer`.
 pub async fn apply(
-    store: &Arc<dyn ObjectStore>,
+    repo: &Repository,
     plan: &ChangePlan,
     manifest: &Manifest,
     tenant: &str,
@@ -212,8 +207,8 @@ pub async fn apply(
         if footer.end_lsn <= plan.from {
             continue;
         }
-        let mut own = Chain::new(store, p, footer, Some(tenant), identities);
-        let mut global = Chain::new(store, p, footer, None, identities);
+        let mut own = Chain::new(repo, p, footer, Some(tenant), identities);
+        let mut global = Chain::new(repo, p, footer, None, identities);
         loop {
             let (a, b) = (own.peek_begin().await?, global.peek_begin().await?);
             let (lsn, time) = match (&a, &b) {

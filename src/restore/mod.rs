@@ -28,7 +28,7 @@ use crate::pg::sqlstate;
 use crate::pg::{quote_ident, quote_literal};
 use crate::progress::{Progress, Unit};
 use crate::repository::archive::ArchiveEvent;
-use crate::repository::{Manifest, Part, Repository, RepositoryError, reader};
+use crate::repository::{Manifest, Part, Repository, RepositoryError, RestorePoint};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::SourceError;
 
@@ -74,12 +74,6 @@ pub struct RestoreRequest {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct RestorePoint {
-    pub lsn: Lsn,
-    pub time: DateTime<Utc>,
-}
-
-#[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
     pub database: String,
     pub target: String,
@@ -97,42 +91,18 @@ pub struct RestoreReport {
     pub seconds: f64,
 }
 
-/// `restores/<time>-<random>.json`: one restore that ran — which tenant, into which
-/// database, to which point. An audit trail for the operator, and the daemon's restore count.
-#[derive(Debug, Serialize)]
-struct RestoreRecord<'a> {
-    tenant: &'a str,
-    database: &'a str,
-    snapshot: &'a str,
-    restore_point: &'a RestorePoint,
-    rows: u64,
-    seconds: f64,
-    finished_at: DateTime<Utc>,
-}
-
 /// Records a finished restore in the repository.
 pub async fn record(repo: &Repository, report: &RestoreReport) -> Result<(), RepositoryError> {
-    let now = Utc::now();
-    let record = RestoreRecord {
-        tenant: &report.tenant,
-        database: &report.database,
-        snapshot: &report.snapshot,
-        restore_point: &report.restore_point,
+    repo.put_restore_record(&crate::repository::RestoreRecord {
+        tenant: report.tenant.clone(),
+        database: report.database.clone(),
+        snapshot: report.snapshot.clone(),
+        restore_point: report.restore_point.clone(),
         rows: report.total_rows(),
         seconds: report.seconds,
-        finished_at: now,
-    };
-    let key = format!(
-        "{}{}-{:08x}.json",
-        crate::repository::keys::RESTORES_PREFIX,
-        now.format("%Y%m%dT%H%M%S%.3fZ"),
-        fastrand::u32(..)
-    );
-    let json = serde_json::to_vec_pretty(&record).expect("a restore record always serializes");
-    repo.store()
-        .put_bytes(&key, json.into(), crate::storage::PutMode::CreateNew)
-        .await?;
-    Ok(())
+        finished_at: Utc::now(),
+    })
+    .await
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,13 +163,15 @@ pub async fn run(
     tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, snapshot_lsn = %manifest.consistent_lsn, database = %database, "restore planned");
 
     // Everything is checked before anything is created.
-    let store = repo.store();
-    let dump = reader::read_sealed(store, &manifest.schema, identities.clone()).await?;
+    let dump = repo
+        .read_sealed(&manifest.schema, identities.clone())
+        .await?;
     // A base snapshot of all tenants without this one: it had no rows then.
     let in_base = manifest.tenants.contains_key(&request.tenant);
     let parts = [Part::Global, Part::Tenant(&request.tenant)];
     for part in &parts[..if in_base { 2 } else { 1 }] {
-        reader::check_part(store, &manifest, *part, Some(identities.clone())).await?;
+        repo.check_part(&manifest, *part, Some(identities.clone()))
+            .await?;
     }
     let pg_restore = schema::pg_restore(manifest.server_version_num / 10000).await?;
     let (pre_preamble, pre) = schema::entries(&pg_restore, &dump, schema::Section::PreData).await?;
@@ -208,9 +180,9 @@ pub async fn run(
     drop(dump);
     let changes = match plan.changes {
         Some((packs, until)) => {
-            let packs = changes::footers(store, packs).await?;
+            let packs = changes::footers(repo, packs).await?;
             let messages = changes::verify(
-                store,
+                repo,
                 &ChangePlan {
                     packs: packs.clone(),
                     from: manifest.consistent_lsn,
@@ -480,15 +452,7 @@ async fn replay(
         .await
         .map_err(step("starting the replay"))?;
     let mut replayer = replay::Replayer::new(client);
-    let applied = changes::apply(
-        repo.store(),
-        plan,
-        manifest,
-        tenant,
-        identities,
-        &mut replayer,
-    )
-    .await?;
+    let applied = changes::apply(repo, plan, manifest, tenant, identities, &mut replayer).await?;
     let stats = replayer
         .finish()
         .await
@@ -540,14 +504,11 @@ impl ArchiveLoader<'_> {
             .archive(part)
             .expect("the plan checked the part exists");
         let key = entry.object.key.clone();
-        let mut events = reader::stream_archive(
-            self.repo.store(),
-            &entry.object,
-            self.identities.clone(),
-            expect,
-        )
-        .await
-        .map_err(|e| LoadError::Step(key.clone(), e.to_string()))?;
+        let mut events = self
+            .repo
+            .archive_events(&entry.object, self.identities.clone(), expect)
+            .await
+            .map_err(|e| LoadError::Step(key.clone(), e.to_string()))?;
         let mut rows = BTreeMap::new();
         let mut sink = None;
         let mut table_name = String::new();

@@ -15,8 +15,8 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::pg::Lsn;
-use crate::repository::pack::{PackRef, Span, StreamState, read_footer};
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId};
+use crate::repository::{PackRef, Span, StreamState};
 use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +146,7 @@ async fn check_nothing_left_out(
 ) -> Result<(), PlanError> {
     let from = manifest.consistent_lsn;
     for p in state.packs.iter().filter(|p| p.end > from && span.holds(p)) {
-        let footer = read_footer(repo.store(), &p.key, p.size).await?;
+        let footer = repo.pack_footer(p).await?;
         let left_out = footer.sections_for(tenant).find_map(|s| {
             [(s.first_lsn, s.first_time), (s.last_lsn, s.last_time)]
                 .into_iter()
@@ -200,9 +200,9 @@ pub async fn tenant_snapshots(
 /// Whether any stored pack has a section of `tenant` (read only for a tenant no snapshot
 /// holds: one footer per pack).
 async fn in_stream(repo: &Repository, tenant: &str) -> Result<bool, PlanError> {
-    let state = StreamState::read(repo.store()).await?;
+    let state = repo.stream_state().await?;
     for p in &state.packs {
-        let footer = read_footer(repo.store(), &p.key, p.size).await?;
+        let footer = repo.pack_footer(p).await?;
         if footer
             .sections
             .iter()
@@ -229,7 +229,7 @@ pub async fn plan(
             snapshots: total,
         });
     }
-    let state = StreamState::read(repo.store()).await?;
+    let state = repo.stream_state().await?;
     let spans = state.spans();
     let window = window_of(&manifests, &spans);
     let at = match target {
@@ -269,7 +269,8 @@ pub async fn plan(
         None => None,
     };
     if changes.is_some()
-        && let Some(gap) = crate::capture::gaps::read_all(repo.store())
+        && let Some(gap) = repo
+            .gaps()
             .await?
             .into_iter()
             .find(|g| g.breaks(manifest.consistent_lsn, at))
@@ -341,9 +342,10 @@ mod tests {
     use chrono::{Duration, TimeZone};
 
     use super::*;
+    use crate::repository::StreamProgress;
     use crate::repository::keys;
     use crate::repository::manifest::{ArchiveEntry, StoredObject};
-    use crate::repository::pack::{self, PackFooter, SectionEntry, StreamProgress};
+    use crate::repository::pack::{self, PackFooter, SectionEntry};
     use crate::storage::{MemoryStore, ObjectStore, PutMode};
 
     const TENANT: &str = "t1";
@@ -444,7 +446,7 @@ mod tests {
             .await
             .unwrap();
         let covered = snapshot_time() - Duration::seconds(10);
-        pack::write_progress(&store, &progress(SNAPSHOT_LSN, DURABLE, covered))
+        repo.put_stream_progress(&progress(SNAPSHOT_LSN, DURABLE, covered))
             .await
             .unwrap();
         put_pack(&store, SNAPSHOT_LSN, DURABLE, (Lsn(0x150), committed)).await;
@@ -493,7 +495,7 @@ mod tests {
         repo.put_manifest(&manifest(t(0), Lsn(0x100)))
             .await
             .unwrap();
-        pack::write_progress(&store, &progress(Lsn(0x100), Lsn(0x200), t(60)))
+        repo.put_stream_progress(&progress(Lsn(0x100), Lsn(0x200), t(60)))
             .await
             .unwrap();
         put_pack(&store, Lsn(0x100), Lsn(0x200), (Lsn(0x150), t(30))).await;
@@ -501,7 +503,7 @@ mod tests {
         put_pack(&store, Lsn(0x200), Lsn(0x300), (Lsn(0x250), t(50))).await;
 
         // What `init` does: a new snapshot, a new stream, the old one kept.
-        let old = StreamState::read(&store).await.unwrap();
+        let old = repo.stream_state().await.unwrap();
         let mut new = old.restart("s2", Lsn(0x500));
         assert_eq!(new.earlier.len(), 1);
         assert_eq!(new.earlier[0].durable_lsn, Lsn(0x300));
@@ -512,7 +514,7 @@ mod tests {
         put_pack(&store, Lsn(0x500), Lsn(0x600), (Lsn(0x550), t(150))).await;
         (new.durable_lsn, new.last_pack_end, new.covered_until) =
             (Lsn(0x600), Some(Lsn(0x600)), t(180));
-        pack::write_progress(&store, &new).await.unwrap();
+        repo.put_stream_progress(&new).await.unwrap();
 
         let replays = async |at| {
             let plan = plan(&repo, TENANT, RestoreTarget::At(at)).await.unwrap();

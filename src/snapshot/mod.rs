@@ -133,7 +133,7 @@ pub async fn take(
     info.check_source(
         &identity.system_identifier,
         &identity.database,
-        &repo.store().describe(),
+        &repo.location(),
     )?;
 
     let (slot_name, temporary) = match &request.stream_slot {
@@ -264,7 +264,8 @@ async fn export(
             &identity.system_identifier,
         );
         router.load(&workers[0]).await?;
-        crate::capture::routes::write_checkpoint(repo.store(), point.lsn, &router).await?;
+        repo.put_routing_checkpoint(point.lsn, &router.checkpoint())
+            .await?;
     }
 
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
@@ -502,8 +503,7 @@ impl Exporter {
                 self.catalog.global_tables().collect(),
             ),
         };
-        let mut writer =
-            ObjectWriter::create(self.repo.store().clone(), key, &self.recipients, self.level)?;
+        let mut writer = self.repo.object_writer(key, &self.recipients, self.level)?;
         let header = ArchiveHeader {
             kind,
             snapshot: self.id.to_string(),
@@ -559,12 +559,9 @@ impl Exporter {
             let _ = stderr.read_to_string(&mut text).await;
             text
         });
-        let mut writer = ObjectWriter::create(
-            self.repo.store().clone(),
-            keys::schema(&self.id),
-            &self.recipients,
-            self.level,
-        )?;
+        let mut writer =
+            self.repo
+                .object_writer(keys::schema(&self.id), &self.recipients, self.level)?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = stdout

@@ -1,8 +1,9 @@
-//! Persisted routing state: the router's key maps, so that a restarted daemon routes exactly
-//! as the one that stopped — even a change to a row whose parent was deleted while it was down.
+//! Persisted routing state: the capture router's key maps, so that a restarted daemon routes
+//! exactly as the one that stopped — even a change to a row whose parent was deleted while it
+//! was down.
 //!
 //! A checkpoint (`changes/routes-<lsn>.zst`) holds every map at an LSN: `init` writes the first
-//! from inside the first snapshot, the daemon one every [`CHECKPOINT_EVERY`] and when it stops.
+//! from inside the first snapshot, the daemon one every few minutes and when it stops.
 //! Each pack carries the changes its transactions made to the maps. Capture resumes from the
 //! newest checkpoint at or before the durable LSN plus the deltas of the packs after it.
 //!
@@ -12,19 +13,38 @@
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::router::{Delta, KeyHash, Router};
+use super::keys::CHANGES_PREFIX;
+use super::pack::Region;
+use super::{Repository, RepositoryError};
 use crate::pg::Lsn;
-use crate::repository::RepositoryError;
-use crate::repository::keys::CHANGES_PREFIX;
-use crate::repository::pack::{Region, read_region};
-use crate::storage::{ObjectStore, PutMode};
+use crate::storage::PutMode;
 
-pub const CHECKPOINT_EVERY: Duration = Duration::from_secs(600);
+/// A key as the maps hold it: a salted SHA-256 of the key's text values, truncated. Fixed
+/// size keeps the maps small, and the persisted routing state (FORMAT.md) carries no key value.
+pub type KeyHash = [u8; 16];
+
+/// One change to the key maps, as persisted in packs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Delta {
+    Set {
+        map: Arc<str>,
+        key: KeyHash,
+        /// `None`: the row belongs to no tenant.
+        tenant: Option<Arc<str>>,
+    },
+    Remove {
+        map: Arc<str>,
+        key: KeyHash,
+    },
+    Clear {
+        map: Arc<str>,
+    },
+}
+
 const MAGIC: &[u8; 8] = b"UPDOGRT\x01";
 const ROUTES_PREFIX: &str = "changes/routes-";
 
@@ -279,63 +299,62 @@ fn lsn_mismatch(found: Option<Lsn>, expected: Option<Lsn>) -> Option<String> {
     })
 }
 
-pub async fn write_checkpoint(
-    store: &Arc<dyn ObjectStore>,
-    lsn: Lsn,
-    router: &Router,
-) -> Result<(), RepositoryError> {
-    let bytes = encode_checkpoint(lsn, &router.checkpoint());
-    store
-        .put_bytes(&checkpoint_key(lsn), bytes.into(), PutMode::Overwrite)
-        .await?;
-    Ok(())
-}
+impl Repository {
+    /// Stores the routing state after every transaction committed before `lsn`.
+    pub async fn put_routing_checkpoint(
+        &self,
+        lsn: Lsn,
+        state: &[Delta],
+    ) -> Result<(), RepositoryError> {
+        let bytes = encode_checkpoint(lsn, state);
+        self.store()
+            .put_bytes(&checkpoint_key(lsn), bytes.into(), PutMode::Overwrite)
+            .await?;
+        Ok(())
+    }
 
-/// Every checkpoint, oldest first.
-pub async fn checkpoints(
-    store: &Arc<dyn ObjectStore>,
-) -> Result<Vec<(Lsn, String)>, RepositoryError> {
-    let mut keys: Vec<(Lsn, String)> = store
-        .list(ROUTES_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|o| lsn_of(&o.key).map(|l| (l, o.key)))
-        .collect();
-    keys.sort();
-    Ok(keys)
-}
+    /// Every checkpoint, oldest first.
+    pub async fn routing_checkpoints(&self) -> Result<Vec<(Lsn, String)>, RepositoryError> {
+        let mut keys: Vec<(Lsn, String)> = self
+            .store()
+            .list(ROUTES_PREFIX)
+            .await?
+            .into_iter()
+            .filter_map(|o| lsn_of(&o.key).map(|l| (l, o.key)))
+            .collect();
+        keys.sort();
+        Ok(keys)
+    }
 
-/// The newest checkpoint in `[since, at]`.
-pub async fn newest_checkpoint(
-    store: &Arc<dyn ObjectStore>,
-    since: Lsn,
-    at: Lsn,
-) -> Result<Option<(Lsn, Vec<Delta>)>, RepositoryError> {
-    let mut keys = checkpoints(store).await?;
-    keys.retain(|(l, _)| *l >= since && *l <= at);
-    let Some((lsn, key)) = keys.pop() else {
-        return Ok(None);
-    };
-    Ok(Some((lsn, read_checkpoint(store, &key).await?)))
-}
+    /// The newest checkpoint in `[since, at]`.
+    pub async fn newest_routing_checkpoint(
+        &self,
+        since: Lsn,
+        at: Lsn,
+    ) -> Result<Option<(Lsn, Vec<Delta>)>, RepositoryError> {
+        let mut keys = self.routing_checkpoints().await?;
+        keys.retain(|(l, _)| *l >= since && *l <= at);
+        let Some((lsn, key)) = keys.pop() else {
+            return Ok(None);
+        };
+        Ok(Some((lsn, self.routing_checkpoint(&key).await?)))
+    }
 
-/// One checkpoint's state, checked (digest, and the LSN its key names).
-pub async fn read_checkpoint(
-    store: &Arc<dyn ObjectStore>,
-    key: &str,
-) -> Result<Vec<Delta>, RepositoryError> {
-    let bytes = store.get_bytes(key, None).await?;
-    decode_checkpoint(key, &bytes)
-}
+    /// One checkpoint's state, checked (digest, and the LSN its key names).
+    pub async fn routing_checkpoint(&self, key: &str) -> Result<Vec<Delta>, RepositoryError> {
+        let bytes = self.store().get_bytes(key, None).await?;
+        decode_checkpoint(key, &bytes)
+    }
 
-/// The deltas of a pack's routing region, checked (the footer's digest, then its content).
-pub async fn read_pack_region(
-    store: &Arc<dyn ObjectStore>,
-    pack_key: &str,
-    region: &Region,
-) -> Result<Vec<Delta>, RepositoryError> {
-    let bytes = read_region(store, pack_key, region).await?;
-    decode(&format!("{pack_key} routing region"), &bytes)
+    /// The deltas of a pack's routing region, checked (the footer's digest, then its content).
+    pub async fn pack_routes(
+        &self,
+        pack_key: &str,
+        region: &Region,
+    ) -> Result<Vec<Delta>, RepositoryError> {
+        let bytes = self.pack_region(pack_key, region).await?;
+        decode(&format!("{pack_key} routing region"), &bytes)
+    }
 }
 
 /// Whether `key` is a routing checkpoint (for listings that skip them).

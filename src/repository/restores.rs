@@ -1,0 +1,50 @@
+//! `restores/<time>-<random>.json`: one restore that ran — which tenant, into which database,
+//! to which point. An audit trail for the operator, and the daemon's restore count. It holds no
+//! tenant data beyond the tenant's id.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::{Repository, RepositoryError, keys};
+use crate::pg::Lsn;
+use crate::storage::PutMode;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreRecord {
+    pub tenant: String,
+    pub database: String,
+    pub snapshot: String,
+    pub restore_point: RestorePoint,
+    pub rows: u64,
+    pub seconds: f64,
+    pub finished_at: DateTime<Utc>,
+}
+
+/// The last transaction a restore applied (its commit LSN and time): what the restored
+/// database holds exactly.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestorePoint {
+    pub lsn: Lsn,
+    pub time: DateTime<Utc>,
+}
+
+impl Repository {
+    pub async fn put_restore_record(&self, record: &RestoreRecord) -> Result<(), RepositoryError> {
+        let key = format!(
+            "{}{}-{:08x}.json",
+            keys::RESTORES_PREFIX,
+            record.finished_at.format("%Y%m%dT%H%M%S%.3fZ"),
+            fastrand::u32(..)
+        );
+        let json = serde_json::to_vec_pretty(record).expect("a restore record always serializes");
+        self.store()
+            .put_bytes(&key, json.into(), PutMode::CreateNew)
+            .await?;
+        Ok(())
+    }
+
+    /// How many restores are recorded (a listing, no reads).
+    pub async fn restore_record_count(&self) -> Result<usize, RepositoryError> {
+        Ok(self.store().list(keys::RESTORES_PREFIX).await?.len())
+    }
+}
