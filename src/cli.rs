@@ -9,14 +9,13 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::codec::{Identities, generate_identity, parse_recipients, recipient_fingerprint};
+use crate::codec::{Identities, generate_identity};
 use crate::config::{Config, StorageLocation};
 use crate::error::Error;
 use crate::pg::redact_url;
-use crate::pg::replication::ReplicationConnection;
 use crate::progress::{Progress, Unit};
-use crate::repository::{RepoInfo, Repository};
-use crate::restore::{RestoreRequest, RestoreTarget, plan};
+use crate::repository::Repository;
+use crate::restore::{RestoreRequest, RestoreTarget};
 use crate::snapshot::{SnapshotRequest, validate_tenant};
 use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
 
@@ -193,121 +192,49 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
 }
 
 async fn init(config: &Config) -> Result<(), Error> {
-    let pg_config = crate::pg::pg_config(&config.source.url)?;
-    let mut replication = ReplicationConnection::connect_tls(&pg_config.config, &pg_config.tls)
-        .await
-        .map_err(|e| {
-            Error::Failed(format!(
-                "replication connection to {}: {e}",
-                redact_url(&config.source.url)
-            ))
-        })?;
-    let system = replication
-        .identify_system()
-        .await
-        .map_err(|e| Error::Failed(format!("IDENTIFY_SYSTEM: {e}")))?;
-    let _ = replication.close().await;
-    let client = crate::pg::connect(&config.source.url).await?;
-    let identity = crate::snapshot::source_identity(&client, system.system_id).await?;
-    // The catalog must classify every table before the first backup can work.
-    let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
-        .await
-        .map_err(crate::source::SourceError::from)?;
-    let store = open_store(config).await?;
-    let repo = Repository::new(store.clone());
-    let info = RepoInfo {
-        format_version: crate::repository::FORMAT_VERSION,
-        system_identifier: identity.system_identifier,
-        database: identity.database,
-        tenant_column: config.source.tenant_column.clone(),
-        recipients: parse_recipients(&config.encryption.recipients)?
-            .iter()
-            .map(recipient_fingerprint)
-            .collect(),
-        created_at: Utc::now(),
-    };
-    if repo.init(&info).await? {
-        println!(
-            "initialised repository {} for {}",
-            repo.location(),
-            info.source_label()
-        );
+    let repo = Repository::new(open_store(config).await?);
+    let report = crate::init::run(config, &repo).await?;
+    let verb = if report.repository_created {
+        "initialised repository"
     } else {
-        crate::codec::check_recipients(
-            &config.encryption.recipients,
-            &repo.info().await?.recipients,
-        )?;
-        println!(
-            "repository {} already initialised for {}",
-            repo.location(),
-            info.source_label()
-        );
+        "repository"
+    };
+    let already = if report.repository_created {
+        ""
+    } else {
+        " already initialised"
+    };
+    println!(
+        "{verb} {}{already} for {}",
+        report.repository, report.source
+    );
+    if report.publication_created {
+        println!("created publication {}", config.source.publication);
     }
-    let publication = &config.source.publication;
-    if crate::source::publication::ensure(&client, publication, &catalog).await? {
-        println!("created publication {publication}");
-    }
-
-    // The stream's slot and the first snapshot are made together: the snapshot is taken from
-    // the slot's exported snapshot, so the stream continues exactly where it ends.
     let slot = &config.source.slot;
-    let slot_exists = client
-        .query_opt(
-            "SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = $1",
-            &[slot],
-        )
-        .await
-        .map_err(crate::source::query_context(
-            "looking up the replication slot",
-        ))?
-        .is_some();
-    let stream = repo.stream_state().await?;
-    match (slot_exists, &stream.progress) {
-        (true, Some(p)) if &p.slot == slot => {
+    match &report.stream {
+        crate::init::StreamStart::Existing { durable_lsn } => println!(
+            "replication slot {slot} exists and the repository's change stream is durable up to {durable_lsn}: nothing to do (run `updog-backup daemon`)"
+        ),
+        crate::init::StreamStart::New { snapshot, earlier } => {
+            if let Some(old) = earlier {
+                println!(
+                    "the earlier change stream (slot {}, LSN {} to {}) stays restorable; nothing between its end and the new snapshot was captured (`updog-backup list --org ORG` shows each tenant's restorable instants)",
+                    old.slot, old.since_lsn, old.durable_lsn
+                );
+            }
             println!(
-                "replication slot {slot} exists and the repository's change stream is durable up to {}: nothing to do (run `updog-backup daemon`)",
-                p.durable_lsn
+                "created replication slot {slot} and the first snapshot {} ({} tenant(s)) at {} (LSN {})",
+                snapshot.id,
+                snapshot.tenants,
+                time(snapshot.consistent_time),
+                snapshot.consistent_lsn
             );
-            return Ok(());
+            println!(
+                "the change stream continues from there: start `updog-backup daemon` now (until it runs, the slot keeps WAL on the source)"
+            );
         }
-        (true, _) => {
-            return Err(Error::Failed(format!(
-                "replication slot {slot} exists but this repository's change stream does not come from it: \
-                 drop it (SELECT pg_drop_replication_slot('{slot}')) or set source.slot to a new name, then run init again"
-            )));
-        }
-        (false, _) => {}
     }
-    let manifest = crate::snapshot::take(
-        config,
-        &repo,
-        &SnapshotRequest {
-            tenants: Vec::new(),
-            stream_slot: Some(slot.clone()),
-        },
-    )
-    .await?;
-    // A stream this repository already holds lost its slot (the daemon stopped saying to run
-    // init): it stays in the progress as an earlier stream, so what it covered stays
-    // restorable.
-    let progress = stream.restart(slot, manifest.consistent_lsn);
-    repo.put_stream_progress(&progress).await?;
-    if let Some(old) = progress.earlier.last() {
-        println!(
-            "the earlier change stream (slot {}, LSN {} to {}) stays restorable; nothing between its end and the new snapshot was captured (`updog-backup list --org ORG` shows each tenant's restorable instants)",
-            old.slot, old.since_lsn, old.durable_lsn
-        );
-    }
-    println!(
-        "created replication slot {slot} and the first snapshot {} ({} tenant(s)) at {} (LSN {})",
-        manifest.id,
-        manifest.tenants.len(),
-        time(manifest.consistent_time),
-        manifest.consistent_lsn
-    );
-    println!(
-        "the change stream continues from there: start `updog-backup daemon` now (until it runs, the slot keeps WAL on the source)"
-    );
     Ok(())
 }
 
@@ -447,53 +374,6 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-#[derive(Serialize)]
-struct SnapshotLine {
-    id: String,
-    consistent_time: DateTime<Utc>,
-    consistent_lsn: String,
-    tenants: usize,
-    all_tenants: bool,
-    bytes: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant_rows: Option<u64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant_bytes: Option<u64>,
-}
-
-#[derive(Serialize)]
-struct ListReport {
-    repository: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    tenant: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    window: Option<crate::restore::Window>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    stream: Option<StreamLine>,
-    snapshots: Vec<SnapshotLine>,
-}
-
-#[derive(Serialize)]
-struct StreamLine {
-    slot: String,
-    since_lsn: String,
-    durable_lsn: String,
-    covered_until: DateTime<Utc>,
-    packs: usize,
-    bytes: u64,
-    /// Streams `init` replaced whose packs retention has not deleted yet, oldest first.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    earlier: Vec<EarlierStreamLine>,
-}
-
-#[derive(Serialize)]
-struct EarlierStreamLine {
-    slot: String,
-    since_lsn: String,
-    durable_lsn: String,
-    covered_until: DateTime<Utc>,
-}
-
 /// The configured repository, checked to be initialised, and `--org` resolved against it.
 async fn open_repository(
     config: &Config,
@@ -511,71 +391,7 @@ async fn open_repository(
 async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
     let (repo, org) = open_repository(config, org.as_deref()).await?;
 
-    let mut snapshots = Vec::new();
-    for id in repo.snapshots().await? {
-        let m = match repo.manifest(&id).await {
-            Ok(m) => m,
-            // Retention (of a running daemon) deleted it since the listing.
-            Err(crate::repository::RepositoryError::NoSuchSnapshot(_)) => continue,
-            Err(e) => return Err(e.into()),
-        };
-        let tenant = org.as_ref().and_then(|o| m.tenants.get(o));
-        if org.is_some() && tenant.is_none() {
-            continue;
-        }
-        snapshots.push(SnapshotLine {
-            id: m.id.to_string(),
-            consistent_time: m.consistent_time,
-            consistent_lsn: m.consistent_lsn.to_string(),
-            tenants: m.tenants.len(),
-            all_tenants: m.all_tenants,
-            bytes: m.objects().map(|o| o.bytes).sum(),
-            tenant_rows: tenant.map(|t| t.total_rows()),
-            tenant_bytes: tenant.map(|t| t.object.bytes),
-        });
-    }
-    let state = repo.stream_state().await?;
-    let spans = state.spans();
-    let stream = state.progress.as_ref().map(|p| StreamLine {
-        slot: p.slot.clone(),
-        since_lsn: p.since_lsn.to_string(),
-        durable_lsn: state.durable().unwrap_or(p.durable_lsn).to_string(),
-        covered_until: p.covered_until,
-        packs: state.packs.len(),
-        bytes: state.packs.iter().map(|p| p.size).sum(),
-        earlier: spans
-            .iter()
-            .filter(|s| s.next.is_some() && s.start <= s.durable) // retention left some of it
-            .map(|s| EarlierStreamLine {
-                slot: s.slot.clone(),
-                since_lsn: s.since.to_string(),
-                durable_lsn: s.durable.to_string(),
-                covered_until: s.covered_until,
-            })
-            .collect(),
-    });
-    let window = match &org {
-        Some(o) => {
-            let (manifests, _) = plan::tenant_snapshots(&repo, o)
-                .await
-                .map_err(crate::restore::RestoreError::from)?;
-            (!manifests.is_empty()).then(|| plan::window_of(&manifests, &spans))
-        }
-        None => None,
-    };
-    if let (Some(o), None) = (&org, &window) {
-        return Err(Error::Usage(format!(
-            "tenant {o} is in no snapshot of {}",
-            repo.location()
-        )));
-    }
-    let report = ListReport {
-        repository: repo.location(),
-        tenant: org,
-        window,
-        stream,
-        snapshots,
-    };
+    let report = crate::listing::run(&repo, org).await?;
     if json {
         print_json(&report);
         return Ok(());

@@ -37,6 +37,10 @@ pub enum Error {
     #[error(transparent)]
     Daemon(#[from] crate::daemon::DaemonError),
     #[error(transparent)]
+    Init(#[from] crate::init::InitError),
+    #[error(transparent)]
+    List(#[from] crate::listing::ListError),
+    #[error(transparent)]
     Verify(#[from] crate::verify::VerifyError),
     #[error("{0}")]
     Failed(String),
@@ -60,6 +64,8 @@ impl Classify for Error {
             Error::Capture(e) => e.class(),
             Error::Publication(e) => e.class(),
             Error::Daemon(e) => e.class(),
+            Error::Init(e) => e.class(),
+            Error::List(e) => e.class(),
             Error::Verify(e) => e.class(),
             Error::Failed(_) => ErrorClass::Permanent,
         }

@@ -27,6 +27,8 @@ pub mod codec;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod init;
+pub mod listing;
 pub mod pg;
 pub mod progress;
 pub mod repository;
