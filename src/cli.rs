@@ -10,14 +10,14 @@ use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
 use crate::codec::{Identities, generate_identity};
-use crate::config::{Config, StorageLocation};
+use crate::config::Config;
 use crate::error::Error;
 use crate::pg::redact_url;
 use crate::progress::{Progress, Unit};
 use crate::repository::Repository;
 use crate::restore::{RestoreRequest, RestoreTarget};
 use crate::snapshot::{SnapshotRequest, validate_tenant};
-use crate::storage::{LocalStore, ObjectStore, S3Settings, S3Store};
+use crate::storage::ObjectStore;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -132,19 +132,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
 
 /// The configured object store.
 pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, Error> {
-    Ok(match config.storage_location()? {
-        StorageLocation::Directory(path) => Arc::new(LocalStore::new(path)),
-        StorageLocation::S3 { bucket, prefix } => Arc::new(
-            S3Store::new(S3Settings {
-                bucket,
-                prefix,
-                endpoint: config.storage.s3_endpoint.clone(),
-                region: config.storage.s3_region.clone(),
-                force_path_style: config.storage.s3_force_path_style,
-            })
-            .await?,
-        ),
-    })
+    Ok(crate::storage::open(&config.storage_location()?, &config.storage).await?)
 }
 
 fn print_json<T: Serialize>(value: &T) {

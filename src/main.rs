@@ -1,5 +1,5 @@
 //! `updog-backup`: parse the command line, set up logging, run the command, report the error
-//! chain once with the exit code of DESIGN.md.
+//! chain once with the exit code its class earns (README.md: 1 operational, 2 usage).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;

@@ -739,7 +739,12 @@ impl Classify for RouteError {
         match self {
             // A restart loads the catalog again, and with it the new table.
             RouteError::UnknownTable { .. } => ErrorClass::Transient,
-            _ => ErrorClass::Permanent,
+            // The change in the slot stays unroutable however often it is read again.
+            RouteError::MissingColumn { .. }
+            | RouteError::UnknownParent { .. }
+            | RouteError::MovedWithoutValue { .. }
+            | RouteError::UnknownRelation(_)
+            | RouteError::Tuple { .. } => ErrorClass::Permanent,
         }
     }
 }

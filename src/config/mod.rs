@@ -1,4 +1,4 @@
-//! Configuration: the TOML file of DESIGN.md, then `UPDOG_BACKUP__SECTION__KEY` overrides.
+//! Configuration: the TOML file (config/updog-backup.toml is the annotated reference), then `UPDOG_BACKUP__SECTION__KEY` overrides.
 //!
 //! Owns parsing and validation only; it never connects anywhere. Unknown keys are rejected
 //! (naming the key) so that a typo never silently falls back to a default. Secrets are not

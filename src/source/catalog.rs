@@ -647,7 +647,11 @@ impl Classify for CatalogError {
     fn class(&self) -> ErrorClass {
         match self {
             CatalogError::Query(e) => crate::pg::sqlstate::class_of(e),
-            _ => ErrorClass::Usage,
+            // The configuration names tables the schemas do not hold, or leaves some unrouted.
+            CatalogError::UnknownConfiguredTable { .. }
+            | CatalogError::ConfiguredPartition { .. }
+            | CatalogError::NoTenantTables { .. }
+            | CatalogError::Unroutable { .. } => ErrorClass::Usage,
         }
     }
 }

@@ -252,6 +252,27 @@ impl StorageError {
     }
 }
 
+/// The store a configuration names: a local directory or an S3 bucket prefix.
+pub async fn open(
+    location: &crate::config::StorageLocation,
+    config: &crate::config::StorageConfig,
+) -> Result<std::sync::Arc<dyn ObjectStore>> {
+    use crate::config::StorageLocation;
+    Ok(match location {
+        StorageLocation::Directory(path) => std::sync::Arc::new(LocalStore::new(path.clone())),
+        StorageLocation::S3 { bucket, prefix } => std::sync::Arc::new(
+            S3Store::new(S3Settings {
+                bucket: bucket.clone(),
+                prefix: prefix.clone(),
+                endpoint: config.s3_endpoint.clone(),
+                region: config.s3_region.clone(),
+                force_path_style: config.s3_force_path_style,
+            })
+            .await?,
+        ),
+    })
+}
+
 impl crate::retry::Classify for StorageError {
     fn class(&self) -> crate::retry::ErrorClass {
         use crate::retry::ErrorClass;

@@ -1,11 +1,11 @@
 # updog-backup daemon image. The build context is the repository root:
 #
-#   docker build -f deploy/Dockerfile -t updog-backup .
-#   docker build -f deploy/Dockerfile --build-arg PG_MAJOR=16 -t updog-backup:pg16 .   # see PG_MAJOR
+#   docker build -t updog-backup .
+#   docker build --build-arg PG_MAJOR=16 -t updog-backup:pg16 .   # see PG_MAJOR
 #
-# deploy/Dockerfile.dockerignore (BuildKit reads it beside this file) keeps target/, .git and
-# local data out of the context. The legacy builder ignores it: the build still works, it only
-# sends more.
+# .dockerignore keeps target/, .git and local data out of the context. CI lints this file with
+# hadolint (deploy/check.sh); no container engine runs there, so the image itself is not built
+# by CI.
 #
 # Run (the config file is mounted; secrets come from the environment or files, never the image):
 #   docker run --rm -p 9187:9187 -v /etc/updog-backup:/etc/updog-backup:ro \
@@ -37,6 +37,9 @@ FROM debian:bookworm-slim
 #   && /usr/share/postgresql-common/pgdg/apt.postgresql.org.sh -y
 # (postgresql-common ships the repository's signing key; see https://wiki.postgresql.org/wiki/Apt)
 ARG PG_MAJOR=15
+# DL3008 (pin apt versions): the client must follow PG_MAJOR and Debian's security updates;
+# a pinned version would break the build on the next point release.
+# hadolint ignore=DL3008
 RUN set -eux; \
     apt-get update; \
     if ! apt-cache show "postgresql-client-${PG_MAJOR}" >/dev/null 2>&1; then \
