@@ -44,7 +44,7 @@ use crate::pg::replication::{
 };
 use crate::repository::{Repository, RepositoryError};
 use crate::repository::{StreamProgress, StreamState};
-use crate::retry::{Classify, ErrorClass};
+use crate::retry::{Backoff, Classify, ErrorClass};
 use crate::source::catalog::{Catalog, CatalogError};
 use crate::source::{SourceError, query_context};
 use crate::storage::StorageError;
@@ -141,7 +141,7 @@ pub async fn run(
     telemetry: &Arc<Telemetry>,
     admin: &Client,
 ) -> Result<(), CaptureError> {
-    let mut backoff = BACKOFF_MIN;
+    let mut backoff = Backoff::new(BACKOFF_MIN, BACKOFF_MAX);
     loop {
         let started = Instant::now();
         let result = session(config, repo, &shutdown, telemetry, admin).await;
@@ -153,17 +153,18 @@ pub async fn run(
                 return Err(e);
             }
             Err(e) => {
+                // A session that ran for a while was healthy: start the backoff over.
                 if started.elapsed() > BACKOFF_MAX {
-                    backoff = BACKOFF_MIN;
+                    backoff.reset();
                 }
+                let delay = backoff.next_delay();
                 telemetry.metrics.task_restarts(Task::Capture).inc();
                 telemetry.error(Task::Capture, e.to_string());
-                tracing::warn!(error = %e, retry_in_seconds = backoff.as_secs(), "capture interrupted; reconnecting");
+                tracing::warn!(error = %e, retry_in_seconds = delay.as_secs(), "capture interrupted; reconnecting");
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
-                    () = tokio::time::sleep(backoff) => {}
+                    () = tokio::time::sleep(delay) => {}
                 }
-                backoff = (backoff * 2).min(BACKOFF_MAX);
             }
         }
     }

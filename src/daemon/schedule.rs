@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
+use crate::retry::Backoff;
 use crate::config::Config;
 use crate::repository::{Manifest, Repository, RepositoryError};
 use crate::snapshot::{self, SnapshotRequest};
@@ -28,6 +29,7 @@ pub async fn run(
     let schedule = config
         .snapshot_schedule()
         .expect("validated when the config was loaded");
+    let mut backoff = Backoff::new(RETRY_MIN, RETRY_MAX);
     let mut retry: Option<Duration> = None;
     // The snapshot-age alert must not reset with a restart: start from the repository's newest.
     match newest_snapshot(repo).await {
@@ -51,7 +53,9 @@ pub async fn run(
         let wait = match retry {
             Some(backoff) if now + backoff < next => backoff,
             _ => {
+                // The scheduled run comes first: it is the next try.
                 retry = None;
+                backoff.reset();
                 (next - now).to_std().unwrap_or_default()
             }
         };
@@ -79,6 +83,7 @@ pub async fn run(
         match result {
             Ok(manifest) => {
                 retry = None;
+                backoff.reset();
                 record_snapshot(telemetry, &manifest, Some(started.elapsed().as_secs_f64()));
                 prune(config, repo, telemetry).await;
             }
@@ -86,9 +91,9 @@ pub async fn run(
                 metrics.snapshots_failed.inc();
                 metrics.task_restarts(Task::Schedule).inc();
                 telemetry.error(Task::Schedule, format!("snapshot failed: {e}"));
-                let backoff = retry.map_or(RETRY_MIN, |b| (b * 2).min(RETRY_MAX));
-                tracing::error!(error = %e, retry_in_seconds = backoff.as_secs(), "scheduled snapshot failed");
-                retry = Some(backoff);
+                let delay = backoff.next_delay();
+                tracing::error!(error = %e, retry_in_seconds = delay.as_secs(), "scheduled snapshot failed");
+                retry = Some(delay);
             }
         }
         let missed = schedule
