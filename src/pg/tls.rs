@@ -3,11 +3,11 @@
 //! Owns the TLS policy of every connection the crate opens: which `sslmode` applies (the URL,
 //! else `PGSSLMODE`, else `prefer`), which root certificates are trusted (`sslrootcert`, else
 //! `PGSSLROOTCERT`, else `~/.postgresql/root.crt` like libpq, else the system's roots for
-//! `verify-full`), the rustls client configuration with a certificate verifier that does exactly
-//! what the mode promises, the tokio-postgres connection ([`connect_client`]), the TLS handshake of
-//! the replication connection ([`handshake`]; the SSLRequest itself is protocol, so
-//! `replication::connection` sends it), and the environment that hands the same policy to
-//! pg_dump ([`TlsSettings::libpq_env`]).
+//! `verify-full`), the rustls client configuration whose certificate verifier (`verifier`) does
+//! exactly what the mode promises, and the environment that hands the same policy to pg_dump
+//! ([`TlsSettings::libpq_env`]). Reading `sslmode`/`sslrootcert` out of a URL is
+//! [`super::conninfo`]'s; the connections that apply the policy are [`super::connect`]'s
+//! (tokio-postgres) and [`super::replication`]'s (the SSLRequest and handshake of the walsender).
 //!
 //! | sslmode | TLS | certificate chain | host name |
 //! |---|---|---|---|
@@ -32,18 +32,17 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::crypto::{CryptoProvider, verify_tls12_signature, verify_tls13_signature};
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::server::ParsedCertificate;
-use rustls::{
-    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
-};
-use tokio::io::{AsyncRead, AsyncWrite};
+use rustls::{ClientConfig, RootCertStore};
 use tokio_postgres::config::{Host, SslNegotiation};
-use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres_rustls::MakeRustlsConnect;
+
+mod verifier;
+
+use verifier::PolicyVerifier;
+pub use verifier::{describe_rustls, rustls_cause};
+// `connect_client` is `super::connect`'s; also named here for callers that import it by this path.
+pub use super::connect::connect_client;
 
 /// `sslmode` when the URL has none.
 pub const SSLMODE_ENV: &str = "PGSSLMODE";
@@ -51,11 +50,6 @@ pub const SSLMODE_ENV: &str = "PGSSLMODE";
 pub const SSLROOTCERT_ENV: &str = "PGSSLROOTCERT";
 /// The `sslrootcert` value that names the system's trusted roots (libpq 16 and later).
 pub const SYSTEM_ROOTS: &str = "system";
-
-/// The TLS stream of a tokio-postgres connection made by [`connect_client`].
-pub type ClientTlsStream = <MakeRustlsConnect as MakeTlsConnect<tokio_postgres::Socket>>::Stream;
-/// The connection half of [`connect_client`]: spawn it, it runs until the client is dropped.
-pub type ClientConnection = tokio_postgres::Connection<tokio_postgres::Socket, ClientTlsStream>;
 
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -353,155 +347,6 @@ impl TlsSettings {
     }
 }
 
-/// Splits the SSL parameters this module handles (`sslmode`, `sslrootcert`) off a connection
-/// string — URL (`postgres://…?sslmode=…`) or key/value (`host=… sslmode=…`) — and returns the
-/// rest, which tokio-postgres can parse (it rejects `verify-ca`, `verify-full` and
-/// `sslrootcert`). Other `ssl*` parameters are refused by name rather than ignored. A string that
-/// does not parse here is returned as it is, for tokio-postgres to report.
-pub fn split_ssl_params(url: &str) -> Result<(String, SslParams), TlsError> {
-    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        split_url(url)
-    } else {
-        split_key_values(url)
-    }
-}
-
-/// What to do with a connection-string parameter.
-fn take_param(params: &mut SslParams, key: &str, value: String) -> Result<bool, TlsError> {
-    match key {
-        "sslmode" => params.sslmode = Some(value),
-        "sslrootcert" => params.sslrootcert = Some(value),
-        // tokio-postgres understands sslnegotiation; `configure` checks its value.
-        "sslnegotiation" => return Ok(false),
-        other if other.starts_with("ssl") || other == "requiressl" => {
-            return Err(TlsError::Unsupported(format!(
-                "the {other} parameter is not supported (client certificates, CRLs and \
-                 protocol limits are not implemented; sslmode and sslrootcert are): remove it"
-            )));
-        }
-        _ => return Ok(false),
-    }
-    Ok(true)
-}
-
-fn split_url(url: &str) -> Result<(String, SslParams), TlsError> {
-    let mut params = SslParams::default();
-    let Some((head, query)) = url.split_once('?') else {
-        return Ok((url.to_string(), params));
-    };
-    let mut kept = Vec::new();
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        let decoded_key = percent_decode(key).ok_or_else(|| TlsError::Encoding {
-            name: key.to_string(),
-        })?;
-        let decoded_value = || {
-            percent_decode(value).ok_or_else(|| TlsError::Encoding {
-                name: decoded_key.clone(),
-            })
-        };
-        // Only SSL values are decoded: the rest is tokio-postgres's to read (and report).
-        let is_ssl = decoded_key.starts_with("ssl") || decoded_key == "requiressl";
-        if !is_ssl || !take_param(&mut params, &decoded_key, decoded_value()?)? {
-            kept.push(pair);
-        }
-    }
-    let rest = if kept.is_empty() {
-        head.to_string()
-    } else {
-        format!("{head}?{}", kept.join("&"))
-    };
-    Ok((rest, params))
-}
-
-/// `%XX` escapes only, as libpq (a `+` stays a `+`). `None` if malformed or not UTF-8.
-fn percent_decode(text: &str) -> Option<String> {
-    let bytes = text.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).ok()
-}
-
-/// Key/value form as libpq's `conninfo_parse`: `key = value`, values bare or single-quoted,
-/// backslash escaping the next character in both. The kept pairs are copied verbatim.
-fn split_key_values(text: &str) -> Result<(String, SslParams), TlsError> {
-    let mut params = SslParams::default();
-    let Some(pairs) = key_value_pairs(text) else {
-        return Ok((text.to_string(), params));
-    };
-    let mut kept = Vec::new();
-    for (key, value, span) in pairs {
-        if !take_param(&mut params, &key, value)? {
-            kept.push(&text[span]);
-        }
-    }
-    Ok((kept.join(" "), params))
-}
-
-/// `(key, unescaped value, byte range of the whole pair)`; `None` if malformed.
-fn key_value_pairs(text: &str) -> Option<Vec<(String, String, std::ops::Range<usize>)>> {
-    let bytes = text.as_bytes();
-    let mut pairs = Vec::new();
-    let mut i = 0;
-    let skip_space = |i: &mut usize| {
-        while *i < bytes.len() && bytes[*i].is_ascii_whitespace() {
-            *i += 1;
-        }
-    };
-    loop {
-        skip_space(&mut i);
-        if i >= bytes.len() {
-            return Some(pairs);
-        }
-        let start = i;
-        while i < bytes.len() && bytes[i] != b'=' && !bytes[i].is_ascii_whitespace() {
-            i += 1;
-        }
-        let key = text[start..i].to_string();
-        skip_space(&mut i);
-        if bytes.get(i) != Some(&b'=') || key.is_empty() {
-            return None;
-        }
-        i += 1;
-        skip_space(&mut i);
-        let mut value = Vec::new();
-        let quoted = bytes.get(i) == Some(&b'\'');
-        if quoted {
-            i += 1;
-        }
-        loop {
-            match bytes.get(i) {
-                None if quoted => return None,
-                None => break,
-                Some(b'\\') => {
-                    value.push(*bytes.get(i + 1)?);
-                    i += 2;
-                }
-                Some(b'\'') if quoted => {
-                    i += 1;
-                    break;
-                }
-                Some(b) if !quoted && b.is_ascii_whitespace() => break,
-                Some(b) => {
-                    value.push(*b);
-                    i += 1;
-                }
-            }
-        }
-        pairs.push((key, String::from_utf8(value).ok()?, start..i));
-    }
-}
-
 fn load_root_cert(path: &Path) -> Result<RootCertStore, TlsError> {
     let pem = std::fs::read(path).map_err(|source| TlsError::RootCertRead {
         path: path.to_path_buf(),
@@ -541,35 +386,6 @@ fn load_system_roots() -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// A certificate problem, worded for the operator; travels inside rustls's error.
-#[derive(Debug)]
-struct CertificateProblem(String);
-
-impl fmt::Display for CertificateProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for CertificateProblem {}
-
-/// A rustls error as an operator should read it: the verifier's own wording for certificate
-/// problems (rustls would print it through `Debug`), rustls's message otherwise.
-pub fn describe_rustls(error: &rustls::Error) -> String {
-    if let rustls::Error::InvalidCertificate(CertificateError::Other(other)) = error {
-        return other.0.to_string();
-    }
-    error.to_string()
-}
-
-/// A name from rustls's `NotValidForNameContext::presented`, which renders them through `Debug`
-/// (`DnsName("localhost")`, `IpAddress(127.0.0.1)`): just the name.
-fn presented_name(name: &str) -> &str {
-    name.split_once('(')
-        .and_then(|(_, rest)| rest.strip_suffix(')'))
-        .map_or(name, |inner| inner.trim_matches('"'))
-}
-
 /// The server refused a plain connection because pg_hba.conf only admits this role over TLS
 /// (`hostssl`, or `hostnossl … reject`): SQLSTATE 28000 and a message ending in "no encryption"
 /// (PostgreSQL 12 and later; "SSL off" before).
@@ -582,208 +398,6 @@ pub fn plain_refused(mode: SslMode, code: &str, message: &str) -> Option<TlsErro
     })
 }
 
-fn problem(message: String) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(rustls::OtherError(Arc::new(
-        CertificateProblem(message),
-    ))))
-}
-
-/// Checks the server certificate exactly as far as the mode promises.
-///
-/// Chain and host name are checked by separate calls (not by `WebPkiServerVerifier`, which always
-/// checks both) so that verify-ca's "chain but no name" is explicit rather than a matter of
-/// swallowing a name error. Handshake signatures are always verified: even without a chain
-/// check, the server must prove it holds the key of the certificate it sent.
-#[derive(Debug)]
-struct PolicyVerifier {
-    /// `None`: the chain is not checked (prefer, require without a root certificate).
-    roots: Option<Arc<RootCertStore>>,
-    check_host: bool,
-    /// Where the roots come from, for messages.
-    trusted: String,
-    provider: Arc<CryptoProvider>,
-}
-
-impl ServerCertVerifier for PolicyVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let Some(roots) = &self.roots else {
-            return Ok(ServerCertVerified::assertion());
-        };
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )
-        .map_err(|e| match e {
-            rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => problem(format!(
-                "the server certificate is not signed by a CA in {}: set sslrootcert to the \
-                 certificate of the CA that issued it",
-                self.trusted
-            )),
-            rustls::Error::InvalidCertificate(
-                CertificateError::Expired | CertificateError::ExpiredContext { .. },
-            ) => problem(format!(
-                "the server certificate has expired ({e}): renew it"
-            )),
-            other => problem(format!(
-                "the server certificate does not verify against {}: {other}",
-                self.trusted
-            )),
-        })?;
-        if self.check_host {
-            rustls::client::verify_server_name(&cert, server_name).map_err(|e| {
-                let names = match &e {
-                    rustls::Error::InvalidCertificate(
-                        CertificateError::NotValidForNameContext { presented, .. },
-                    ) if !presented.is_empty() => presented
-                        .iter()
-                        .map(|name| presented_name(name))
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    _ => "other names".into(),
-                };
-                problem(format!(
-                    "the server certificate (for {names}) is not valid for host {}: connect \
-                     with a name it lists, use sslmode=verify-ca (no host name check), or fix \
-                     the certificate",
-                    server_name.to_str()
-                ))
-            })?;
-        }
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
-/// The rustls error inside an I/O error from a TLS stream, if the failure was TLS's (a refused
-/// certificate, a protocol violation) rather than the network's.
-pub fn rustls_cause(error: &io::Error) -> Option<&rustls::Error> {
-    error.get_ref()?.downcast_ref::<rustls::Error>()
-}
-
-/// The TLS handshake over an open stream whose server agreed to TLS (it answered `S` to the
-/// SSLRequest). `host` is the name the certificate is checked against (verify-full) and sent as
-/// SNI when it is a DNS name.
-///
-/// # Errors
-/// [`TlsError::Handshake`] if TLS refused (as `Ok(Err)`), an I/O error if the network failed.
-pub async fn handshake<S>(
-    config: Arc<ClientConfig>,
-    host: &str,
-    stream: S,
-) -> Result<io::Result<tokio_rustls::client::TlsStream<S>>, TlsError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let name = ServerName::try_from(host.to_owned()).map_err(|_| TlsError::ServerName {
-        host: host.to_owned(),
-    })?;
-    match tokio_rustls::TlsConnector::from(config)
-        .connect(name, stream)
-        .await
-    {
-        Ok(stream) => Ok(Ok(stream)),
-        Err(e) => match rustls_cause(&e) {
-            Some(cause) => Err(TlsError::Handshake(describe_rustls(cause))),
-            None => Ok(Err(e)),
-        },
-    }
-}
-
-/// Why [`connect_client`] failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientConnectError {
-    /// The TLS policy could not be met; the message says what to change.
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-    /// Anything else: unreachable server, authentication, the server's own refusal.
-    #[error(transparent)]
-    Postgres(#[from] tokio_postgres::Error),
-}
-
-/// Connects a tokio-postgres client as `config` and `tls` say. `config` must have gone through
-/// [`TlsSettings::configure`] (`config::pg_config` does it).
-pub async fn connect_client(
-    config: &tokio_postgres::Config,
-    tls: &TlsSettings,
-) -> Result<(tokio_postgres::Client, ClientConnection), ClientConnectError> {
-    let connector = MakeRustlsConnect::new(Arc::unwrap_or_clone(tls.client_config()?));
-    config
-        .connect(connector)
-        .await
-        .map_err(|e| explain_client_error(e, tls))
-}
-
-/// Turns the TLS failures tokio-postgres reports into [`TlsError`]s that say what to do.
-fn explain_client_error(error: tokio_postgres::Error, tls: &TlsSettings) -> ClientConnectError {
-    use std::error::Error as _;
-    if let Some(db) = error.as_db_error() {
-        return match plain_refused(tls.mode, db.code().code(), db.message()) {
-            Some(refused) => refused.into(),
-            None => error.into(),
-        };
-    }
-    let Some(cause) = error.source() else {
-        return error.into();
-    };
-    // tokio-postgres reports a refused SSLRequest only as this text (connect_tls.rs); the e2e
-    // test against a server without TLS notices if that ever changes.
-    if tls.mode.requires_tls() && cause.to_string() == "server does not support TLS" {
-        return TlsError::NotSupportedByServer { mode: tls.mode }.into();
-    }
-    let rustls = cause
-        .downcast_ref::<io::Error>()
-        .and_then(rustls_cause)
-        .or_else(|| cause.downcast_ref::<rustls::Error>());
-    match rustls {
-        Some(cause) => TlsError::Handshake(describe_rustls(cause)).into(),
-        None => error.into(),
-    }
-}
-
 impl crate::retry::Classify for TlsError {
     /// The message says what to change; the same settings meet the same refusal.
     fn class(&self) -> crate::retry::ErrorClass {
@@ -792,7 +406,8 @@ impl crate::retry::Classify for TlsError {
 }
 
 #[cfg(test)]
-mod tests {
+// `params` also serves the tests of the parser that produces `SslParams` (`super::conninfo`).
+pub(super) mod tests {
     use super::*;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
@@ -804,68 +419,11 @@ mod tests {
         }
     }
 
-    fn params(mode: Option<&str>, root: Option<&str>) -> SslParams {
+    pub(in crate::pg) fn params(mode: Option<&str>, root: Option<&str>) -> SslParams {
         SslParams {
             sslmode: mode.map(Into::into),
             sslrootcert: root.map(Into::into),
         }
-    }
-
-    #[test]
-    fn url_parameters_are_split_off_and_decoded() {
-        let (rest, p) = split_ssl_params(
-            "postgres://u:pw@h:5432/db?application_name=x&sslmode=verify-full&sslrootcert=%2Fetc%2Fca%20dir%2Fca.pem&connect_timeout=3",
-        )
-        .unwrap();
-        assert_eq!(
-            rest,
-            "postgres://u:pw@h:5432/db?application_name=x&connect_timeout=3"
-        );
-        assert_eq!(p, params(Some("verify-full"), Some("/etc/ca dir/ca.pem")));
-
-        let (rest, p) = split_ssl_params("postgresql://h/db?sslmode=require").unwrap();
-        assert_eq!(rest, "postgresql://h/db");
-        assert_eq!(p, params(Some("require"), None));
-
-        let (rest, p) = split_ssl_params("postgres://h/db").unwrap();
-        assert_eq!(rest, "postgres://h/db");
-        assert_eq!(p, SslParams::default());
-
-        // tokio-postgres handles sslnegotiation itself.
-        let (rest, _) = split_ssl_params("postgres://h/db?sslnegotiation=postgres").unwrap();
-        assert_eq!(rest, "postgres://h/db?sslnegotiation=postgres");
-    }
-
-    #[test]
-    fn key_value_parameters_are_split_off_with_quoting() {
-        let (rest, p) = split_ssl_params(
-            r"host=h  port = 5 sslmode = verify-ca sslrootcert='/a b/it\'s.pem' user=u",
-        )
-        .unwrap();
-        assert_eq!(rest, "host=h port = 5 user=u");
-        assert_eq!(p, params(Some("verify-ca"), Some("/a b/it's.pem")));
-
-        // Malformed: left for tokio-postgres to report.
-        let (rest, p) = split_ssl_params("host=h sslmode").unwrap();
-        assert_eq!(rest, "host=h sslmode");
-        assert_eq!(p, SslParams::default());
-    }
-
-    #[test]
-    fn other_ssl_parameters_are_refused_by_name() {
-        for url in [
-            "postgres://h/db?sslcert=/c.pem",
-            "host=h sslkey=/k.pem",
-            "postgres://h/db?ssl%63rl=x",
-        ] {
-            let err = split_ssl_params(url).unwrap_err().to_string();
-            assert!(err.contains("not supported"), "{url}: {err}");
-            assert!(err.contains("ssl"), "{url}: {err}");
-        }
-        let err = split_ssl_params("postgres://h/db?sslrootcert=%zz")
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("sslrootcert"), "{err}");
     }
 
     #[test]
@@ -992,21 +550,6 @@ mod tests {
                 .unwrap();
         let err = verify.configure(&mut config).unwrap_err().to_string();
         assert!(err.contains("sslnegotiation"), "{err}");
-    }
-
-    #[test]
-    fn certificate_names_and_refusals_read_plainly() {
-        assert_eq!(presented_name("DnsName(\"localhost\")"), "localhost");
-        assert_eq!(presented_name("IpAddress(127.0.0.1)"), "127.0.0.1");
-        assert_eq!(presented_name("odd"), "odd");
-        let message = "pg_hba.conf rejects connection for host \"h\", user \"u\", database \"d\", no encryption";
-        assert!(plain_refused(SslMode::Disable, "28000", message).is_some());
-        assert!(plain_refused(SslMode::Prefer, "28000", message).is_none());
-        assert!(plain_refused(SslMode::Disable, "28P01", message).is_none());
-        let wrapped = rustls::Error::InvalidCertificate(CertificateError::Other(
-            rustls::OtherError(Arc::new(CertificateProblem("plain words".into()))),
-        ));
-        assert_eq!(describe_rustls(&wrapped), "plain words");
     }
 
     #[test]

@@ -13,11 +13,24 @@
 //!
 //! It is written directly on `postgres-protocol` because tokio-postgres has no replication mode.
 
-mod connection;
-mod stream;
+//!
+//! One file a job: [`ReplicationError`] (`error`), the socket and its TLS (`transport`), message
+//! framing and rows (`wire`), the password exchange (`auth`), the session and its commands
+//! (`session`), the CopyBoth stream (`stream`); the tests share one scripted walsender (`mock`).
 
-pub use connection::{
-    CreatedSlot, DEFAULT_APPLICATION_NAME, ReplicationConnection, ReplicationError, Row,
-    SlotSnapshot, Socket, SystemIdentity,
+mod auth;
+mod error;
+#[cfg(test)]
+mod mock;
+mod session;
+mod stream;
+mod transport;
+mod wire;
+
+pub use error::ReplicationError;
+pub use session::{
+    CreatedSlot, DEFAULT_APPLICATION_NAME, ReplicationConnection, SlotSnapshot, SystemIdentity,
 };
 pub use stream::{ReplicationStream, STATUS_UPDATE_INTERVAL, StreamEvent, quote_publication_names};
+pub use transport::Socket;
+pub use wire::Row;
