@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use tokio_util::sync::CancellationToken;
 
-use crate::retry::Backoff;
 use crate::config::Config;
 use crate::repository::{Manifest, Repository, RepositoryError};
+use crate::retry::Backoff;
 use crate::snapshot::{self, SnapshotRequest};
 use crate::telemetry::{SnapshotStatus, Task, Telemetry};
 

@@ -41,8 +41,6 @@ mod verifier;
 
 use verifier::PolicyVerifier;
 pub use verifier::{describe_rustls, rustls_cause};
-// `connect_client` is `super::connect`'s; also named here for callers that import it by this path.
-pub use super::connect::connect_client;
 
 /// `sslmode` when the URL has none.
 pub const SSLMODE_ENV: &str = "PGSSLMODE";

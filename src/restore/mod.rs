@@ -208,7 +208,7 @@ pub async fn run(
     let loading = async {
         let mut target = crate::pg::pg_config(&request.target_url)?;
         target.config.dbname(&database);
-        let (client, connection) = crate::pg::tls::connect_client(&target.config, &target.tls)
+        let (client, connection) = crate::pg::connect::connect_client(&target.config, &target.tls)
             .await
             .map_err(|e| {
                 crate::pg::ConnectError::connecting(
