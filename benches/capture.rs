@@ -7,7 +7,7 @@
 //! cargo bench --bench capture -- --smoke   # tiny sizes, about 2 minutes
 //! ```
 //!
-//! It starts a private PostgreSQL 15 (the e2e tests' support code: `wal_level=logical`,
+//! It starts a private PostgreSQL 15 (the tests' support crate, tests/support: `wal_level=logical`,
 //! `fsync=off`, `logical_decoding_work_mem=64kB`), loads the reference fixture
 //! (`tests/fixtures/updog_{schema,data}.sql`), applies the REPLICA IDENTITY fixes `check`
 //! asks for, and uses the release binary as a user would (keygen, config, `init`, `daemon`,
@@ -42,14 +42,6 @@
 //! `pgbackrest` (`apt-get install -y pgbackrest time`). Loopback only; the clusters, daemons and
 //! temporary directories are removed when this process exits.
 
-#[path = "../tests/e2e/support/fixture.rs"]
-mod fixture;
-#[path = "common/machine.rs"]
-mod machine;
-#[allow(dead_code)]
-#[path = "../tests/e2e/support/postgres.rs"]
-mod postgres;
-
 use std::fmt::Write as _;
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
@@ -61,12 +53,15 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::Value;
 
-use fixture::TENANT_FILTERS;
-use machine::{Machine, loadavg, sh};
+use updog_backup_test_support::bench::{
+    Machine, dir_bytes, loadavg, mib, proc_cpu_seconds, sh, verdict,
+};
+use updog_backup_test_support::fixture::TENANT_FILTERS;
+use updog_backup_test_support::oracle::digest;
+use updog_backup_test_support::postgres;
 
 /// The binary cargo built for this bench (bench profile = release settings).
 const BIN: &str = env!("CARGO_BIN_EXE_updog-backup");
-const MIB: f64 = (1u64 << 20) as f64;
 /// Targets from issue 3.
 const CAPTURE_TARGET: f64 = 20_000.0;
 const REPLAY_TARGET: f64 = 50_000.0;
@@ -476,37 +471,9 @@ fn spread(values: &[f64], digits: usize, unit: &str) -> String {
     format!("{m:.digits$} {unit} ({min:.digits$}–{max:.digits$})")
 }
 
-fn mib(bytes: f64) -> String {
-    format!("{:.1} MiB", bytes / MIB)
-}
-
-fn verdict(ok: bool) -> &'static str {
-    if ok { "PASS" } else { "MISS" }
-}
-
 /// CPU seconds (user + system) of a process so far.
 fn proc_cpu(pid: u32) -> f64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(2)
-        .filter_map(|f| f.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    proc_cpu_seconds(pid, false)
 }
 
 /// A `/proc/<pid>/status` field in KiB (VmRSS, VmHWM).
@@ -732,20 +699,6 @@ target_url = "{target}"
     fn change_bytes(&self) -> u64 {
         dir_bytes(&self.repo.join("changes"))
     }
-}
-
-fn dir_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| match e.metadata() {
-                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
-                    Ok(m) => m.len(),
-                    Err(_) => 0,
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 /// `updog-backup daemon`, its JSON log lines in a file.
@@ -2002,23 +1955,6 @@ impl Bench<'_> {
             restored_bytes,
         }
     }
-}
-
-/// (rows, md5 of every row's text form in a stable order), as in tests/e2e/snapshot_restore.rs.
-async fn digest(
-    client: &tokio_postgres::Client,
-    table: &str,
-    filter: Option<&str>,
-) -> (i64, String) {
-    let filter = filter.map(|f| format!("WHERE {f}")).unwrap_or_default();
-    let sql = format!(
-        "SELECT count(*), coalesce(md5(string_agg(r::text, E'\\n' ORDER BY r::text)), '') FROM (SELECT * FROM {table} {filter}) r"
-    );
-    let row = client
-        .query_one(&sql, &[])
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    (row.get(0), row.get(1))
 }
 
 // ---------------------------------------------------------------------------------------------

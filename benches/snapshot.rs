@@ -5,7 +5,7 @@
 //! cargo bench --bench snapshot -- --scales 0.2 --tenants 12 --runs 1 --parallel 2   # smoke run
 //! ```
 //!
-//! For each scale it starts a private PostgreSQL (the e2e tests' support code), loads
+//! For each scale it starts a private PostgreSQL (the tests' support crate, tests/support), loads
 //! `tests/fixtures/updog_{schema,data}.sql`, freezes it (`VACUUM (FREEZE, ANALYZE)`, so no run
 //! pays for hint bits), makes an identity, a config and a directory repository exactly as a
 //! user would, then measures, interleaving ours and the baselines, `--runs` times each (medians):
@@ -34,12 +34,6 @@
 //! Needs `age`, `zstd` and GNU `time` (`apt-get install -y age zstd time`). Loopback only;
 //! the cluster is stopped and deleted when this process exits.
 
-#[path = "common/machine.rs"]
-mod machine;
-#[allow(dead_code)]
-#[path = "../tests/e2e/support/postgres.rs"]
-mod postgres;
-
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
@@ -51,50 +45,19 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use machine::{Machine, loadavg};
+use updog_backup_test_support::bench::{
+    MIB, Machine, dir_bytes, loadavg, mib, proc_cpu_seconds, verdict,
+};
+use updog_backup_test_support::fixture::tenant_tables;
+use updog_backup_test_support::postgres;
 
 /// The binary cargo built for this bench (bench profile = release settings).
 const BIN: &str = env!("CARGO_BIN_EXE_updog-backup");
 /// No single measured command may take longer (keeps the bench bounded).
 const TIMEOUT: Duration = Duration::from_secs(600);
-const MIB: f64 = (1u64 << 20) as f64;
 /// Targets from the issue.
 const TENANT_RATIO_TARGET: f64 = 1.2;
 const RSS_TARGET_KIB: u64 = 256 * 1024;
-
-/// The 11 tenant tables of the reference schema (app.currencies is global) and the rows of tenant `$ORG`, written by
-/// hand (as in tests/e2e/snapshot_restore.rs), not taken from the code under test.
-const TENANT_FILTERS: &[(&str, &str)] = &[
-    ("app.organizations", "id = '$ORG'"),
-    ("app.users", "organization_id = '$ORG'"),
-    ("app.funds", "organization_id = '$ORG'"),
-    ("app.fund_permissions", "organization_id = '$ORG'"),
-    ("audit.events", "organization_id = '$ORG'"),
-    (
-        "app.fundconfigs",
-        "fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')",
-    ),
-    (
-        "app.portfoliocompanies",
-        "fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')",
-    ),
-    (
-        "app.investments",
-        "fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')",
-    ),
-    (
-        "app.forecast_snapshots",
-        "fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')",
-    ),
-    (
-        "app.reserve_allocations",
-        "fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$ORG')",
-    ),
-    (
-        "app.investment_lots",
-        "investment_id IN (SELECT i.id FROM app.investments i JOIN app.funds f ON f.id = i.fund_id WHERE f.organization_id = '$ORG')",
-    ),
-];
 
 struct Args {
     scales: Vec<String>,
@@ -245,28 +208,7 @@ fn server_cpu(pg: &postgres::Cluster) -> f64 {
         .ok()
         .and_then(|s| s.lines().next().map(str::to_string))
         .unwrap_or_default();
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after "pid (comm) ": state is [0]; utime, stime, cutime, cstime are [11..15].
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let ticks: u64 = rest
-        .split_whitespace()
-        .skip(11)
-        .take(4)
-        .filter_map(|f| f.parse::<u64>().ok())
-        .sum();
-    ticks as f64 / clock_ticks()
-}
-
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
+    proc_cpu_seconds(pid, true)
 }
 
 /// Runs `program args` under GNU time, in its own process group so a timeout can stop the
@@ -549,22 +491,6 @@ parallel = 2
     }
 }
 
-/// Sum of the sizes of the files under `dir`.
-fn dir_bytes(dir: &Path) -> u64 {
-    fs::read_dir(dir)
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let meta = e.metadata().unwrap();
-            if meta.is_dir() {
-                dir_bytes(&e.path())
-            } else {
-                meta.len()
-            }
-        })
-        .sum()
-}
-
 /// What a backup logged (JSON lines on stderr).
 #[derive(Default)]
 struct Log {
@@ -674,16 +600,15 @@ fn bench_scale(
     });
     eprintln!(
         "   {db}: {} of tables (heap+TOAST), {} of indexes, loaded in {load_seconds:.0} s",
-        mib(table_bytes),
-        mib(index_bytes)
+        mib(table_bytes as f64),
+        mib(index_bytes as f64)
     );
 
     let env = Env::new(pg, work, &db);
     let port = pg.port.to_string();
     let psql = pg.bin.join("psql");
     let conn = format!("-h 127.0.0.1 -p {port} -U updog_backup -d {db}");
-    let copies: Vec<String> = TENANT_FILTERS
-        .iter()
+    let copies: Vec<String> = tenant_tables()
         .map(|(table, filter)| {
             format!(
                 "COPY (SELECT * FROM {table} WHERE {}) TO STDOUT",
@@ -893,7 +818,7 @@ fn diagnose(pg: &postgres::Cluster, env: &Env, conn: &str) -> Vec<TableCost> {
     env.backup(pg, &[], 1);
     let middle = len();
     let mut script = String::new();
-    for (table, _) in TENANT_FILTERS {
+    for (table, _) in tenant_tables() {
         let (schema, name) = table.split_once('.').expect("schema.table");
         writeln!(
             script,
@@ -910,15 +835,14 @@ fn diagnose(pg: &postgres::Cluster, env: &Env, conn: &str) -> Vec<TableCost> {
         |a: u64, b: u64| String::from_utf8_lossy(&text[a as usize..b as usize]).into_owned();
     let ours = statement_times(&slice(start, middle));
     let full = statement_times(&slice(middle, end));
-    TENANT_FILTERS
-        .iter()
+    tenant_tables()
         .map(|(table, _)| {
-            let (ours_ms, statements) = ours.get(*table).copied().unwrap_or((f64::NAN, 0));
+            let (ours_ms, statements) = ours.get(table).copied().unwrap_or((f64::NAN, 0));
             TableCost {
                 table: table.to_string(),
                 ours_ms,
                 statements,
-                full_ms: full.get(*table).map_or(f64::NAN, |f| f.0),
+                full_ms: full.get(table).map_or(f64::NAN, |f| f.0),
             }
         })
         .collect()
@@ -979,14 +903,6 @@ fn parallel_query(pg: &postgres::Cluster, on: bool) {
     pg.psql("postgres", &["-c", sql]);
 }
 
-fn verdict(ok: bool) -> &'static str {
-    if ok { "PASS" } else { "MISS" }
-}
-
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / MIB)
-}
-
 fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Duration) -> String {
     let mut s = String::new();
     let w = &mut s;
@@ -1024,8 +940,8 @@ fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Durati
             r.scale,
             r.tenants,
             r.rows,
-            mib(r.table_bytes),
-            mib(r.index_bytes),
+            mib(r.table_bytes as f64),
+            mib(r.index_bytes as f64),
         )
         .unwrap();
         writeln!(
@@ -1059,7 +975,7 @@ fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Durati
                 },
                 s.cpu(),
                 s.server(),
-                mib(s.bytes()),
+                mib(s.bytes() as f64),
                 if target {
                     verdict(ratio <= TENANT_RATIO_TARGET)
                 } else {
@@ -1104,7 +1020,7 @@ fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Durati
              {:.2}× (whole command), {:.2}× (archive)",
             r.org.median(|s| s.setup),
             r.schema_dump.wall(),
-            mib(r.org.peak_rss_kib() * 1024),
+            mib((r.org.peak_rss_kib() * 1024) as f64),
             r.org.wall() / r.one_stream.wall(),
             r.org.median(|s| s.archive) / r.one_stream.wall()
         )
@@ -1132,8 +1048,8 @@ fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Durati
                 s.wall_text(2),
                 s.cpu(),
                 s.server(),
-                mib(s.bytes()),
-                mib(rss * 1024),
+                mib(s.bytes() as f64),
+                mib((rss * 1024) as f64),
                 r.rows as f64 / t,
                 r.table_bytes as f64 / MIB / t,
                 if ours { verdict(tr < 1.0 && br <= 1.0) } else { "" },
@@ -1249,7 +1165,7 @@ fn report(machine: &Machine, args: &Args, results: &[ScaleResult], total: Durati
             verdict(archive <= TENANT_RATIO_TARGET),
             b.join("; "),
             verdict(rss < RSS_TARGET_KIB),
-            mib(rss * 1024)
+            mib((rss * 1024) as f64)
         )
         .unwrap();
     }

@@ -10,8 +10,8 @@
 //! Tests run one at a time (they restart this binary's own PostgreSQL cluster and cut its
 //! object store), so each takes [`serial`] first.
 
-#[path = "../e2e/support/mod.rs"]
-mod support;
+// The harness (tests/support, shared with tests/e2e and the benches), as `crate::support`.
+use updog_backup_test_support as support;
 
 mod kills;
 mod outages;

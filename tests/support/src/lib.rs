@@ -1,17 +1,23 @@
-//! Shared test support: real services (PostgreSQL, SeaweedFS) and a runner for the real
-//! `updog-backup` binary with a config, an identity and a repository made for the test.
+//! Test support of updog-backup, one crate for every test target and bench (a dev-dependency of
+//! the root package): real services (PostgreSQL, SeaweedFS) and a runner for the real
+//! `updog-backup` binary with a config, an identity and a repository made for the test; the
+//! reference fixture's facts, the oracles (the fixture's tenants, and the random schemas of the
+//! isolation property test with their generators), a TCP proxy for outages, and the benches'
+//! shared helpers ([`bench`]).
 
-#![allow(dead_code)]
-
+pub mod bench;
+pub mod change_gen;
 pub mod daemon;
 pub mod fixture;
 pub mod oracle;
 pub mod postgres;
 pub mod proxy;
+pub mod schema_gen;
 pub mod seaweed;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::OnceLock;
 
 use tempfile::TempDir;
 
@@ -31,8 +37,42 @@ pub struct TestEnv {
     pub env: Vec<(String, String)>,
 }
 
+/// The repository's root (this crate is `tests/support`): where `tests/fixtures` and
+/// `target/test-services` are.
+pub fn repo_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .and_then(Path::parent)
+        .expect("tests/support is two levels below the repository's root")
+}
+
+/// The `updog-backup` binary cargo built for the running test or bench target, which that
+/// target knows as `env!("CARGO_BIN_EXE_updog-backup")` (a library cannot: cargo sets it for
+/// integration tests and benches only): `$CARGO_BIN_EXE_updog-backup` when cargo also sets it
+/// at run time, else where cargo puts it, the profile directory above the target's `deps/`.
+/// (`tests/e2e` checks that both agree.)
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_updog-backup")
+    static BIN: OnceLock<String> = OnceLock::new();
+    BIN.get_or_init(|| {
+        if let Ok(path) = std::env::var("CARGO_BIN_EXE_updog-backup") {
+            return path;
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let path = exe
+            .parent()
+            .and_then(Path::parent)
+            .map(|profile| profile.join("updog-backup"))
+            .filter(|p| p.is_file())
+            .unwrap_or_else(|| {
+                panic!(
+                    "no updog-backup binary next to the deps/ directory of {} (run the tests with cargo)",
+                    exe.display()
+                )
+            });
+        path.into_os_string()
+            .into_string()
+            .expect("a UTF-8 path to the binary")
+    })
 }
 
 impl TestEnv {

@@ -1,6 +1,9 @@
 //! The oracle of the capture tests: the source's state of a tenant (digest per table, from
 //! hand-written filters independent of the code under test) recorded at instants, a
 //! continuous multi-tenant write load that records them, and restores compared with them.
+//! [`schemas`]: the same for the random schemas of the isolation property test.
+
+pub mod schemas;
 
 use std::collections::BTreeMap;
 

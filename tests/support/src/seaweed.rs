@@ -89,7 +89,7 @@ fn weed_binary() -> PathBuf {
     if let Some(path) = std::env::var_os(WEED_ENV) {
         return PathBuf::from(path);
     }
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-services/venv/bin/weed");
+    let path = crate::repo_root().join("target/test-services/venv/bin/weed");
     if !path.exists() {
         panic!(
             "SeaweedFS not found at {} and {WEED_ENV} is not set: run scripts/test-services.sh \
@@ -102,7 +102,7 @@ fn weed_binary() -> PathBuf {
 
 async fn start() -> SeaweedFs {
     let weed = weed_binary();
-    let services = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-services");
+    let services = crate::repo_root().join("target/test-services");
     let mut failures = Vec::new();
     for _ in 0..START_ATTEMPTS {
         let server = SeaweedFs {

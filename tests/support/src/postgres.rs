@@ -204,10 +204,9 @@ fn start_with(spec: &ClusterSpec) -> Cluster {
         templates: Mutex::new(Vec::new()),
     };
     // The fixture's roles are cluster-wide: create them once, before tests run in parallel.
-    let schema = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/updog_schema.sql"),
-    )
-    .unwrap();
+    let schema =
+        std::fs::read_to_string(crate::repo_root().join("tests/fixtures/updog_schema.sql"))
+            .unwrap();
     let roles = &schema[..schema
         .find("CREATE EXTENSION")
         .expect("the fixture creates its roles first")];
@@ -301,7 +300,7 @@ impl Cluster {
                 Some((_, _, name)) => name.clone(),
                 None => {
                     let name = self.fresh_db(&format!("fixture_t{tenants}")).await;
-                    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+                    let fixtures = crate::repo_root().join("tests/fixtures");
                     self.psql(
                         &name,
                         &["-f", fixtures.join("updog_schema.sql").to_str().unwrap()],

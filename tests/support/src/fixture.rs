@@ -1,5 +1,5 @@
 //! Facts about the reference fixture written by hand, independent of the code under test:
-//! shared by the end-to-end tests and the benches (which `#[path]`-include this file).
+//! shared by the end-to-end tests, the fault suite and the benches.
 
 /// Every table of the reference schema with the rows of tenant `$ORG` (written by hand, not
 /// by the catalog under test). `None`: global, every row.
@@ -37,6 +37,14 @@ pub const TENANT_FILTERS: &[(&str, Option<&str>)] = &[
         ),
     ),
 ];
+
+/// The tenant tables of [`TENANT_FILTERS`] (every one but the global `app.currencies`), in its
+/// order, with their filters.
+pub fn tenant_tables() -> impl Iterator<Item = (&'static str, &'static str)> {
+    TENANT_FILTERS
+        .iter()
+        .filter_map(|&(table, filter)| Some((table, filter?)))
+}
 
 /// What `check` tells the DBA to run so that every DELETE can be routed.
 pub const REPLICA_IDENTITY_FIXES: &str = "
