@@ -1,4 +1,4 @@
-//! Bad input gets a clear message, the exit code of DESIGN.md (2: usage/config, 1:
+//! Bad input gets a clear message, the exit code of README.md (2: usage/config, 1:
 //! operational) and never leaves anything half-made or damaged.
 
 use std::path::PathBuf;

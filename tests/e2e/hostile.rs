@@ -2,7 +2,7 @@
 //! tenant values that attack SQL building, and a daemon whose ground moves under it (a
 //! repository of another database, other recipients, its replication slot dropped).
 //!
-//! What each test holds to (DESIGN.md invariants 3 and 4, exit codes 1 and 2): a damaged object
+//! What each test holds to (ARCHITECTURE.md invariants 3 and 4, exit codes 1 and 2): a damaged object
 //! fails restore with exit 1 and a message naming it BEFORE any database is created, and
 //! `verify` names it; names are quoted and values bound, never interpolated; what cannot heal
 //! stops the daemon with a message saying what to do.

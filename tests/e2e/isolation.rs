@@ -1,5 +1,5 @@
-//! Isolation as a property (DESIGN.md invariant 3, and the "tenant table" of its Words): for
-//! random schemas and random tenants, a restored database holds every row of its tenant and no
+//! Isolation as a property (ARCHITECTURE.md invariant 3, and README's "How tables reach their
+//! tenant"): for random schemas and random tenants, a restored database holds every row of its tenant and no
 //! row of anyone else.
 //!
 //! Each case builds, from one seed, a fresh database with one schema: a tenant root table (or

@@ -9,8 +9,8 @@
 //! It must never decide what is durable. It does not answer keepalives, never sends a status
 //! update on its own and does not remember which payloads it handed out: the `flushed` position
 //! of a status update lets the server advance the slot and discard the WAL before it, so only the
-//! caller — which knows which packs are stored — may choose it (invariant 1). Payloads pass
-//! through undecoded; the pgoutput decoder reads them.
+//! caller — which knows which packs are stored — may choose it (ARCHITECTURE.md, invariant 1).
+//! Payloads pass through undecoded; the pgoutput decoder reads them.
 //!
 //! The stream is generic over its byte stream like [`ReplicationConnection`], so a TLS stream
 //! fits without changes here.

@@ -27,8 +27,8 @@
 //!   the pipeline first.
 //! - An update or delete must hit exactly one row. In an exact restore the row is there; a miss
 //!   means the stream does not continue this snapshot, and silently skipping it would hand back a
-//!   database that looks restored but is not (DESIGN.md, invariant 2).
-//! - Memory is bounded whatever the transaction size (invariant 6): a COPY run is streamed in
+//!   database that looks restored but is not (ARCHITECTURE.md, invariant 2).
+//! - Memory is bounded whatever the transaction size (ARCHITECTURE.md, invariant 6): a COPY run is streamed in
 //!   ~1 MiB chunks, and the pipeline holds at most [`MAX_IN_FLIGHT`] changes and
 //!   [`MAX_IN_FLIGHT_BYTES`] of values.
 //! - Sequences are not part of the change stream, so [`Replayer::finish`] moves each sequence
