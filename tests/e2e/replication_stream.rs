@@ -246,8 +246,15 @@ async fn committed_changes_stream_and_an_acknowledged_flush_becomes_the_slots_po
         );
 
         // With nothing acknowledged, the walsender pings before it waits for more WAL.
-        let StreamEvent::Keepalive { wal_end, .. } = next_event(&mut stream).await else {
-            panic!("expected a keepalive");
+        let wal_end = loop {
+            match next_event(&mut stream).await {
+                StreamEvent::Keepalive { wal_end, .. } => break wal_end,
+                // PostgreSQL 15 sends empty stream blocks (start, stop, abort) for large
+                // transactions of other databases: tests beside this one write those.
+                StreamEvent::XLogData { data, .. }
+                    if data.first().is_some_and(|b| b"SEA".contains(b)) => {}
+                other => panic!("expected a keepalive, got {other:?}"),
+            }
         };
         assert!(wal_end >= end_lsn, "{wal_end} < {end_lsn}");
 
