@@ -83,22 +83,27 @@ impl Error {
 mod tests {
     use super::*;
     use crate::pg::replication::ReplicationError;
+    use crate::source::identity::IdentifyError;
 
     /// The same configuration error exits 2 whether it comes directly or wrapped (init once
     /// flattened replication errors into strings, and they exited 1).
     #[test]
     fn a_wrapped_error_keeps_its_exit_code() {
         let direct = Error::Replication(ReplicationError::Config("bad".into()));
-        let wrapped = Error::Init(crate::init::InitError::Replication {
-            target: "postgres://h/db".into(),
-            source: ReplicationError::Config("bad".into()),
-        });
+        let wrapped = Error::Init(crate::init::InitError::Identify(
+            IdentifyError::Replication {
+                target: "postgres://h/db".into(),
+                source: ReplicationError::Config("bad".into()),
+            },
+        ));
         assert_eq!(direct.exit_code(), 2);
         assert_eq!(wrapped.exit_code(), 2);
-        let closed = Error::Init(crate::init::InitError::Replication {
-            target: "postgres://h/db".into(),
-            source: ReplicationError::Closed,
-        });
+        let closed = Error::Init(crate::init::InitError::Identify(
+            IdentifyError::Replication {
+                target: "postgres://h/db".into(),
+                source: ReplicationError::Closed,
+            },
+        ));
         assert_eq!(closed.class(), ErrorClass::Transient);
         assert_eq!(closed.exit_code(), 1);
     }

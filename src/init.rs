@@ -11,27 +11,19 @@ use serde::Serialize;
 
 use crate::codec::{CodecError, parse_recipients, recipient_fingerprint};
 use crate::config::Config;
-use crate::pg::replication::{ReplicationConnection, ReplicationError};
-use crate::pg::{ConnectError, InvalidUrl, Lsn, redact_url};
+use crate::pg::Lsn;
 use crate::repository::stream::EarlierStream;
 use crate::repository::{RepoInfo, Repository, RepositoryError};
 use crate::retry::{Classify, ErrorClass};
 use crate::snapshot::{SnapshotError, SnapshotRequest};
 use crate::source::SourceError;
+use crate::source::identity::IdentifyError;
 use crate::source::publication::PublicationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
     #[error(transparent)]
-    Url(#[from] InvalidUrl),
-    #[error(transparent)]
-    Connect(#[from] ConnectError),
-    #[error("replication connection to {target}: {source}")]
-    Replication {
-        target: String,
-        #[source]
-        source: ReplicationError,
-    },
+    Identify(#[from] IdentifyError),
     #[error(transparent)]
     Source(#[from] SourceError),
     #[error(transparent)]
@@ -52,9 +44,7 @@ pub enum InitError {
 impl Classify for InitError {
     fn class(&self) -> ErrorClass {
         match self {
-            InitError::Url(e) => e.class(),
-            InitError::Connect(e) => e.class(),
-            InitError::Replication { source, .. } => source.class(),
+            InitError::Identify(e) => e.class(),
             InitError::Source(e) => e.class(),
             InitError::Codec(e) => e.class(),
             InitError::Repository(e) => e.class(),
@@ -99,21 +89,7 @@ pub struct FirstSnapshot {
 }
 
 pub async fn run(config: &Config, repo: &Repository) -> Result<InitReport, InitError> {
-    let pg_config = crate::pg::pg_config(&config.source.url)?;
-    let replication_error = |source| InitError::Replication {
-        target: redact_url(&config.source.url),
-        source,
-    };
-    let mut replication = ReplicationConnection::connect_tls(&pg_config.config, &pg_config.tls)
-        .await
-        .map_err(replication_error)?;
-    let system = replication
-        .identify_system()
-        .await
-        .map_err(replication_error)?;
-    let _ = replication.close().await;
-    let client = crate::pg::connect(&config.source.url).await?;
-    let identity = crate::snapshot::source_identity(&client, system.system_id).await?;
+    let (client, identity) = crate::source::identity::identify(&config.source.url).await?;
     // The catalog must classify every table before the first backup can work.
     let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
         .await

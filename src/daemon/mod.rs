@@ -47,12 +47,8 @@ pub enum DaemonError {
     Source(#[from] crate::source::SourceError),
     #[error(transparent)]
     Codec(#[from] crate::codec::CodecError),
-    #[error("replication connection to {target}: {source}")]
-    Replication {
-        target: String,
-        #[source]
-        source: crate::pg::replication::ReplicationError,
-    },
+    #[error(transparent)]
+    Identify(#[from] crate::source::identity::IdentifyError),
     #[error("{0}")]
     Internal(String),
     #[error(
@@ -71,7 +67,7 @@ impl Classify for DaemonError {
             DaemonError::Connect(e) => e.class(),
             DaemonError::Source(e) => e.class(),
             DaemonError::Codec(e) => e.class(),
-            DaemonError::Replication { source, .. } => source.class(),
+            DaemonError::Identify(e) => e.class(),
             DaemonError::Internal(_) | DaemonError::SlotLost(_) => ErrorClass::Permanent,
         }
     }
@@ -245,23 +241,7 @@ async fn check_source(
     info: &crate::repository::RepoInfo,
     repo: &Repository,
 ) -> Result<(), DaemonError> {
-    let target =
-        crate::pg::pg_config(&config.source.url).map_err(crate::source::SourceError::from)?;
-    let replication_error = |source| DaemonError::Replication {
-        target: crate::pg::redact_url(&config.source.url),
-        source,
-    };
-    let mut replication =
-        crate::pg::replication::ReplicationConnection::connect_tls(&target.config, &target.tls)
-            .await
-            .map_err(replication_error)?;
-    let system = replication
-        .identify_system()
-        .await
-        .map_err(replication_error)?;
-    let _ = replication.close().await;
-    let client = crate::pg::connect(&config.source.url).await?;
-    let identity = crate::snapshot::source_identity(&client, system.system_id).await?;
+    let (_, identity) = crate::source::identity::identify(&config.source.url).await?;
     info.check_source(
         &identity.system_identifier,
         &identity.database,

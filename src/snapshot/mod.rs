@@ -29,6 +29,7 @@ use crate::repository::object::ObjectWriter;
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId, StoredObject, keys};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, CatalogError, Table};
+use crate::source::identity::{SourceIdentity, source_identity};
 use crate::source::{SourceError, pg_tools, query_context};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,32 +61,6 @@ pub struct SnapshotRequest {
     /// the stream continues exactly where the snapshot ends (`init`). Dropped again if the
     /// snapshot fails. `None`: a temporary slot, gone with the connection.
     pub stream_slot: Option<String>,
-}
-
-/// Source facts a snapshot records, read once per run.
-#[derive(Debug, Clone)]
-pub struct SourceIdentity {
-    pub system_identifier: String,
-    pub database: String,
-    pub server_version_num: u32,
-}
-
-pub async fn source_identity(
-    client: &Client,
-    system_identifier: String,
-) -> Result<SourceIdentity, SourceError> {
-    let row = client
-        .query_one(
-            "SELECT current_database(), current_setting('server_version_num')::int",
-            &[],
-        )
-        .await
-        .map_err(query_context("reading the source's identity"))?;
-    Ok(SourceIdentity {
-        system_identifier,
-        database: row.get(0),
-        server_version_num: row.get::<_, i32>(1) as u32,
-    })
 }
 
 /// Checks a tenant value given on the command line against the tenant column's type, so a

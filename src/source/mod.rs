@@ -5,6 +5,7 @@
 
 pub mod catalog;
 pub mod check;
+pub mod identity;
 pub mod pg_tools;
 pub mod publication;
 
