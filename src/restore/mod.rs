@@ -298,12 +298,33 @@ async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError
     }
 }
 
+/// Drops a recovery database whose restore failed. `WITH (FORCE)` waits only a few seconds
+/// for the backends it terminates to exit, which a loaded server may not manage: a transient
+/// failure is tried again before the database is left for the operator to drop.
 async fn drop_database(client: &Client, name: &str) {
     let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
-    if let Err(e) = client.batch_execute(&sql).await {
-        tracing::error!(database = name, error = %sqlstate::describe(&e), "could not drop the incomplete recovery database: drop it by hand");
+    let mut backoff = crate::retry::Backoff::new(
+        std::time::Duration::from_millis(500),
+        std::time::Duration::from_secs(4),
+    );
+    for attempt in 1..=DROP_ATTEMPTS {
+        match client.batch_execute(&sql).await {
+            Ok(()) => return,
+            // 55006 ("being accessed by other users") is transient, as a restarting server is.
+            Err(e) if attempt < DROP_ATTEMPTS && sqlstate::class_of(&e).is_transient() => {
+                tracing::warn!(database = name, error = %sqlstate::describe(&e), "dropping the incomplete recovery database; trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                tracing::error!(database = name, error = %sqlstate::describe(&e), "could not drop the incomplete recovery database: drop it by hand");
+                return;
+            }
+        }
     }
 }
+
+/// Tries at dropping a failed restore's database.
+const DROP_ATTEMPTS: u32 = 4;
 
 #[derive(Debug, thiserror::Error)]
 enum LoadError {
