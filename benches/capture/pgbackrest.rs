@@ -15,8 +15,9 @@ use updog_backup_test_support::fixture::TENANT_FILTERS;
 use updog_backup_test_support::postgres;
 
 use crate::load::Bench;
-use crate::plumbing::{as_owner, bash, is_root, run, watchdog};
+use crate::plumbing::{as_owner, bash, run, watchdog};
 use crate::{STANZA, TIMEOUT};
+use updog_backup_test_support::postgres::is_root;
 
 #[derive(Clone, Copy)]
 pub(crate) struct PgBackRestRun {

@@ -9,15 +9,8 @@ use std::time::Instant;
 
 use chrono::{DateTime, SecondsFormat, Utc};
 
-use updog_backup_test_support::bench::proc_cpu_seconds;
-
-pub(crate) fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
+use updog_backup_test_support::bench::{median, proc_cpu_seconds};
+use updog_backup_test_support::postgres::is_root;
 
 /// `program` as the clusters' owner (`postgres` when we are root, as the support code does).
 pub(crate) fn as_owner(program: impl AsRef<std::ffi::OsStr>) -> Command {
@@ -99,16 +92,6 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     }
     let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
     sorted[rank - 1]
-}
-
-pub(crate) fn median(values: &[f64]) -> f64 {
-    let mut v = values.to_vec();
-    v.sort_by(f64::total_cmp);
-    match v.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => v[n / 2],
-        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
 }
 
 /// "median (min–max)" or the one value.

@@ -11,13 +11,14 @@ use updog_backup_test_support::bench::{Machine, mib, verdict};
 use crate::daemon::PackLine;
 use crate::pgbackrest::PgBackRestRun;
 use crate::pitr::PitrResult;
-use crate::plumbing::{median, percentile, rfc3339, secs, spread};
+use crate::plumbing::{percentile, rfc3339, secs, spread};
 use crate::rate::CaptureResult;
 use crate::replay::ReplayRun;
 use crate::{
     Args, CAPTURE_TARGET, KEEP_UP_MARGIN, LAG_MARGIN, REPLAY_TARGET, RSS_TARGET_KIB,
     pgbackrest_version,
 };
+use updog_backup_test_support::bench::median;
 
 pub(crate) fn pack_lags(packs: &[PackLine]) -> Vec<f64> {
     let mut lags: Vec<f64> = packs

@@ -154,13 +154,8 @@ pub(crate) struct Series(pub(crate) Vec<Sample>);
 
 impl Series {
     pub(crate) fn median(&self, f: impl Fn(&Sample) -> f64) -> f64 {
-        let mut v: Vec<f64> = self.0.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
+        let v: Vec<f64> = self.0.iter().map(f).collect();
+        updog_backup_test_support::bench::median(&v)
     }
     pub(crate) fn wall(&self) -> f64 {
         self.median(|s| s.wall)

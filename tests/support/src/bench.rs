@@ -119,3 +119,14 @@ pub fn proc_cpu_seconds(pid: impl std::fmt::Display, children: bool) -> f64 {
         .sum();
     ticks as f64 / clock_ticks()
 }
+
+/// The median (the mean of the middle two for an even count; NaN for none).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}

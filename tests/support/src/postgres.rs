@@ -44,7 +44,8 @@ fn pg_bin() -> PathBuf {
     PathBuf::from(format!("/usr/lib/postgresql/{major}/bin"))
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (then clusters run as the `postgres` user).
+pub fn is_root() -> bool {
     Command::new("id")
         .arg("-u")
         .output()
