@@ -2,10 +2,13 @@
 //! tenant values that attack SQL building, and a daemon whose ground moves under it (a
 //! repository of another database, other recipients, its replication slot dropped).
 //!
-//! What each test holds to (ARCHITECTURE.md invariants 3 and 4, exit codes 1 and 2): a damaged object
-//! fails restore with exit 1 and a message naming it BEFORE any database is created, and
+//! What each test holds to (ARCHITECTURE.md invariants 3 and 4, exit codes 1 and 2): a damaged
+//! object fails restore with exit 1 and a message naming it BEFORE any database is created, and
 //! `verify` names it; names are quoted and values bound, never interpolated; what cannot heal
 //! stops the daemon with a message saying what to do.
+//!
+//! One file of ~1,900 lines on purpose: the tests share one damaged-repository fixture and its
+//! catalogue of damages, and RELIABILITY.md names them by these paths.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

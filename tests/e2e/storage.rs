@@ -3,6 +3,8 @@
 //! It checks the contract written in `src/storage/mod.rs`, on an empty store (a fresh directory,
 //! memory, or a unique S3 prefix), and only through the [`ObjectStore`] trait. Backend-specific
 //! checks (file modes, leftover multipart uploads) follow it in each backend's test.
+//!
+//! One file of ~970 lines on purpose: the suite is one contract, and a backend runs all of it.
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -1,6 +1,7 @@
 //! The random schema generator of the isolation property test (tests/e2e/isolation.rs): from one
 //! seed, a schema (a tenant root or none, a forest of tables routed to the tenant by its column or
-//! by foreign keys) with random rows for a few tenants, and the SQL that builds it.
+//! by foreign keys) with random rows for a few tenants, and the SQL that builds it. (~1,080
+//! lines: one generator whose parts — tables, keys, rows, SQL — are drawn from one seed together.)
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
