@@ -16,7 +16,7 @@
 //!
 //! A crash is saved under fuzz/artifacts/pgoutput/; replay it with
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run pgoutput fuzz/artifacts/pgoutput/<file>`, and turn it into
-//! a unit test in src/replication/pgoutput.rs once fixed.
+//! a unit test in src/pg/pgoutput/ once fixed.
 
 #![no_main]
 

@@ -30,7 +30,7 @@
 //!
 //! A crash is saved under fuzz/artifacts/routes/; replay it with
 //! `RUSTC_BOOTSTRAP=1 cargo fuzz run routes fuzz/artifacts/routes/<file>`, and turn it into a
-//! unit test in src/capture/routes.rs once fixed.
+//! unit test in src/repository/routes.rs once fixed.
 
 #![no_main]
 
