@@ -58,7 +58,7 @@ pub struct Backoff {
 
 impl Backoff {
     #[must_use]
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub const fn new(min: Duration, max: Duration) -> Self {
         Self {
             min,
             max,

@@ -115,7 +115,7 @@ pub(super) async fn session(
         .unwrap_or_else(std::env::temp_dir);
     let mut capture = Capture {
         writer: PackWriter::new(
-            repo.store().clone(),
+            repo.clone(),
             recipients,
             config.compression.level,
             spool_dir.clone(),

@@ -26,8 +26,8 @@ use crate::pg::pgoutput::{Begin, Commit, Message, Relation};
 use crate::repository::pack::{self, PackFooter, Region, SectionEntry, SectionHeader};
 use sha2::Digest;
 
+use crate::repository::Repository;
 use crate::repository::routes::Delta;
-use crate::storage::{ObjectStore, PutMode};
 
 /// A section is sealed once its plaintext reaches this size.
 const PIECE: usize = 4 << 20;
@@ -80,7 +80,7 @@ pub struct PackSummary {
 }
 
 pub struct PackWriter {
-    store: Arc<dyn ObjectStore>,
+    repo: Repository,
     recipients: Arc<Vec<age::x25519::Recipient>>,
     level: i32,
     spool_dir: PathBuf,
@@ -113,14 +113,14 @@ impl std::fmt::Debug for PackWriter {
 
 impl PackWriter {
     pub fn new(
-        store: Arc<dyn ObjectStore>,
+        repo: Repository,
         recipients: Arc<Vec<age::x25519::Recipient>>,
         level: i32,
         spool_dir: PathBuf,
         start: Lsn,
     ) -> Self {
         Self {
-            store,
+            repo,
             recipients,
             level,
             body: BodySpool::new(spool_dir.clone()),
@@ -143,7 +143,7 @@ impl PackWriter {
     /// A writer for the next pack, keeping the relation definitions.
     pub fn next(&mut self, start: Lsn) -> PackWriter {
         let mut next = PackWriter::new(
-            self.store.clone(),
+            self.repo.clone(),
             self.recipients.clone(),
             self.level,
             self.spool_dir.clone(),
@@ -442,11 +442,11 @@ impl PackWriter {
             routes,
         };
         self.body.append(&footer.encode())?;
-        let key = pack::key(self.start, end);
         let bytes = self.body.size();
         let body = std::mem::replace(&mut self.body, BodySpool::new(self.spool_dir.clone()));
-        self.store
-            .put(&key, body.into_stream()?, PutMode::CreateNew)
+        let key = self
+            .repo
+            .put_pack(self.start, end, body.into_stream()?)
             .await?;
         Ok(PackSummary {
             key,
@@ -469,8 +469,7 @@ mod tests {
     use crate::pg::pgoutput::{
         Column, Insert, PgTimestamp, ReplicaIdentity, Truncate, Tuple, Value,
     };
-    use crate::repository::Repository;
-    use crate::storage::MemoryStore;
+    use crate::storage::{MemoryStore, ObjectStore};
 
     fn relation(oid: u32, name: &str) -> Relation {
         Relation {
@@ -532,7 +531,7 @@ mod tests {
         let ids = Arc::new(Identities::from(vec![identity]));
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let dir = std::env::temp_dir();
-        let mut w = PackWriter::new(store.clone(), recipients, 3, dir, Lsn(100));
+        let mut w = PackWriter::new(Repository::new(store.clone()), recipients, 3, dir, Lsn(100));
         w.relation(&relation(1, "funds"));
         let time = PgTimestamp(0);
         w.begin(&Begin {

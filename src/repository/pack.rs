@@ -436,6 +436,21 @@ async fn verify_section_digest(
 }
 
 impl Repository {
+    /// Stores a whole pack — sections, footer, trailer — as `[start, end)`. It becomes visible
+    /// at once and is never rewritten (an existing key is an error); returns its key.
+    pub async fn put_pack(
+        &self,
+        start: Lsn,
+        end: Lsn,
+        body: crate::storage::ByteStream,
+    ) -> Result<String> {
+        let key = key(start, end);
+        self.store()
+            .put(&key, body, crate::storage::PutMode::CreateNew)
+            .await?;
+        Ok(key)
+    }
+
     /// A pack's footer, read with ranged reads of its tail and checked (digest, version, its
     /// key's range, the tiling of its regions).
     pub async fn pack_footer(&self, pack: &PackRef) -> Result<PackFooter> {

@@ -36,6 +36,8 @@ use aws_sdk_s3::types::ChecksumAlgorithm;
 use bytes::Bytes;
 
 use download::{Download, total_size};
+
+use crate::retry::Backoff;
 use upload::{AbortOnDrop, PartReader, Upload, abort_upload, part_size};
 
 use super::{
@@ -55,6 +57,8 @@ const MAX_RESUMES: u32 = 5;
 /// Attempts of a conditional write that S3 answered with 409 ConditionalRequestConflict (another
 /// conditional write to the key was in flight; S3 asks the client to retry).
 const CONFLICT_ATTEMPTS: u32 = 3;
+/// Waits between our own retries (resumed downloads, conditional-write conflicts).
+const RETRY_BACKOFF: Backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
 /// ListObjectsV2 returns at most this many keys a page.
 const MAX_LIST_KEYS: usize = 1000;
 
@@ -413,6 +417,7 @@ impl ObjectStore for S3Store {
             pos: start,
             end,
             resumes_left: MAX_RESUMES,
+            backoff: RETRY_BACKOFF.clone(),
             failed: false,
         };
         Ok(Box::pin(futures::stream::unfold(
@@ -625,6 +630,7 @@ where
     E: ProvideErrorMetadata + std::error::Error + 'static,
 {
     let mut attempt = 1;
+    let mut backoff = RETRY_BACKOFF.clone();
     loop {
         let err = match send().await {
             Ok(_) => return Ok(()),
@@ -640,8 +646,8 @@ where
         let exists = status == Some(412) || code == Some("PreconditionFailed");
         let conflict = status == Some(409) || code == Some("ConditionalRequestConflict");
         if conflict && attempt < CONFLICT_ATTEMPTS {
-            let backoff = Duration::from_millis(100) * 2u32.pow(attempt - 1);
-            tokio::time::sleep(backoff + Duration::from_millis(fastrand::u64(0..100))).await;
+            let jitter = Duration::from_millis(fastrand::u64(0..100));
+            tokio::time::sleep(backoff.next_delay() + jitter).await;
             attempt += 1;
             continue;
         }

@@ -2,7 +2,6 @@
 //! `GetObject` pinned to the object's ETag (`If-Match`), so two versions are never mixed.
 
 use std::io;
-use std::time::Duration;
 
 use aws_sdk_s3::error::DisplayErrorContext;
 use aws_sdk_s3::primitives::ByteStream as SdkByteStream;
@@ -22,6 +21,7 @@ pub(super) struct Download {
     /// Absolute offset just past the last byte to yield.
     pub(super) end: u64,
     pub(super) resumes_left: u32,
+    pub(super) backoff: crate::retry::Backoff,
     /// Set after yielding an error: the stream then ends.
     pub(super) failed: bool,
 }
@@ -76,8 +76,7 @@ impl Download {
             }
             self.resumes_left -= 1;
             tracing::warn!(key = %self.key, pos = self.pos, end = self.end, error = %interrupted, "S3 download interrupted; resuming");
-            let attempt = MAX_RESUMES - self.resumes_left;
-            tokio::time::sleep(Duration::from_millis(100) * 2u32.pow(attempt - 1)).await;
+            tokio::time::sleep(self.backoff.next_delay()).await;
             let range = self.pos..self.end;
             match self
                 .store
