@@ -12,6 +12,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use updog_backup_test_support::bench::dir_bytes;
+use updog_backup_test_support::fixture::config_toml;
 use updog_backup_test_support::postgres;
 
 use crate::load::LOAD_SETUP;
@@ -64,27 +65,16 @@ impl Env {
         let config = dir.join("updog-backup.toml");
         fs::write(
             &config,
-            format!(
-                r#"[source]
-url = "{source}"
-schemas = ["app", "audit"]
-global_tables = ["app.currencies"]
-slot = "{SLOT}"
-
-[storage]
-url = "file://{repo}"
-
-[encryption]
-recipients = ["{recipient}"]
-identity_file = "{identity}"
-
-[restore]
-target_url = "{target}"
-"#,
-                source = pg.url("updog_backup", db),
-                target = pg.url("updog_restore", "postgres"),
-                repo = repo.display(),
-                identity = identity.display(),
+            config_toml(
+                &pg.url("updog_backup", db),
+                &format!("slot = \"{SLOT}\"\n"),
+                &format!("url = \"file://{}\"", repo.display()),
+                &recipient,
+                &identity,
+                &format!(
+                    "\n[restore]\ntarget_url = \"{}\"\n",
+                    pg.url("updog_restore", "postgres")
+                ),
             ),
         )
         .unwrap();

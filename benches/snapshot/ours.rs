@@ -10,6 +10,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 
 use updog_backup_test_support::bench::dir_bytes;
+use updog_backup_test_support::fixture::config_toml;
 use updog_backup_test_support::postgres;
 
 use crate::BIN;
@@ -52,25 +53,13 @@ impl Env {
         let config = dir.join("updog-backup.toml");
         fs::write(
             &config,
-            format!(
-                r#"[source]
-url = "{source}"
-schemas = ["app", "audit"]
-global_tables = ["app.currencies"]
-
-[storage]
-url = "file://{repo}"
-
-[encryption]
-recipients = ["{recipient}"]
-identity_file = "{identity}"
-
-[snapshot]
-parallel = 2
-"#,
-                source = pg.url("updog_backup", db),
-                repo = repo.display(),
-                identity = identity.display(),
+            config_toml(
+                &pg.url("updog_backup", db),
+                "",
+                &format!("url = \"file://{}\"", repo.display()),
+                &recipient,
+                &identity,
+                "\n[snapshot]\nparallel = 2\n",
             ),
         )
         .unwrap();

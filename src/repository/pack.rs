@@ -166,7 +166,7 @@ pub fn section_end(messages: u64) -> Vec<u8> {
     json_record(TAG_END, &SectionEnd { messages })
 }
 
-fn malformed(key: &str, message: impl Into<String>) -> RepositoryError {
+pub(super) fn malformed(key: &str, message: impl Into<String>) -> RepositoryError {
     RepositoryError::Malformed {
         key: key.into(),
         message: message.into(),

@@ -11,17 +11,10 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::pack::range_of;
+use super::pack::{malformed, range_of};
 use super::{Repository, RepositoryError, Result};
 use crate::pg::Lsn;
 use crate::storage::{ObjectStore, StorageError};
-
-fn malformed(key: &str, message: impl Into<String>) -> RepositoryError {
-    RepositoryError::Malformed {
-        key: key.into(),
-        message: message.into(),
-    }
-}
 
 /// `changes/progress.json`: how far the stream is durable, rewritten after every pack and
 /// while the source is idle (so covered-until advances without empty packs).

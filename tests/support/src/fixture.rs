@@ -68,3 +68,31 @@ impl super::postgres::Cluster {
         db
     }
 }
+
+/// A configuration for the fixture database at `source_url`: its schemas and global table,
+/// `source_extra` lines in `[source]`, the `[storage]` lines, the recipient and identity file,
+/// then `rest` (more sections, e.g. `[restore]`).
+pub fn config_toml(
+    source_url: &str,
+    source_extra: &str,
+    storage: &str,
+    recipient: &str,
+    identity: &std::path::Path,
+    rest: &str,
+) -> String {
+    format!(
+        r#"[source]
+url = "{source_url}"
+schemas = ["app", "audit"]
+global_tables = ["app.currencies"]
+{source_extra}
+[storage]
+{storage}
+
+[encryption]
+recipients = ["{recipient}"]
+identity_file = "{identity}"
+{rest}"#,
+        identity = identity.display(),
+    )
+}

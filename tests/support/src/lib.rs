@@ -140,28 +140,13 @@ impl TestEnv {
                 )
             }
         };
-        let config = format!(
-            r#"[source]
-url = "{source}"
-schemas = ["app", "audit"]
-global_tables = ["app.currencies"]
-
-[storage]
-{storage}
-
-[encryption]
-recipients = ["{recipient}"]
-identity_file = "{identity}"
-
-[snapshot]
-parallel = 2
-
-[restore]
-target_url = "{target}"
-"#,
-            source = source_url,
-            identity = identity_path.display(),
-            target = target_url,
+        let config = fixture::config_toml(
+            source_url,
+            "",
+            &storage,
+            &recipient,
+            &identity_path,
+            &format!("\n[snapshot]\nparallel = 2\n\n[restore]\ntarget_url = \"{target_url}\"\n"),
         );
         let config_path = dir.path().join("updog-backup.toml");
         std::fs::write(&config_path, config).unwrap();
