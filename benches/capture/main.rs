@@ -53,6 +53,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use updog_backup_test_support::bench::exit_with_usage;
 use updog_backup_test_support::bench::{Machine, loadavg, sh};
 use updog_backup_test_support::postgres;
 
@@ -250,16 +251,13 @@ fn parse_args() -> Args {
 }
 
 fn usage(problem: &str) -> ! {
-    if !problem.is_empty() {
-        eprintln!("error: {problem}");
-    }
-    eprintln!(
+    exit_with_usage(
+        problem,
         "usage: cargo bench --bench capture -- [--smoke] [--tenants 100] [--scale 1] [--clients 8] \
          [--duration 60] [--backlog 30] [--events 6] [--skew 1.1] [--big-rows 1000000] \
          [--hour-changes 360000] [--runs 3] [--flush-interval SECONDS] [--parts a,b,c,d]\n\
-         (b and c run with a: they use its cluster and load)"
-    );
-    std::process::exit(if problem.is_empty() { 0 } else { 2 });
+         (b and c run with a: they use its cluster and load)",
+    )
 }
 
 fn main() {

@@ -4,6 +4,7 @@
 use serde_json::Value;
 
 use updog_backup_test_support::postgres;
+use updog_backup_test_support::restore_latest;
 
 use crate::daemon::Env;
 use crate::load::Bench;
@@ -89,15 +90,9 @@ impl Bench<'_> {
                     let target = format!("bench_b_{}_{run}", &tenant[..8]);
                     let t = timed(
                         &env.dir,
-                        &mut env.command(&[
-                            "restore",
-                            "--org",
-                            &tenant,
-                            "--latest",
-                            "--target-db",
-                            &target,
-                            "--json",
-                        ]),
+                        &mut env.command(
+                            &[&restore_latest(&tenant, &target)[..], &["--json"]].concat(),
+                        ),
                         "restore --latest",
                     );
                     let r = replay_run(t);

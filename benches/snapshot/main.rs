@@ -44,6 +44,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use updog_backup_test_support::bench::Machine;
+use updog_backup_test_support::bench::exit_with_usage;
 use updog_backup_test_support::postgres;
 
 use crate::report::report;
@@ -135,13 +136,10 @@ fn parse_args() -> Args {
 }
 
 fn usage(problem: &str) -> ! {
-    if !problem.is_empty() {
-        eprintln!("error: {problem}");
-    }
-    eprintln!(
-        "usage: cargo bench --bench snapshot -- [--scales 1,10] [--tenants 100] [--runs 5] [--parallel 1,2,4]"
-    );
-    std::process::exit(if problem.is_empty() { 0 } else { 2 });
+    exit_with_usage(
+        problem,
+        "usage: cargo bench --bench snapshot -- [--scales 1,10] [--tenants 100] [--runs 5] [--parallel 1,2,4]",
+    )
 }
 
 fn main() {

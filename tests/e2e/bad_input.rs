@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use crate::support::postgres::cluster;
+use crate::support::restore_latest;
 use crate::support::{Repo, TestEnv, database_exists, files_under, fixture_tenant};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -83,18 +84,8 @@ async fn config_and_argument_errors() {
         "{err}"
     );
     assert!(
-        env.fails(
-            &[
-                "restore",
-                "--org",
-                &fixture_tenant(1).await,
-                "--latest",
-                "--target-db",
-                "bad-name"
-            ],
-            2
-        )
-        .contains("not a usable database name")
+        env.fails(&restore_latest(&fixture_tenant(1).await, "bad-name"), 2)
+            .contains("not a usable database name")
     );
     // No secret in the repository's plain-text files.
     for file in files_under(&env.repo_dir) {
@@ -119,17 +110,7 @@ async fn existing_target_and_wrong_identity_leave_everything_untouched() {
         .batch_execute("CREATE TABLE keep (v int); INSERT INTO keep VALUES (42)")
         .await
         .unwrap();
-    let err = env.fails(
-        &[
-            "restore",
-            "--org",
-            &tenant,
-            "--latest",
-            "--target-db",
-            &existing,
-        ],
-        2,
-    );
+    let err = env.fails(&restore_latest(&tenant, &existing), 2);
     assert!(err.contains("already exists"), "{err}");
     let v: i32 = pg
         .client(&existing)
@@ -153,17 +134,7 @@ async fn existing_target_and_wrong_identity_leave_everything_untouched() {
         config.replace(env.identity_path.to_str().unwrap(), other.to_str().unwrap()),
     )
     .unwrap();
-    let err = env.fails(
-        &[
-            "restore",
-            "--org",
-            &tenant,
-            "--latest",
-            "--target-db",
-            "wrong_identity",
-        ],
-        2,
-    );
+    let err = env.fails(&restore_latest(&tenant, "wrong_identity"), 2);
     assert!(err.contains("wrong identity"), "{err}");
     assert!(!database_exists("wrong_identity").await);
     let missing = env.dir.path().join("missing.txt");
@@ -238,17 +209,7 @@ async fn tampered_objects_are_refused_before_writing() {
         let saved = std::fs::read(path).unwrap();
         std::fs::write(path, &bytes).unwrap();
         let target = format!("tampered_{n}_{db}");
-        let err = env.fails(
-            &[
-                "restore",
-                "--org",
-                &tenant,
-                "--latest",
-                "--target-db",
-                &target,
-            ],
-            1,
-        );
+        let err = env.fails(&restore_latest(&tenant, &target), 1);
         assert!(
             err.contains("zst.age"),
             "{what}: the message names the object\n{err}"
@@ -268,14 +229,7 @@ async fn tampered_objects_are_refused_before_writing() {
     // Undamaged again: everything verifies and restores.
     env.ok(&["verify", "--deep"]);
     let target = format!("intact_{db}");
-    env.ok(&[
-        "restore",
-        "--org",
-        &tenant,
-        "--latest",
-        "--target-db",
-        &target,
-    ]);
+    env.ok(&restore_latest(&tenant, &target));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

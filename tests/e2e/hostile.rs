@@ -22,6 +22,7 @@ use tokio_postgres::Client;
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
 use crate::support::oracle::{digest, now, state};
 use crate::support::postgres::cluster;
+use crate::support::restore_latest;
 use crate::support::{Repo, TestEnv, database_exists, drop_database, files_under, fixture_tenant};
 
 // ---------------------------------------------------------------------------------------------
@@ -868,8 +869,7 @@ async fn every_damaged_object_is_refused_before_writing() {
     // Undamaged again: everything verifies and restores exactly.
     assert!(f.env.ok(&["verify", "--deep"]).contains("0 failed"));
     let target = format!("hostile_intact_{}", f.db);
-    f.env
-        .ok(&["restore", "--org", &f.a, "--latest", "--target-db", &target]);
+    f.env.ok(&restore_latest(&f.a, &target));
     assert_eq!(
         differences(&target, &f.at_t2[&f.a]).await,
         Vec::<String>::new()
@@ -1042,7 +1042,7 @@ async fn undetected_damages_are_refused_too() {
             let target = format!("stale_routes_{}", fastrand::u32(..));
             let out = f
                 .env
-                .run(&["restore", "--org", &a_tenant, "--latest", "--target-db", &target]);
+                .run(&restore_latest(&a_tenant, &target));
             let verdict = if out.status.success() {
                 let diff = differences(&target, &a_state).await;
                 drop_database(&target).await;
@@ -1386,17 +1386,7 @@ async fn hostile_identifiers_and_tenant_values_are_quoted_and_bound() {
         "' OR '1'='1",
         "\"tenant id\" IS NOT NULL --",
     ] {
-        let err = env.fails(
-            &[
-                "restore",
-                "--org",
-                org,
-                "--latest",
-                "--target-db",
-                "never_hostile",
-            ],
-            2,
-        );
+        let err = env.fails(&restore_latest(org, "never_hostile"), 2);
         assert!(err.contains("is in none of the"), "{org}: {err}");
         assert!(!database_exists("never_hostile").await);
         let err = env.fails(&["backup", "--org", org], 2);
@@ -1661,14 +1651,7 @@ async fn daemon_refuses_another_databases_repository_and_backup_other_recipients
     std::fs::write(&env.config_path, &config).unwrap();
     let tenant = fixture_tenant(1).await;
     let target = format!("foreign_latest_{}", fastrand::u32(..));
-    let out = env.run(&[
-        "restore",
-        "--org",
-        &tenant,
-        "--latest",
-        "--target-db",
-        &target,
-    ]);
+    let out = env.run(&restore_latest(&tenant, &target));
     if !out.status.success() {
         failures.push(format!(
             "after that `backup`, `restore --latest` with the repository's identity fails ({:?}):\n{}",

@@ -5,6 +5,7 @@
 use crate::support::fixture::TENANT_FILTERS;
 pub use crate::support::oracle::digest;
 use crate::support::postgres::cluster;
+use crate::support::restore_latest;
 use crate::support::{Repo, TestEnv, fixture_tenant};
 
 /// The recovery database equals the source for `tenant`, table by table, and holds nothing else.
@@ -41,14 +42,7 @@ async fn round_trip(repo: Repo) {
     for (k, name) in [(1, "largest"), (6, "middle"), (12, "smallest")] {
         let tenant = fixture_tenant(k).await;
         let target = format!("{name}_{}", db);
-        let out = env.ok(&[
-            "restore",
-            "--org",
-            &tenant,
-            "--latest",
-            "--target-db",
-            &target,
-        ]);
+        let out = env.ok(&restore_latest(&tenant, &target));
         assert!(out.contains(&format!("into database {target}")), "{out}");
         assert!(out.contains("restore point: LSN"), "{out}");
         assert!(
@@ -138,14 +132,7 @@ async fn every_column_type_round_trips() {
         .enumerate()
     {
         let target = format!("types_{n}_{db}");
-        env.ok(&[
-            "restore",
-            "--org",
-            tenant,
-            "--latest",
-            "--target-db",
-            &target,
-        ]);
+        env.ok(&restore_latest(tenant, &target));
         let source = pg.client(&db).await;
         let recovered = recovered_client(target.clone()).await;
         let lit = tenant.replace('\'', "''");
@@ -217,14 +204,7 @@ async fn restore_as_of_a_snapshot_time_and_window_refusals() {
         first_state
     );
     let latest = format!("latest_{db}");
-    env.ok(&[
-        "restore",
-        "--org",
-        &tenant,
-        "--latest",
-        "--target-db",
-        &latest,
-    ]);
+    env.ok(&restore_latest(&tenant, &latest));
     assert_restored(&db, &latest, &tenant).await;
 
     // Outside the window: refused with the window in the message, nothing created.
@@ -288,14 +268,7 @@ async fn policies_for_missing_roles_are_reported_not_dropped() {
     source.batch_execute(&format!("DROP POLICY auditors ON audit.events; REVOKE ALL ON audit.events FROM {role}; DROP ROLE {role};")).await.unwrap();
     let tenant = fixture_tenant(1).await;
     let target = format!("partial_{db}");
-    let out = env.ok(&[
-        "restore",
-        "--org",
-        &tenant,
-        "--latest",
-        "--target-db",
-        &target,
-    ]);
+    let out = env.ok(&restore_latest(&tenant, &target));
     assert!(
         out.contains("NOT RECREATED POLICY audit.events auditors"),
         "{out}"
@@ -376,7 +349,7 @@ async fn composite_and_mapped_foreign_keys_route_rows() {
             .unwrap()
             .get(0);
         let target = format!("routes_{k}_{db}");
-        env.ok(&["restore", "--org", &org, "--latest", "--target-db", &target]);
+        env.ok(&restore_latest(&org, &target));
         let recovered = pg.client(&target).await;
         for (table, filter) in [
             ("r.orgs", format!("id = '{org}'")),
@@ -420,17 +393,7 @@ async fn a_restore_that_fails_midway_drops_its_database() {
     env.ok(&["init"]);
     env.ok(&["backup"]);
     let target = format!("midway_{db}");
-    let err = env.fails(
-        &[
-            "restore",
-            "--org",
-            &fixture_tenant(1).await,
-            "--latest",
-            "--target-db",
-            &target,
-        ],
-        1,
-    );
+    let err = env.fails(&restore_latest(&fixture_tenant(1).await, &target), 1);
     assert!(
         err.contains("TABLE app.users") && err.contains("was dropped"),
         "{err}"

@@ -14,6 +14,7 @@ use updog_backup::pg::replication::{ReplicationConnection, ReplicationError};
 use updog_backup::retry::Classify as _;
 
 use crate::support::postgres::{Cluster, ClusterSpec, cluster, start_extra};
+use crate::support::restore_latest;
 use crate::support::{Repo, TestEnv, fixture_tenant};
 
 struct TlsCluster {
@@ -387,14 +388,7 @@ async fn backup_and_restore_over_verified_tls() {
     assert!(out.contains("4 tenant(s)"), "{out}");
     let tenant = fixture_tenant(2).await;
     let target = format!("recovered_{db}");
-    let out = env.ok(&[
-        "restore",
-        "--org",
-        &tenant,
-        "--latest",
-        "--target-db",
-        &target,
-    ]);
+    let out = env.ok(&restore_latest(&tenant, &target));
     assert!(out.contains(&format!("into database {target}")), "{out}");
 
     let source = tls.pg.client(&db).await;

@@ -130,3 +130,13 @@ pub fn median(values: &[f64]) -> f64 {
         n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
 }
+
+/// Prints `problem` (if any) and the bench's `usage` line, then exits: 0 for `--help`, 2 for a
+/// bad argument.
+pub fn exit_with_usage(problem: &str, usage: &str) -> ! {
+    if !problem.is_empty() {
+        eprintln!("error: {problem}");
+    }
+    eprintln!("{usage}");
+    std::process::exit(if problem.is_empty() { 0 } else { 2 });
+}

@@ -309,3 +309,15 @@ pub async fn drop_database(name: &str) {
         .await
         .unwrap();
 }
+
+/// `restore --org <tenant> --latest --target-db <target>`: the restore most tests run.
+pub fn restore_latest<'a>(tenant: &'a str, target: &'a str) -> [&'a str; 6] {
+    [
+        "restore",
+        "--org",
+        tenant,
+        "--latest",
+        "--target-db",
+        target,
+    ]
+}
