@@ -19,7 +19,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use sha2::{Digest, Sha256};
 use tokio_postgres::Client;
 
-use crate::support::daemon::{Daemon, capture_env, wait_covered};
+use crate::support::daemon::{Daemon, Watched, capture_env, wait_covered};
 use crate::support::oracle::{digest, now, state};
 use crate::support::postgres::cluster;
 use crate::support::restore_latest;
@@ -142,26 +142,14 @@ impl Spawned {
             panic!("the daemon exited ({status}):\n{}", self.output());
         }
     }
+}
 
-    /// Waits until the repository covers `t`.
-    fn wait_covered(&mut self, env: &TestEnv, t: DateTime<Utc>) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            self.assert_running();
-            let out = env.ok(&["list", "--json"]);
-            let list: serde_json::Value = serde_json::from_str(&out).unwrap();
-            if let Some(c) = list["stream"]["covered_until"].as_str()
-                && c.parse::<DateTime<Utc>>().unwrap() >= t
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "covered-until never reached {t}: {out}\n{}",
-                self.output()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
+impl Watched for Spawned {
+    fn assert_running(&mut self) {
+        Spawned::assert_running(self);
+    }
+    fn output(&self) -> String {
+        Spawned::output(self)
     }
 }
 
@@ -1708,7 +1696,7 @@ async fn drop_slot_under_daemon(name: &str) -> SlotDropped {
         .unwrap();
     let t1 = now(&source).await;
     let at_t1 = state(&source, &tenant).await;
-    d.wait_covered(&env, t1);
+    wait_covered(&env, t1, &mut d);
 
     // Terminate the walsender and drop the slot before the daemon reconnects (retrying: it
     // reconnects within a second or so).

@@ -96,8 +96,24 @@ pub fn capture_env(env: &mut TestEnv) {
     ));
 }
 
+/// A daemon process a test watches: whether it still runs, and what it logged.
+pub trait Watched {
+    /// Panics, with the daemon's log, if it exited.
+    fn assert_running(&mut self);
+    fn output(&self) -> String;
+}
+
+impl Watched for Daemon {
+    fn assert_running(&mut self) {
+        Daemon::assert_running(self);
+    }
+    fn output(&self) -> String {
+        Daemon::output(self)
+    }
+}
+
 /// Waits until the repository covers `t` (the daemon stored everything committed by then).
-pub fn wait_covered(env: &TestEnv, t: DateTime<Utc>, daemon: &mut Daemon) {
+pub fn wait_covered(env: &TestEnv, t: DateTime<Utc>, daemon: &mut impl Watched) {
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
         daemon.assert_running();
