@@ -51,3 +51,81 @@ pub mod source;
 pub mod storage;
 pub mod telemetry;
 pub mod verify;
+
+/// The module map above is a layering: no top-level module imports one that imports it back.
+/// Read from the sources (`crate::<module>` paths outside test code), so a new import that
+/// closes a cycle fails here, naming it.
+#[cfg(test)]
+mod layering {
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::path::Path;
+
+    fn collect(dir: &Path, top: Option<&str>, graph: &mut BTreeMap<String, BTreeSet<String>>) {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let path = entry.unwrap().path();
+            let name = path.file_stem().unwrap().to_string_lossy().to_string();
+            let module = top.map_or(name.clone(), str::to_string);
+            if path.is_dir() {
+                collect(&path, Some(&module), graph);
+                continue;
+            }
+            if path.extension().is_none_or(|e| e != "rs")
+                || name == "tests"
+                || (top.is_none() && (name == "lib" || name == "main"))
+            {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let code = text.split("#[cfg(test)]").next().unwrap_or_default();
+            let uses = graph.entry(module.clone()).or_default();
+            for (at, _) in code.match_indices("crate::") {
+                let target: String = code[at + "crate::".len()..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if target != module && !target.is_empty() {
+                    uses.insert(target);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn no_top_level_module_imports_one_that_imports_it() {
+        let mut graph = BTreeMap::new();
+        collect(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+            None,
+            &mut graph,
+        );
+        let reaches = |from: &str, to: &str| {
+            let (mut seen, mut todo) = (BTreeSet::new(), vec![from.to_string()]);
+            while let Some(m) = todo.pop() {
+                for next in graph.get(&m).into_iter().flatten() {
+                    if next == to {
+                        return true;
+                    }
+                    if seen.insert(next.clone()) {
+                        todo.push(next.clone());
+                    }
+                }
+            }
+            false
+        };
+        let cycles: Vec<(&String, &String)> = graph
+            .iter()
+            .flat_map(|(m, uses)| uses.iter().map(move |u| (m, u)))
+            .filter(|(m, u)| reaches(u, m))
+            .collect();
+        assert!(
+            cycles.is_empty(),
+            "import cycles between top-level modules: {cycles:?}"
+        );
+        assert!(graph["retry"].is_empty(), "retry imports nothing of ours");
+        assert_eq!(
+            graph["pg"].iter().collect::<Vec<_>>(),
+            ["retry"],
+            "pg imports only retry"
+        );
+    }
+}
