@@ -15,10 +15,10 @@
 //! - [`retry`]: the error classes ([`retry::Classify`]) and the backoff of every retry loop.
 //! - [`pg`]: talking to PostgreSQL — conninfo, passfile, TLS, connecting, quoting, SQLSTATE
 //!   classes, the walsender protocol, pgoutput, [`pg::Lsn`].
-//! - [`storage`]: the `ObjectStore` trait; local directory, S3, memory.
 //! - [`codec`]: zstd then age, streaming; identities and recipients.
 //! - [`progress`]: progress bars on a terminal, nothing elsewhere.
 //! - [`config`]: the TOML file and its environment overrides, validated.
+//! - [`storage`]: the `ObjectStore` trait; local directory, S3, memory; the configured one.
 //! - [`repository`]: the format, all of it (FORMAT.md), behind [`repository::Repository`].
 //! - [`source`]: what we ask the source — catalog and tenant routing, `check`, the
 //!   publication, pg_dump.
