@@ -40,10 +40,10 @@ use libfuzzer_sys::arbitrary::{Result as ArbitraryResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use updog_backup::pg::Lsn;
-use updog_backup::repository::FORMAT_VERSION;
 use updog_backup::repository::pack::{
     self, PackFooter, Region, SectionEntry, TRAILER_LEN, TRAILER_MAGIC,
 };
+use updog_backup::repository::{FORMAT_VERSION, PackRef, Repository};
 use updog_backup::storage::{MemoryStore, ObjectStore, PutMode};
 
 const START: Lsn = Lsn(0x100);
@@ -82,7 +82,13 @@ fn read(pack: Vec<u8>) -> Option<PackFooter> {
             .put_bytes(&env.key, Bytes::from(pack), PutMode::Overwrite)
             .await
             .expect("the memory store takes any bytes");
-        pack::read_footer(&env.store, &env.key, size).await
+        let pack = PackRef {
+            start: START,
+            end: END,
+            key: env.key.clone(),
+            size,
+        };
+        Repository::new(env.store.clone()).pack_footer(&pack).await
     });
     match result {
         Ok(footer) => {

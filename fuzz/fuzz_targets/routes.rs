@@ -39,11 +39,10 @@ use std::sync::Arc;
 use libfuzzer_sys::arbitrary::{Result as ArbitraryResult, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
-use updog_backup::capture::router::Delta;
-use updog_backup::capture::routes::{
-    checkpoint_key, decode, decode_checkpoint, encode, encode_checkpoint,
-};
 use updog_backup::pg::Lsn;
+use updog_backup::repository::routes::{
+    Delta, checkpoint_key, decode, decode_checkpoint, encode, encode_checkpoint,
+};
 
 const MAGIC: &[u8; 8] = b"UPDOGRT\x01";
 
