@@ -274,13 +274,7 @@ impl Cluster {
 
     /// A new empty database.
     pub async fn fresh_db(&self, name_hint: &str) -> String {
-        let name = format!(
-            "{}_{}",
-            name_hint
-                .to_ascii_lowercase()
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let name = unique_db_name(name_hint);
         self.client("postgres")
             .await
             .batch_execute(&format!("CREATE DATABASE \"{name}\""))
@@ -322,13 +316,7 @@ impl Cluster {
                 }
             }
         };
-        let name = format!(
-            "{}_{}",
-            name_hint
-                .to_ascii_lowercase()
-                .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
+        let name = unique_db_name(name_hint);
         self.client("postgres")
             .await
             .batch_execute(&format!(
@@ -346,4 +334,14 @@ pub async fn client_for(url: &str) -> tokio_postgres::Client {
         .unwrap_or_else(|e| panic!("connect {url}: {e}"));
     tokio::spawn(connection);
     client
+}
+
+/// A database name from `hint`, unique in this test binary.
+fn unique_db_name(hint: &str) -> String {
+    format!(
+        "{}_{}",
+        hint.to_ascii_lowercase()
+            .replace(|c: char| !c.is_ascii_alphanumeric(), "_"),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    )
 }
