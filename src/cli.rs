@@ -135,6 +135,11 @@ pub async fn open_store(config: &Config) -> Result<Arc<dyn ObjectStore>, Error> 
     Ok(crate::storage::open(&config.storage_location()?, &config.storage).await?)
 }
 
+/// The configured repository (its store, and how many reads it makes at once).
+async fn open_repository(config: &Config) -> Result<Repository, Error> {
+    Ok(Repository::new(open_store(config).await?).with_concurrency(config.storage.concurrency))
+}
+
 fn print_json<T: Serialize>(value: &T) {
     println!(
         "{}",
@@ -180,7 +185,7 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
 }
 
 async fn init(config: &Config) -> Result<(), Error> {
-    let repo = Repository::new(open_store(config).await?);
+    let repo = open_repository(config).await?;
     let report = crate::init::run(config, &repo).await?;
     let verb = if report.repository_created {
         "initialised repository"
@@ -245,7 +250,7 @@ async fn daemon(config: &Config) -> Result<(), Error> {
 }
 
 async fn prune(config: &Config, dry_run: bool, keep: Option<u64>) -> Result<(), Error> {
-    let repo = Repository::new(open_store(config).await?);
+    let repo = open_repository(config).await?;
     repo.info().await?;
     let keep = keep.map_or(config.schedule.keep_snapshots, |k| k as usize);
     let plan = crate::retention::plan(&repo, keep).await?;
@@ -321,7 +326,7 @@ async fn check(config: &Config, json: bool) -> Result<(), Error> {
 }
 
 async fn backup(config: &Config, orgs: Vec<String>) -> Result<(), Error> {
-    let repo = Repository::new(open_store(config).await?);
+    let repo = open_repository(config).await?;
     let info = repo.info().await?;
     crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
     let manifest = crate::snapshot::take(
@@ -363,11 +368,11 @@ pub fn human_bytes(bytes: u64) -> String {
 }
 
 /// The configured repository, checked to be initialised, and `--org` resolved against it.
-async fn open_repository(
+async fn open_initialised(
     config: &Config,
     org: Option<&str>,
 ) -> Result<(Repository, Option<String>), Error> {
-    let repo = Repository::new(open_store(config).await?);
+    let repo = open_repository(config).await?;
     repo.info().await?;
     let org = match org {
         Some(o) => Some(resolve_tenant(&repo, o).await?),
@@ -377,7 +382,7 @@ async fn open_repository(
 }
 
 async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
-    let (repo, org) = open_repository(config, org.as_deref()).await?;
+    let (repo, org) = open_initialised(config, org.as_deref()).await?;
 
     let report = crate::listing::run(&repo, org).await?;
     if json {
@@ -414,9 +419,10 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
                 );
             }
             println!(
-                "change stream (slot {}): {} pack(s), {}, durable up to LSN {}, covered until {}",
+                "change stream (slot {}): {} pack(s) ({} indexed), {}, durable up to LSN {}, covered until {}",
                 s.slot,
                 s.packs,
+                s.indexed_packs,
                 human_bytes(s.bytes),
                 s.durable_lsn,
                 if s.covered_until == DateTime::<Utc>::UNIX_EPOCH {
@@ -495,15 +501,24 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     let identities = Arc::new(Identities::load(
         config.encryption.identity_file.as_deref(),
     )?);
-    let (repo, tenant) = open_repository(config, Some(&args.org)).await?;
-    let tenant = tenant.expect("an org was given");
+    // Counted: the requests a restore makes are what S3 bills for it.
+    let store = Arc::new(crate::storage::CountedStore::new(open_store(config).await?));
+    let repo = Repository::new(store.clone()).with_concurrency(config.storage.concurrency);
+    repo.info().await?;
+    let tenant = resolve_tenant(&repo, &args.org).await?;
     let request = RestoreRequest {
         tenant,
         target,
         target_db: args.target_db,
         target_url,
+        scratch_dir: config
+            .stream
+            .spool_dir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir),
     };
-    let report = crate::restore::run(&repo, identities, &request).await?;
+    let mut report = crate::restore::run(&repo, identities, &request).await?;
+    report.store_requests = store.requests();
     // The audit trail (and the daemon's restore count); a repository the restore role may
     // only read is worth a warning, not a failed restore.
     if let Err(e) = crate::restore::record(&repo, &report).await {
@@ -545,12 +560,17 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     for skipped in &report.not_recreated {
         println!("  NOT RECREATED {}: {}", skipped.entry, skipped.error);
     }
-    println!("{} rows in {:.1}s", report.total_rows(), report.seconds);
+    println!(
+        "{} rows in {:.1}s, {} store requests",
+        report.total_rows(),
+        report.seconds,
+        report.store_requests.total()
+    );
     Ok(())
 }
 
 async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), Error> {
-    let (repo, org) = open_repository(config, org.as_deref()).await?;
+    let (repo, org) = open_initialised(config, org.as_deref()).await?;
     let identities = if deep {
         Some(Arc::new(Identities::load(
             config.encryption.identity_file.as_deref(),

@@ -13,6 +13,7 @@
 //! ARCHITECTURE.md has the invariants, the reasons and the error table):
 //!
 //! - [`retry`]: the error classes ([`retry::Classify`]) and the backoff of every retry loop.
+//! - [`scratch`]: local files only this process can reach (unlinked at once), for ciphertext.
 //! - [`pg`]: talking to PostgreSQL — conninfo, passfile, TLS, connecting, quoting, SQLSTATE
 //!   classes, the walsender protocol, pgoutput, [`pg::Lsn`].
 //! - [`codec`]: zstd then age, streaming; identities and recipients.
@@ -46,6 +47,7 @@ pub mod repository;
 pub mod restore;
 pub mod retention;
 pub mod retry;
+pub mod scratch;
 pub mod snapshot;
 pub mod source;
 pub mod storage;

@@ -62,6 +62,8 @@ pub struct StreamLine {
     pub covered_until: DateTime<Utc>,
     pub packs: usize,
     pub bytes: u64,
+    /// Packs a stream index object covers (the rest are read through their footers).
+    pub indexed_packs: usize,
     /// Streams `init` replaced whose packs retention has not deleted yet, oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub earlier: Vec<EarlierStreamLine>,
@@ -109,6 +111,11 @@ pub async fn run(repo: &Repository, org: Option<String>) -> Result<ListReport, L
         covered_until: p.covered_until,
         packs: state.packs.len(),
         bytes: state.packs.iter().map(|p| p.size).sum(),
+        indexed_packs: state
+            .packs
+            .iter()
+            .filter(|p| state.indexes.iter().any(|i| i.covers(p)))
+            .count(),
         earlier: spans
             .iter()
             .filter(|s| s.next.is_some() && s.start <= s.durable) // retention left some of it

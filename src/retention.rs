@@ -13,8 +13,10 @@
 //! routing checkpoints the kept packs no longer need go last. The newest snapshot and every
 //! pack after the oldest kept one are never touched.
 
+use futures::{StreamExt, TryStreamExt};
+
 use crate::pg::Lsn;
-use crate::repository::PackRef;
+use crate::repository::{IndexRef, PackRef};
 use crate::repository::{Repository, RepositoryError, SnapshotId, keys};
 use crate::storage::ObjectMeta;
 
@@ -30,6 +32,8 @@ pub struct PrunePlan {
     pub packs: Vec<PackRef>,
     /// Where the kept chain of packs starts once `packs` are gone.
     pub packs_from: Option<Lsn>,
+    /// Stream index objects of deleted packs only.
+    pub indexes: Vec<IndexRef>,
     pub checkpoints: Vec<String>,
 }
 
@@ -38,6 +42,7 @@ impl PrunePlan {
         self.snapshots.iter().map(|(_, o)| o.len()).sum::<usize>()
             + self.abandoned.len()
             + self.packs.len()
+            + self.indexes.len()
             + self.checkpoints.len()
     }
 
@@ -49,6 +54,7 @@ impl PrunePlan {
             .map(|o| o.size)
             .sum::<u64>()
             + self.packs.iter().map(|p| p.size).sum::<u64>()
+            + self.indexes.iter().map(|i| i.size).sum::<u64>()
     }
 }
 
@@ -94,6 +100,11 @@ pub async fn plan(repo: &Repository, keep: usize) -> Result<PrunePlan, Repositor
     let stream = repo.stream_state().await?;
     plan.packs = stream.packs.into_iter().filter(|p| p.end <= cut).collect();
     plan.packs_from = plan.packs.iter().map(|p| p.end).max();
+    plan.indexes = stream
+        .indexes
+        .into_iter()
+        .filter(|i| i.end <= cut)
+        .collect();
     plan.checkpoints = checkpoints
         .into_iter()
         .filter(|(lsn, _)| *lsn < cut)
@@ -111,32 +122,40 @@ pub async fn apply(
     mut deleted: impl FnMut(&str, u64),
 ) -> Result<usize, RepositoryError> {
     let mut count = 0;
-    let mut delete = async |key: &str, size: u64| -> Result<(), RepositoryError> {
+    // Every old manifest before any other object: no reader sees a half-deleted snapshot.
+    let snapshots = plan
+        .snapshots
+        .iter()
+        .map(|(_, objects)| &objects[0])
+        .chain(plan.snapshots.iter().flat_map(|(_, objects)| &objects[1..]))
+        .chain(&plan.abandoned)
+        .map(|o| (o.key.as_str(), o.size));
+    for (key, size) in snapshots {
         repo.delete_object(key).await?;
         deleted(key, size);
         count += 1;
-        Ok(())
-    };
-    // Every old manifest before any other object: no reader sees a half-deleted snapshot.
-    for (_, objects) in &plan.snapshots {
-        delete(&objects[0].key, objects[0].size).await?;
-    }
-    for (_, objects) in &plan.snapshots {
-        for o in &objects[1..] {
-            delete(&o.key, o.size).await?;
-        }
-    }
-    for o in &plan.abandoned {
-        delete(&o.key, o.size).await?;
     }
     if let Some(from) = plan.packs_from {
         repo.put_retained(from).await?;
     }
-    for p in &plan.packs {
-        delete(&p.key, p.size).await?;
+    // Nothing reads these packs any more (the kept chain starts after them): a day of packs is
+    // thousands of requests, made concurrently.
+    let deletes: Vec<_> = plan
+        .packs
+        .iter()
+        .map(|p| (p.key.as_str(), p.size))
+        .chain(plan.indexes.iter().map(|i| (i.key.as_str(), i.size)))
+        .map(|(key, size)| async move { repo.delete_object(key).await.map(|()| (key, size)) })
+        .collect();
+    let mut done = futures::stream::iter(deletes).buffer_unordered(repo.concurrency());
+    while let Some((key, size)) = done.try_next().await? {
+        deleted(key, size);
+        count += 1;
     }
     for key in &plan.checkpoints {
-        delete(key, 0).await?;
+        repo.delete_object(key).await?;
+        deleted(key, 0);
+        count += 1;
     }
     Ok(count)
 }

@@ -1,13 +1,15 @@
 //! `verify`: every object the repository holds, checked without the identity (stored bytes
-//! against their digests, the chain of packs, routing checkpoints) or, with it, decrypted and
-//! parsed. It reads only; what it finds is a [`VerifyReport`] for the caller to print.
+//! against their digests, the chain of packs, the stream index against the packs' footers,
+//! routing checkpoints) or, with it, decrypted and parsed. It reads only; what it finds is a [`VerifyReport`] for the caller to print.
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use serde::Serialize;
 
 use crate::codec::Identities;
 use crate::progress::{Progress, Unit};
+use crate::repository::pack::PackFooter;
 use crate::repository::{PackRef, Part, Repository, RepositoryError};
 use crate::restore::{PlanError, plan};
 use crate::retry::{Classify, ErrorClass};
@@ -121,12 +123,79 @@ async fn stream(
         Unit::StoredBytes,
         state.packs.len() as u64,
     );
-    for p in &state.packs {
-        report.record(pack(repo, p, org, identities).await);
-        progress.advance(p.size);
+    // Window by window: an index's footers are compared with those of its packs as they are
+    // checked, so memory holds one window; packs no index covers come last.
+    let mut rest: Vec<&PackRef> = state.packs.iter().collect();
+    for index in &state.indexes {
+        let (covered, others): (Vec<&PackRef>, Vec<&PackRef>) =
+            rest.into_iter().partition(|p| index.covers(p));
+        rest = others;
+        let recorded = match repo.stream_index_footers(index).await {
+            Ok(footers) => Some(footers),
+            Err(e) => {
+                report.record(Err(e));
+                None
+            }
+        };
+        let footers = packs(repo, &covered, org, identities, report, &progress).await;
+        report.checked += 1;
+        if let Some(recorded) = recorded {
+            let kept_from = state.start().unwrap_or_default();
+            for (pack, footer) in &recorded {
+                let found = covered.iter().position(|p| p.start == pack.start);
+                let problem = match found.map(|i| (covered[i], &footers[i])) {
+                    // Retention deleted it, or an earlier index covered it too (a write that
+                    // failed as far as the daemon knew, then stored a longer window).
+                    None if pack.end <= kept_from || state.packs.contains(pack) => None,
+                    None => Some("names a pack that is missing (deleted?)".to_string()),
+                    Some((p, _)) if p.size != pack.size || p.end != pack.end => Some(format!(
+                        "recorded {} bytes for {}, which has {}: the pack was replaced",
+                        pack.size, p.key, p.size
+                    )),
+                    Some((p, Some(f))) if f != footer => {
+                        Some(format!("disagrees with the footer of {}", p.key))
+                    }
+                    Some(_) => None,
+                };
+                if let Some(problem) = problem {
+                    report
+                        .failures
+                        .push(format!("stream index {}: {problem}", index.key));
+                }
+            }
+        }
     }
+    packs(repo, &rest, org, identities, report, &progress).await;
     progress.finish();
     Ok(())
+}
+
+/// Checks `list` concurrently; returns each pack's footer (`None` where it failed).
+async fn packs(
+    repo: &Repository,
+    list: &[&PackRef],
+    org: Option<&str>,
+    identities: Option<&Arc<Identities>>,
+    report: &mut VerifyReport,
+    progress: &Progress,
+) -> Vec<Option<PackFooter>> {
+    let checks: Vec<_> = list
+        .iter()
+        .map(|p| async move { (p.size, pack(repo, p, org, identities).await) })
+        .collect();
+    let results: Vec<_> = futures::stream::iter(checks)
+        .buffered(repo.concurrency())
+        .collect()
+        .await;
+    results
+        .into_iter()
+        .map(|(size, result)| {
+            progress.advance(size);
+            let footer = result.as_ref().ok().cloned();
+            report.record(result.map(drop));
+            footer
+        })
+        .collect()
 }
 
 /// One pack: its footer, its sections (the tenant's and the global ones with `org`; with
@@ -137,7 +206,7 @@ async fn pack(
     p: &PackRef,
     org: Option<&str>,
     identities: Option<&Arc<Identities>>,
-) -> Result<(), RepositoryError> {
+) -> Result<PackFooter, RepositoryError> {
     let footer = repo.pack_footer(p).await?;
     for (index, entry) in footer.sections.iter().enumerate() {
         if org.is_some() && entry.tenant.is_some() && entry.tenant.as_deref() != org {
@@ -156,7 +225,7 @@ async fn pack(
     if let Some(region) = &footer.routes {
         repo.pack_routes(&p.key, region).await?;
     }
-    Ok(())
+    Ok(footer)
 }
 
 /// Every routing checkpoint: a daemon restarts from the newest one before its durable LSN.

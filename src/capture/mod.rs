@@ -17,6 +17,7 @@
 //! would hold covered-until back on an idle source.
 
 pub mod gaps;
+mod indexer;
 pub mod router;
 mod session;
 pub mod spool;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
+use futures::{StreamExt, TryStreamExt};
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
@@ -248,11 +250,16 @@ async fn restore_routing(
     let packs = state
         .chain_from(lsn)
         .map_err(|m| CaptureError::Protocol(format!("rebuilding the routing state: {m}")))?;
-    for p in packs.iter().filter(|p| p.end <= start) {
-        let footer = repo.pack_footer(p).await?;
-        if let Some(region) = &footer.routes {
-            router.apply(repo.pack_routes(&p.key, region).await?);
-        }
+    let packs: Vec<_> = packs.into_iter().filter(|p| p.end <= start).collect();
+    // The stream index says which packs changed the routing state; only their regions are read.
+    let views = repo.pack_views(state, &packs, None).await?;
+    let reads: Vec<_> = views
+        .iter()
+        .filter_map(|v| Some(repo.pack_routes(&v.pack.key, v.routes.as_ref()?)))
+        .collect();
+    let mut regions = futures::stream::iter(reads).buffered(repo.concurrency());
+    while let Some(delta) = regions.try_next().await? {
+        router.apply(delta);
     }
     tracing::info!(checkpoint = %lsn, packs = packs.len(), keys = router.keys(), "routing state restored");
     Ok(())

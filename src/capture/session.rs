@@ -12,6 +12,7 @@ use chrono::Utc;
 use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 
+use super::indexer::Indexer;
 use super::router::{Destination, RouteError, Routed, Router};
 use super::spool::TxnSpool;
 use super::writer::PackWriter;
@@ -86,6 +87,8 @@ pub(super) async fn session(
 
     let mut router = Router::new(catalog, &config.source.schemas, &system.system_id);
     restore_routing(repo, &stream_state, &progress, start, &mut router, admin).await?;
+    // Before the replication stream starts: indexing a long unindexed stream takes a while.
+    let indexer = Indexer::resume(repo, &stream_state, config.stream.index_window).await?;
     let publications = quote_publication_names([config.source.publication.as_str()]);
     let stream = connection
         .start_logical(
@@ -114,6 +117,7 @@ pub(super) async fn session(
         .clone()
         .unwrap_or_else(std::env::temp_dir);
     let mut capture = Capture {
+        indexer,
         writer: PackWriter::new(
             repo.clone(),
             recipients,
@@ -152,6 +156,7 @@ pub(super) async fn session(
 
 struct Capture {
     writer: PackWriter,
+    indexer: Indexer,
     repo: Repository,
     router: Router,
     stream: ReplicationStream,
@@ -298,6 +303,7 @@ impl Capture {
             .map(|p| p.time - self.margin)
             .unwrap_or(self.progress.covered_until)
             .max(self.progress.covered_until);
+        let mut stored = None;
         if self.writer.transactions() > 0 {
             let mut next = self.writer.next(end);
             std::mem::swap(&mut next, &mut self.writer);
@@ -306,7 +312,7 @@ impl Capture {
             self.progress.last_pack_end = Some(end);
             tracing::info!(
                 pack = %summary.key, bytes = summary.bytes, transactions = summary.transactions,
-                changes = summary.changes, sections = summary.sections, end_lsn = %summary.end,
+                changes = summary.changes, sections = summary.footer.sections.len(), end_lsn = %summary.end,
                 first_commit = ?summary.first_commit, last_commit = ?summary.last_commit,
                 seconds = clock.elapsed().as_secs_f64(), "pack stored"
             );
@@ -319,6 +325,7 @@ impl Capture {
                 stored_at: Utc::now(),
             };
             self.telemetry.update(|s| s.stream.last_pack = Some(pack));
+            stored = Some(summary);
         } else if !force_progress
             && ((end == self.progress.durable_lsn && covered == self.progress.covered_until)
                 || self.last_progress_write.elapsed() < self.flush_interval / 2)
@@ -330,6 +337,9 @@ impl Capture {
         self.progress.updated_at = Utc::now();
         self.repo.put_stream_progress(&self.progress).await?;
         self.last_progress_write = Instant::now();
+        if let Some(summary) = stored {
+            self.indexer.stored(summary.pack(), summary.footer).await;
+        }
         self.status(false).await?;
         let metrics = &self.telemetry.metrics;
         metrics

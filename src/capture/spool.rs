@@ -19,31 +19,13 @@ use tokio::sync::mpsc;
 use crate::codec::{CodecError, Identities, Sealer, open};
 use crate::pg::pgoutput::{self, Message};
 use crate::repository::pack::CONTEXT;
+use crate::scratch::anonymous_file;
 use crate::storage::ByteStream;
 
 /// A body stays in memory up to this size.
 const IN_MEMORY: usize = 8 << 20;
 /// Messages in flight while a spooled transaction is read back.
 const REPLAY_DEPTH: usize = 1024;
-
-/// Creates a file only this process can reach: created exclusively with mode 0600, then
-/// unlinked at once, so it vanishes with the process whatever happens.
-fn anonymous_file(dir: &Path, what: &str) -> io::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(format!(
-        ".updog-backup-{what}-{}-{:016x}",
-        std::process::id(),
-        fastrand::u64(..)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)?;
-    std::fs::remove_file(&path)?;
-    Ok(file)
-}
 
 #[derive(Debug)]
 pub struct BodySpool {

@@ -71,12 +71,24 @@ pub struct PackSummary {
     pub bytes: u64,
     pub transactions: u64,
     pub changes: u64,
-    pub sections: usize,
     pub end: Lsn,
     pub covered_until: DateTime<Utc>,
     /// Commit times of the first and last transaction in the pack.
     pub first_commit: Option<DateTime<Utc>>,
     pub last_commit: Option<DateTime<Utc>>,
+    /// What the stream index records of it.
+    pub footer: PackFooter,
+}
+
+impl PackSummary {
+    pub fn pack(&self) -> crate::repository::PackRef {
+        crate::repository::PackRef {
+            start: self.footer.start_lsn,
+            end: self.end,
+            key: self.key.clone(),
+            size: self.bytes,
+        }
+    }
 }
 
 pub struct PackWriter {
@@ -453,11 +465,11 @@ impl PackWriter {
             bytes,
             transactions: self.transactions,
             changes: self.changes,
-            sections: footer.sections.len(),
             end,
             covered_until,
             first_commit: footer.sections.iter().map(|s| s.first_time).min(),
             last_commit: footer.sections.iter().map(|s| s.last_time).max(),
+            footer,
         })
     }
 }

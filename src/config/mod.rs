@@ -89,6 +89,9 @@ pub struct StorageConfig {
     pub s3_region: String,
     #[serde(default)]
     pub s3_force_path_style: bool,
+    /// Independent reads in flight at once (footers, stream index, manifests, sections).
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -129,6 +132,9 @@ pub struct StreamConfig {
     pub flush_interval: Duration,
     #[serde(default = "default_pack_bytes", deserialize_with = "units::bytes")]
     pub max_pack_bytes: u64,
+    /// Packs per stream index object (`changes/index/`).
+    #[serde(default = "default_index_window")]
+    pub index_window: usize,
     /// Where large packs and in-progress large transactions wait, encrypted (default: the
     /// system's temporary directory).
     #[serde(default)]
@@ -194,6 +200,14 @@ fn default_flush() -> Duration {
 fn default_pack_bytes() -> u64 {
     64 << 20
 }
+fn default_index_window() -> usize {
+    256
+}
+/// Reads in flight at once unless `storage.concurrency` says otherwise.
+pub const DEFAULT_CONCURRENCY: usize = 16;
+fn default_concurrency() -> usize {
+    DEFAULT_CONCURRENCY
+}
 fn default_listen() -> String {
     "127.0.0.1:9187".into()
 }
@@ -231,6 +245,7 @@ impl Default for StreamConfig {
         Self {
             flush_interval: default_flush(),
             max_pack_bytes: default_pack_bytes(),
+            index_window: default_index_window(),
             spool_dir: None,
         }
     }
@@ -338,6 +353,18 @@ impl Config {
             return Err("encryption.recipients is empty: add the recipient printed by `updog-backup keygen`".into());
         }
         crate::codec::parse_recipients(&self.encryption.recipients).map_err(|e| e.to_string())?;
+        if !(1..=256).contains(&self.storage.concurrency) {
+            return Err(format!(
+                "storage.concurrency = {}: use 1 to 256",
+                self.storage.concurrency
+            ));
+        }
+        if !(1..=65_536).contains(&self.stream.index_window) {
+            return Err(format!(
+                "stream.index_window = {}: use 1 to 65536 packs",
+                self.stream.index_window
+            ));
+        }
         if !(1..=19).contains(&self.compression.level) {
             return Err(format!(
                 "compression.level = {}: use 1 to 19",

@@ -81,7 +81,7 @@ pub async fn run(
 ) -> Result<(), DaemonError> {
     let telemetry = Arc::new(Telemetry::new(&config.source.slot, store.describe()));
     let store: Arc<dyn ObjectStore> = Arc::new(InstrumentedStore::new(store, telemetry.clone()));
-    let repo = Repository::new(store);
+    let repo = Repository::new(store).with_concurrency(config.storage.concurrency);
     // Before the lock, the lease or the slot: a daemon pointed at the wrong repository must
     // touch none of them, and say so instead of waiting or asking for `init`.
     let info = repo.info().await?;

@@ -11,6 +11,7 @@
 pub mod archive;
 pub mod copy_binary;
 mod gaps;
+pub mod index;
 pub mod info;
 pub mod keys;
 mod lease;
@@ -29,6 +30,7 @@ use crate::retry::{Classify, ErrorClass};
 use crate::storage::{ObjectStore, PutMode, StorageError};
 
 pub use gaps::Gap;
+pub use index::{IndexRef, PackView};
 pub use info::RepoInfo;
 pub use lease::Lease;
 pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
@@ -99,11 +101,26 @@ fn format_advice(found: u32) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct Repository {
     store: Arc<dyn ObjectStore>,
+    /// Independent reads (footers, indexes, manifests, sections) in flight at once.
+    concurrency: usize,
 }
 
 impl Repository {
     pub fn new(store: Arc<dyn ObjectStore>) -> Self {
-        Self { store }
+        Self {
+            store,
+            concurrency: crate::config::DEFAULT_CONCURRENCY,
+        }
+    }
+
+    /// At most `concurrency` (at least 1) independent reads in flight at once.
+    pub fn with_concurrency(mut self, concurrency: usize) -> Self {
+        self.concurrency = concurrency.max(1);
+        self
+    }
+
+    pub fn concurrency(&self) -> usize {
+        self.concurrency
     }
 
     /// The store, for the format's own modules and for writers that stream to it.

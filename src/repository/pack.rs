@@ -20,7 +20,6 @@
 //! The pgoutput encoding is PostgreSQL's own, so restore reuses the stream decoder.
 
 use std::io::Read;
-use std::ops::Range;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -280,18 +279,16 @@ async fn read_region(store: &Arc<dyn ObjectStore>, key: &str, region: &Region) -
     Ok(bytes)
 }
 
-/// Streams the decoded messages of one section. The channel's last item is an error if
-/// anything is wrong (digest, decryption, framing, identity), so a consumer treats what it
-/// applied as provisional until the channel closes cleanly.
-async fn stream_section(
-    store: &Arc<dyn ObjectStore>,
+/// Decodes one section's stored bytes from `reader` on a blocking thread. The channel's last
+/// item is an error if anything is wrong (digest, decryption, framing, identity), so a consumer
+/// treats what it applied as provisional until the channel closes cleanly.
+fn decode_section(
+    reader: impl Read + Send + 'static,
     key: &str,
     index: usize,
     entry: &SectionEntry,
     identities: Arc<Identities>,
 ) -> Result<mpsc::Receiver<Result<Message>>> {
-    let range: Range<u64> = entry.offset..entry.offset + entry.length;
-    let reader = super::object::fetch_reader(store, key, Some(range)).await?;
     let (tx, rx) = mpsc::channel(MESSAGES_IN_FLIGHT);
     let (pack_start, _) = range_of(key).ok_or_else(|| malformed(key, "not a pack key"))?;
     let expect = SectionHeader {
@@ -472,7 +469,59 @@ impl Repository {
         entry: &SectionEntry,
         identities: Arc<Identities>,
     ) -> Result<mpsc::Receiver<Result<Message>>> {
-        stream_section(self.store(), pack_key, index, entry, identities).await
+        let range = entry.offset..entry.offset + entry.length;
+        let reader = super::object::fetch_reader(self.store(), pack_key, Some(range)).await?;
+        decode_section(reader, pack_key, index, entry, identities)
+    }
+
+    /// Decodes a section whose stored bytes were fetched before ([`Self::fetch_section`]):
+    /// every check of [`Self::pack_section`] applies.
+    pub fn decode_section(
+        &self,
+        stored: impl Read + Send + 'static,
+        pack_key: &str,
+        index: usize,
+        entry: &SectionEntry,
+        identities: Arc<Identities>,
+    ) -> Result<mpsc::Receiver<Result<Message>>> {
+        decode_section(stored, pack_key, index, entry, identities)
+    }
+
+    /// Copies a section's stored bytes (ciphertext) into `file` at `at`, as they arrive:
+    /// nothing is held whole. Returns the bytes written, which must be the section's length.
+    pub async fn fetch_section(
+        &self,
+        pack_key: &str,
+        entry: &SectionEntry,
+        file: &std::fs::File,
+        at: u64,
+    ) -> Result<()> {
+        use futures::TryStreamExt;
+        use std::os::unix::fs::FileExt;
+        let range = entry.offset..entry.offset + entry.length;
+        let mut body = self.store().get(pack_key, Some(range)).await?;
+        let mut written = 0u64;
+        let io = |source| crate::storage::StorageError::Io {
+            key: pack_key.to_string(),
+            source,
+        };
+        while let Some(chunk) = body.try_next().await.map_err(io)? {
+            if written + chunk.len() as u64 > entry.length {
+                break;
+            }
+            file.write_all_at(&chunk, at + written).map_err(io)?;
+            written += chunk.len() as u64;
+        }
+        if written != entry.length {
+            return Err(malformed(
+                pack_key,
+                format!(
+                    "a section read {written} bytes where the footer says {}: truncated?",
+                    entry.length
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks one section's stored bytes against the footer's digest, without decrypting.

@@ -261,7 +261,7 @@ fn plaintext_limit(stored: usize) -> usize {
 }
 
 /// The stored bytes, decompressed, if they stay within `limit` bytes.
-fn decompress(bytes: &[u8], limit: usize) -> Result<Vec<u8>, String> {
+pub(super) fn decompress(bytes: &[u8], limit: usize) -> Result<Vec<u8>, String> {
     let mut decoder = zstd::stream::read::Decoder::with_buffer(bytes).map_err(|e| e.to_string())?;
     decoder
         .window_log_max(MAX_WINDOW_LOG)

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
+use super::index::IndexRef;
 use super::pack::{malformed, range_of};
 use super::{Repository, RepositoryError, Result};
 use crate::pg::Lsn;
@@ -140,6 +141,8 @@ pub struct StreamState {
     /// Where retention left the chain of packs (packs before it are deleted).
     pub retained_from: Option<Lsn>,
     pub packs: Vec<PackRef>,
+    /// The stream index's objects, by start LSN.
+    pub indexes: Vec<IndexRef>,
 }
 
 /// One stream's reach, as readers use it: the current stream's, or an earlier one's.
@@ -178,11 +181,12 @@ impl StreamState {
         // Progress first: a pack stored after it was read is then merely not counted yet.
         let progress = read_progress(store).await?;
         let retained_from = read_retained(store).await?.map(|r| r.packs_from);
-        let packs = list(store).await?;
+        let (packs, indexes) = list(store).await?;
         Ok(Self {
             progress,
             retained_from,
             packs,
+            indexes,
         })
     }
 
@@ -224,6 +228,26 @@ impl StreamState {
     /// next pack starts.
     pub fn chain_end(&self) -> Option<Lsn> {
         Some(self.walk(self.start()?, None, Lsn(u64::MAX)).1)
+    }
+
+    /// The current stream's packs after the last index object that covers any of them, in
+    /// order (all of them in a repository written before the stream index existed): what the
+    /// daemon indexes next. They tile the stream up to [`Self::chain_end`].
+    pub fn unindexed_tail(&self) -> Vec<PackRef> {
+        let Some(start) = self.start() else {
+            return Vec::new();
+        };
+        let (chain, _, _) = self.walk(start, None, Lsn(0));
+        let indexed_until = self
+            .indexes
+            .iter()
+            .filter(|i| chain.iter().any(|p| i.covers(p)))
+            .map(|i| i.end)
+            .max();
+        chain
+            .into_iter()
+            .filter(|p| indexed_until.is_none_or(|end| p.start >= end))
+            .collect()
     }
 
     /// The current stream's durable LSN: the progress object's, or the end of the packs if a
@@ -338,23 +362,29 @@ impl StreamState {
     }
 }
 
-/// Packs in the repository, by start LSN.
-async fn list(store: &Arc<dyn ObjectStore>) -> Result<Vec<PackRef>> {
-    let mut out: Vec<PackRef> = store
-        .list(super::keys::CHANGES_PREFIX)
-        .await?
-        .into_iter()
-        .filter_map(|o| {
-            range_of(&o.key).map(|(start, end)| PackRef {
+/// Packs and index objects in the repository, by start LSN: one listing of `changes/`.
+async fn list(store: &Arc<dyn ObjectStore>) -> Result<(Vec<PackRef>, Vec<IndexRef>)> {
+    let (mut packs, mut indexes) = (Vec::new(), Vec::new());
+    for o in store.list(super::keys::CHANGES_PREFIX).await? {
+        if let Some((start, end)) = range_of(&o.key) {
+            packs.push(PackRef {
                 start,
                 end,
                 key: o.key,
                 size: o.size,
-            })
-        })
-        .collect();
-    out.sort();
-    Ok(out)
+            });
+        } else if let Some((start, end)) = super::index::range_of(&o.key) {
+            indexes.push(IndexRef {
+                start,
+                end,
+                key: o.key,
+                size: o.size,
+            });
+        }
+    }
+    packs.sort();
+    indexes.sort();
+    Ok((packs, indexes))
 }
 
 impl Repository {
@@ -380,6 +410,6 @@ impl Repository {
 
     /// Every pack in the repository, by start LSN.
     pub async fn packs(&self) -> Result<Vec<PackRef>> {
-        list(self.store()).await
+        Ok(list(self.store()).await?.0)
     }
 }

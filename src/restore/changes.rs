@@ -1,8 +1,8 @@
 //! Reading one tenant's captured changes back for a point-in-time restore.
 //!
-//! For each pack after the base snapshot: the footer (a ranged read of the tail), then only
-//! the tenant's sections and the global ones. Both are sequences of whole transactions in
-//! commit order; they are merged by commit LSN. Transactions that committed before the
+//! For each pack after the base snapshot, the tenant's sections and the global ones (which the
+//! stream index or the pack's footer named, fetched beforehand: see `sections`). Both are
+//! sequences of whole transactions in commit order; they are merged by commit LSN. Transactions that committed before the
 //! snapshot's consistent LSN are already in it and are skipped; replay stops at the first
 //! transaction that committed after the target time (PostgreSQL's inclusive
 //! `recovery_target_time`).
@@ -18,12 +18,13 @@ use chrono::{DateTime, Utc};
 use tokio::sync::mpsc;
 
 use super::replay::{ReplayError, Replayer};
+use super::sections::Fetched;
 use crate::codec::Identities;
 use crate::pg::Lsn;
 use crate::pg::pgoutput::{Begin, Message};
 use crate::repository::manifest::Scope;
-use crate::repository::pack::{PackFooter, SectionEntry};
-use crate::repository::{Manifest, PackRef, Repository, RepositoryError};
+use crate::repository::pack::SectionEntry;
+use crate::repository::{Manifest, PackView, Repository, RepositoryError};
 use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +40,8 @@ pub enum ChangesError {
 /// What a replay runs over.
 #[derive(Debug, Clone)]
 pub struct ChangePlan {
-    pub packs: Vec<(PackRef, PackFooter)>,
+    /// What the tenant reads of each pack: its sections and the global ones.
+    pub packs: Vec<PackView>,
     /// The base snapshot's consistent LSN: earlier commits are in it.
     pub from: Lsn,
     /// Apply transactions that committed at or before this time.
@@ -53,82 +55,34 @@ pub struct Applied {
     pub transactions: u64,
 }
 
-/// Footers of the packs a replay from `from` needs.
-pub async fn footers(
-    repo: &Repository,
-    packs: Vec<PackRef>,
-) -> Result<Vec<(PackRef, PackFooter)>, RepositoryError> {
-    let mut out = Vec::with_capacity(packs.len());
-    for p in packs {
-        let footer = repo.pack_footer(&p).await?;
-        out.push((p, footer));
-    }
-    Ok(out)
-}
-
-/// Sections of `tenant` or global ones, with their footer index, in footer order.
-fn sections<'a>(
-    footer: &'a PackFooter,
-    tenant: Option<&'a str>,
-) -> impl Iterator<Item = (usize, &'a SectionEntry)> {
-    footer
-        .sections
-        .iter()
-        .enumerate()
-        .filter(move |(_, s)| s.tenant.as_deref() == tenant)
-}
-
-/// Decrypts and parses every section the restore of `tenant` will read (digest, age
-/// authentication, framing, identity), before anything is created. Returns the number of
-/// messages checked.
-pub async fn verify(
-    repo: &Repository,
-    plan: &ChangePlan,
-    tenant: &str,
-    identities: &Arc<Identities>,
-) -> Result<u64, RepositoryError> {
-    let mut messages = 0;
-    for (p, footer) in &plan.packs {
-        for who in [None, Some(tenant)] {
-            for (index, entry) in sections(footer, who) {
-                let mut rx = repo
-                    .pack_section(&p.key, index, entry, identities.clone())
-                    .await?;
-                while let Some(m) = rx.recv().await {
-                    m?;
-                    messages += 1;
-                }
-            }
-        }
-    }
-    Ok(messages)
-}
-
 /// The messages of a pack's sections for one owner, one section after another.
-struct Chain {
-    repo: Repository,
-    key: String,
+struct Chain<'a> {
+    repo: &'a Repository,
+    plan: &'a ChangePlan,
+    fetched: &'a Fetched,
+    pack: usize,
     identities: Arc<Identities>,
-    pending: VecDeque<(usize, SectionEntry)>,
+    pending: VecDeque<&'a (usize, SectionEntry)>,
     current: Option<mpsc::Receiver<Result<Message, RepositoryError>>>,
     peeked: Option<Message>,
 }
 
-impl Chain {
+impl<'a> Chain<'a> {
     fn new(
-        repo: &Repository,
-        p: &PackRef,
-        footer: &PackFooter,
-        owner: Option<&str>,
+        repo: &'a Repository,
+        plan: &'a ChangePlan,
+        fetched: &'a Fetched,
+        pack: usize,
+        owner: Option<&'a str>,
         identities: &Arc<Identities>,
     ) -> Self {
         Self {
-            repo: repo.clone(),
-            key: p.key.clone(),
+            repo,
+            plan,
+            fetched,
+            pack,
             identities: identities.clone(),
-            pending: sections(footer, owner)
-                .map(|(i, s)| (i, s.clone()))
-                .collect(),
+            pending: plan.packs[pack].sections_of(owner).collect(),
             current: None,
             peeked: None,
         }
@@ -148,14 +102,16 @@ impl Chain {
             let Some((index, entry)) = self.pending.pop_front() else {
                 return Ok(None);
             };
-            self.current = Some(
-                self.repo
-                    .pack_section(&self.key, index, &entry, self.identities.clone())
-                    .await?,
-            );
+            self.current = Some(self.fetched.section(
+                self.repo,
+                self.plan,
+                self.pack,
+                *index,
+                entry,
+                self.identities.clone(),
+            )?);
         }
     }
-
     /// The next transaction's Begin, leaving it to be read again.
     async fn peek_begin(&mut self) -> Result<Option<Begin>, ChangesError> {
         match self.next().await? {
@@ -185,7 +141,7 @@ impl Chain {
 
     fn structure(&self, message: String) -> ChangesError {
         ChangesError::Structure {
-            key: self.key.clone(),
+            key: self.plan.packs[self.pack].pack.key.clone(),
             message,
         }
     }
@@ -195,6 +151,7 @@ impl Chain {
 pub async fn apply(
     repo: &Repository,
     plan: &ChangePlan,
+    fetched: &Fetched,
     manifest: &Manifest,
     tenant: &str,
     identities: &Arc<Identities>,
@@ -203,12 +160,12 @@ pub async fn apply(
     let mut applied = Applied::default();
     // oid → whether it is a tenant table, from the Relation messages seen.
     let mut tenant_tables: HashMap<u32, bool> = HashMap::new();
-    for (p, footer) in &plan.packs {
-        if footer.end_lsn <= plan.from {
+    for (i, view) in plan.packs.iter().enumerate() {
+        if view.pack.end <= plan.from {
             continue;
         }
-        let mut own = Chain::new(repo, p, footer, Some(tenant), identities);
-        let mut global = Chain::new(repo, p, footer, None, identities);
+        let mut own = Chain::new(repo, plan, fetched, i, Some(tenant), identities);
+        let mut global = Chain::new(repo, plan, fetched, i, None, identities);
         loop {
             let (a, b) = (own.peek_begin().await?, global.peek_begin().await?);
             let (lsn, time) = match (&a, &b) {

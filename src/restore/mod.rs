@@ -10,6 +10,7 @@ pub mod changes;
 pub mod plan;
 pub mod replay;
 pub mod schema;
+mod sections;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -32,8 +33,10 @@ use crate::repository::{Manifest, Part, Repository, RepositoryError, RestorePoin
 use crate::retry::{Classify, ErrorClass};
 use crate::source::SourceError;
 
+use crate::storage::Requests;
 pub use changes::ChangePlan;
 pub use plan::{PlanError, RestoreTarget, Window};
+use sections::Fetched;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
@@ -71,6 +74,8 @@ pub struct RestoreRequest {
     pub target: RestoreTarget,
     pub target_db: Option<String>,
     pub target_url: String,
+    /// Where the change sections wait between their check and the replay (ciphertext only).
+    pub scratch_dir: std::path::PathBuf,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +94,8 @@ pub struct RestoreReport {
     /// Schema entries the target refused (e.g. grants or policies for absent roles).
     pub not_recreated: Vec<schema::Skipped>,
     pub seconds: f64,
+    /// Requests made to the store (set by the caller that counts them).
+    pub store_requests: Requests,
 }
 
 /// Records a finished restore in the repository.
@@ -180,24 +187,20 @@ pub async fn run(
     drop(dump);
     let changes = match plan.changes {
         Some((packs, until)) => {
-            let packs = changes::footers(repo, packs).await?;
-            let messages = changes::verify(
-                repo,
-                &ChangePlan {
-                    packs: packs.clone(),
-                    from: manifest.consistent_lsn,
-                    until,
-                },
-                &request.tenant,
-                &identities,
-            )
-            .await?;
-            tracing::info!(packs = packs.len(), messages, "change sections verified");
-            Some(ChangePlan {
+            let plan = ChangePlan {
                 packs,
                 from: manifest.consistent_lsn,
                 until,
-            })
+            };
+            let fetched = sections::fetch(repo, &plan, &identities, &request.scratch_dir).await?;
+            tracing::info!(
+                packs = plan.packs.len(),
+                sections = fetched.sections,
+                bytes = fetched.bytes,
+                messages = fetched.messages,
+                "change sections fetched and verified"
+            );
+            Some((plan, fetched))
         }
         None => None,
     };
@@ -227,7 +230,7 @@ pub async fn run(
                 pre: (&pre_preamble, &pre),
                 post: (&post_preamble, &post),
             },
-            changes.as_ref(),
+            changes.as_ref().map(|(plan, fetched)| (plan, fetched)),
         )
         .await;
         drop(client);
@@ -254,6 +257,7 @@ pub async fn run(
                 global_rows: loaded.global_rows,
                 not_recreated: loaded.not_recreated,
                 seconds: clock.elapsed().as_secs_f64(),
+                store_requests: Requests::default(),
             };
             tracing::info!(
                 database = %report.database, restore_point_lsn = %report.restore_point.lsn,
@@ -356,7 +360,7 @@ async fn load(
     manifest: &Manifest,
     tenant: &str,
     SchemaSql { pre, post }: SchemaSql<'_>,
-    changes: Option<&ChangePlan>,
+    changes: Option<(&ChangePlan, &Fetched)>,
 ) -> Result<Loaded, LoadError> {
     let mut not_recreated = schema::apply(client, pre.0, pre.1)
         .await
@@ -413,7 +417,9 @@ async fn load(
             .map_err(|(entry, e)| LoadError::Step(entry, sqlstate::describe(&e)))?,
     );
     let replayed = match changes {
-        Some(plan) => Some(replay(client, repo, identities, manifest, tenant, plan).await?),
+        Some((plan, fetched)) => {
+            Some(replay(client, repo, identities, manifest, tenant, plan, fetched).await?)
+        }
         None => None,
     };
     if replayed.is_some() {
@@ -466,6 +472,7 @@ async fn replay(
     manifest: &Manifest,
     tenant: &str,
     plan: &ChangePlan,
+    fetched: &Fetched,
 ) -> Result<Replayed, LoadError> {
     let clock = Instant::now();
     client
@@ -473,7 +480,16 @@ async fn replay(
         .await
         .map_err(step("starting the replay"))?;
     let mut replayer = replay::Replayer::new(client);
-    let applied = changes::apply(repo, plan, manifest, tenant, identities, &mut replayer).await?;
+    let applied = changes::apply(
+        repo,
+        plan,
+        fetched,
+        manifest,
+        tenant,
+        identities,
+        &mut replayer,
+    )
+    .await?;
     let stats = replayer
         .finish()
         .await

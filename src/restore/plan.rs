@@ -13,10 +13,11 @@
 //! was ever run) restores snapshots as they are, up to the newest one.
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use futures::StreamExt;
 
 use crate::pg::Lsn;
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId};
-use crate::repository::{PackRef, Span, StreamState};
+use crate::repository::{PackRef, PackView, Span, StreamState};
 use crate::retry::{Classify, ErrorClass};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,8 +128,9 @@ impl std::fmt::Display for Window {
 pub struct RestorePlan {
     pub manifest: Manifest,
     pub window: Window,
-    /// Packs to replay after the snapshot, and up to when (`None`: the snapshot as it is).
-    pub changes: Option<(Vec<PackRef>, DateTime<Utc>)>,
+    /// What the tenant reads of each pack to replay after the snapshot, and up to when
+    /// (`None`: the snapshot as it is).
+    pub changes: Option<(Vec<PackView>, DateTime<Utc>)>,
 }
 
 /// Restoring `manifest` alone at `at` (its own instant, which `span`, the stream that follows
@@ -145,9 +147,14 @@ async fn check_nothing_left_out(
     at: DateTime<Utc>,
 ) -> Result<(), PlanError> {
     let from = manifest.consistent_lsn;
-    for p in state.packs.iter().filter(|p| p.end > from && span.holds(p)) {
-        let footer = repo.pack_footer(p).await?;
-        let left_out = footer.sections_for(tenant).find_map(|s| {
+    let packs: Vec<PackRef> = state
+        .packs
+        .iter()
+        .filter(|p| p.end > from && span.holds(p))
+        .cloned()
+        .collect();
+    for view in repo.pack_views(state, &packs, Some(tenant)).await? {
+        let left_out = view.sections.iter().map(|(_, s)| s).find_map(|s| {
             [(s.first_lsn, s.first_time), (s.last_lsn, s.last_time)]
                 .into_iter()
                 .find(|&(lsn, time)| lsn >= from && time <= at)
@@ -178,8 +185,13 @@ pub async fn tenant_snapshots(
     let total = ids.len();
     let mut out = Vec::new();
     let mut held = false;
-    for id in ids {
-        let manifest = match repo.manifest(&id).await {
+    let reads: Vec<_> = ids.iter().map(|id| repo.manifest(id)).collect();
+    let manifests: Vec<_> = futures::stream::iter(reads)
+        .buffered(repo.concurrency())
+        .collect()
+        .await;
+    for manifest in manifests {
+        let manifest = match manifest {
             Ok(m) => m,
             // Retention (of a running daemon) deleted it since the listing.
             Err(RepositoryError::NoSuchSnapshot(_)) => continue,
@@ -191,27 +203,16 @@ pub async fn tenant_snapshots(
             out.push(manifest);
         }
     }
-    if !held && !in_stream(repo, tenant).await? {
+    // Asked only for a tenant no snapshot holds: the stream index's directories, and the
+    // footers of the packs no index covers.
+    if !held
+        && !repo
+            .stream_mentions(&repo.stream_state().await?, tenant)
+            .await?
+    {
         out.clear();
     }
     Ok((out, total))
-}
-
-/// Whether any stored pack has a section of `tenant` (read only for a tenant no snapshot
-/// holds: one footer per pack).
-async fn in_stream(repo: &Repository, tenant: &str) -> Result<bool, PlanError> {
-    let state = repo.stream_state().await?;
-    for p in &state.packs {
-        let footer = repo.pack_footer(p).await?;
-        if footer
-            .sections
-            .iter()
-            .any(|s| s.tenant.as_deref() == Some(tenant))
-        {
-            return Ok(true);
-        }
-    }
-    Ok(false)
 }
 
 pub async fn plan(
@@ -258,7 +259,7 @@ pub async fn plan(
                     snapshot: manifest.id.to_string(),
                     reason,
                 })?;
-            Some((packs, at))
+            Some((repo.pack_views(&state, &packs, Some(tenant)).await?, at))
         }
         // The snapshot's own instant, which the stream does not cover yet: the snapshot alone.
         Some(s) => {
@@ -519,7 +520,10 @@ mod tests {
         let replays = async |at| {
             let plan = plan(&repo, TENANT, RestoreTarget::At(at)).await.unwrap();
             let (packs, _) = plan.changes.expect("changes to replay");
-            let packs: Vec<_> = packs.iter().map(|p| (p.start.0, p.end.0)).collect();
+            let packs: Vec<_> = packs
+                .iter()
+                .map(|v| (v.pack.start.0, v.pack.end.0))
+                .collect();
             (plan.manifest.consistent_lsn, packs, plan.window)
         };
         let (base, packs, window) = replays(t(55)).await;

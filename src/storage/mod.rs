@@ -29,6 +29,7 @@
 //! - Transient failures (network, throttling, 5xx) are retried with backoff inside the backend;
 //!   what surfaces is permanent or has exhausted its retries.
 
+mod counted;
 mod local;
 mod memory;
 mod s3;
@@ -41,6 +42,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use futures::Stream;
 
+pub use counted::{CountedStore, Requests};
 pub use local::LocalStore;
 pub use memory::MemoryStore;
 pub use s3::{S3Settings, S3Store};

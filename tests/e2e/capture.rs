@@ -163,6 +163,7 @@ async fn point_in_time_restore_is_exact_at_every_instant() {
     // The window: from the first snapshot to covered-until; before it is refused.
     let list = env.ok(&["list", "--org", &a]);
     assert!(list.contains("restorable from"), "{list}");
+    assert_indexed(&env);
     let too_early =
         (before - chrono::TimeDelta::hours(1)).to_rfc3339_opts(SecondsFormat::Secs, true);
     let err = env.fails(&["restore", "--org", &a, "--at", &too_early], 2);
@@ -171,6 +172,17 @@ async fn point_in_time_restore_is_exact_at_every_instant() {
         (Utc::now() + chrono::TimeDelta::hours(1)).to_rfc3339_opts(SecondsFormat::Secs, true);
     let err = env.fails(&["restore", "--org", &a, "--at", &too_late], 2);
     assert!(err.contains("outside the restorable window"), "{err}");
+}
+
+/// Every pack but those after the last whole window (3 packs, `capture_env`) is in the
+/// stream index, so the restores went through it.
+fn assert_indexed(env: &TestEnv) {
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    let (packs, indexed) = (
+        json["stream"]["packs"].as_u64().unwrap(),
+        json["stream"]["indexed_packs"].as_u64().unwrap(),
+    );
+    assert!(packs - indexed < 3, "{json}");
 }
 
 /// Kills (SIGKILL) during capture: after restarts, restores at recorded instants equal the
@@ -215,6 +227,8 @@ async fn sigkilled_daemon_loses_and_duplicates_nothing() {
     // The last instant for every tenant, and a few earlier ones (before and after the second
     // snapshot).
     assert_restores_at_thirds(&env, &instants, "k").await;
+    // Each restart indexed the packs its predecessor left unindexed.
+    assert_indexed(&env);
     eprintln!(
         "daemon SIGKILLed {kills} times during capture; {} instants recorded",
         instants.len()

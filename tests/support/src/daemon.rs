@@ -89,11 +89,15 @@ impl Drop for Daemon {
     }
 }
 
+/// Packs every 500 ms, and a stream index object every 3 packs: every capture test then
+/// restores through the index (and through footers for the packs after the last window).
 pub fn capture_env(env: &mut TestEnv) {
     env.env.push((
         "UPDOG_BACKUP__STREAM__FLUSH_INTERVAL".into(),
         "500ms".into(),
     ));
+    env.env
+        .push(("UPDOG_BACKUP__STREAM__INDEX_WINDOW".into(), "3".into()));
 }
 
 /// A daemon process a test watches: whether it still runs, and what it logged.
