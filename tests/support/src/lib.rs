@@ -191,6 +191,15 @@ impl TestEnv {
         String::from_utf8(out.stdout).unwrap()
     }
 
+    /// Whether the binary knows the setting that the override `var` sets (unknown keys are
+    /// configuration errors that name the key): a test or bench written ahead of a setting
+    /// runs without it until the binary has it.
+    pub fn accepts_setting(&self, var: &str, value: &str) -> bool {
+        let out = self.command(&["list"]).env(var, value).output().unwrap();
+        let key = var.rsplit("__").next().unwrap_or(var).to_ascii_lowercase();
+        !String::from_utf8_lossy(&out.stderr).contains(&format!("unknown field `{key}`"))
+    }
+
     /// Runs and asserts the exit code; returns stderr (where errors are reported).
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
