@@ -15,6 +15,7 @@ mod replication_stream;
 mod schema_change;
 mod snapshot_restore;
 mod storage;
+mod stream_index;
 mod tls;
 
 /// The support crate runs the binary cargo built for this target (it finds it by path, as a
