@@ -32,11 +32,11 @@ const FLUSH_INTERVAL: &str = "50ms";
 const ROUND_TRIP: Duration = Duration::from_millis(20);
 
 /// Requests a `restore --latest` makes whatever the stream's length, with one page per
-/// listing: `repo.json`; the snapshot listing and its manifest; the schema, global and tenant
-/// archives (one GET each: they are small here); `changes/progress.json` and
-/// `changes/retained.json`; the listings of `changes/` and of the gaps; the restore record (a
-/// PUT). 13 today (9 GETs, 3 listings, 1 PUT); 24 leaves room for an index listing, a HEAD or
-/// a second read per object, without letting per-pack reads hide in it.
+/// listing: `repo.json`, the snapshot listing and the manifest, the schema, global and tenant
+/// archives, `changes/progress.json` and `changes/retained.json`, the listings of `changes/`
+/// and of the gaps, and the restore record (a PUT): 13 today (9 GETs, 3 listings, 1 PUT). 24
+/// leaves room for an index listing, a HEAD or a second read per object, without letting
+/// per-pack reads hide in it.
 const FIXED: u64 = 24;
 /// Listings a restore makes that grow with the stream (`changes/` and its subfolders): each
 /// costs one more request per 1,000 keys beyond the page FIXED counts.
@@ -67,8 +67,8 @@ async fn one_tenant_restore_reads_a_bounded_part_of_a_long_stream() {
         "UPDOG_BACKUP__STREAM__FLUSH_INTERVAL".into(),
         FLUSH_INTERVAL.into(),
     ));
-    // Written ahead of the index: a binary without the setting runs with its defaults (and
-    // fails the bounds below, which is the point of this test until the index lands).
+    // Written ahead of the index: a binary without the setting runs with its defaults, and
+    // fails the bounds below until the index lands.
     if env.accepts_setting(INDEX_WINDOW_VAR, &WINDOW.to_string()) {
         env.env.push((INDEX_WINDOW_VAR.into(), WINDOW.to_string()));
     } else {
