@@ -3,8 +3,8 @@
 //! packs the change stream holds, on a local S3 and on one with a remote S3's round trip.
 //!
 //! ```sh
-//! cargo bench --bench stream             # = -- --sizes 100,1000,10000 --round-trips 0,20, about 20 minutes
-//! cargo bench --bench stream -- --smoke  # = -- --sizes 50,200 --tenants 8 --scale 0.1, a few minutes
+//! cargo bench --bench stream             # = -- --sizes 100,1000,10000 --round-trips 0,20, about 16 minutes
+//! cargo bench --bench stream -- --smoke  # = -- --sizes 50,200 --tenants 8 --scale 0.1, about 2 minutes
 //! ```
 //!
 //! It starts a private PostgreSQL and SeaweedFS (the tests' support crate, tests/support: real
@@ -35,7 +35,7 @@
 //! at a round trip, predicted from the smallest round trip's run (its time + its requests × the
 //! added round trip, as requests made one after another would take), exceeds `--budget` seconds
 //! is not run: the table shows the prediction, marked `est.`. That keeps the full run near
-//! 20 minutes while today's code makes one request per pack; once restores make a bounded number
+//! 16 minutes while today's code makes one request per pack; once restores make a bounded number
 //! of requests, every cell runs.
 //!
 //! `stream.index_window` (`--index-window`) is passed only when the binary knows the setting
