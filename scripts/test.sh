@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/test-services.sh
-cargo test --locked --lib --bins --tests "$@"
+cargo test --locked --workspace --lib --bins --tests "$@"

@@ -34,23 +34,24 @@ const ROUND_TRIP: Duration = Duration::from_millis(20);
 /// Requests a `restore --latest` makes whatever the stream's length, with one page per
 /// listing: `repo.json`, the snapshot listing and the manifest, the schema, global and tenant
 /// archives, `changes/progress.json` and `changes/retained.json`, the listings of `changes/`
-/// and of the gaps, and the restore record (a PUT): 13 today (9 GETs, 3 listings, 1 PUT). 24
-/// leaves room for an index listing, a HEAD or a second read per object, without letting
-/// per-pack reads hide in it.
-const FIXED: u64 = 24;
+/// and of the gaps, and the restore record (a PUT): 13 (9 GETs, 3 listings, 1 PUT), and a
+/// little room for a HEAD or a second read of an object, without letting per-pack reads hide
+/// in it.
+const FIXED: u64 = 16;
 /// Listings a restore makes that grow with the stream (`changes/` and its subfolders): each
 /// costs one more request per 1,000 keys beyond the page FIXED counts.
 const LISTINGS: u64 = 3;
-/// Reading one window's index object: a ranged read of its tail, and of its body when the
-/// first read did not hold it all.
-const PER_WINDOW: u64 = 2;
+/// Reading one window's index directory: one ranged read of the object's tail, which holds
+/// the whole directory of a window this small.
+const PER_WINDOW: u64 = 1;
+/// Reading a tenant's block of a window's index, for a tenant the window holds.
+const PER_BLOCK: u64 = 1;
 /// Reading one pack footer without an index: one ranged read of its tail (footers here are far
 /// below the 64 KiB that first read covers).
 const PER_FOOTER: u64 = 1;
-/// Reads of each of the tenant's sections: one to check it before anything is created (digest,
-/// age, framing, header), one to replay it; today's restore streams sections rather than keep
-/// them, so it reads them twice.
-const PER_SECTION: u64 = 2;
+/// Reads of each of the tenant's sections: fetched once, checked, and replayed from the
+/// restore's local copy.
+const PER_SECTION: u64 = 1;
 /// Between the workload's transactions: packs are cut by time (FLUSH_INTERVAL), so a gentler
 /// load stores as many packs with fewer transactions, and the busy tenant's replay (the debug
 /// build's) stays short.
@@ -67,13 +68,7 @@ async fn one_tenant_restore_reads_a_bounded_part_of_a_long_stream() {
         "UPDOG_BACKUP__STREAM__FLUSH_INTERVAL".into(),
         FLUSH_INTERVAL.into(),
     ));
-    // Written ahead of the index: a binary without the setting runs with its defaults, and
-    // fails the bounds below until the index lands.
-    if env.accepts_setting(INDEX_WINDOW_VAR, &WINDOW.to_string()) {
-        env.env.push((INDEX_WINDOW_VAR.into(), WINDOW.to_string()));
-    } else {
-        eprintln!("stream_index: this binary has no stream.index_window: run without it");
-    }
+    env.env.push((INDEX_WINDOW_VAR.into(), WINDOW.to_string()));
     env.ok(&["init"]);
     let (busy, idle) = (fixture_tenant(2).await, fixture_tenant(3).await);
 
@@ -180,16 +175,16 @@ async fn one_tenant_restore_reads_a_bounded_part_of_a_long_stream() {
     // (every whole window of WINDOW packs), and footers only for the tail that no index
     // covers yet (fewer than WINDOW packs), besides what every restore reads (FIXED, and more
     // pages of the listings of `changes/` past 1,000 keys: packs, index objects and a few
-    // others). Without the index it reads one footer per pack: `packs` requests instead of
+    // others). Without the index it read one footer per pack: `packs` requests instead of
     // the windows and the tail.
     let windows = packs / WINDOW;
     let extra_pages = (packs + windows + 100).div_ceil(1000) - 1;
     let idle_bound =
         FIXED + LISTINGS * extra_pages + windows * PER_WINDOW + (WINDOW - 1) * PER_FOOTER;
-    // The busy tenant adds its own sections: one per pack it is in (every pack: each
-    // transaction is its own and small, so each pack seals one section of it), read
-    // PER_SECTION times.
-    let busy_bound = idle_bound + PER_SECTION * packs;
+    // The busy tenant adds its block of every window and its own sections: one per pack it
+    // is in (every pack: each transaction is its own and small, so each pack seals one section
+    // of it).
+    let busy_bound = idle_bound + windows * PER_BLOCK + PER_SECTION * packs;
     let (idle_requests, busy_requests) = (counts["idle"].0, counts["busy"].0);
     eprintln!(
         "stream_index: {packs} packs ({windows} windows of {WINDOW}): idle restore {idle_requests} \
