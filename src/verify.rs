@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::codec::Identities;
 use crate::progress::{Progress, Unit};
 use crate::repository::pack::PackFooter;
-use crate::repository::{PackRef, Part, Repository, RepositoryError};
+use crate::repository::{PackRef, Part, Repository, RepositoryError, StreamState, index};
 use crate::restore::{PlanError, plan};
 use crate::retry::{Classify, ErrorClass};
 use crate::storage::StorageError;
@@ -123,51 +123,79 @@ async fn stream(
         Unit::StoredBytes,
         state.packs.len() as u64,
     );
-    // Window by window: an index's footers are compared with those of its packs as they are
-    // checked, so memory holds one window; packs no index covers come last.
+    // Window by window (the large windows, and the small ones after them): the footers of a
+    // window's packs are checked, then every index within the window is compared with them, so
+    // memory holds one window. Packs no index covers come last.
+    let chosen = index::covering(&state.indexes, &state.packs);
     let mut rest: Vec<&PackRef> = state.packs.iter().collect();
-    for index in &state.indexes {
+    for window in &chosen {
         let (covered, others): (Vec<&PackRef>, Vec<&PackRef>) =
-            rest.into_iter().partition(|p| index.covers(p));
+            rest.into_iter().partition(|p| window.covers(p));
         rest = others;
-        let recorded = match repo.stream_index_footers(index).await {
-            Ok(footers) => Some(footers),
-            Err(e) => {
-                report.record(Err(e));
-                None
-            }
-        };
         let footers = packs(repo, &covered, org, identities, report, &progress).await;
-        report.checked += 1;
-        if let Some(recorded) = recorded {
-            let kept_from = state.start().unwrap_or_default();
-            for (pack, footer) in &recorded {
-                let found = covered.iter().position(|p| p.start == pack.start);
-                let problem = match found.map(|i| (covered[i], &footers[i])) {
-                    // Retention deleted it, or an earlier index covered it too (a write that
-                    // failed as far as the daemon knew, then stored a longer window).
-                    None if pack.end <= kept_from || state.packs.contains(pack) => None,
-                    None => Some("names a pack that is missing (deleted?)".to_string()),
-                    Some((p, _)) if p.size != pack.size || p.end != pack.end => Some(format!(
-                        "recorded {} bytes for {}, which has {}: the pack was replaced",
-                        pack.size, p.key, p.size
-                    )),
-                    Some((p, Some(f))) if f != footer => {
-                        Some(format!("disagrees with the footer of {}", p.key))
+        let within = state
+            .indexes
+            .iter()
+            .filter(|i| window.start <= i.start && i.end <= window.end);
+        for index in within {
+            report.checked += 1;
+            match repo.stream_index_footers(index).await {
+                Ok(recorded) => {
+                    for problem in disagreements(&state, &covered, &footers, &recorded) {
+                        report
+                            .failures
+                            .push(format!("stream index {}: {problem}", index.key));
                     }
-                    Some(_) => None,
-                };
-                if let Some(problem) = problem {
-                    report
-                        .failures
-                        .push(format!("stream index {}: {problem}", index.key));
                 }
+                Err(e) => report.failures.push(e.to_string()),
             }
         }
+    }
+    // Indexes outside every chosen window (only overlapping leftovers of a failed write) are
+    // still read: a damaged one is reported.
+    for index in state
+        .indexes
+        .iter()
+        .filter(|i| !chosen.iter().any(|w| w.start <= i.start && i.end <= w.end))
+    {
+        report.record(repo.stream_index_footers(index).await.map(drop));
     }
     packs(repo, &rest, org, identities, report, &progress).await;
     progress.finish();
     Ok(())
+}
+
+/// How an index's record of its packs differs from the packs as listed and their footers as
+/// read (`None`: the pack failed its own check, reported already).
+fn disagreements(
+    state: &StreamState,
+    listed: &[&PackRef],
+    footers: &[Option<PackFooter>],
+    recorded: &[(PackRef, PackFooter)],
+) -> Vec<String> {
+    let kept_from = state.start().unwrap_or_default();
+    recorded
+        .iter()
+        .filter_map(|(pack, footer)| {
+            let found = listed.iter().position(|p| p.start == pack.start);
+            match found.map(|i| (listed[i], &footers[i])) {
+                // Retention deleted it.
+                None if pack.end <= kept_from => None,
+                None => Some(format!(
+                    "names pack {}, which is missing (deleted?)",
+                    pack.key
+                )),
+                Some((p, _)) if p.size != pack.size || p.end != pack.end => Some(format!(
+                    "recorded {} bytes for {}, which has {}: the pack was replaced",
+                    pack.size, p.key, p.size
+                )),
+                Some((p, Some(f))) if f != footer => {
+                    Some(format!("disagrees with the footer of {}", p.key))
+                }
+                Some(_) => None,
+            }
+        })
+        .collect()
 }
 
 /// Checks `list` concurrently; returns each pack's footer (`None` where it failed).

@@ -11,7 +11,10 @@
 //! ```
 //!
 //! An index holds exactly what its packs' footers say (a reader may use either), so it is
-//! plain, like the footers, and readable without the identity. It only accelerates: a pack
+//! plain, like the footers, and readable without the identity. Windows come in two sizes:
+//! small ones as packs are stored (so the packs after the last large window cost a few index
+//! reads, not one footer each), and a large one over them once it is whole; readers take the
+//! large ones where they exist ([`covering`]). It only accelerates: a pack
 //! no index covers, or one whose index is missing or damaged, is read through its footer.
 //! What a reader trusts an index for is checked against what it can see for free: the packs it
 //! names must be listed with the sizes it records, and every section read is still checked
@@ -59,6 +62,23 @@ impl IndexRef {
     pub fn covers(&self, pack: &PackRef) -> bool {
         self.start <= pack.start && pack.end <= self.end
     }
+}
+
+/// The indexes a reader of `packs` (in order) reads: for each pack no chosen index covers yet,
+/// the index that covers it and reaches furthest. The daemon writes small windows as packs come
+/// and a large one over them once it is whole, so readers take the large windows and the small
+/// ones only after the last large one.
+pub fn covering<'a>(indexes: &'a [IndexRef], packs: &[PackRef]) -> Vec<&'a IndexRef> {
+    let mut chosen: Vec<&IndexRef> = Vec::new();
+    for p in packs {
+        if chosen.last().is_some_and(|i| i.covers(p)) {
+            continue;
+        }
+        if let Some(best) = indexes.iter().filter(|i| i.covers(p)).max_by_key(|i| i.end) {
+            chosen.push(best);
+        }
+    }
+    chosen
 }
 
 pub fn key(start: Lsn, end: Lsn) -> String {
@@ -534,12 +554,7 @@ impl Repository {
         chain: &[PackRef],
         tenant: Option<&str>,
     ) -> Result<Vec<PackView>> {
-        let needed: Vec<&IndexRef> = state
-            .indexes
-            .iter()
-            .filter(|i| chain.iter().any(|p| i.covers(p)))
-            .collect();
-        let reads: Vec<_> = needed
+        let reads: Vec<_> = covering(&state.indexes, chain)
             .into_iter()
             .map(|index| async move {
                 match read_views(self.store(), index, tenant).await {
@@ -598,10 +613,10 @@ impl Repository {
     /// Whether any pack of the stream holds a section of `tenant`: the directories of the
     /// indexes, and the footers of the packs no index covers.
     pub async fn stream_mentions(&self, state: &StreamState, tenant: &str) -> Result<bool> {
-        let reads: Vec<_> = state
-            .indexes
+        let chosen = covering(&state.indexes, &state.packs);
+        let reads: Vec<_> = chosen
             .iter()
-            .map(|index| async move {
+            .map(|&index| async move {
                 match read_directory(self.store(), index).await {
                     Ok(d) => Ok(Some(
                         d.tenants
@@ -620,9 +635,8 @@ impl Repository {
         if found.contains(&Some(true)) {
             return Ok(true);
         }
-        let usable: Vec<&IndexRef> = state
-            .indexes
-            .iter()
+        let usable: Vec<&IndexRef> = chosen
+            .into_iter()
             .zip(&found)
             .filter(|(_, f)| f.is_some())
             .map(|(i, _)| i)

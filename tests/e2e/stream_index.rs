@@ -171,23 +171,25 @@ async fn one_tenant_restore_reads_a_bounded_part_of_a_long_stream() {
         }
     }
 
-    // The bounds. With the index, the idle tenant's restore reads the windows' index objects
-    // (every whole window of WINDOW packs), and footers only for the tail that no index
-    // covers yet (fewer than WINDOW packs), besides what every restore reads (FIXED, and more
-    // pages of the listings of `changes/` past 1,000 keys: packs, index objects and a few
-    // others). Without the index it read one footer per pack: `packs` requests instead of
-    // the windows and the tail.
-    let windows = packs / WINDOW;
-    let extra_pages = (packs + windows + 100).div_ceil(1000) - 1;
+    // The bounds. With the index, the idle tenant's restore reads the large windows' index
+    // objects (every whole window of WINDOW packs), after the last of them at most 15 small
+    // windows' (of WINDOW / 16 packs each), and footers only for the packs no index covers yet
+    // (fewer than WINDOW / 16), besides what every restore reads (FIXED, and more pages of the
+    // listings of `changes/` past 1,000 keys: packs, index objects and a few others). Without
+    // the index it read one footer per pack: `packs` requests instead.
+    let (large, small) = (packs / WINDOW, WINDOW / 16);
+    let windows = large + 15;
+    let index_objects = large + packs / small;
+    let extra_pages = (packs + index_objects + 100).div_ceil(1000) - 1;
     let idle_bound =
-        FIXED + LISTINGS * extra_pages + windows * PER_WINDOW + (WINDOW - 1) * PER_FOOTER;
-    // The busy tenant adds its block of every window and its own sections: one per pack it
-    // is in (every pack: each transaction is its own and small, so each pack seals one section
-    // of it).
+        FIXED + LISTINGS * extra_pages + windows * PER_WINDOW + (small - 1) * PER_FOOTER;
+    // The busy tenant adds its block of every window read and its own sections: one per pack
+    // it is in (every pack: each transaction is its own and small, so each pack seals one
+    // section of it).
     let busy_bound = idle_bound + windows * PER_BLOCK + PER_SECTION * packs;
     let (idle_requests, busy_requests) = (counts["idle"].0, counts["busy"].0);
     eprintln!(
-        "stream_index: {packs} packs ({windows} windows of {WINDOW}): idle restore {idle_requests} \
+        "stream_index: {packs} packs ({large} windows of {WINDOW}): idle restore {idle_requests} \
          requests (bound {idle_bound}), busy restore {busy_requests} requests (bound {busy_bound})"
     );
     assert!(

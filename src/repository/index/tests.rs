@@ -269,3 +269,21 @@ fn a_hostile_directory_is_refused_not_trusted() {
         assert!(check("k", &hostile, &index, 18).is_err(), "{hostile:?}");
     }
 }
+
+#[tokio::test]
+async fn readers_take_the_large_windows_and_the_small_ones_after_them() {
+    // Small windows of 4 over all 40 packs, as the daemon writes them, and a large one over
+    // the first 32 once they were all stored.
+    let f = fixture(40, 4).await;
+    f.repo.put_stream_index(&f.footers[..32]).await.unwrap();
+    let state = f.repo.stream_state().await.unwrap();
+    let chosen: Vec<(Lsn, Lsn)> = covering(&state.indexes, &state.packs)
+        .iter()
+        .map(|i| (i.start, i.end))
+        .collect();
+    let bounds = |from: usize, to: usize| (f.footers[from].0.start, f.footers[to - 1].0.end);
+    assert_eq!(chosen, vec![bounds(0, 32), bounds(32, 36), bounds(36, 40)]);
+    let (views, gets) = f.views(Some("idle")).await;
+    assert_eq!(views, f.expected(Some("idle")));
+    assert_eq!(gets, 3);
+}
