@@ -21,7 +21,8 @@
 //! - [`config`]: the TOML file and its environment overrides, validated.
 //! - [`storage`]: the `ObjectStore` trait; local directory, S3, memory; the configured one.
 //! - [`repository`]: the format, all of it (FORMAT.md), behind [`repository::Repository`].
-//! - [`source`]: what we ask the source — catalog and tenant routing, `check`, the
+//! - [`source`]: what we ask the source — catalog and tenant routing, what its schemas use
+//!   outside themselves (extensions…) and what a server can create of it, `check`, the
 //!   publication, pg_dump.
 //! - [`telemetry`]: `/status`, Prometheus metrics, the store wrapper that times requests.
 //! - [`capture`]: the daemon's change stream — router, pack writer, spools, stream gaps.

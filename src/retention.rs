@@ -213,6 +213,7 @@ mod tests {
                     rows: Default::default(),
                 },
                 tenants: Default::default(),
+                depends_on: Default::default(),
             };
             repo.put_manifest(&manifest).await.unwrap();
         }

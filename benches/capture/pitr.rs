@@ -54,6 +54,7 @@ impl Bench<'_> {
                 hba: PITR_HBA,
                 extra_options: "-c archive_mode=on",
                 prepare: &|_| {},
+                without_extensions: &[],
             })));
         let db = self.rt.block_on(source_db(pg, "pitr", a));
         // Only the source database, as in production: the fixture's template goes.

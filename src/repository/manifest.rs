@@ -137,6 +137,67 @@ pub struct SequenceState {
     pub is_called: bool,
 }
 
+/// What the configured schemas depend on outside themselves, read from the source's catalog in
+/// the snapshot's transaction. `pg_dump --schema` dumps none of it (not even an extension
+/// installed inside a dumped schema), so a restore has to provide it before the schema.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Dependencies {
+    /// Extensions, in creation order (each after the extensions it requires).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extensions: Vec<ExtensionDependency>,
+    /// Objects that are neither in a configured schema nor part of an extension: no restore
+    /// of this snapshot can recreate what uses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub objects: Vec<ObjectDependency>,
+    /// Roles named in grants and policies (cluster-wide: a target without them skips those
+    /// grants and policies, and says so).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<String>,
+}
+
+impl Dependencies {
+    pub fn is_empty(&self) -> bool {
+        self.extensions.is_empty() && self.objects.is_empty() && self.roles.is_empty()
+    }
+}
+
+/// An extension as the source has it installed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExtensionDependency {
+    pub name: String,
+    /// `extversion`, e.g. `1.6`: the version a restore creates.
+    pub version: String,
+    /// The schema its objects live in.
+    pub schema: String,
+}
+
+/// An object outside the configured schemas that is not part of an extension.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ObjectDependency {
+    /// `pg_identify_object`'s type: `type`, `function`, `operator`, `collation`, `table` …
+    pub kind: String,
+    /// Its schema; absent for objects that belong to no schema (a cast, a foreign server…).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema: Option<String>,
+    /// `pg_identify_object`'s identity, e.g. `util.money_amount`.
+    pub identity: String,
+    /// One object of the configured schemas that uses it, for people.
+    pub used_by: String,
+}
+
+impl fmt::Display for ObjectDependency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {} (used by {})",
+            self.kind, self.identity, self.used_by
+        )
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -162,6 +223,9 @@ pub struct Manifest {
     pub schema: StoredObject,
     pub global: ArchiveEntry,
     pub tenants: BTreeMap<String, ArchiveEntry>,
+    /// Absent when empty, so that manifests written before it keep their bytes and digest.
+    #[serde(default, skip_serializing_if = "Dependencies::is_empty")]
+    pub depends_on: Dependencies,
 }
 
 /// The manifest's own field: the SHA-256 of the rest of it.
@@ -389,6 +453,7 @@ mod tests {
                 "t\u{e9}\"1\n".to_string(),
                 archive(keys::tenant(&id, "t1")),
             )]),
+            depends_on: Dependencies::default(),
         }
     }
 
@@ -474,6 +539,41 @@ mod tests {
         });
         assert!(parse(&m, &sub_second).is_ok());
     }
+
+    /// A snapshot that depends on nothing outside its schemas writes no `depends_on`: its
+    /// manifest is byte for byte what builds before the field wrote, digest included.
+    #[test]
+    fn dependencies_are_absent_when_empty_and_read_back_when_present() {
+        let m = sample();
+        let json = m.to_json();
+        let value: Value = serde_json::from_slice(&json).unwrap();
+        assert!(value.get("depends_on").is_none());
+        assert_eq!(value["digest"], PINNED_DIGEST);
+
+        let mut with = sample();
+        with.depends_on = Dependencies {
+            extensions: vec![ExtensionDependency {
+                name: "citext".into(),
+                version: "1.6".into(),
+                schema: "app".into(),
+            }],
+            objects: vec![],
+            roles: vec!["updog_app".into()],
+        };
+        let json = with.to_json();
+        let back = parse(&with, &json).unwrap();
+        assert_eq!(back.depends_on, with.depends_on);
+        assert_eq!(back.to_json(), json);
+        let value: Value = serde_json::from_slice(&json).unwrap();
+        assert!(value["depends_on"].get("objects").is_none(), "{value}");
+        assert_ne!(value["digest"], PINNED_DIGEST);
+        // What an unknown field inside it meets: refusal, not a silent drop.
+        let extra = edited(&with, |v| v["depends_on"]["tablespaces"] = "x".into());
+        assert!(refusal(&with, &extra).contains("unknown field"));
+    }
+
+    /// The digest of [`sample`], whose layout predates `depends_on`.
+    const PINNED_DIGEST: &str = "e3e5f0b1c87fe0079fe521b0081c1d028abe093a4d921b97af767e98dd7a9fc5";
 
     #[test]
     fn another_format_version_is_named() {

@@ -1,12 +1,15 @@
 //! Restore: one tenant into a NEW recovery database, never touching the source.
 //!
-//! Order of work: plan (which snapshot, which packs) ─► verify every object and section needed
-//! (digest, decryption, structure and identity) BEFORE creating anything ─► CREATE DATABASE ─►
-//! pre-data ─► COPY the global and the tenant's rows ─► sequences ─► keys and indexes ─►
-//! replay the tenant's changes up to T ─► the rest of post-data ─► report. A failure after
-//! the database was created drops it: a restore either completes or leaves nothing.
+//! Order of work: plan (which snapshot, which packs) ─► ask the target whether it can create
+//! what the schema needs outside its schemas (extensions) ─► verify every object and section
+//! needed (digest, decryption, structure and identity) BEFORE creating anything ─► CREATE
+//! DATABASE ─► extensions, pre-data ─► COPY the global and the tenant's rows ─► sequences ─►
+//! keys and indexes ─► replay the tenant's changes up to T ─► the rest of post-data ─► report.
+//! A failure after the database was created drops it: a restore either completes or leaves
+//! nothing.
 
 pub mod changes;
+pub mod extensions;
 pub mod plan;
 pub mod replay;
 pub mod schema;
@@ -58,6 +61,18 @@ pub enum RestoreError {
     TargetName(String),
     #[error("no restore target: set restore.target_url in the config or pass --target-url")]
     NoTarget,
+    #[error(
+        "the tenant's schema depends on objects outside source.schemas that no extension provides: {objects}. pg_dump --schema leaves them out, so no recovery database can be built from this snapshot (nothing was created): {advice}"
+    )]
+    OutsideSchemas { objects: String, advice: String },
+    #[error(
+        "the restore target {target} cannot create extension(s) {extensions} that the tenant's schema uses (nothing was created): {problems}"
+    )]
+    Extensions {
+        target: String,
+        extensions: String,
+        problems: String,
+    },
     #[error("creating database {name:?}: {message}")]
     CreateDatabase { name: String, message: String },
     #[error("restoring {step} into {database:?}: {message} (the recovery database was dropped)")]
@@ -168,6 +183,16 @@ pub async fn run(
     };
     check_database_name(&database)?;
     tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, snapshot_lsn = %manifest.consistent_lsn, database = %database, "restore planned");
+    // What the target must provide is known from the manifest alone: refused before a byte
+    // of the tenant is fetched, and before anything is created.
+    extensions::check_outside_objects(&manifest.depends_on)?;
+    let maintenance = crate::pg::connect(&request.target_url).await?;
+    extensions::check_target(
+        &maintenance,
+        &redact_url(&request.target_url),
+        &manifest.depends_on,
+    )
+    .await?;
 
     // Everything is checked before anything is created.
     let dump = repo
@@ -182,6 +207,7 @@ pub async fn run(
     }
     let pg_restore = schema::pg_restore(manifest.server_version_num / 10000).await?;
     let (pre_preamble, pre) = schema::entries(&pg_restore, &dump, schema::Section::PreData).await?;
+    let pre = extensions::before_pre_data(&manifest.depends_on, pre);
     let (post_preamble, post) =
         schema::entries(&pg_restore, &dump, schema::Section::PostData).await?;
     drop(dump);
@@ -206,7 +232,6 @@ pub async fn run(
     };
     tracing::info!(objects = 3, "repository objects verified");
 
-    let maintenance = crate::pg::connect(&request.target_url).await?;
     create_database(&maintenance, &database).await?;
     let loading = async {
         let mut target = crate::pg::pg_config(&request.target_url)?;
@@ -615,7 +640,9 @@ impl Classify for RestoreError {
             RestoreError::Tool(e) => e.class(),
             RestoreError::TargetExists(_)
             | RestoreError::TargetName(_)
-            | RestoreError::NoTarget => ErrorClass::Usage,
+            | RestoreError::NoTarget
+            | RestoreError::OutsideSchemas { .. }
+            | RestoreError::Extensions { .. } => ErrorClass::Usage,
             RestoreError::CreateDatabase { .. } | RestoreError::Load { .. } => {
                 ErrorClass::Permanent
             }

@@ -386,6 +386,7 @@ mod tests {
             schema: object(keys::schema(&id)),
             global: archive(keys::global(&id)),
             tenants: BTreeMap::from([(TENANT.to_string(), archive(keys::tenant(&id, TENANT)))]),
+            depends_on: Default::default(),
         }
     }
 

@@ -35,6 +35,8 @@ pub struct Entry {
     /// `TABLE app.funds`, `POLICY app.funds funds_select` …
     pub label: String,
     pub kind: String,
+    /// The entry's own name as the dump's header gives it (unquoted): `app` for a schema.
+    pub name: String,
     pub sql: String,
 }
 
@@ -118,6 +120,7 @@ fn split(sql: &str) -> (String, Vec<Entry>) {
             entries.push(Entry {
                 label,
                 kind,
+                name,
                 sql: String::new(),
             });
             continue;
@@ -150,6 +153,7 @@ fn is_essential(kind: &str) -> bool {
             | "DEFAULT"
             | "FUNCTION"
             | "COLLATION"
+            | "EXTENSION"
     )
 }
 
@@ -196,6 +200,10 @@ mod tests {
         assert_eq!(preamble.trim(), "SET x = 1;");
         assert_eq!(entries.len(), 2);
         assert_eq!(entries[0].label, "SCHEMA app");
+        assert_eq!(
+            (entries[0].kind.as_str(), entries[0].name.as_str()),
+            ("SCHEMA", "app")
+        );
         assert_eq!(entries[1].label, "POLICY app.funds funds_select");
         assert_eq!(entries[1].sql.trim(), "CREATE POLICY p ON app.funds;");
     }

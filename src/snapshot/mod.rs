@@ -30,7 +30,7 @@ use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId, Store
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, CatalogError, Table};
 use crate::source::identity::{SourceIdentity, source_identity};
-use crate::source::{SourceError, pg_tools, query_context};
+use crate::source::{SourceError, dependencies, pg_tools, query_context};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -227,6 +227,15 @@ async fn export(
         found
     };
     let sequences = read_sequences(&workers[0], &config.source.schemas).await?;
+    // In the snapshot, like pg_dump: exactly what this snapshot's dump lacks.
+    let depends_on = dependencies::find(&workers[0], &config.source.schemas).await?;
+    if !depends_on.objects.is_empty() {
+        tracing::warn!(
+            snapshot = %id,
+            objects = %depends_on.objects.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            "the schemas depend on objects outside source.schemas that are not part of an extension: restores of this snapshot will be refused; add their schemas to source.schemas"
+        );
+    }
     {
         // The routing state at the consistent point, read inside the snapshot: where the
         // change stream starts (`init`), and for later snapshots the checkpoint that lets
@@ -333,6 +342,7 @@ async fn export(
         schema,
         global,
         tenants,
+        depends_on,
     };
     repo.put_manifest(&manifest).await?;
     Ok(manifest)

@@ -1,5 +1,7 @@
 //! `check`: a preflight report of everything the product needs from the source, with the SQL
-//! that fixes each problem. It only reads; it changes nothing.
+//! that fixes each problem; and of what a restore will need from `restore.target_url` (its
+//! major version, the extensions the schemas use), found on day one rather than during the
+//! incident. It only reads; it changes nothing.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -8,14 +10,17 @@ use serde::Serialize;
 use tokio_postgres::Client;
 
 use super::catalog::{Catalog, ReplicaIdentity, Route, Table, TableScope};
-use super::{SourceError, pg_tools, query_context};
+use super::{SourceError, dependencies, extensions, pg_tools, query_context};
 use crate::config::Config;
 use crate::pg::{connect, quote_ident};
+use crate::repository::manifest::Dependencies;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
     Ok,
+    /// Worth knowing, nothing to fix (e.g. the restore target was not reachable from here).
+    Note,
     Warning,
     Error,
 }
@@ -43,6 +48,8 @@ pub struct CheckReport {
     pub source: String,
     pub role: String,
     pub tables: Vec<TableReport>,
+    /// What the schemas use outside themselves (what a restore must find or create).
+    pub depends_on: Dependencies,
     pub findings: Vec<Finding>,
 }
 
@@ -74,10 +81,32 @@ impl fmt::Display for CheckReport {
             };
             writeln!(f, "  {:width$}  {:9} {}{format}", t.table, t.scope, t.route)?;
         }
+        let depends_on = &self.depends_on;
+        if !depends_on.is_empty() {
+            writeln!(f, "\noutside the schemas:")?;
+            for e in &depends_on.extensions {
+                writeln!(
+                    f,
+                    "  extension {} {} in schema {}",
+                    e.name, e.version, e.schema
+                )?;
+            }
+            for o in &depends_on.objects {
+                writeln!(f, "  {o}  [in no extension: not restorable]")?;
+            }
+            if !depends_on.roles.is_empty() {
+                writeln!(
+                    f,
+                    "  role(s) named in grants and policies: {}",
+                    depends_on.roles.join(", ")
+                )?;
+            }
+        }
         writeln!(f, "\nfindings:")?;
         for finding in &self.findings {
             let mark = match finding.level {
                 Level::Ok => "ok     ",
+                Level::Note => "note   ",
                 Level::Warning => "WARNING",
                 Level::Error => "ERROR  ",
             };
@@ -353,6 +382,11 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
         Ok(path) => push(Level::Ok, "pg_dump", path.display().to_string(), None),
         Err(e) => push(Level::Error, "pg_dump", e.to_string(), None),
     }
+    let depends_on = dependencies::find(&client, &config.source.schemas).await?;
+    dependency_findings(&depends_on, &config.source.schemas, &mut push);
+    if let Some(url) = &config.restore.target_url {
+        target_findings(url, version as u32, &depends_on, &mut push).await;
+    }
 
     let mut report = CheckReport {
         source: format!(
@@ -361,10 +395,183 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
         ),
         role,
         tables,
+        depends_on,
         findings,
     };
     report.findings.sort_by_key(|f| std::cmp::Reverse(f.level));
     Ok(report)
+}
+
+/// What restores will have to provide outside the schemas: extensions (created by the
+/// restore), objects in no extension (which make every restore refuse), roles.
+fn dependency_findings(
+    depends_on: &Dependencies,
+    schemas: &[String],
+    push: &mut impl FnMut(Level, &str, String, Option<String>),
+) {
+    if !depends_on.extensions.is_empty() {
+        push(
+            Level::Ok,
+            "extensions",
+            format!(
+                "{}: a restore creates them before the schema (trusted ones need no superuser)",
+                depends_on
+                    .extensions
+                    .iter()
+                    .map(|e| format!("{} {} (schema {})", e.name, e.version, e.schema))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            None,
+        );
+    }
+    if !depends_on.objects.is_empty() {
+        let missing: BTreeSet<&str> = depends_on
+            .objects
+            .iter()
+            .filter_map(|o| o.schema.as_deref())
+            .filter(|s| !schemas.iter().any(|c| c == s))
+            .collect();
+        let fix = (!missing.is_empty()).then(|| {
+            let all: Vec<String> = schemas
+                .iter()
+                .map(String::as_str)
+                .chain(missing.iter().copied())
+                .map(|s| format!("{s:?}"))
+                .collect();
+            format!("[source]\nschemas = [{}]", all.join(", "))
+        });
+        push(
+            Level::Error,
+            "dependencies",
+            format!(
+                "the schemas use {} outside source.schemas and in no extension: pg_dump --schema leaves them out, so restores will be refused until a snapshot includes their schema",
+                depends_on
+                    .objects
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ),
+            fix,
+        );
+    }
+    if !depends_on.roles.is_empty() {
+        push(
+            Level::Ok,
+            "roles",
+            format!(
+                "grants and policies name {}: a restore target without these roles skips those grants and policies, and the restore lists each",
+                depends_on.roles.join(", ")
+            ),
+            None,
+        );
+    }
+}
+
+/// What `restore.target_url` will make of a restore: its major version against the source's,
+/// and whether it can create every extension. Only a note when it cannot be reached from here
+/// (the restore role's credentials may live elsewhere).
+async fn target_findings(
+    url: &str,
+    source_version: u32,
+    depends_on: &Dependencies,
+    push: &mut impl FnMut(Level, &str, String, Option<String>),
+) {
+    const SUBJECT: &str = "restore target";
+    let shown = crate::pg::redact_url(url);
+    let client = match connect(url).await {
+        Ok(client) => client,
+        Err(e) => {
+            push(
+                Level::Note,
+                SUBJECT,
+                format!(
+                    "{shown} is not reachable from here ({e}): its version and extensions were not checked"
+                ),
+                None,
+            );
+            return;
+        }
+    };
+    let names: Vec<String> = depends_on
+        .extensions
+        .iter()
+        .map(|e| e.name.clone())
+        .collect();
+    let support = match extensions::server_support(&client, &names).await {
+        Ok(support) => support,
+        Err(e) => {
+            push(
+                Level::Note,
+                SUBJECT,
+                format!(
+                    "{shown}: could not read its version and extensions ({}): not checked",
+                    crate::pg::sqlstate::describe(&e)
+                ),
+                None,
+            );
+            return;
+        }
+    };
+    let (source_major, target_major) = (source_version / 10000, support.major());
+    if target_major != source_major {
+        let consequence = if target_major < source_major {
+            "a dump of a newer server may use what an older one cannot create: restores can fail"
+        } else {
+            "a restore there is also a major upgrade (extension versions may be missing, behaviour may differ): rehearse one there"
+        };
+        push(
+            Level::Warning,
+            SUBJECT,
+            format!(
+                "{shown} runs PostgreSQL {target_major}, the source {source_major}: {consequence}"
+            ),
+            Some(format!(
+                "restore.target_url = a PostgreSQL {source_major} server"
+            )),
+        );
+    }
+    if !depends_on.roles.is_empty() {
+        match client
+            .query(
+                "SELECT r FROM unnest($1::text[]) r WHERE r NOT IN (SELECT rolname FROM pg_catalog.pg_roles) ORDER BY 1",
+                &[&depends_on.roles],
+            )
+            .await
+        {
+            Ok(rows) if !rows.is_empty() => push(
+                Level::Note,
+                SUBJECT,
+                format!(
+                    "{shown} has no role {}: a restore there leaves out the grants and policies that name them (and lists them)",
+                    rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join(", ")
+                ),
+                None,
+            ),
+            Ok(_) => {}
+            Err(e) => tracing::debug!(error = %crate::pg::sqlstate::describe(&e), "reading the restore target's roles"),
+        }
+    }
+    let problems = extensions::problems(&depends_on.extensions, &support);
+    for problem in &problems {
+        push(Level::Warning, SUBJECT, format!("{shown}: {problem}"), None);
+    }
+    if target_major == source_major && problems.is_empty() {
+        push(
+            Level::Ok,
+            SUBJECT,
+            format!(
+                "{shown}: PostgreSQL {target_major}{}",
+                if names.is_empty() {
+                    String::new()
+                } else {
+                    format!(", can create {}", names.join(", "))
+                }
+            ),
+            None,
+        );
+    }
 }
 
 /// Whether the source accepts the table's UPDATEs and DELETEs once it is published, and
@@ -525,4 +732,66 @@ async fn leading_index_columns(
         .await
         .map_err(query_context("reading indexes"))?;
     Ok(rows.into_iter().map(|r| (r.get(0), r.get(1))).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::manifest::{ExtensionDependency, ObjectDependency};
+
+    fn findings(depends_on: &Dependencies) -> Vec<Finding> {
+        let mut out = Vec::new();
+        dependency_findings(
+            depends_on,
+            &["app".into(), "audit".into()],
+            &mut |level, subject: &str, message, fix| {
+                out.push(Finding {
+                    level,
+                    subject: subject.into(),
+                    message,
+                    fix,
+                })
+            },
+        );
+        out
+    }
+
+    #[test]
+    fn an_object_outside_the_schemas_is_an_error_with_the_schemas_that_fix_it() {
+        let depends_on = Dependencies {
+            extensions: vec![ExtensionDependency {
+                name: "hstore".into(),
+                version: "1.8".into(),
+                schema: "public".into(),
+            }],
+            objects: vec![ObjectDependency {
+                kind: "type".into(),
+                schema: Some("public".into()),
+                identity: "public.colour".into(),
+                used_by: "column colour of table app.users".into(),
+            }],
+            roles: vec![],
+        };
+        let found = findings(&depends_on);
+        assert_eq!(found.len(), 2);
+        assert_eq!(found[0].level, Level::Ok);
+        assert!(found[0].message.contains("hstore 1.8 (schema public)"));
+        assert_eq!(found[1].level, Level::Error);
+        assert!(
+            found[1]
+                .message
+                .contains("type public.colour (used by column colour of table app.users)"),
+            "{}",
+            found[1].message
+        );
+        assert_eq!(
+            found[1].fix.as_deref(),
+            Some("[source]\nschemas = [\"app\", \"audit\", \"public\"]")
+        );
+    }
+
+    #[test]
+    fn nothing_outside_the_schemas_nothing_to_say() {
+        assert!(findings(&Dependencies::default()).is_empty());
+    }
 }

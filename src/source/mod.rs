@@ -1,10 +1,14 @@
 //! What we ask the source database: the catalog (tables and how each reaches its tenant),
-//! preflight checks, the publication and pg_dump.
+//! what its schemas depend on outside themselves, preflight checks, the publication and
+//! pg_dump; and what a server can create of the extensions they need (asked of the restore
+//! target too).
 //! It reads the source and never writes to it (the only things it creates there are the
 //! backup's own replication slot and, when allowed, its publication).
 
 pub mod catalog;
 pub mod check;
+pub mod dependencies;
+pub mod extensions;
 pub mod identity;
 pub mod pg_tools;
 pub mod publication;

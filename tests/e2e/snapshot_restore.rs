@@ -378,15 +378,19 @@ async fn composite_and_mapped_foreign_keys_route_rows() {
     }
 }
 
-/// A schema entry the target cannot create (a type outside the backed-up schemas) fails the
-/// restore after CREATE DATABASE: the database is dropped again.
+/// A schema entry the restore role cannot create (a function in an untrusted language, which
+/// only a superuser may create) fails the restore after CREATE DATABASE: the database is
+/// dropped again. (What the manifest shows the target lacks — an extension, a type outside the
+/// backed-up schemas — is refused before CREATE DATABASE: `e2e extensions::*`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_that_fails_midway_drops_its_database() {
     let pg = cluster().await;
     let db = pg.fixture_db("midway", 2, "0.1").await;
     pg.client(&db)
         .await
-        .batch_execute("CREATE TYPE public.colour AS ENUM ('red'); ALTER TABLE app.users ADD COLUMN colour public.colour;")
+        .batch_execute(
+            "CREATE FUNCTION app.my_abs(integer) RETURNS integer LANGUAGE internal IMMUTABLE AS 'int4abs';",
+        )
         .await
         .unwrap();
     let env = TestEnv::new(&db, Repo::Directory).await;
@@ -395,7 +399,9 @@ async fn a_restore_that_fails_midway_drops_its_database() {
     let target = format!("midway_{db}");
     let err = env.fails(&restore_latest(&fixture_tenant(1).await, &target), 1);
     assert!(
-        err.contains("TABLE app.users") && err.contains("was dropped"),
+        err.contains("FUNCTION app.my_abs(integer)")
+            && err.contains("permission denied for language internal")
+            && err.contains("was dropped"),
         "{err}"
     );
     let exists: bool = pg

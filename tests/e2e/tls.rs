@@ -150,6 +150,7 @@ fn tls_cluster() -> &'static TlsCluster {
             // Relative to the data directory, where the server runs.
             extra_options: "-c ssl=on -c ssl_cert_file=../tls/server.crt -c ssl_key_file=../tls/server.key",
             prepare: &make_certificates,
+            without_extensions: &[],
         });
         let tls = pg.dir.join("tls");
         TlsCluster {

@@ -9,7 +9,8 @@
 //! - Values arrive as each type's *text output* (pgoutput without `binary`), so they go back in
 //!   as text: bound parameters in text format, or COPY text rows. The server then parses each one
 //!   with the target column's own input function, which is what makes every type (arrays, jsonb,
-//!   enums, domains, ranges, user types whose oids differ between clusters) round-trip exactly
+//!   enums, domains, ranges, user and extension types — `hstore`, `citext` — whose oids differ
+//!   between clusters: the parameter types are the recovery database's) round-trip exactly
 //!   without this module knowing any of them. Nothing is ever interpolated into SQL but
 //!   identifiers.
 //! - Speed comes from not waiting: consecutive inserts into one table stream into a single

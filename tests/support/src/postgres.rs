@@ -103,6 +103,10 @@ pub struct ClusterSpec<'a> {
     /// Runs with the cluster's directory after initdb, before the server starts (e.g. to write
     /// certificates there); whatever it writes is handed to the cluster's owner afterwards.
     pub prepare: &'a dyn Fn(&Path),
+    /// Extensions this server must not have, as on a server without their package: it runs
+    /// from a copy of the installation whose share directory lacks their files
+    /// ([`installation_without`]).
+    pub without_extensions: &'a [&'a str],
 }
 
 const SHARED_HBA: &str = "# Password roles of the replication tests; everything else is trusted (loopback only).\n\
@@ -117,6 +121,7 @@ fn start() -> Cluster {
         hba: SHARED_HBA,
         extra_options: "",
         prepare: &|_| {},
+        without_extensions: &[],
     })
 }
 
@@ -129,11 +134,11 @@ pub fn start_extra(spec: &ClusterSpec) -> Cluster {
 }
 
 fn start_with(spec: &ClusterSpec) -> Cluster {
-    let bin = pg_bin();
+    let installed = pg_bin();
     assert!(
-        bin.join("initdb").exists(),
+        installed.join("initdb").exists(),
         "no PostgreSQL server at {}: install postgresql-15 or set UPDOG_BACKUP_TEST_PG_BIN",
-        bin.display()
+        installed.display()
     );
     // Under the system temp directory, not the checkout: as root the server runs as the
     // `postgres` user, who may not be able to traverse the checkout's parents (e.g. /root).
@@ -148,6 +153,16 @@ fn start_with(spec: &ClusterSpec) -> Cluster {
     if is_root() {
         run(Command::new("chown").arg("postgres:").arg(&dir), "chown");
     }
+    // Inside the cluster's directory: deleted with it.
+    let bin = if spec.without_extensions.is_empty() {
+        installed
+    } else {
+        installation_without(
+            &installed,
+            &dir.join("installation"),
+            spec.without_extensions,
+        )
+    };
     let data = dir.join("data");
     run(
         as_owner(&bin.join("initdb")).arg("-D").arg(&data).args([
@@ -220,6 +235,64 @@ fn start_with(spec: &ClusterSpec) -> Cluster {
         &["-c", "ALTER ROLE updog_backup CONNECTION LIMIT 60"],
     );
     cluster
+}
+
+/// A copy of the PostgreSQL installation at `bin` under `root`, without the files of
+/// `extensions`; returns its bin directory. PostgreSQL finds its share directory (where the
+/// extensions' control and script files are) and its library directory relative to its own
+/// executable, when the executable sits where the build's bin directory would be under
+/// another prefix. So the server programs are copied (a symbolic link would be followed back
+/// to the original), everything else is linked, and the extension directory holds links to
+/// every file but those of `extensions`.
+pub fn installation_without(bin: &Path, root: &Path, extensions: &[&str]) -> PathBuf {
+    let out = Command::new(bin.join("pg_config"))
+        .args(["--bindir", "--sharedir", "--pkglibdir"])
+        .output()
+        .expect("pg_config");
+    let dirs: Vec<PathBuf> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(PathBuf::from)
+        .collect();
+    let under_root = |p: &Path| root.join(p.strip_prefix("/").unwrap_or(p));
+    let (bindir, sharedir, pkglibdir) = (&dirs[0], &dirs[1], &dirs[2]);
+    let new_bin = under_root(bindir);
+    std::fs::create_dir_all(&new_bin).unwrap();
+    for entry in std::fs::read_dir(bin).unwrap().flatten() {
+        let name = entry.file_name();
+        let target = new_bin.join(&name);
+        if ["postgres", "initdb", "pg_ctl"].contains(&name.to_str().unwrap_or("")) {
+            std::fs::copy(entry.path(), &target).unwrap();
+        } else {
+            std::os::unix::fs::symlink(entry.path(), &target).unwrap();
+        }
+    }
+    let new_lib = under_root(pkglibdir);
+    std::fs::create_dir_all(new_lib.parent().unwrap()).unwrap();
+    if !new_lib.exists() {
+        std::os::unix::fs::symlink(pkglibdir, &new_lib).unwrap();
+    }
+    let new_share = under_root(sharedir);
+    std::fs::create_dir_all(new_share.join("extension")).unwrap();
+    for entry in std::fs::read_dir(sharedir).unwrap().flatten() {
+        if entry.file_name() != "extension" {
+            std::os::unix::fs::symlink(entry.path(), new_share.join(entry.file_name())).unwrap();
+        }
+    }
+    for entry in std::fs::read_dir(sharedir.join("extension"))
+        .unwrap()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let left_out = extensions
+            .iter()
+            .any(|e| name == format!("{e}.control") || name.starts_with(&format!("{e}--")));
+        if !left_out {
+            std::os::unix::fs::symlink(entry.path(), new_share.join("extension").join(&name))
+                .unwrap();
+        }
+    }
+    new_bin
 }
 
 impl Cluster {
