@@ -77,6 +77,9 @@ struct Args {
     index_window: Option<u64>,
     /// Seconds a command may be predicted to take before it is estimated instead of run.
     budget: f64,
+    /// Another updog-backup binary (an earlier release) whose restores run beside this one's
+    /// on the same repository, for a side-by-side comparison in one run.
+    baseline: Option<String>,
     smoke: bool,
 }
 
@@ -97,6 +100,9 @@ impl Args {
         );
         if let Some(w) = self.index_window {
             s.push_str(&format!(" --index-window {w}"));
+        }
+        if let Some(b) = &self.baseline {
+            s.push_str(&format!(" --baseline {b}"));
         }
         s
     }
@@ -127,6 +133,7 @@ fn parse_args() -> Args {
         flush_interval_ms: 20,
         index_window: None,
         budget: 120.0,
+        baseline: None,
         smoke: false,
     };
     let mut it = std::env::args().skip(1);
@@ -201,6 +208,13 @@ fn parse_args() -> Args {
             }
             "--index-window" => args.index_window = Some(positive(value(), "--index-window")),
             "--budget" => args.budget = positive(value(), "--budget"),
+            "--baseline" => {
+                let path = value();
+                if !std::path::Path::new(&path).is_file() {
+                    usage(&format!("--baseline {path}: no such binary"));
+                }
+                args.baseline = Some(path);
+            }
             "-h" | "--help" => usage(""),
             other => usage(&format!("unknown argument {other:?}")),
         }
@@ -213,9 +227,10 @@ fn usage(problem: &str) -> ! {
         problem,
         "usage: cargo bench --bench stream -- [--smoke] [--sizes 100,1000,10000] [--round-trips 0,20] \
          [--tenants 20] [--scale 0.2] [--rate 200] [--busy-share 0.3] [--flush-interval 20ms] \
-         [--index-window N] [--budget 120]\n\
+         [--index-window N] [--budget 120] [--baseline PATH]\n\
          (sizes: packs stored at each measurement; round trips: ms added to every S3 request; \
-         budget: seconds a command may be predicted to take before it is estimated instead of run)",
+         budget: seconds a command may be predicted to take before it is estimated instead of run; \
+         baseline: an earlier updog-backup binary whose restores run beside this one's)",
     )
 }
 

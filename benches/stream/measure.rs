@@ -44,8 +44,9 @@ pub(crate) struct Startup {
 
 pub(crate) struct SizeResult {
     pub(crate) packs: u64,
-    /// (label, fixture tenant) → one per round trip.
-    pub(crate) restores: Vec<((&'static str, u32), Vec<RestoreCost>)>,
+    /// (label, fixture tenant) → one per round trip; a baseline binary's restores follow each
+    /// tenant's, labelled "<tenant>, baseline".
+    pub(crate) restores: Vec<((String, u32), Vec<RestoreCost>)>,
     pub(crate) list: Vec<Cost>,
     pub(crate) verify: Vec<Cost>,
     pub(crate) startup: Vec<Startup>,
@@ -74,10 +75,22 @@ fn over_budget(s: &Stream, base: Option<&Cost>, base_ms: u64, round_trip_ms: u64
 
 /// Runs `args` with the proxy at `round_trip_ms`; its cost and stdout.
 fn run(s: &Stream, round_trip_ms: u64, args: &[&str]) -> (Cost, String) {
+    run_binary(s, crate::BIN, round_trip_ms, args)
+}
+
+/// [`run`] with the binary `program`.
+fn run_binary(s: &Stream, program: &str, round_trip_ms: u64, args: &[&str]) -> (Cost, String) {
     s.proxy.set(mode(round_trip_ms));
     s.proxy.reset_requests();
     let clock = Instant::now();
-    let out = s.env.ok(args);
+    let output = s.env.command_of(program, args).output().unwrap();
+    assert!(
+        output.status.success(),
+        "{program} {args:?} failed ({}):\nstderr: {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let out = String::from_utf8(output.stdout).unwrap();
     let seconds = clock.elapsed().as_secs_f64();
     let cost = Cost {
         seconds,
@@ -106,7 +119,16 @@ pub(crate) fn at_size(s: &Stream) -> SizeResult {
     let trips = &s.args.round_trips;
     let base_ms = trips[0];
     let mut restores = Vec::new();
-    for (label, k) in s.args.followed() {
+    let binaries: Vec<(&str, &str)> = std::iter::once(("", crate::BIN))
+        .chain(s.args.baseline.as_deref().map(|b| (", baseline", b)))
+        .collect();
+    let followed = s
+        .args
+        .followed()
+        .into_iter()
+        .flat_map(|(label, k)| binaries.iter().map(move |&(suffix, bin)| (label, suffix, bin, k)));
+    for (label, suffix, program, k) in followed {
+        let label = format!("{label}{suffix}");
         let tenant = s.tenant(k).to_string();
         let mut costs: Vec<RestoreCost> = Vec::new();
         for &ms in trips {
@@ -119,9 +141,10 @@ pub(crate) fn at_size(s: &Stream) -> SizeResult {
                 });
                 continue;
             }
-            let target = format!("stream_{label}_{}_{ms}ms", packs);
-            let (cost, out) = run(
+            let target = format!("stream_{}_{packs}_{ms}ms", label.replace(", ", "_"));
+            let (cost, out) = run_binary(
                 s,
+                program,
                 ms,
                 &[
                     "restore",
@@ -154,7 +177,7 @@ pub(crate) fn at_size(s: &Stream) -> SizeResult {
                 transactions: report["changes"]["transactions"].as_u64().unwrap_or(0),
             });
         }
-        restores.push(((label, k), costs));
+        restores.push(((label.clone(), k), costs));
     }
 
     let busiest = s.tenant(1).to_string();

@@ -161,7 +161,12 @@ impl TestEnv {
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin());
+        self.command_of(bin(), args)
+    }
+
+    /// [`TestEnv::command`] with another updog-backup binary (a bench's baseline release).
+    pub fn command_of(&self, program: &str, args: &[&str]) -> Command {
+        let mut cmd = Command::new(program);
         cmd.arg("--config").arg(&self.config_path).args(args);
         // Only the config decides: nothing inherited from the developer's shell.
         cmd.env_remove("UPDOG_BACKUP_CONFIG")
