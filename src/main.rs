@@ -21,7 +21,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_tracing();
+    // The daemon's log is its report; a one-shot command's report is on stdout, and info
+    // lines interleaved with it (JSON when stderr is not a terminal) would bury it.
+    let default_level = match cli.command {
+        cli::Command::Daemon => "info",
+        _ => "warn",
+    };
+    init_tracing(default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -51,11 +57,12 @@ fn main() -> ExitCode {
 }
 
 /// Human-readable logs on a terminal, JSON lines otherwise; level from `UPDOG_BACKUP_LOG`
-/// (or `RUST_LOG`), default `info` (server notices relayed by tokio-postgres only from `warn`).
-fn init_tracing() {
+/// (or `RUST_LOG`), default `default_level` (server notices relayed by tokio-postgres only
+/// from `warn`).
+fn init_tracing(default_level: &str) {
     let filter = EnvFilter::try_from_env("UPDOG_BACKUP_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},tokio_postgres=warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
