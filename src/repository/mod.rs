@@ -32,7 +32,7 @@ use crate::storage::{ObjectStore, PutMode, StorageError};
 pub use gaps::Gap;
 pub use index::{IndexRef, PackView};
 pub use info::RepoInfo;
-pub use lease::Lease;
+pub use lease::{CaptureSeen, Lease};
 pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
 pub use restores::{RestorePoint, RestoreRecord};
 pub use stream::{PackRef, Span, StreamProgress, StreamState};

@@ -8,6 +8,7 @@ mod capture;
 mod daemon;
 mod hostile;
 mod isolation;
+mod operator;
 mod pgoutput;
 mod replay;
 mod replication;
