@@ -72,7 +72,7 @@ print_by_hand() {
   export UPDOG_BACKUP_CONFIG=$config PATH="$(dirname "$updog"):\$PATH"
   updog-backup list --tenants                 # every tenant, its size and restorable window
   updog-backup daemon >>$demo/daemon.log 2>&1 & echo \$! >$demo/daemon.pid   # capture again (scripts/demo.sh stop stops it)
-  updog-backup list --org $org    # its snapshots and window; "capture:" says whether the daemon runs
+  updog-backup list --org $org    # its snapshots, its window, and whether the daemon runs
   updog-backup restore --org $org --latest   # everything stored, into a new database
   psql -h 127.0.0.1 -p $port -U postgres -d updog    # the source: more changes, or mistakes
 README.md "In an incident" walks through a whole restore with these commands.
@@ -88,7 +88,10 @@ case "${1:-run}" in
       as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast >/dev/null && echo "stopped the demo's PostgreSQL"
     fi
     exit 0 ;;
-  clean) "$0" stop; rm -rf "$demo" "$pgdata"; echo "deleted the demo ($demo, $pgdata)"; exit 0 ;;
+  clean)
+    "$0" stop; rm -rf "$demo" "$pgdata"
+    case "$pgdata" in "$demo"/*) echo "deleted $demo" ;; *) echo "deleted $demo and $pgdata" ;; esac
+    exit 0 ;;
   config)
     if [ ! -f "$demo/recipient.txt" ]; then echo "no demo in $demo yet: run scripts/demo.sh first" >&2; exit 1; fi
     write_config

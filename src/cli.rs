@@ -498,7 +498,7 @@ fn print_stream(stream: Option<&crate::listing::StreamLine>) {
             time(s.covered_until)
         }
     );
-    println!("capture: {}", s.capture);
+    println!("{}", s.capture);
 }
 
 /// `list --tenants`: every tenant of the repository's snapshots.
@@ -511,8 +511,8 @@ async fn list_tenants(repo: &Repository, json: bool) -> Result<(), Error> {
     println!("repository {}", report.repository);
     print_stream(report.stream.as_ref());
     println!(
-        "{:<36} {:>10} {:>11}  {:<27}  {:<27}",
-        "TENANT", "ROWS", "BYTES", "RESTORABLE FROM", "TO"
+        "{:<36} {:>10} {:>11}  {:<27}  TO",
+        "TENANT", "ROWS", "BYTES", "RESTORABLE FROM"
     );
     for t in &report.tenants {
         let gaps = if t.window.ranges.len() > 1 {
@@ -521,7 +521,7 @@ async fn list_tenants(repo: &Repository, json: bool) -> Result<(), Error> {
             ""
         };
         println!(
-            "{:<36} {:>10} {:>11}  {:<27}  {:<27}{gaps}",
+            "{:<36} {:>10} {:>11}  {:<27}  {}{gaps}",
             t.tenant,
             t.rows,
             human_bytes(t.bytes),
@@ -530,11 +530,12 @@ async fn list_tenants(repo: &Repository, json: bool) -> Result<(), Error> {
         );
     }
     println!(
-        "{} tenant(s) in {} snapshot(s); rows and bytes as of the newest snapshot holding each. \
-         A tenant created after the newest snapshot is listed once a snapshot holds it; \
-         `list --org` and `restore` find it in the change stream already",
+        "{} tenant(s) in {} snapshot(s); rows and bytes as of the newest snapshot holding each",
         report.tenants.len(),
         report.snapshots
+    );
+    println!(
+        "(a tenant created after the newest snapshot is listed once a snapshot holds it; `list --org` and `restore` find it in the change stream already)"
     );
     Ok(())
 }
@@ -676,8 +677,22 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         "restored tenant {} into database {} on {}",
         report.tenant, report.database, report.target
     );
+    // The restore point is the tenant's last change, often before the instant asked for: say
+    // that nothing of it changed in between, lest it look like the wrong instant was restored.
+    let asked = match target {
+        RestoreTarget::At(at) => at,
+        RestoreTarget::Latest => report.window.covered_until,
+    };
+    let unchanged = if asked > report.restore_point.time {
+        format!(
+            " (nothing of the tenant changed after it up to {})",
+            time(asked)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "restore point: LSN {}, {} — snapshot {}{}; restorable window {}",
+        "restore point: LSN {}, {}{unchanged} — snapshot {}{}; restorable window {}",
         report.restore_point.lsn,
         time(report.restore_point.time),
         report.snapshot,

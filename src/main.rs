@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 use updog_backup::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -54,6 +55,26 @@ fn main() -> ExitCode {
             ExitCode::from(e.exit_code())
         }
     }
+}
+
+/// `updog-backup list | head` closes stdout early, and `println!` then panics with a backtrace
+/// that reads like a crash. A reader that stopped reading is no error of ours: exit at once
+/// as a command killed by SIGPIPE would (141), which is what `set -o pipefail` scripts expect.
+/// (Restoring SIGPIPE's default action instead would need `unsafe`, which this crate forbids.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
 }
 
 /// Human-readable logs on a terminal, JSON lines otherwise; level from `UPDOG_BACKUP_LOG`

@@ -40,7 +40,8 @@ impl CaptureSeen {
         })
     }
 
-    /// One sentence: whether the daemon runs, when it was last seen and last stored progress.
+    /// One sentence, standing alone or after a semicolon: whether the daemon runs, when it was
+    /// last seen and when it last stored progress.
     pub fn describe(&self, now: DateTime<Utc>) -> String {
         let stored = self.progress_updated_at.map(|t| {
             format!(
@@ -63,7 +64,7 @@ impl CaptureSeen {
                 lease.instance
             ),
             (None, Some(stored)) => format!(
-                "capture is not running: no daemon holds the lease (locks/daemon.json); the stream {stored}"
+                "capture is not running: no daemon holds the lease (locks/daemon.json), and the stream {stored}"
             ),
             (None, None) => "no daemon has stored anything yet".into(),
         }

@@ -323,7 +323,7 @@ async fn not_stored_yet(
     let advice = if seen.running(now) {
         "retry in a few seconds (the daemon stores what the source committed every stream.flush_interval)"
     } else {
-        "start `updog-backup daemon` (its log says why it stopped) and retry, or restore up to covered-until with --latest"
+        "start `updog-backup daemon` (if it stopped on an error, its log says which) and retry, or restore up to covered-until with --latest"
     };
     Ok(PlanError::NotStoredYet {
         tenant: tenant.into(),

@@ -110,6 +110,18 @@ async fn first_hour_messages_lead_to_the_next_step() {
     );
     assert_eq!(stderr_of(&out).trim(), "", "no logs below warn by default");
 
+    // A reader that stops reading (`| head`) ends the command quietly, as SIGPIPE would.
+    let mut child = env
+        .command(&["list", "--tenants"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", stderr_of(&out));
+    assert!(!stderr_of(&out).contains("panicked"), "{}", stderr_of(&out));
+
     // 15.11: the tenant column only with a tenant.
     let list = env.ok(&["list"]);
     assert!(!list.contains("TENANT ROWS"), "{list}");
@@ -254,6 +266,31 @@ async fn first_hour_messages_lead_to_the_next_step() {
         !report.contains("))") && report.contains("; restorable window "),
         "{report}"
     );
+    // Two at once race for the same free name: both succeed, under different names.
+    let racing: Vec<_> = (0..2)
+        .map(|_| {
+            env.command(&["restore", "--org", &tenant, "--latest", "--json"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut raced: Vec<String> = racing
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", stderr_of(&out));
+            let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            report["database"].as_str().unwrap().to_string()
+        })
+        .collect();
+    raced.sort();
+    raced.dedup();
+    assert_eq!(raced.len(), 2, "{raced:?}");
+    for name in &raced {
+        drop_database(name).await;
+    }
     // A taken --target-db is refused before anything is fetched: a damaged archive is not
     // even read.
     let archives: Vec<_> = files_under(&env.repo_dir)
@@ -359,7 +396,7 @@ async fn worst_night_messages_say_whether_waiting_helps() {
     // 15.6: just after covered-until, with the daemon running: wait a few seconds.
     let list = env.ok(&["list", "--org", &tenant]);
     assert!(
-        list.contains("capture: the daemon") && list.contains("last seen"),
+        list.contains("\nthe daemon (") && list.contains("last seen"),
         "{list}"
     );
     let soon =
@@ -423,7 +460,7 @@ async fn worst_night_messages_say_whether_waiting_helps() {
     );
     assert!(
         env.ok(&["list"])
-            .contains("capture: capture is not running")
+            .contains("\ncapture is not running: no daemon holds the lease")
     );
 }
 
@@ -474,7 +511,8 @@ async fn the_demo_can_be_continued_by_hand() {
         .output()
         .unwrap();
     std::fs::write(demo.path().join("recipient.txt"), &out.stdout).unwrap();
-    let tenant = fixture_tenant(1).await;
+    // Tenant 2: the other tests of this file restore tenant 1 with default names.
+    let tenant = fixture_tenant(2).await;
     std::fs::write(demo.path().join("tenant.txt"), format!("{tenant}\n")).unwrap();
 
     let out = demo_sh("config");
