@@ -31,7 +31,8 @@ as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@";
 # data lives under /var/tmp instead.
 pgdata=$demo/pg
 if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$root"; then
-  pgdata=/var/tmp/updog-backup-demo/pg
+  # (Another UPDOG_DEMO_DIR, another cluster: never the default demo's.)
+  pgdata=/var/tmp/updog-backup-demo${UPDOG_DEMO_DIR:+-$(printf %s "$demo" | md5sum | cut -c1-8)}/pg
 fi
 
 # The demo's settings as a config file, so that every command can be run by hand after it:
@@ -79,10 +80,20 @@ README.md "In an incident" walks through a whole restore with these commands.
 HAND
 }
 
+# Stops a daemon started earlier (by the demo or by hand) and waits until it is gone: it stores
+# its open pack first, and a new one started meanwhile would find server.listen taken.
+stop_earlier_daemon() {
+  [ -f "$demo/daemon.pid" ] || return 0
+  local pid; pid=$(cat "$demo/daemon.pid")
+  rm -f "$demo/daemon.pid"
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  echo "the daemon (pid $pid) did not stop within 20 s" >&2; return 1
+}
+
 case "${1:-run}" in
   stop)
-    [ -f "$demo/daemon.pid" ] && kill "$(cat "$demo/daemon.pid")" 2>/dev/null || true
-    rm -f "$demo/daemon.pid"
+    stop_earlier_daemon
     # Quietly when it is not running (after an earlier stop, or never started).
     if [ -d "$pgdata" ] && as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
       as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast >/dev/null && echo "stopped the demo's PostgreSQL"
@@ -146,7 +157,7 @@ run check || true
 run init
 
 echo; echo "\$ updog-backup daemon &   (log: $demo/daemon.log)"
-[ -f "$demo/daemon.pid" ] && kill "$(cat "$demo/daemon.pid")" 2>/dev/null && sleep 1 || true
+stop_earlier_daemon
 "$updog" daemon >"$demo/daemon.log" 2>&1 &
 daemon_pid=$!
 echo "$daemon_pid" > "$demo/daemon.pid"
@@ -188,6 +199,9 @@ psql_ -d updog -c "DELETE FROM app.reserve_allocations WHERE $in_funds" \
 
 echo; echo "== waiting for the daemon to store everything up to $at"
 for _ in $(seq 1 120); do
+  if ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "the daemon exited; the end of $demo/daemon.log:" >&2; tail -3 "$demo/daemon.log" >&2; exit 1
+  fi
   covered=$("$updog" list --json | sed -n 's/.*"covered_until": *"\([^"]*\)".*/\1/p' | head -1)
   if [ -n "$covered" ] && [ "$(date -d "$covered" +%s%N)" -ge "$(date -d "$at" +%s%N)" ]; then break; fi
   sleep 0.5

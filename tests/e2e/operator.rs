@@ -502,6 +502,31 @@ async fn the_demo_can_be_continued_by_hand() {
     let out = demo_sh("config");
     assert_eq!(out.status.code(), Some(1), "{}", stderr_of(&out));
     assert!(stderr_of(&out).contains("run scripts/demo.sh first"));
+    // `stop` waits until a daemon started by hand is gone (it stores its open pack first; a
+    // daemon started again meanwhile would find its port taken), and says nothing of a
+    // PostgreSQL that is not running.
+    // Not a child of the test (a child would stay a zombie, alive to `kill -0`, until
+    // waited for): started from a shell that exits, as an operator's shell would start it.
+    let out = Command::new("bash")
+        .args([
+            "-c",
+            "(trap 'sleep 1; exit 0' TERM; while :; do sleep 0.1; done) >/dev/null 2>&1 & echo $!",
+        ])
+        .output()
+        .unwrap();
+    let pid = stdout_of(&out).trim().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    std::fs::write(demo.path().join("daemon.pid"), &pid).unwrap();
+    let out = demo_sh("stop");
+    assert!(out.status.success(), "{}", stderr_of(&out));
+    // Gone, or a zombie its new parent has not reaped yet.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.split(' ').nth(2) == Some("Z"),
+        "stop returned before the daemon exited: {state}"
+    );
+    assert_eq!(stdout_of(&out).trim(), "", "{}", stdout_of(&out));
+    assert_eq!(stderr_of(&out).trim(), "", "{}", stderr_of(&out));
 
     // What the demo's run leaves: the identity and its recipient, the tenant it hit.
     let identity = demo.path().join("identity.txt");
