@@ -550,7 +550,12 @@ async fn resolve_tenant(repo: &Repository, org: &str) -> Result<String, Error> {
         Some(id) => repo.manifest(id).await?.tenant_type,
         None => "text".to_string(),
     };
-    validate_tenant(org, &tenant_type).map_err(Error::Usage)
+    // A customer's name where its id belongs is the likely mistake: say where ids are.
+    validate_tenant(org, &tenant_type).map_err(|m| {
+        Error::Usage(format!(
+            "{m}: --org takes the tenant's id (`updog-backup list --tenants` shows them)"
+        ))
+    })
 }
 
 /// `--at`: RFC 3339 with a zone, `now`, or a time before now (`-90s`, `-15m`, `-1h30m`,

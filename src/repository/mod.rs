@@ -47,7 +47,9 @@ pub enum RepositoryError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("no repository at {location}: run `updog-backup init` first")]
+    #[error(
+        "no repository at {location}: for a new set-up, run `updog-backup init` first; if backups exist, storage.url (or the configuration file: --config, UPDOG_BACKUP_CONFIG) points elsewhere"
+    )]
     NotInitialized { location: String },
     #[error(
         "{key} has format version {found}; this build reads version {FORMAT_VERSION}: {}",

@@ -95,6 +95,14 @@ async fn first_hour_messages_lead_to_the_next_step() {
         "{err}"
     );
 
+    // Before init: a new set-up needs init, but an existing one a configuration that points
+    // at its backups (the demo's first friction: the wrong file answered "run init").
+    let err = env.fails(&["list"], 2);
+    assert!(
+        err.contains("updog-backup init") && err.contains("storage.url"),
+        "{err}"
+    );
+
     env.ok(&["init"]);
     // 15.12: a one-shot command's report is not interleaved with info logs by default.
     let out = env
@@ -168,6 +176,8 @@ async fn first_hour_messages_lead_to_the_next_step() {
         vec!["restore", "--org", absent, "--latest"],
         vec!["list", "--org", absent],
         vec!["backup", "--org", absent],
+        vec!["restore", "--org", "Org 1", "--latest"],
+        vec!["verify", "--org", "Org 1"],
     ] {
         let err = env.fails(&args, 2);
         assert!(
