@@ -72,7 +72,9 @@ pub struct StreamLine {
     pub earlier: Vec<EarlierStreamLine>,
     /// When `changes/progress.json` was last written.
     pub updated_at: DateTime<Utc>,
-    /// Whether a daemon is capturing: when it was last seen, in a sentence.
+    /// Whether a daemon renewed its lease lately (`locks/daemon.json`).
+    pub capturing: bool,
+    /// The same, with when the daemon was last seen, in a sentence.
     pub capture: String,
     /// The lease of the daemon last active, if it still holds one.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -193,6 +195,7 @@ async fn stream_line(
             })
             .collect(),
         updated_at: p.updated_at,
+        capturing: seen.running(Utc::now()),
         capture: seen.describe(Utc::now()),
         daemon: seen.daemon,
     }))

@@ -409,6 +409,8 @@ async fn worst_night_messages_say_whether_waiting_helps() {
         list.contains("\nthe daemon (") && list.contains("last seen"),
         "{list}"
     );
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    assert_eq!(json["stream"]["capturing"], true, "{json}");
     let soon =
         (Utc::now() + chrono::TimeDelta::seconds(20)).to_rfc3339_opts(SecondsFormat::Micros, true);
     let err = env.fails(&["restore", "--org", &tenant, "--at", &soon], 1);
@@ -468,6 +470,8 @@ async fn worst_night_messages_say_whether_waiting_helps() {
         err.contains("capture is not running") && err.contains("start `updog-backup daemon`"),
         "{err}"
     );
+    let json: serde_json::Value = serde_json::from_str(&env.ok(&["list", "--json"])).unwrap();
+    assert_eq!(json["stream"]["capturing"], false, "{json}");
     assert!(
         env.ok(&["list"])
             .contains("\ncapture is not running: no daemon holds the lease")
