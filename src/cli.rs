@@ -174,10 +174,13 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| {
-                    Error::Usage(format!(
-                        "cannot create {}: {e} (keygen never overwrites an identity)",
-                        path.display()
-                    ))
+                    // "Never overwrites" only where something is there to overwrite.
+                    let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        " (keygen never overwrites an identity: the repository may be encrypted to it)"
+                    } else {
+                        ""
+                    };
+                    Error::Usage(format!("cannot create {}: {e}{why}", path.display()))
                 })?;
             file.write_all(identity.as_bytes())
                 .and_then(|()| file.sync_all())

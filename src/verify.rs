@@ -38,7 +38,8 @@ impl Classify for VerifyError {
 pub struct VerifyReport {
     pub checked: usize,
     /// `checked` by kind of object, so that the total adds up to what the progress bars
-    /// showed (snapshot objects, packs) plus what they do not (manifests, indexes, checkpoints).
+    /// showed (snapshot objects, packs) plus what they do not (manifests, checkpoints). The
+    /// stream index objects are the checks counted without a kind: see [`Self::breakdown`].
     pub kinds: BTreeMap<Kind, usize>,
     pub failures: Vec<String>,
 }
@@ -68,7 +69,15 @@ impl Kind {
 }
 
 impl VerifyReport {
-    fn record(&mut self, kind: Kind, result: Result<(), RepositoryError>) {
+    /// A check of a stream index object (the one kind counted without [`Kind`]).
+    fn record(&mut self, result: Result<(), RepositoryError>) {
+        self.checked += 1;
+        if let Err(e) = result {
+            self.failures.push(e.to_string());
+        }
+    }
+
+    fn record_kind(&mut self, kind: Kind, result: Result<(), RepositoryError>) {
         self.count(kind);
         if let Err(e) = result {
             self.failures.push(e.to_string());
@@ -82,10 +91,15 @@ impl VerifyReport {
 
     /// `checked` by kind, e.g. "1 manifest, 22 snapshot objects, 1 pack".
     pub fn breakdown(&self) -> String {
-        if self.kinds.is_empty() {
+        let mut kinds = self.kinds.clone();
+        let indexes = self.checked - kinds.values().sum::<usize>();
+        if indexes > 0 {
+            kinds.insert(Kind::StreamIndex, indexes);
+        }
+        if kinds.is_empty() {
             return "nothing stored yet".into();
         }
-        self.kinds
+        kinds
             .iter()
             .map(|(k, n)| k.name(*n))
             .collect::<Vec<_>>()
@@ -131,7 +145,7 @@ async fn snapshots(
                 m
             }
             Err(e) => {
-                report.record(Kind::Manifest, Err(e));
+                report.record_kind(Kind::Manifest, Err(e));
                 continue;
             }
         };
@@ -143,7 +157,7 @@ async fn snapshots(
         let progress = Progress::new("verify", "objects", Unit::StoredBytes, parts.len() as u64);
         for part in parts {
             let result = repo.check_part(&manifest, part, identities.cloned()).await;
-            report.record(Kind::SnapshotObject, result);
+            report.record_kind(Kind::SnapshotObject, result);
             progress.advance(manifest.object(part).map_or(0, |o| o.bytes));
         }
         progress.finish();
@@ -181,14 +195,12 @@ async fn stream(
         let recorded = match repo.stream_index_footers(index).await {
             Ok(footers) => Some(footers),
             Err(e) => {
-                report.record(Kind::StreamIndex, Err(e));
+                report.record(Err(e));
                 None
             }
         };
         let footers = packs(repo, &covered, org, identities, report, &progress).await;
-        if recorded.is_some() {
-            report.count(Kind::StreamIndex);
-        }
+        report.checked += 1;
         if let Some(recorded) = recorded {
             let kept_from = state.start().unwrap_or_default();
             for (pack, footer) in &recorded {
@@ -242,7 +254,7 @@ async fn packs(
         .map(|(size, result)| {
             progress.advance(size);
             let footer = result.as_ref().ok().cloned();
-            report.record(Kind::Pack, result.map(drop));
+            report.record_kind(Kind::Pack, result.map(drop));
             footer
         })
         .collect()
@@ -284,7 +296,7 @@ async fn checkpoints(repo: &Repository, report: &mut VerifyReport) -> Result<(),
         match repo.routing_checkpoint(&key).await {
             // Retention deleted it since the listing.
             Err(RepositoryError::Storage(StorageError::NotFound { .. })) => {}
-            result => report.record(Kind::RoutingCheckpoint, result.map(drop)),
+            result => report.record_kind(Kind::RoutingCheckpoint, result.map(drop)),
         }
     }
     Ok(())

@@ -51,7 +51,7 @@ pub enum RestoreError {
     #[error(transparent)]
     Tool(#[from] crate::source::pg_tools::ToolError),
     #[error(
-        "database {0:?} already exists on the target: choose another name with --target-db, or leave it out for a free default name (a restore never writes into an existing database)"
+        "database {0:?} already exists on the target (a restore never writes into an existing database): choose another name with --target-db; without --target-db, a restore picks a free default name"
     )]
     TargetExists(String),
     #[error("{0:?} is not a usable database name: use 1 to 63 letters, digits and _")]
@@ -209,7 +209,7 @@ pub async fn run(
     tracing::info!(objects = 3, "repository objects verified");
 
     let maintenance = crate::pg::connect(&request.target_url).await?;
-    let database = create_free(&maintenance, database, request.target_db.is_some()).await?;
+    create_database(&maintenance, &database).await?;
     let loading = async {
         let mut target = crate::pg::pg_config(&request.target_url)?;
         target.config.dbname(&database);
@@ -319,59 +319,6 @@ async fn free_name(target_url: &str, name: String, explicit: bool) -> Result<Str
     check_database_name(&free)?;
     Ok(free)
 }
-
-/// Creates `name`; a default name another restore took since [`free_name`] (the same tenant
-/// and instant restored at once) moves on to the next suffix instead of failing.
-async fn create_free(
-    client: &Client,
-    name: String,
-    explicit: bool,
-) -> Result<String, RestoreError> {
-    let mut candidate = name;
-    for _ in 0..DEFAULT_NAME_TRIES {
-        match create_database(client, &candidate).await {
-            Err(RestoreError::TargetExists(_)) if !explicit => {
-                candidate = next_default_name(&candidate);
-                check_database_name(&candidate)?;
-            }
-            result => return result.map(|()| candidate),
-        }
-    }
-    Err(RestoreError::TargetExists(candidate))
-}
-
-/// `recovery_x_20261204T101500` → `…_2`, `…_2` → `…_3`: a default name's last part is its
-/// restore point (never all digits), so an all-digit last part is a suffix.
-fn next_default_name(name: &str) -> String {
-    match name.rsplit_once('_') {
-        Some((base, n)) if !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) => {
-            format!("{base}_{}", n.parse::<u64>().map_or(2, |n| n + 1))
-        }
-        _ => format!("{name}_2"),
-    }
-}
-
-#[cfg(test)]
-mod default_name_tests {
-    #[test]
-    fn the_next_default_name_counts_up_and_keeps_the_restore_point() {
-        let point = chrono::DateTime::parse_from_rfc3339("2026-12-04T10:15:00Z").unwrap();
-        let name = super::default_database_name("3f2a5c1e-0b9d", point.to_utc());
-        assert_eq!(name, "recovery_3f2a5c1e_20261204T101500");
-        assert_eq!(super::next_default_name(&name), format!("{name}_2"));
-        assert_eq!(
-            super::next_default_name(&format!("{name}_2")),
-            format!("{name}_3")
-        );
-        assert_eq!(
-            super::next_default_name(&format!("{name}_19")),
-            format!("{name}_20")
-        );
-    }
-}
-
-/// Default names tried when restores race for them.
-const DEFAULT_NAME_TRIES: u32 = 20;
 
 async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError> {
     let sql = format!(

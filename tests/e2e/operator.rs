@@ -186,6 +186,19 @@ async fn first_hour_messages_lead_to_the_next_step() {
         );
     }
 
+    // keygen into a directory that does not exist says that, not "never overwrites".
+    let out = Command::new(bin())
+        .args(["keygen", "--output"])
+        .arg(env.dir.path().join("no/such/dir/identity.txt"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr_of(&out).contains("No such file") && !stderr_of(&out).contains("never overwrites"),
+        "{}",
+        stderr_of(&out)
+    );
+
     // 15.1: a missing identity names the repository's recipients, and never advises a new key.
     let repo_json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(env.repo_dir.join("repo.json")).unwrap()).unwrap();
@@ -276,7 +289,8 @@ async fn first_hour_messages_lead_to_the_next_step() {
         !report.contains("))") && report.contains("; restorable window "),
         "{report}"
     );
-    // Two at once race for the same free name: both succeed, under different names.
+    // Two at once race for the same free name: the one that loses the race is told so as a
+    // taken name (exit 2), never with the catalog's unique violation.
     let racing: Vec<_> = (0..2)
         .map(|_| {
             env.command(&["restore", "--org", &tenant, "--latest", "--json"])
@@ -286,18 +300,22 @@ async fn first_hour_messages_lead_to_the_next_step() {
                 .unwrap()
         })
         .collect();
-    let mut raced: Vec<String> = racing
-        .into_iter()
-        .map(|child| {
-            let out = child.wait_with_output().unwrap();
-            assert!(out.status.success(), "{}", stderr_of(&out));
+    let mut raced = Vec::new();
+    for child in racing {
+        let out = child.wait_with_output().unwrap();
+        if out.status.success() {
             let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-            report["database"].as_str().unwrap().to_string()
-        })
-        .collect();
-    raced.sort();
-    raced.dedup();
-    assert_eq!(raced.len(), 2, "{raced:?}");
+            raced.push(report["database"].as_str().unwrap().to_string());
+        } else {
+            let err = stderr_of(&out);
+            assert_eq!(out.status.code(), Some(2), "{err}");
+            assert!(
+                err.contains("already exists") && !err.contains("duplicate key"),
+                "{err}"
+            );
+        }
+    }
+    assert!(!raced.is_empty());
     for name in &raced {
         drop_database(name).await;
     }
