@@ -4,16 +4,26 @@
 # a mistake that deletes one tenant's data, and a point-in-time restore of that tenant to just
 # before the mistake into a new database, compared row by row with the state it had then.
 #
-#   scripts/demo.sh          run it (idempotent: re-running takes another snapshot)
-#   scripts/demo.sh stop     stop the demo's PostgreSQL
-#   scripts/demo.sh clean    stop it and delete .demo/
+#   scripts/demo.sh          run it (re-running reuses the cluster, the repository and its
+#                            stream: `init` has nothing to do, the daemon resumes where it
+#                            stopped, and the mistake hits another tenant)
+#   scripts/demo.sh config   (re)write .demo/updog-backup.toml, print how to continue by hand
+#   scripts/demo.sh stop     stop the demo's daemon and PostgreSQL
+#   scripts/demo.sh clean    stop them and delete .demo/
 #
-# Everything lives in .demo/ (git-ignored). Nothing listens beyond 127.0.0.1.
+# Everything lives in .demo/ (git-ignored; UPDOG_DEMO_DIR elsewhere), the settings in
+# .demo/updog-backup.toml (no secret: the identity is .demo/identity.txt, mode 0600). Nothing
+# listens beyond 127.0.0.1 (PostgreSQL on UPDOG_DEMO_PORT, 54329; the daemon on 9187).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
-demo=$root/.demo
+demo=${UPDOG_DEMO_DIR:-$root/.demo}
 port=${UPDOG_DEMO_PORT:-54329}
+# Where `cargo build` puts the binary (CARGO_TARGET_DIR, relative to the checkout, or target/).
+target_dir=${CARGO_TARGET_DIR:-target}
+case "$target_dir" in /*) ;; *) target_dir=$root/$target_dir ;; esac
+updog=$target_dir/debug/updog-backup
+config=$demo/updog-backup.toml
 
 pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1; }
 as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
@@ -21,23 +31,92 @@ as_owner() { if [ "$(id -u)" = 0 ]; then runuser -u postgres -- "$@"; else "$@";
 # data lives under /var/tmp instead.
 pgdata=$demo/pg
 if [ "$(id -u)" = 0 ] && ! runuser -u postgres -- test -x "$root"; then
-  pgdata=/var/tmp/updog-backup-demo/pg
+  # (Another UPDOG_DEMO_DIR, another cluster: never the default demo's.)
+  pgdata=/var/tmp/updog-backup-demo${UPDOG_DEMO_DIR:+-$(printf %s "$demo" | md5sum | cut -c1-8)}/pg
 fi
+
+# The demo's settings as a config file, so that every command can be run by hand after it:
+# config/embedded.toml with the demo's port, repository and keys.
+write_config() {
+  cat > "$config" <<TOML
+# Written by scripts/demo.sh: config/embedded.toml with the demo's port, repository and keys.
+# No secret in it: the identity is in its own file (mode 0600), and no password is needed
+# (the demo's cluster trusts 127.0.0.1).
+[source]
+url = "postgres://updog_backup@127.0.0.1:$port/updog"
+schemas = ["app", "audit"]
+global_tables = ["app.currencies"]
+
+[storage]
+url = "file://$demo/repo"
+
+[encryption]
+recipients = ["$(cat "$demo/recipient.txt")"]
+identity_file = "$demo/identity.txt"
+
+[stream]
+# A pack every second (default 5 s), so that the demo's restore does not wait.
+flush_interval = "1s"
+
+[restore]
+target_url = "postgres://updog_restore@127.0.0.1:$port/postgres"
+TOML
+}
+
+# How to go on from here, every line copy-pasteable.
+print_by_hand() {
+  local org=${1:-}
+  [ -n "$org" ] || org='<ORG>'
+  cat <<HAND
+
+== continue by hand: the demo's settings are in $config
+  export UPDOG_BACKUP_CONFIG=$config PATH="$(dirname "$updog"):\$PATH"
+  updog-backup list --tenants                 # every tenant, its size and restorable window
+  updog-backup daemon >>$demo/daemon.log 2>&1 & echo \$! >$demo/daemon.pid   # capture again (scripts/demo.sh stop stops it)
+  updog-backup list --org $org    # its snapshots, its window, and whether the daemon runs
+  updog-backup restore --org $org --latest   # everything stored, into a new database
+  psql -h 127.0.0.1 -p $port -U postgres -d updog    # the source: more changes, or mistakes
+README.md "In an incident" walks through a whole restore with these commands.
+HAND
+}
+
+# Stops a daemon started earlier (by the demo or by hand) and waits until it is gone: it stores
+# its open pack first, and a new one started meanwhile would find server.listen taken.
+stop_earlier_daemon() {
+  [ -f "$demo/daemon.pid" ] || return 0
+  local pid; pid=$(cat "$demo/daemon.pid")
+  rm -f "$demo/daemon.pid"
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 100); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.2; done
+  echo "the daemon (pid $pid) did not stop within 20 s" >&2; return 1
+}
 
 case "${1:-run}" in
   stop)
-    [ -f "$demo/daemon.pid" ] && kill "$(cat "$demo/daemon.pid")" 2>/dev/null || true
-    [ -d "$pgdata" ] && as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast || true; exit 0 ;;
-  clean) "$0" stop; rm -rf "$demo" "$pgdata"; exit 0 ;;
+    stop_earlier_daemon
+    # Quietly when it is not running (after an earlier stop, or never started).
+    if [ -d "$pgdata" ] && as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" status >/dev/null 2>&1; then
+      as_owner "$(pg_bin)/pg_ctl" -D "$pgdata" stop -m fast >/dev/null && echo "stopped the demo's PostgreSQL"
+    fi
+    exit 0 ;;
+  clean)
+    "$0" stop; rm -rf "$demo" "$pgdata"
+    case "$pgdata" in "$demo"/*) echo "deleted $demo" ;; *) echo "deleted $demo and $pgdata" ;; esac
+    exit 0 ;;
+  config)
+    if [ ! -f "$demo/recipient.txt" ]; then echo "no demo in $demo yet: run scripts/demo.sh first" >&2; exit 1; fi
+    write_config
+    echo "wrote $config"
+    print_by_hand "$(cat "$demo/tenant.txt" 2>/dev/null || true)"
+    exit 0 ;;
   run) ;;
-  *) echo "usage: $0 [run|stop|clean]" >&2; exit 2 ;;
+  *) echo "usage: $0 [run|config|stop|clean]" >&2; exit 2 ;;
 esac
 
 scripts/test-services.sh --postgres-only
 bin=$(pg_bin)
 echo "== building updog-backup"
 cargo build --quiet --bin updog-backup
-updog=$root/target/debug/updog-backup
 
 mkdir -p "$demo"
 if [ ! -d "$pgdata" ]; then
@@ -62,12 +141,9 @@ fi
 if [ ! -f "$demo/identity.txt" ]; then
   "$updog" keygen --output "$demo/identity.txt" > "$demo/recipient.txt"
 fi
-export UPDOG_BACKUP_CONFIG=$root/config/embedded.toml
-export UPDOG_BACKUP__SOURCE__URL="postgres://updog_backup@127.0.0.1:$port/updog"
-export UPDOG_BACKUP__RESTORE__TARGET_URL="postgres://updog_restore@127.0.0.1:$port/postgres"
-export UPDOG_BACKUP__STORAGE__URL="file://$demo/repo"
-export UPDOG_BACKUP__ENCRYPTION__RECIPIENTS="[\"$(cat "$demo/recipient.txt")\"]"
-export UPDOG_BACKUP__ENCRYPTION__IDENTITY_FILE="$demo/identity.txt"
+write_config
+echo "== settings: $config"
+export UPDOG_BACKUP_CONFIG=$config
 
 run() { echo; echo "\$ updog-backup $*"; "$updog" "$@"; }
 # What the DBA does once, as the tables' owner: the publication, and the replica identities
@@ -81,8 +157,8 @@ run check || true
 run init
 
 echo; echo "\$ updog-backup daemon &   (log: $demo/daemon.log)"
-[ -f "$demo/daemon.pid" ] && kill "$(cat "$demo/daemon.pid")" 2>/dev/null && sleep 1 || true
-UPDOG_BACKUP__STREAM__FLUSH_INTERVAL=1s "$updog" daemon >"$demo/daemon.log" 2>&1 &
+stop_earlier_daemon
+"$updog" daemon >"$demo/daemon.log" 2>&1 &
 daemon_pid=$!
 echo "$daemon_pid" > "$demo/daemon.pid"
 stop_daemon() { kill -TERM "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null || true; rm -f "$demo/daemon.pid"; }
@@ -91,8 +167,10 @@ trap stop_daemon EXIT
 # The tenant with the most investments now (a rerun picks one the previous mistake spared).
 org=$(psql_ -d updog -tAc "SELECT f.organization_id FROM app.investments i JOIN app.funds f ON f.id = i.fund_id
   GROUP BY 1 ORDER BY count(*) DESC, 1 LIMIT 1")
+name=$(psql_ -d updog -tAc "SELECT name FROM app.organizations WHERE id = '$org'")
+echo "$org" > "$demo/tenant.txt"
 in_funds="fund_id IN (SELECT id FROM app.funds WHERE organization_id = '$org')"
-echo; echo "== ordinary work for tenant $org: new investments, updated funds"
+echo; echo "== ordinary work for tenant $org ($name): new investments, updated funds"
 psql_ -d updog -c "UPDATE app.funds SET size_cents = size_cents + 1 WHERE organization_id = '$org'" \
   -c "INSERT INTO app.investment_lots (investment_id, shares, price_per_share_cents, acquired_on)
       SELECT id, 10, 100, current_date FROM app.investments WHERE $in_funds"
@@ -115,12 +193,15 @@ declare -A before
 for entry in "${filters[@]}"; do before[${entry%%|*}]=$(digest updog "${entry%%|*}" "${entry#*|}"); done
 at=$(psql_ -d updog -tAc "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')")
 echo "state recorded at $at"
-echo; echo "== the mistake: every investment of tenant $org deleted (lots cascade), audit trail wiped"
+echo; echo "== the mistake: every investment of tenant $org ($name) deleted (lots cascade), audit trail wiped"
 psql_ -d updog -c "DELETE FROM app.reserve_allocations WHERE $in_funds" \
   -c "DELETE FROM app.investments WHERE $in_funds" -c "DELETE FROM audit.events WHERE organization_id = '$org'"
 
 echo; echo "== waiting for the daemon to store everything up to $at"
 for _ in $(seq 1 120); do
+  if ! kill -0 "$daemon_pid" 2>/dev/null; then
+    echo "the daemon exited; the end of $demo/daemon.log:" >&2; tail -3 "$demo/daemon.log" >&2; exit 1
+  fi
   covered=$("$updog" list --json | sed -n 's/.*"covered_until": *"\([^"]*\)".*/\1/p' | head -1)
   if [ -n "$covered" ] && [ "$(date -d "$covered" +%s%N)" -ge "$(date -d "$at" +%s%N)" ]; then break; fi
   sleep 0.5
@@ -149,8 +230,9 @@ for entry in "${filters[@]}"; do
   printf '  %-26s %7s rows  %s\n' "$table" "${found%% *}" "$verdict"
 done
 if [ "$mismatch" = 0 ]; then
-  echo "demo complete: tenant $org restored to $at, just before the mistake: identical to the source then, no other tenant's rows."
+  echo "demo complete: tenant $org ($name) restored to $at, just before the mistake: identical to the source then, no other tenant's rows."
   echo "look at it: psql -h 127.0.0.1 -p $port -U postgres -d $target"
 fi
-echo "stop the demo's PostgreSQL with: scripts/demo.sh stop"
+print_by_hand "$org"
+echo "stop the demo (daemon and PostgreSQL) with: scripts/demo.sh stop; delete it with: scripts/demo.sh clean"
 exit "$mismatch"

@@ -14,7 +14,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::pg::redact_url;
 use crate::progress::{Progress, Unit};
-use crate::repository::Repository;
+use crate::repository::{RepoInfo, Repository};
 use crate::restore::{RestoreRequest, RestoreTarget};
 use crate::snapshot::{SnapshotRequest, validate_tenant};
 use crate::storage::ObjectStore;
@@ -43,6 +43,7 @@ pub enum Command {
     Daemon,
     /// Preflight report: settings, privileges, replica identities, how every table reaches its tenant
     Check {
+        /// Print the report as JSON
         #[arg(long)]
         json: bool,
     },
@@ -52,10 +53,17 @@ pub enum Command {
         #[arg(long = "org", value_name = "ORG")]
         orgs: Vec<String>,
     },
-    /// Snapshots, and a tenant's restorable window
+    /// Snapshots and the change stream; --tenants: every tenant; --org: one tenant's
+    /// restorable window
     List {
-        #[arg(long, value_name = "ORG")]
+        /// Only the snapshots holding this tenant, and its restorable window
+        #[arg(long, value_name = "ORG", conflicts_with = "tenants")]
         org: Option<String>,
+        /// Every tenant: its id, rows and bytes in the newest snapshot holding it, and its
+        /// first and last restorable instants
+        #[arg(long)]
+        tenants: bool,
+        /// Print the report as JSON
         #[arg(long)]
         json: bool,
     },
@@ -72,8 +80,10 @@ pub enum Command {
     },
     /// Check stored objects against their digests (--deep: also decrypt and parse them)
     Verify {
+        /// Only this tenant's objects and sections (and the global ones)
         #[arg(long, value_name = "ORG")]
         org: Option<String>,
+        /// Also decrypt and parse every object (needs the identity)
         #[arg(long)]
         deep: bool,
     },
@@ -86,26 +96,28 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
+// One of --at and --latest: clap's message for a missing one then names both.
+#[command(group = clap::ArgGroup::new("point").required(true).args(["at", "latest"]))]
 pub struct RestoreArgs {
+    /// The tenant to restore (its id: `updog-backup list --tenants` shows them)
     #[arg(long, value_name = "ORG")]
     pub org: String,
-    /// Restore point (RFC 3339), inclusive: the last transaction committed at or before it
-    #[arg(
-        long,
-        value_name = "RFC3339",
-        conflicts_with = "latest",
-        required_unless_present = "latest"
-    )]
+    /// Restore point, inclusive (the last transaction committed at or before it): RFC 3339
+    /// with a zone (2026-11-26T10:41:07Z, …+01:00), `now`, or a time before now (-90s, -15m,
+    /// -1h30m, -2d)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
     pub at: Option<String>,
     /// Everything the repository covers
     #[arg(long)]
     pub latest: bool,
-    /// Name of the database to create (default recovery_<org8>_<yyyymmddThhmmss>)
+    /// Name of the database to create (default recovery_<org8>_<yyyymmddThhmmss>, with _2,
+    /// _3… when that one exists)
     #[arg(long, value_name = "NAME")]
     pub target_db: Option<String>,
     /// Server to create it on (default: restore.target_url)
     #[arg(long, value_name = "URL")]
     pub target_url: Option<String>,
+    /// Print the report as JSON
     #[arg(long)]
     pub json: bool,
 }
@@ -120,7 +132,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::Daemon => daemon(&config).await,
                 Command::Check { json } => check(&config, json).await,
                 Command::Backup { orgs } => backup(&config, orgs).await,
-                Command::List { org, json } => list(&config, org, json).await,
+                Command::List { org, tenants, json } => list(&config, org, tenants, json).await,
                 Command::Restore(args) => restore(&config, args).await,
                 Command::Verify { org, deep } => verify(&config, org, deep).await,
                 Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
@@ -162,10 +174,13 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
                 .mode(0o600)
                 .open(path)
                 .map_err(|e| {
-                    Error::Usage(format!(
-                        "cannot create {}: {e} (keygen never overwrites an identity)",
-                        path.display()
-                    ))
+                    // "Never overwrites" only where something is there to overwrite.
+                    let why = if e.kind() == std::io::ErrorKind::AlreadyExists {
+                        " (keygen never overwrites an identity: the repository may be encrypted to it)"
+                    } else {
+                        ""
+                    };
+                    Error::Usage(format!("cannot create {}: {e}{why}", path.display()))
                 })?;
             file.write_all(identity.as_bytes())
                 .and_then(|()| file.sync_all())
@@ -367,22 +382,42 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
-/// The configured repository, checked to be initialised, and `--org` resolved against it.
+/// The configured repository, checked to be initialised (its repo.json), and `--org`
+/// resolved against it.
 async fn open_initialised(
     config: &Config,
     org: Option<&str>,
-) -> Result<(Repository, Option<String>), Error> {
+) -> Result<(Repository, RepoInfo, Option<String>), Error> {
     let repo = open_repository(config).await?;
-    repo.info().await?;
+    let info = repo.info().await?;
     let org = match org {
         Some(o) => Some(resolve_tenant(&repo, o).await?),
         None => None,
     };
-    Ok((repo, org))
+    Ok((repo, info, org))
 }
 
-async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Error> {
-    let (repo, org) = open_initialised(config, org.as_deref()).await?;
+/// The identity for restore and `verify --deep`, checked against the recipients the
+/// repository is encrypted to before any object is read.
+fn load_identities(config: &Config, info: &RepoInfo) -> Result<Arc<Identities>, Error> {
+    Ok(Arc::new(Identities::load_for(
+        config.encryption.identity_file.as_deref(),
+        config.encryption.allow_readable_identity,
+        &info.recipients,
+        &config.encryption.recipients,
+    )?))
+}
+
+async fn list(
+    config: &Config,
+    org: Option<String>,
+    tenants: bool,
+    json: bool,
+) -> Result<(), Error> {
+    let (repo, _, org) = open_initialised(config, org.as_deref()).await?;
+    if tenants {
+        return list_tenants(&repo, json).await;
+    }
 
     let report = crate::listing::run(&repo, org).await?;
     if json {
@@ -407,54 +442,104 @@ async fn list(config: &Config, org: Option<String>, json: bool) -> Result<(), Er
             }
         );
     }
-    match &report.stream {
-        Some(s) => {
-            for e in &s.earlier {
-                println!(
-                    "earlier change stream (slot {}, replaced by `updog-backup init`): LSN {} to {}, covered until {}",
-                    e.slot,
-                    e.since_lsn,
-                    e.durable_lsn,
-                    time(e.covered_until)
-                );
-            }
-            println!(
-                "change stream (slot {}): {} pack(s) ({} indexed), {}, durable up to LSN {}, covered until {}",
-                s.slot,
-                s.packs,
-                s.indexed_packs,
-                human_bytes(s.bytes),
-                s.durable_lsn,
-                if s.covered_until == DateTime::<Utc>::UNIX_EPOCH {
-                    "nothing yet (is `updog-backup daemon` running?)".to_string()
-                } else {
-                    time(s.covered_until)
-                }
-            )
-        }
-        None => println!("no change stream: run `updog-backup init`, then `updog-backup daemon`"),
-    }
+    print_stream(report.stream.as_ref());
     if report.snapshots.is_empty() {
         println!("no snapshots yet: run `updog-backup backup`");
     }
+    // The tenant's own column only when there is a tenant.
+    let tenant_header = if report.tenant.is_some() {
+        "  TENANT ROWS / BYTES"
+    } else {
+        ""
+    };
     println!(
-        "{:<34} {:<28} {:>8} {:>11}  TENANT ROWS / BYTES",
+        "{:<34} {:<28} {:>8} {:>11}{tenant_header}",
         "SNAPSHOT", "CONSISTENT TIME", "TENANTS", "STORED"
     );
     for s in &report.snapshots {
         let tenant = match (s.tenant_rows, s.tenant_bytes) {
-            (Some(r), Some(b)) => format!("{r} / {}", human_bytes(b)),
+            (Some(r), Some(b)) => format!("  {r} / {}", human_bytes(b)),
             _ => String::new(),
         };
         let partial = if s.all_tenants { "" } else { " (partial)" };
         println!(
-            "{:<34} {:<28} {:>8} {:>11}  {tenant}{partial}",
+            "{:<34} {:<28} {:>8} {:>11}{tenant}{partial}",
             s.id,
             time(s.consistent_time),
             s.tenants,
             human_bytes(s.bytes)
         );
     }
+    Ok(())
+}
+
+/// The change stream's lines of `list`: earlier streams, this one, and whether capture runs.
+fn print_stream(stream: Option<&crate::listing::StreamLine>) {
+    let Some(s) = stream else {
+        println!("no change stream: run `updog-backup init`, then `updog-backup daemon`");
+        return;
+    };
+    for e in &s.earlier {
+        println!(
+            "earlier change stream (slot {}, replaced by `updog-backup init`): LSN {} to {}, covered until {}",
+            e.slot,
+            e.since_lsn,
+            e.durable_lsn,
+            time(e.covered_until)
+        );
+    }
+    println!(
+        "change stream (slot {}): {} pack(s) ({} indexed), {}, durable up to LSN {}, covered until {}",
+        s.slot,
+        s.packs,
+        s.indexed_packs,
+        human_bytes(s.bytes),
+        s.durable_lsn,
+        if s.covered_until == DateTime::<Utc>::UNIX_EPOCH {
+            "nothing yet (is `updog-backup daemon` running?)".to_string()
+        } else {
+            time(s.covered_until)
+        }
+    );
+    println!("{}", s.capture);
+}
+
+/// `list --tenants`: every tenant of the repository's snapshots.
+async fn list_tenants(repo: &Repository, json: bool) -> Result<(), Error> {
+    let report = crate::listing::tenants(repo).await?;
+    if json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!("repository {}", report.repository);
+    print_stream(report.stream.as_ref());
+    println!(
+        "{:<36} {:>10} {:>11}  {:<27}  TO",
+        "TENANT", "ROWS", "BYTES", "RESTORABLE FROM"
+    );
+    for t in &report.tenants {
+        let gaps = if t.window.ranges.len() > 1 {
+            " (with gaps: `list --org` shows them)"
+        } else {
+            ""
+        };
+        println!(
+            "{:<36} {:>10} {:>11}  {:<27}  {}{gaps}",
+            t.tenant,
+            t.rows,
+            human_bytes(t.bytes),
+            time(t.window.earliest),
+            time(t.window.covered_until)
+        );
+    }
+    println!(
+        "{} tenant(s) in {} snapshot(s); rows and bytes as of the newest snapshot holding each",
+        report.tenants.len(),
+        report.snapshots
+    );
+    println!(
+        "(a tenant created after the newest snapshot is listed once a snapshot holds it; `list --org` and `restore` find it in the change stream already)"
+    );
     Ok(())
 }
 
@@ -468,20 +553,90 @@ async fn resolve_tenant(repo: &Repository, org: &str) -> Result<String, Error> {
         Some(id) => repo.manifest(id).await?.tenant_type,
         None => "text".to_string(),
     };
-    validate_tenant(org, &tenant_type).map_err(Error::Usage)
+    // A customer's name where its id belongs is the likely mistake: say where ids are.
+    validate_tenant(org, &tenant_type).map_err(|m| {
+        Error::Usage(format!(
+            "{m}: --org takes the tenant's id (`updog-backup list --tenants` shows them)"
+        ))
+    })
+}
+
+/// `--at`: RFC 3339 with a zone, `now`, or a time before now (`-90s`, `-15m`, `-1h30m`,
+/// `-2d`). What is wrong with anything else is said, with an example of the fix: an instant
+/// without a zone is ambiguous, so it is refused rather than guessed.
+pub fn parse_instant(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+    let t = text.trim();
+    if t.eq_ignore_ascii_case("now") {
+        return Ok(now);
+    }
+    if let Some(relative) = t.strip_prefix('-') {
+        return parse_ago(relative).map(|d| now - d).ok_or_else(|| {
+            format!(
+                "--at {text:?}: a time before now is a minus sign and amounts with units s, m, h or d, e.g. -90s, -15m, -1h30m, -2d"
+            )
+        });
+    }
+    if let Ok(at) = DateTime::parse_from_rfc3339(t) {
+        return Ok(at.with_timezone(&Utc));
+    }
+    let zoneless = ["%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f"]
+        .iter()
+        .any(|f| chrono::NaiveDateTime::parse_from_str(t, f).is_ok());
+    if zoneless {
+        return Err(format!(
+            "--at {text:?} has no time zone: add one, e.g. {t}Z (UTC) or {t}+01:00"
+        ));
+    }
+    let minutes = ["%Y-%m-%dT%H:%M", "%Y-%m-%d %H:%M"]
+        .iter()
+        .any(|f| chrono::NaiveDateTime::parse_from_str(t.trim_end_matches(['Z', 'z']), f).is_ok());
+    if minutes {
+        return Err(format!(
+            "--at {text:?} has no seconds: add them and a zone, e.g. {}:00Z",
+            t.trim_end_matches(['Z', 'z'])
+        ));
+    }
+    if chrono::NaiveDate::parse_from_str(t, "%Y-%m-%d").is_ok() {
+        return Err(format!(
+            "--at {text:?} is a date without a time: add a time and a zone, e.g. {t}T00:00:00Z"
+        ));
+    }
+    Err(format!(
+        "--at {text:?} is not a time: give RFC 3339 with a zone (e.g. 2026-11-26T10:41:07Z), `now`, or a time before now (e.g. -15m, -1h, -2d)"
+    ))
+}
+
+/// `1h30m`, `90s`, `2d`: a duration from amounts with units.
+fn parse_ago(text: &str) -> Option<chrono::TimeDelta> {
+    let mut total = chrono::TimeDelta::zero();
+    let mut rest = text;
+    if rest.is_empty() {
+        return None;
+    }
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let amount: i64 = rest[..digits].parse().ok()?;
+        let unit = rest[digits..].chars().next()?;
+        let seconds = match unit {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        total += chrono::TimeDelta::try_seconds(amount.checked_mul(seconds)?)?;
+        rest = &rest[digits + 1..];
+    }
+    Some(total)
 }
 
 async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     let target = match (&args.at, args.latest) {
-        (Some(at), false) => RestoreTarget::At(
-            DateTime::parse_from_rfc3339(at)
-                .map_err(|e| {
-                    Error::Usage(format!(
-                        "--at {at:?} is not an RFC 3339 time ({e}), e.g. 2026-11-26T10:41:07Z"
-                    ))
-                })?
-                .with_timezone(&Utc),
-        ),
+        (Some(at), false) => {
+            RestoreTarget::At(parse_instant(at, Utc::now()).map_err(Error::Usage)?)
+        }
         _ => RestoreTarget::Latest,
     };
     if let Some(url) = &args.target_url {
@@ -498,13 +653,11 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         .clone()
         .or_else(|| config.restore.target_url.clone())
         .ok_or(crate::restore::RestoreError::NoTarget)?;
-    let identities = Arc::new(Identities::load(
-        config.encryption.identity_file.as_deref(),
-    )?);
     // Counted: the requests a restore makes are what S3 bills for it.
     let store = Arc::new(crate::storage::CountedStore::new(open_store(config).await?));
     let repo = Repository::new(store.clone()).with_concurrency(config.storage.concurrency);
-    repo.info().await?;
+    let info = repo.info().await?;
+    let identities = load_identities(config, &info)?;
     let tenant = resolve_tenant(&repo, &args.org).await?;
     let request = RestoreRequest {
         tenant,
@@ -532,8 +685,22 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         "restored tenant {} into database {} on {}",
         report.tenant, report.database, report.target
     );
+    // The restore point is the tenant's last change, often before the instant asked for: say
+    // that nothing of it changed in between, lest it look like the wrong instant was restored.
+    let asked = match target {
+        RestoreTarget::At(at) => at,
+        RestoreTarget::Latest => report.window.covered_until,
+    };
+    let unchanged = if asked > report.restore_point.time {
+        format!(
+            " (nothing of the tenant changed after it up to {})",
+            time(asked)
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "restore point: LSN {}, {} — snapshot {}{} (window {})",
+        "restore point: LSN {}, {}{unchanged} — snapshot {}{}; restorable window {}",
         report.restore_point.lsn,
         time(report.restore_point.time),
         report.snapshot,
@@ -570,11 +737,9 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
 }
 
 async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), Error> {
-    let (repo, org) = open_initialised(config, org.as_deref()).await?;
+    let (repo, info, org) = open_initialised(config, org.as_deref()).await?;
     let identities = if deep {
-        Some(Arc::new(Identities::load(
-            config.encryption.identity_file.as_deref(),
-        )?))
+        Some(load_identities(config, &info)?)
     } else {
         None
     };
@@ -588,8 +753,9 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
         "digests checked"
     };
     println!(
-        "{} object(s) {what}, {} failed",
+        "{} object(s) {what} ({}), {} failed",
         report.checked,
+        report.breakdown(),
         report.failures.len()
     );
     if report.failures.is_empty() {
@@ -599,5 +765,90 @@ async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), 
             "{} object(s) failed verification",
             report.failures.len()
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn instants_say_what_is_missing() {
+        let now = Utc.with_ymd_and_hms(2026, 12, 4, 12, 0, 0).unwrap();
+        let ok = |t: &str| parse_instant(t, now).unwrap();
+        assert_eq!(
+            ok("2026-12-04T04:06:07Z"),
+            Utc.with_ymd_and_hms(2026, 12, 4, 4, 6, 7).unwrap()
+        );
+        assert_eq!(
+            ok("2026-12-04T05:06:07+01:00"),
+            Utc.with_ymd_and_hms(2026, 12, 4, 4, 6, 7).unwrap()
+        );
+        assert_eq!(ok("now"), now);
+        assert_eq!(ok("-1h"), now - chrono::TimeDelta::hours(1));
+        assert_eq!(ok("-1h30m"), now - chrono::TimeDelta::minutes(90));
+        assert_eq!(ok("-90s"), now - chrono::TimeDelta::seconds(90));
+        assert_eq!(ok("-2d"), now - chrono::TimeDelta::days(2));
+        let err = |t: &str| parse_instant(t, now).unwrap_err();
+        let zoneless = err("2026-12-04T04:06:07");
+        assert!(
+            zoneless.contains("no time zone") && zoneless.contains("2026-12-04T04:06:07Z"),
+            "{zoneless}"
+        );
+        assert!(err("2026-12-04 04:06:07.5").contains("no time zone"));
+        assert!(err("2026-12-04").contains("T00:00:00Z"));
+        assert!(err("2026-12-04T04:06Z").contains("2026-12-04T04:06:00Z"));
+        let word = err("yesterday");
+        assert!(
+            word.contains("RFC 3339") && word.contains("-1h") && word.contains("now"),
+            "{word}"
+        );
+        assert!(err("-1x").contains("-15m"));
+        assert!(err("-").contains("-15m"));
+        assert!(err("-1h30").contains("-15m"));
+        assert!(!word.contains("premature end of input"));
+    }
+
+    /// `--help` explains every option (an option without help is one more thing to guess at
+    /// 3 a.m.).
+    #[test]
+    fn every_option_has_help() {
+        let cli = Cli::command();
+        let mut missing = Vec::new();
+        for command in cli.get_subcommands() {
+            for arg in command.get_arguments() {
+                if arg.get_help().is_none() && !["help", "version"].contains(&arg.get_id().as_str())
+                {
+                    missing.push(format!("{} --{}", command.get_name(), arg.get_id()));
+                }
+            }
+        }
+        assert!(missing.is_empty(), "options without help: {missing:?}");
+    }
+
+    /// `restore --org X` alone names both ways to choose the instant.
+    #[test]
+    fn restore_without_an_instant_names_at_and_latest() {
+        let err = Cli::try_parse_from(["updog-backup", "restore", "--org", "x"]).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("--at") && text.contains("--latest"), "{text}");
+        assert!(
+            Cli::try_parse_from(["updog-backup", "restore", "--org", "x", "--at", "-1h"]).is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "updog-backup",
+                "restore",
+                "--org",
+                "x",
+                "--at",
+                "now",
+                "--latest"
+            ])
+            .is_err()
+        );
     }
 }

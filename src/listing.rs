@@ -1,10 +1,11 @@
 //! `list`: the repository's snapshots, its change stream, and a tenant's restorable window, as
-//! a [`ListReport`] (the CLI prints it, or its JSON). It reads manifests and listings only.
+//! a [`ListReport`]; `list --tenants`: every tenant with its window, as a [`TenantsReport`]
+//! (the CLI prints them, or their JSON). It reads manifests, listings and the lease only.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::repository::{Repository, RepositoryError};
+use crate::repository::{CaptureSeen, Manifest, Repository, RepositoryError, StreamState};
 use crate::restore::{PlanError, plan};
 use crate::retry::{Classify, ErrorClass};
 
@@ -14,7 +15,9 @@ pub enum ListError {
     Repository(#[from] RepositoryError),
     #[error(transparent)]
     Plan(#[from] PlanError),
-    #[error("tenant {tenant} is in no snapshot of {repository}")]
+    #[error(
+        "tenant {tenant} is in no snapshot of {repository}: check the value (`updog-backup list --tenants` shows every tenant)"
+    )]
     UnknownTenant { tenant: String, repository: String },
 }
 
@@ -67,6 +70,36 @@ pub struct StreamLine {
     /// Streams `init` replaced whose packs retention has not deleted yet, oldest first.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub earlier: Vec<EarlierStreamLine>,
+    /// When `changes/progress.json` was last written.
+    pub updated_at: DateTime<Utc>,
+    /// Whether a daemon renewed its lease lately (`locks/daemon.json`).
+    pub capturing: bool,
+    /// The same, with when the daemon was last seen, in a sentence.
+    pub capture: String,
+    /// The lease of the daemon last active, if it still holds one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub daemon: Option<crate::repository::Lease>,
+}
+
+/// `list --tenants`.
+#[derive(Debug, Serialize)]
+pub struct TenantsReport {
+    pub repository: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream: Option<StreamLine>,
+    pub snapshots: usize,
+    /// Every tenant a snapshot holds, by id.
+    pub tenants: Vec<TenantLine>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct TenantLine {
+    pub tenant: String,
+    /// Rows and stored bytes in the newest snapshot holding the tenant.
+    pub rows: u64,
+    pub bytes: u64,
+    pub snapshot: String,
+    pub window: crate::restore::Window,
 }
 
 #[derive(Debug, Serialize)]
@@ -104,7 +137,42 @@ pub async fn run(repo: &Repository, org: Option<String>) -> Result<ListReport, L
     }
     let state = repo.stream_state().await?;
     let spans = state.spans();
-    let stream = state.progress.as_ref().map(|p| StreamLine {
+    let stream = stream_line(repo, &state).await?;
+    let window = match &org {
+        Some(o) => {
+            let (manifests, _) = plan::tenant_snapshots(repo, o).await?;
+            (!manifests.is_empty()).then(|| plan::window_of(&manifests, &spans))
+        }
+        None => None,
+    };
+    if let (Some(o), None) = (&org, &window) {
+        return Err(ListError::UnknownTenant {
+            tenant: o.clone(),
+            repository: repo.location(),
+        });
+    }
+    Ok(ListReport {
+        repository: repo.location(),
+        tenant: org,
+        window,
+        stream,
+        snapshots,
+    })
+}
+
+async fn stream_line(
+    repo: &Repository,
+    state: &StreamState,
+) -> Result<Option<StreamLine>, ListError> {
+    let Some(p) = state.progress.as_ref() else {
+        return Ok(None);
+    };
+    let seen = CaptureSeen {
+        daemon: repo.lease().await?,
+        progress_updated_at: Some(p.updated_at),
+    };
+    let spans = state.spans();
+    Ok(Some(StreamLine {
         slot: p.slot.clone(),
         since_lsn: p.since_lsn.to_string(),
         durable_lsn: state.durable().unwrap_or(p.durable_lsn).to_string(),
@@ -126,25 +194,71 @@ pub async fn run(repo: &Repository, org: Option<String>) -> Result<ListReport, L
                 covered_until: s.covered_until,
             })
             .collect(),
-    });
-    let window = match &org {
-        Some(o) => {
-            let (manifests, _) = plan::tenant_snapshots(repo, o).await?;
-            (!manifests.is_empty()).then(|| plan::window_of(&manifests, &spans))
+        updated_at: p.updated_at,
+        capturing: seen.running(Utc::now()),
+        capture: seen.describe(Utc::now()),
+        daemon: seen.daemon,
+    }))
+}
+
+/// Every tenant the snapshots hold: its size in the newest snapshot holding it, and its
+/// window, computed as a restore would (`plan::tenant_snapshots` for a tenant some snapshot
+/// holds: the snapshots holding it and those of all tenants), from one read of each manifest.
+pub async fn tenants(repo: &Repository) -> Result<TenantsReport, ListError> {
+    let mut manifests: Vec<Manifest> = Vec::new();
+    for id in repo.snapshots().await? {
+        match repo.manifest(&id).await {
+            Ok(m) => manifests.push(m),
+            // Retention (of a running daemon) deleted it since the listing.
+            Err(RepositoryError::NoSuchSnapshot(_)) => continue,
+            Err(e) => return Err(e.into()),
         }
-        None => None,
-    };
-    if let (Some(o), None) = (&org, &window) {
-        return Err(ListError::UnknownTenant {
-            tenant: o.clone(),
-            repository: repo.location(),
+    }
+    let state = repo.stream_state().await?;
+    let spans = state.spans();
+    let mut ids: Vec<&String> = manifests.iter().flat_map(|m| m.tenants.keys()).collect();
+    ids.sort();
+    ids.dedup();
+    // Tenants with the same bases have the same window: most share every snapshot, so the
+    // windows are computed once per set of bases, from manifests without their tenant maps.
+    let skeletons: Vec<Manifest> = manifests
+        .iter()
+        .map(|m| Manifest {
+            tenants: Default::default(),
+            ..m.clone()
+        })
+        .collect();
+    let mut windows: std::collections::HashMap<Vec<usize>, crate::restore::Window> =
+        Default::default();
+    let mut tenants = Vec::with_capacity(ids.len());
+    for tenant in ids {
+        let bases: Vec<usize> = (0..manifests.len())
+            .filter(|&i| manifests[i].all_tenants || manifests[i].tenants.contains_key(tenant))
+            .collect();
+        let window = windows
+            .entry(bases)
+            .or_insert_with_key(|bases| {
+                let chosen: Vec<Manifest> = bases.iter().map(|&i| skeletons[i].clone()).collect();
+                plan::window_of(&chosen, &spans)
+            })
+            .clone();
+        let (newest, archive) = manifests
+            .iter()
+            .rev()
+            .find_map(|m| m.tenants.get(tenant).map(|a| (m, a)))
+            .expect("the tenant came from a manifest");
+        tenants.push(TenantLine {
+            tenant: tenant.clone(),
+            rows: archive.total_rows(),
+            bytes: archive.object.bytes,
+            snapshot: newest.id.to_string(),
+            window,
         });
     }
-    Ok(ListReport {
+    Ok(TenantsReport {
         repository: repo.location(),
-        tenant: org,
-        window,
-        stream,
-        snapshots,
+        stream: stream_line(repo, &state).await?,
+        snapshots: manifests.len(),
+        tenants,
     })
 }

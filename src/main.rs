@@ -10,6 +10,7 @@ use tracing_subscriber::EnvFilter;
 use updog_backup::cli::{self, Cli};
 
 fn main() -> ExitCode {
+    quiet_on_closed_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -21,7 +22,13 @@ fn main() -> ExitCode {
             };
         }
     };
-    init_tracing();
+    // The daemon's log is its report; a one-shot command's report is on stdout, and info
+    // lines interleaved with it (JSON when stderr is not a terminal) would bury it.
+    let default_level = match cli.command {
+        cli::Command::Daemon => "info",
+        _ => "warn",
+    };
+    init_tracing(default_level);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -50,12 +57,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// `updog-backup list | head` closes stdout early, and `println!` then panics with a backtrace
+/// that reads like a crash. A reader that stopped reading is no error of ours: exit at once
+/// as a command killed by SIGPIPE would (141), which is what `set -o pipefail` scripts expect.
+/// (Restoring SIGPIPE's default action instead would need `unsafe`, which this crate forbids.)
+fn quiet_on_closed_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info)
+    }));
+}
+
 /// Human-readable logs on a terminal, JSON lines otherwise; level from `UPDOG_BACKUP_LOG`
-/// (or `RUST_LOG`), default `info` (server notices relayed by tokio-postgres only from `warn`).
-fn init_tracing() {
+/// (or `RUST_LOG`), default `default_level` (server notices relayed by tokio-postgres only
+/// from `warn`).
+fn init_tracing(default_level: &str) {
     let filter = EnvFilter::try_from_env("UPDOG_BACKUP_LOG")
         .or_else(|_| EnvFilter::try_from_default_env())
-        .unwrap_or_else(|_| EnvFilter::new("info,tokio_postgres=warn"));
+        .unwrap_or_else(|_| EnvFilter::new(format!("{default_level},tokio_postgres=warn")));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

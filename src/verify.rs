@@ -2,6 +2,7 @@
 //! against their digests, the chain of packs, the stream index against the packs' footers,
 //! routing checkpoints) or, with it, decrypted and parsed. It reads only; what it finds is a [`VerifyReport`] for the caller to print.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
@@ -36,15 +37,73 @@ impl Classify for VerifyError {
 #[derive(Debug, Default, Serialize)]
 pub struct VerifyReport {
     pub checked: usize,
+    /// `checked` by kind of object, so that the total adds up to what the progress bars
+    /// showed (snapshot objects, packs) plus what they do not (manifests, checkpoints). The
+    /// stream index objects are the checks counted without a kind: see [`Self::breakdown`].
+    pub kinds: BTreeMap<Kind, usize>,
     pub failures: Vec<String>,
 }
 
+/// What kind of object a check was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Manifest,
+    SnapshotObject,
+    Pack,
+    StreamIndex,
+    RoutingCheckpoint,
+}
+
+impl Kind {
+    fn name(self, n: usize) -> String {
+        let (one, many) = match self {
+            Kind::Manifest => ("manifest", "manifests"),
+            Kind::SnapshotObject => ("snapshot object", "snapshot objects"),
+            Kind::Pack => ("pack", "packs"),
+            Kind::StreamIndex => ("stream index", "stream indexes"),
+            Kind::RoutingCheckpoint => ("routing checkpoint", "routing checkpoints"),
+        };
+        format!("{n} {}", if n == 1 { one } else { many })
+    }
+}
+
 impl VerifyReport {
+    /// A check of a stream index object (the one kind counted without [`Kind`]).
     fn record(&mut self, result: Result<(), RepositoryError>) {
         self.checked += 1;
         if let Err(e) = result {
             self.failures.push(e.to_string());
         }
+    }
+
+    fn record_kind(&mut self, kind: Kind, result: Result<(), RepositoryError>) {
+        self.count(kind);
+        if let Err(e) = result {
+            self.failures.push(e.to_string());
+        }
+    }
+
+    fn count(&mut self, kind: Kind) {
+        self.checked += 1;
+        *self.kinds.entry(kind).or_default() += 1;
+    }
+
+    /// `checked` by kind, e.g. "1 manifest, 22 snapshot objects, 1 pack".
+    pub fn breakdown(&self) -> String {
+        let mut kinds = self.kinds.clone();
+        let indexes = self.checked - kinds.values().sum::<usize>();
+        if indexes > 0 {
+            kinds.insert(Kind::StreamIndex, indexes);
+        }
+        if kinds.is_empty() {
+            return "nothing stored yet".into();
+        }
+        kinds
+            .iter()
+            .map(|(k, n)| k.name(*n))
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 }
 
@@ -81,9 +140,12 @@ async fn snapshots(
     };
     for id in ids {
         let manifest = match repo.manifest(&id).await {
-            Ok(m) => m,
+            Ok(m) => {
+                report.count(Kind::Manifest);
+                m
+            }
             Err(e) => {
-                report.record(Err(e));
+                report.record_kind(Kind::Manifest, Err(e));
                 continue;
             }
         };
@@ -95,7 +157,7 @@ async fn snapshots(
         let progress = Progress::new("verify", "objects", Unit::StoredBytes, parts.len() as u64);
         for part in parts {
             let result = repo.check_part(&manifest, part, identities.cloned()).await;
-            report.record(result);
+            report.record_kind(Kind::SnapshotObject, result);
             progress.advance(manifest.object(part).map_or(0, |o| o.bytes));
         }
         progress.finish();
@@ -220,7 +282,7 @@ async fn packs(
         .map(|(size, result)| {
             progress.advance(size);
             let footer = result.as_ref().ok().cloned();
-            report.record(result.map(drop));
+            report.record_kind(Kind::Pack, result.map(drop));
             footer
         })
         .collect()
@@ -262,7 +324,7 @@ async fn checkpoints(repo: &Repository, report: &mut VerifyReport) -> Result<(),
         match repo.routing_checkpoint(&key).await {
             // Retention deleted it since the listing.
             Err(RepositoryError::Storage(StorageError::NotFound { .. })) => {}
-            result => report.record(result.map(drop)),
+            result => report.record_kind(Kind::RoutingCheckpoint, result.map(drop)),
         }
     }
     Ok(())

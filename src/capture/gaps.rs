@@ -52,7 +52,7 @@ pub async fn check_publication(
         }
         Err(PublicationError::Incomplete { missing, sql, .. }) => {
             record(repo, &missing).await?;
-            tracing::error!(publication, tables = ?missing, fix = %sql, "the publication lacks tables the backup covers: their changes are not captured; run the fix as the tables' owner, then take a snapshot");
+            tracing::error!(publication, tables = %missing.join(", "), fix = %sql, "the publication lacks tables the backup covers: their changes are not captured; run the fix as the tables' owner, then take a snapshot");
             Ok(missing)
         }
         Err(e) => Err(e.into()),
@@ -106,7 +106,8 @@ async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, GapErr
     };
     repo.put_gap(&gap).await?;
     tracing::error!(
-        tables = ?gap.tables, from_lsn = %gap.from_lsn, from_time = ?gap.from_time,
+        tables = %gap.tables.join(", "), from_lsn = %gap.from_lsn,
+        from_time = gap.from_time.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
         "stream gap recorded: these tables are backed up by snapshots but not published, so their changes are missing from the stream; restores across the gap are refused until the publication covers them and a snapshot is taken after that"
     );
     Ok(gap)
@@ -129,7 +130,7 @@ async fn resolve(repo: &Repository, client: &Client) -> Result<usize, GapError> 
         gap.resolved_lsn = Some(lsn);
         gap.resolved_at = Some(Utc::now());
         repo.put_gap(&gap).await?;
-        tracing::info!(tables = ?gap.tables, from_lsn = %gap.from_lsn, resolved_lsn = %lsn, "stream gap resolved: the publication covers its tables again; take a snapshot to make later restores possible");
+        tracing::info!(tables = %gap.tables.join(", "), from_lsn = %gap.from_lsn, resolved_lsn = %lsn, "stream gap resolved: the publication covers its tables again; take a snapshot to make later restores possible");
     }
     Ok(open.len())
 }

@@ -48,7 +48,13 @@ pub(super) async fn session(
 ) -> Result<(), CaptureError> {
     let info = repo.info().await?;
     let catalog = Catalog::load(admin, &config.source).await?;
-    gaps::check_publication(repo, admin, &config.source.publication, &catalog).await?;
+    let unpublished =
+        gaps::check_publication(repo, admin, &config.source.publication, &catalog).await?;
+    // The gauge has a sample from the start, not only after slot health's first check.
+    telemetry
+        .metrics
+        .unpublished_tables
+        .set(unpublished.len() as f64);
     let pg = crate::pg::pg_config(&config.source.url).map_err(SourceError::from)?;
     let mut connection = ReplicationConnection::connect_tls(&pg.config, &pg.tls).await?;
     let system = connection.identify_system().await?;
@@ -204,7 +210,7 @@ impl Capture {
                 self.flush(true).await?;
                 tracing::info!(
                     durable = %self.progress.durable_lsn,
-                    covered_until = %self.progress.covered_until,
+                    covered_until = %self.progress.covered_until.to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
                     drained = self.pending_probe.is_none(),
                     "capture stopped"
                 );
@@ -313,7 +319,8 @@ impl Capture {
             tracing::info!(
                 pack = %summary.key, bytes = summary.bytes, transactions = summary.transactions,
                 changes = summary.changes, sections = summary.footer.sections.len(), end_lsn = %summary.end,
-                first_commit = ?summary.first_commit, last_commit = ?summary.last_commit,
+                first_commit = summary.first_commit.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
+                last_commit = summary.last_commit.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
                 seconds = clock.elapsed().as_secs_f64(), "pack stored"
             );
             self.telemetry.metrics.packs_stored.inc();

@@ -46,6 +46,53 @@ pub fn check_recipients(configured: &[String], repository: &[String]) -> Result<
     Ok(())
 }
 
+/// The repository's recipients for a message: each fingerprint, with the public key from the
+/// config when one has it (an operator finds the matching identity by that key: keygen writes
+/// it as the identity file's `# public key:` line).
+pub fn describe_recipients(fingerprints: &[String], configured: &[String]) -> String {
+    let known: Vec<age::x25519::Recipient> = configured
+        .iter()
+        .filter_map(|t| t.trim().parse().ok())
+        .collect();
+    let shown: Vec<String> = fingerprints
+        .iter()
+        .map(
+            |f| match known.iter().find(|r| recipient_fingerprint(r) == *f) {
+                Some(r) => format!("{r} (fingerprint {f})"),
+                None => format!("the recipient with fingerprint {f}"),
+            },
+        )
+        .collect();
+    if shown.is_empty() {
+        "no recipient (repo.json lists none)".into()
+    } else {
+        shown.join(", ")
+    }
+}
+
+/// Other users may not read an identity (README: mode 0600).
+fn check_mode(path: &Path, allow_readable: bool) -> Result<(), CodecError> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return Ok(()); // it was just read: a race with its removal is not a mode problem
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o007 != 0 && !allow_readable {
+        return Err(CodecError::IdentityPermissions {
+            path: path.display().to_string(),
+            mode,
+        });
+    }
+    if mode & 0o077 != 0 {
+        tracing::warn!(
+            path = %path.display(),
+            mode = %format!("{mode:04o}"),
+            "the identity file is readable by other users than its owner: chmod 600 it unless that is deliberate"
+        );
+    }
+    Ok(())
+}
+
 /// A new identity: (secret identity file text, public recipient).
 pub fn generate_identity() -> (String, String) {
     let identity = age::x25519::Identity::generate();
@@ -74,29 +121,69 @@ impl From<Vec<age::x25519::Identity>> for Identities {
 }
 
 impl Identities {
-    /// Loads from `path`, or from `$UPDOG_BACKUP_IDENTITY` when no path is configured.
-    pub fn load(path: Option<&Path>) -> Result<Self, CodecError> {
+    /// Loads from `path`, or from `$UPDOG_BACKUP_IDENTITY` when no path is configured. A file
+    /// that other users may read is refused unless `allow_readable` (README: mode 0600), and
+    /// one the group may read is accepted with a warning (a group-managed secret is a
+    /// deliberate set-up; a world-readable one is a leak).
+    pub fn load(path: Option<&Path>, allow_readable: bool) -> Result<Self, CodecError> {
         match path {
             Some(path) => {
                 let shown = path.display().to_string();
                 let text = std::fs::read_to_string(path).map_err(|e| CodecError::Identity {
                     path: shown.clone(),
-                    message: format!(
-                        "{e} (create one with `updog-backup keygen --output {shown}`)"
-                    ),
+                    message: e.to_string(),
                 })?;
+                check_mode(path, allow_readable)?;
                 Self::parse(&text, &shown)
             }
             None => match std::env::var(IDENTITY_ENV) {
                 Ok(text) => Self::parse(&text, IDENTITY_ENV),
                 Err(_) => Err(CodecError::Identity {
                     path: "(none)".into(),
-                    message: format!(
-                        "set encryption.identity_file or {IDENTITY_ENV} to decrypt the repository"
-                    ),
+                    message: format!("neither encryption.identity_file nor {IDENTITY_ENV} is set"),
                 }),
             },
         }
+    }
+
+    /// [`Identities::load`] for a repository encrypted to `fingerprints` (repo.json), checked
+    /// up front: an identity that is missing, or matches none of them, is named once with the
+    /// recipients the repository needs, instead of a failure per object (or advice to create a
+    /// new key, which can never decrypt what was stored before it). `configured` are the
+    /// config's recipients, shown in full where their fingerprint is the repository's.
+    pub fn load_for(
+        path: Option<&Path>,
+        allow_readable: bool,
+        fingerprints: &[String],
+        configured: &[String],
+    ) -> Result<Self, CodecError> {
+        let recipients = describe_recipients(fingerprints, configured);
+        let identities = Self::load(path, allow_readable).map_err(|e| match e {
+            CodecError::Identity { path, message } => CodecError::NoIdentity {
+                origin: path,
+                reason: message,
+                recipients: recipients.clone(),
+            },
+            other => other,
+        })?;
+        let own: Vec<String> = identities
+            .recipients()
+            .iter()
+            .map(recipient_fingerprint)
+            .collect();
+        if !own.iter().any(|f| fingerprints.contains(f)) {
+            return Err(CodecError::IdentityMismatch {
+                origin: path.map_or(IDENTITY_ENV.to_string(), |p| p.display().to_string()),
+                found: identities
+                    .recipients()
+                    .iter()
+                    .map(|r| format!("{r} (fingerprint {})", recipient_fingerprint(r)))
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                recipients,
+            });
+        }
+        Ok(identities)
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, CodecError> {
@@ -150,6 +237,86 @@ mod tests {
         let ids = Identities::parse(&text, "t").unwrap();
         assert_eq!(ids.recipients()[0].to_string(), recipient);
         assert_eq!(parse_recipients(&[recipient]).unwrap().len(), 1);
+    }
+
+    fn write_identity(dir: &Path, mode: u32) -> (std::path::PathBuf, String) {
+        use std::os::unix::fs::PermissionsExt;
+        let (text, recipient) = generate_identity();
+        let path = dir.join(format!("identity-{mode:o}.txt"));
+        std::fs::write(&path, text).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        (path, recipient)
+    }
+
+    fn fingerprint(recipient: &str) -> String {
+        recipient_fingerprint(&recipient.parse().unwrap())
+    }
+
+    /// A missing identity names the recipients the repository needs, never "create one".
+    #[test]
+    fn a_missing_identity_names_the_repository_recipients() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_, recipient) = generate_identity();
+        let fp = fingerprint(&recipient);
+        let err = Identities::load_for(
+            Some(&dir.path().join("absent.txt")),
+            false,
+            std::slice::from_ref(&fp),
+            std::slice::from_ref(&recipient),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CodecError::NoIdentity { .. }), "{text}");
+        assert!(text.contains(&recipient) && text.contains(&fp), "{text}");
+        assert!(text.contains("cannot decrypt"), "{text}");
+        assert!(!text.contains("keygen --output"), "{text}");
+        // Without the public key in the config, the fingerprint alone.
+        let err = Identities::load_for(
+            Some(&dir.path().join("absent.txt")),
+            false,
+            std::slice::from_ref(&fp),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains(&fp) && !err.contains("age1"), "{err}");
+    }
+
+    #[test]
+    fn an_identity_of_another_repository_is_refused_up_front() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, own) = write_identity(dir.path(), 0o600);
+        let (_, theirs) = generate_identity();
+        let err = Identities::load_for(
+            Some(&path),
+            false,
+            &[fingerprint(&theirs)],
+            std::slice::from_ref(&theirs),
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(matches!(err, CodecError::IdentityMismatch { .. }), "{text}");
+        assert!(text.contains(&own) && text.contains(&theirs), "{text}");
+        assert!(text.contains("wrong identity"), "{text}");
+        assert!(Identities::load_for(Some(&path), false, &[fingerprint(&own)], &[]).is_ok());
+    }
+
+    #[test]
+    fn a_world_readable_identity_is_refused_unless_allowed() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = write_identity(dir.path(), 0o644);
+        let err = Identities::load(Some(&path), false).unwrap_err();
+        assert!(
+            matches!(err, CodecError::IdentityPermissions { mode: 0o644, .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("chmod 600"), "{err}");
+        assert!(Identities::load(Some(&path), true).is_ok());
+        // Group-readable: accepted (with a warning).
+        let (path, _) = write_identity(dir.path(), 0o640);
+        assert!(Identities::load(Some(&path), false).is_ok());
+        let (path, _) = write_identity(dir.path(), 0o400);
+        assert!(Identities::load(Some(&path), false).is_ok());
     }
 
     #[test]

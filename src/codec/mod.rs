@@ -37,6 +37,30 @@ pub enum CodecError {
     #[error("identity file {path}: {message}")]
     Identity { path: String, message: String },
     #[error(
+        "no identity to decrypt the repository ({origin}: {reason}); it is encrypted to {recipients}: \
+         point encryption.identity_file (or UPDOG_BACKUP_IDENTITY) at the identity file holding the matching secret key. \
+         A new key from `updog-backup keygen` cannot decrypt backups made before it"
+    )]
+    NoIdentity {
+        origin: String,
+        reason: String,
+        recipients: String,
+    },
+    #[error(
+        "wrong identity for this repository: {origin} holds the key of {found}, but the repository is encrypted to {recipients}; \
+         use the identity file whose public key (keygen writes it as its `# public key:` line) is one of those"
+    )]
+    IdentityMismatch {
+        origin: String,
+        found: String,
+        recipients: String,
+    },
+    #[error(
+        "identity file {path} is readable by other users (mode {mode:04o}): run `chmod 600 {path}`; \
+         where its mode cannot change (e.g. a mounted secret: give it mode 0400), set encryption.allow_readable_identity = true"
+    )]
+    IdentityPermissions { path: String, mode: u32 },
+    #[error(
         "none of the configured identities can decrypt this object: wrong identity file for this repository?"
     )]
     WrongIdentity,
@@ -234,6 +258,9 @@ impl crate::retry::Classify for CodecError {
             CodecError::Recipient(_)
             | CodecError::RecipientMismatch { .. }
             | CodecError::Identity { .. }
+            | CodecError::NoIdentity { .. }
+            | CodecError::IdentityMismatch { .. }
+            | CodecError::IdentityPermissions { .. }
             | CodecError::WrongIdentity => ErrorClass::Usage,
             CodecError::Corrupt(_) | CodecError::Encrypt(_) => ErrorClass::Permanent,
             // The bytes came from a store or a spool that failed under them.

@@ -99,6 +99,10 @@ pub struct StorageConfig {
 pub struct EncryptionConfig {
     pub recipients: Vec<String>,
     pub identity_file: Option<PathBuf>,
+    /// Accept an identity file other users may read (refused by default: it should be 0600);
+    /// for a mounted secret whose mode cannot be changed.
+    #[serde(default)]
+    pub allow_readable_identity: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

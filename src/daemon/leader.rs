@@ -106,7 +106,7 @@ pub async fn acquire(
                     tracing::info!(
                         instance = %lease.instance,
                         previous = previous.as_ref().map(|l| l.instance.as_str()).unwrap_or("none"),
-                        previous_renewed_at = ?previous.as_ref().map(|l| l.renewed_at),
+                        previous_renewed_at = previous.as_ref().map(|l| l.renewed_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)),
                         "lock taken: this instance is active"
                     );
                     telemetry.update(|s| s.active_instance = None);

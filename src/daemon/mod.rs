@@ -89,7 +89,10 @@ pub async fn run(
     crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
 
     let server = http::Server::bind(config).await?;
-    tracing::info!(listen = ?server.local_addr(), "serving /healthz /readyz /status /metrics");
+    tracing::info!(
+        listen = server.local_addr().map(tracing::field::display),
+        "serving /healthz /readyz /status /metrics"
+    );
     let tracker = TaskTracker::new();
     let server_stop = CancellationToken::new();
     {

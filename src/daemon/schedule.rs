@@ -172,7 +172,7 @@ async fn prune(config: &Config, repo: &Repository, telemetry: &Telemetry) {
             kept = plan.kept.len(),
             snapshots_deleted = plan.snapshots.len(),
             packs_deleted = plan.packs.len(),
-            packs_from = ?plan.packs_from,
+            packs_from = plan.packs_from.map(tracing::field::display),
             objects = deleted,
             bytes = plan.bytes(),
             seconds = started.elapsed().as_secs_f64(),

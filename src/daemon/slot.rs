@@ -101,8 +101,9 @@ pub async fn run(
                     || matches!((health.safe, health.limit), (Some(safe), Some(limit)) if (safe as f64) < limit as f64 * WARN_SAFE_SHARE);
                 if endangered && last_warning.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
                     tracing::warn!(
-                        slot = %slot, wal_status = ?health.wal_status, retained_bytes = ?health.retained,
-                        safe_bytes = ?health.safe, limit_bytes = ?health.limit,
+                        // Options as values: a field that is None is left out.
+                        slot = %slot, wal_status = health.wal_status.as_deref(), retained_bytes = health.retained,
+                        safe_bytes = health.safe, limit_bytes = health.limit,
                         "the slot is close to being invalidated by max_slot_wal_keep_size: the capture is not keeping up (see /status last_error) or the limit is too small"
                     );
                     last_warning = Some(Instant::now());

@@ -32,7 +32,7 @@ use crate::storage::{ObjectStore, PutMode, StorageError};
 pub use gaps::Gap;
 pub use index::{IndexRef, PackView};
 pub use info::RepoInfo;
-pub use lease::Lease;
+pub use lease::{CaptureSeen, Lease};
 pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
 pub use restores::{RestorePoint, RestoreRecord};
 pub use stream::{PackRef, Span, StreamProgress, StreamState};
@@ -47,7 +47,9 @@ pub enum RepositoryError {
     Storage(#[from] StorageError),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("no repository at {location}: run `updog-backup init` first")]
+    #[error(
+        "no repository at {location}: for a new set-up, run `updog-backup init` first; if backups exist, storage.url (or the configuration file: --config, UPDOG_BACKUP_CONFIG) points elsewhere"
+    )]
     NotInitialized { location: String },
     #[error(
         "{key} has format version {found}; this build reads version {FORMAT_VERSION}: {}",

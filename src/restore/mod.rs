@@ -54,7 +54,7 @@ pub enum RestoreError {
     #[error(transparent)]
     Tool(#[from] crate::source::pg_tools::ToolError),
     #[error(
-        "database {0:?} already exists on the target: choose another name with --target-db (a restore never writes into an existing database)"
+        "database {0:?} already exists on the target (a restore never writes into an existing database): choose another name with --target-db; without --target-db, a restore picks a free default name"
     )]
     TargetExists(String),
     #[error("{0:?} is not a usable database name: use 1 to 63 letters, digits and _")]
@@ -143,7 +143,8 @@ impl RestoreReport {
     }
 }
 
-/// The default recovery database name: `recovery_<first 8 of the tenant>_<restore point>`.
+/// The default recovery database name: `recovery_<first 8 of the tenant>_<restore point>`
+/// (with `_2`, `_3`… when it exists: see [`free_name`]).
 pub fn default_database_name(tenant: &str, point: DateTime<Utc>) -> String {
     let short: String = tenant
         .chars()
@@ -182,6 +183,7 @@ pub async fn run(
         None => default_database_name(&request.tenant, point_in_time),
     };
     check_database_name(&database)?;
+    let database = free_name(&request.target_url, database, request.target_db.is_some()).await?;
     tracing::info!(tenant = %request.tenant, snapshot = %manifest.id, snapshot_lsn = %manifest.consistent_lsn, database = %database, "restore planned");
     // What the target must provide is known from the manifest alone: refused before a byte
     // of the tenant is fetched, and before anything is created.
@@ -286,7 +288,7 @@ pub async fn run(
             };
             tracing::info!(
                 database = %report.database, restore_point_lsn = %report.restore_point.lsn,
-                restore_point_time = %report.restore_point.time, rows = report.total_rows(),
+                restore_point_time = %report.restore_point.time.to_rfc3339_opts(chrono::SecondsFormat::Micros, true), rows = report.total_rows(),
                 seconds = report.seconds, "restore complete"
             );
             Ok(report)
@@ -310,6 +312,39 @@ pub async fn run(
     }
 }
 
+/// The recovery database's name, asked of the target before anything is fetched: a taken
+/// `--target-db` is refused at once (not after every object was checked), and a taken default
+/// name (the same tenant and instant restored again) becomes the first free of `_2`, `_3`….
+/// `CREATE DATABASE` still refuses a name taken meanwhile.
+async fn free_name(target_url: &str, name: String, explicit: bool) -> Result<String, RestoreError> {
+    let client = crate::pg::connect(target_url).await?;
+    let taken: Vec<String> = client
+        .query(
+            "SELECT datname::text FROM pg_catalog.pg_database WHERE starts_with(datname::text, $1)",
+            &[&name],
+        )
+        .await
+        .map_err(|e| RestoreError::CreateDatabase {
+            name: name.clone(),
+            message: format!("checking whether it exists: {}", sqlstate::describe(&e)),
+        })?
+        .into_iter()
+        .map(|r| r.get(0))
+        .collect();
+    if !taken.contains(&name) {
+        return Ok(name);
+    }
+    if explicit {
+        return Err(RestoreError::TargetExists(name));
+    }
+    let free = (2..)
+        .map(|n| format!("{name}_{n}"))
+        .find(|candidate| !taken.contains(candidate))
+        .expect("finitely many databases");
+    check_database_name(&free)?;
+    Ok(free)
+}
+
 async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError> {
     let sql = format!(
         "CREATE DATABASE {} TEMPLATE template0 ENCODING 'UTF8'",
@@ -317,7 +352,11 @@ async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError
     );
     match client.batch_execute(&sql).await {
         Ok(()) => Ok(()),
-        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE) => {
+        // 23505: another CREATE DATABASE of the same name committed meanwhile.
+        Err(e)
+            if e.code() == Some(&tokio_postgres::error::SqlState::DUPLICATE_DATABASE)
+                || e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) =>
+        {
             Err(RestoreError::TargetExists(name.into()))
         }
         Err(e) => Err(RestoreError::CreateDatabase {
@@ -524,8 +563,12 @@ async fn replay(
         .await
         .map_err(step("committing the replay"))?;
     tracing::info!(
-        transactions = applied.transactions, inserts = stats.inserts, updates = stats.updates,
-        deletes = stats.deletes, last_lsn = ?applied.last.map(|l| l.0), "changes replayed"
+        transactions = applied.transactions,
+        inserts = stats.inserts,
+        updates = stats.updates,
+        deletes = stats.deletes,
+        last_lsn = applied.last.map(|l| tracing::field::display(l.0)),
+        "changes replayed"
     );
     Ok(Replayed {
         last: applied.last,

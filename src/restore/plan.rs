@@ -33,7 +33,7 @@ pub enum PlanError {
     #[error("the repository has no snapshot yet: run `updog-backup backup` first")]
     NoSnapshots,
     #[error(
-        "tenant {tenant} is in none of the {snapshots} snapshot(s), and the change stream holds none of its changes: check the value (`updog-backup list` shows each snapshot's tenants)"
+        "tenant {tenant} is in none of the {snapshots} snapshot(s), and the change stream holds none of its changes: check the value (`updog-backup list --tenants` shows every tenant)"
     )]
     UnknownTenant { tenant: String, snapshots: usize },
     #[error(
@@ -43,6 +43,16 @@ pub enum PlanError {
         tenant: String,
         at: String,
         window: Window,
+    },
+    #[error(
+        "{at} is not stored yet (tenant {tenant}): the change stream covers until {covered_until}; {capture}"
+    )]
+    NotStoredYet {
+        tenant: String,
+        at: String,
+        covered_until: String,
+        /// Whether the daemon runs and what to do: wait, or start it.
+        capture: String,
     },
     #[error("the change stream cannot replay after snapshot {snapshot}: {reason}")]
     Stream { snapshot: String, reason: String },
@@ -236,6 +246,15 @@ pub async fn plan(
     let at = match target {
         RestoreTarget::Latest => window.covered_until,
         RestoreTarget::At(at) if window.contains(at) => at,
+        // Just after covered-until is a question of time (or of a stopped daemon), not a
+        // wrong instant: say which, from the lease and progress.json.
+        RestoreTarget::At(at)
+            if state.progress.is_some()
+                && at > window.covered_until
+                && at <= Utc::now() + NOT_YET_SKEW =>
+        {
+            return Err(not_stored_yet(repo, tenant, at, &window).await?);
+        }
         RestoreTarget::At(at) => {
             return Err(PlanError::OutsideWindow {
                 tenant: tenant.into(),
@@ -289,6 +308,33 @@ pub async fn plan(
     })
 }
 
+/// An instant this far after now still counts as "not stored yet" rather than outside the
+/// window: clocks of hosts differ by seconds.
+const NOT_YET_SKEW: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+async fn not_stored_yet(
+    repo: &Repository,
+    tenant: &str,
+    at: DateTime<Utc>,
+    window: &Window,
+) -> Result<PlanError, PlanError> {
+    let seen = repo.capture_seen().await?;
+    let now = Utc::now();
+    let advice = if seen.running(now) {
+        "retry in a few seconds (the daemon stores what the source committed every stream.flush_interval)"
+    } else {
+        "start `updog-backup daemon` (if it stopped on an error, its log says which) and retry, or restore up to covered-until with --latest"
+    };
+    Ok(PlanError::NotStoredYet {
+        tenant: tenant.into(),
+        at: at.to_rfc3339_opts(SecondsFormat::Micros, true),
+        covered_until: window
+            .covered_until
+            .to_rfc3339_opts(SecondsFormat::Micros, true),
+        capture: format!("{}: {advice}", seen.describe(now)),
+    })
+}
+
 /// The instants `plan` restores: from each snapshot (oldest first) to the covered-until time
 /// of the stream that follows it, or its own instant alone when none does; from the next
 /// snapshot's instant on, that snapshot is the base instead. Without any stream, each snapshot
@@ -324,7 +370,7 @@ impl Classify for PlanError {
         match self {
             PlanError::Repository(e) => e.class(),
             // The stream has not reached the instant yet: asking again shortly succeeds.
-            PlanError::LeftOut { .. } => ErrorClass::Transient,
+            PlanError::LeftOut { .. } | PlanError::NotStoredYet { .. } => ErrorClass::Transient,
             // The instant or the tenant asked for: the message says which ones exist.
             PlanError::NoSnapshots
             | PlanError::UnknownTenant { .. }

@@ -217,9 +217,9 @@ async fn export(
             if !tenant_exists(&workers[0], &catalog, &tenant).await? {
                 return Err(SnapshotError::Tenant {
                     tenant,
-                    message:
-                        "has no rows in any tenant table (check the value with `updog-backup list`)"
-                            .into(),
+                    message: "no rows in any tenant table of the source: check the value \
+                              (`updog-backup list --tenants` shows the tenants backed up so far)"
+                        .into(),
                 });
             }
             found.push(tenant);

@@ -9,6 +9,7 @@ mod daemon;
 mod extensions;
 mod hostile;
 mod isolation;
+mod operator;
 mod pgoutput;
 mod replay;
 mod replication;
