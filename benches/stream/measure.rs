@@ -122,11 +122,11 @@ pub(crate) fn at_size(s: &Stream) -> SizeResult {
     let binaries: Vec<(&str, &str)> = std::iter::once(("", crate::BIN))
         .chain(s.args.baseline.as_deref().map(|b| (", baseline", b)))
         .collect();
-    let followed = s
-        .args
-        .followed()
-        .into_iter()
-        .flat_map(|(label, k)| binaries.iter().map(move |&(suffix, bin)| (label, suffix, bin, k)));
+    let followed = s.args.followed().into_iter().flat_map(|(label, k)| {
+        binaries
+            .iter()
+            .map(move |&(suffix, bin)| (label, suffix, bin, k))
+    });
     for (label, suffix, program, k) in followed {
         let label = format!("{label}{suffix}");
         let tenant = s.tenant(k).to_string();
