@@ -55,7 +55,10 @@ async fn assert_refused(env: &TestEnv, tenant: &str, t: DateTime<Utc>, needle: &
         at(t),
         out.status
     );
-    assert!(!database_exists(&target).await, "{target} was left behind");
+    assert!(
+        !database_exists(&target).await,
+        "{target} was left behind:\n{stderr}"
+    );
     stderr
 }
 
