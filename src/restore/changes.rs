@@ -37,6 +37,11 @@ pub enum ChangesError {
     Structure { key: String, message: String },
 }
 
+/// Changes applied between two commits of the replay (at the first transaction boundary
+/// after): bounds how many versions of one row a transaction accumulates (see
+/// [`Replayer::commit`]), at one commit per this many changes.
+const COMMIT_EVERY: u64 = 5_000;
+
 /// What a replay runs over.
 #[derive(Debug, Clone)]
 pub struct ChangePlan {
@@ -158,6 +163,7 @@ pub async fn apply(
     replayer: &mut Replayer<'_>,
 ) -> Result<Applied, ChangesError> {
     let mut applied = Applied::default();
+    let mut committed = 0;
     // oid → whether it is a tenant table, from the Relation messages seen.
     let mut tenant_tables: HashMap<u32, bool> = HashMap::new();
     for (i, view) in plan.packs.iter().enumerate() {
@@ -216,6 +222,10 @@ pub async fn apply(
             if !skip {
                 applied.transactions += 1;
                 applied.last = Some((lsn, time));
+            }
+            if replayer.applied() >= committed + COMMIT_EVERY {
+                replayer.commit().await?;
+                committed = replayer.applied();
             }
         }
     }

@@ -18,6 +18,9 @@ pub(super) struct TargetColumn {
     pub(super) generated: bool,
     /// `GENERATED ALWAYS AS IDENTITY`: an UPDATE cannot set it.
     pub(super) identity_always: bool,
+    /// NOT NULL, and a key column of a btree index with its type's default operator class:
+    /// `column = value` finds a row through that index (see `statements`).
+    pub(super) indexed_not_null: bool,
 }
 
 /// A sequence owned by a column (serial or identity).
@@ -94,7 +97,8 @@ pub(super) async fn load_table(
     let partitioned: bool = row.get(1);
     let rows = client
         .query(
-            "SELECT attnum, attname::text, atttypid, attgenerated::text <> '', attidentity = 'a' \
+            "SELECT attnum, attname::text, atttypid, attgenerated::text <> '', attidentity = 'a', \
+                    attnotnull \
              FROM pg_catalog.pg_attribute \
              WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
             &[&oid],
@@ -103,6 +107,7 @@ pub(super) async fn load_table(
         .map_err(db)?;
     let mut attnums = Vec::with_capacity(rows.len());
     let mut columns = Vec::with_capacity(rows.len());
+    let mut not_null = Vec::with_capacity(rows.len());
     for row in &rows {
         attnums.push(row.get::<_, i16>(0));
         columns.push(TargetColumn {
@@ -110,25 +115,39 @@ pub(super) async fn load_table(
             type_oid: row.get(2),
             generated: row.get(3),
             identity_always: row.get(4),
+            indexed_not_null: false,
         });
+        not_null.push(row.get::<_, bool>(5));
     }
     let by_attnum = |n: i16| attnums.iter().position(|&a| a == n);
     let rows = client
         .query(
-            "SELECT indisprimary, indkey::int2[] FROM pg_catalog.pg_index \
-             WHERE indrelid = $1 AND indisvalid AND indpred IS NULL",
+            "SELECT i.indisprimary, i.indkey::int2[], am.amname = 'btree', \
+                    array(SELECT o.opcdefault FROM unnest(i.indclass::oid[]) WITH ORDINALITY u(c, k) \
+                           JOIN pg_catalog.pg_opclass o ON o.oid = u.c ORDER BY u.k) \
+             FROM pg_catalog.pg_index i \
+             JOIN pg_catalog.pg_class ic ON ic.oid = i.indexrelid \
+             JOIN pg_catalog.pg_am am ON am.oid = ic.relam \
+             WHERE i.indrelid = $1 AND i.indisvalid AND i.indpred IS NULL",
             &[&oid],
         )
         .await
         .map_err(db)?;
     let mut primary_key = None;
     let mut indexes = Vec::new();
+    let mut equality_indexed = Vec::new();
     for row in &rows {
         let keys: Vec<i16> = row.get(1);
         // Expression columns (attnum 0) end the usable prefix.
         let columns: Vec<usize> = keys.iter().map_while(|&k| by_attnum(k)).collect();
         if row.get::<_, bool>(0) && columns.len() == keys.len() {
             primary_key = Some(columns.clone());
+        }
+        let (btree, default_class): (bool, Vec<bool>) = (row.get(2), row.get(3));
+        for (&column, &default) in columns.iter().zip(&default_class) {
+            if btree && default && not_null[column] {
+                equality_indexed.push(column);
+            }
         }
         indexes.push(columns);
     }
@@ -146,6 +165,9 @@ pub(super) async fn load_table(
         )
         .await
         .map_err(db)?;
+    for column in equality_indexed {
+        columns[column].indexed_not_null = true;
+    }
     let mut sequences = Vec::new();
     for row in &rows {
         let Some(column) = by_attnum(row.get(0)) else {

@@ -2,8 +2,10 @@
 //!
 //! Point-in-time restore loads the snapshot, then replays the changes committed after it. This
 //! module is the engine that applies them; which changes (and transaction boundaries) is the
-//! caller's business. The caller opens the transaction and commits it, so a replay either lands
-//! whole or not at all, and no trigger or other session can see a half-replayed tenant.
+//! caller's business. The caller opens the transaction and commits it, and may commit between
+//! two source transactions ([`Replayer::commit`]) so that rows changed many times do not pile
+//! up versions; a replay that fails drops the recovery database, so it lands whole or not at
+//! all, and triggers, foreign keys and row level security are only created after it.
 //!
 //! Why it looks the way it does:
 //! - Values arrive as each type's *text output* (pgoutput without `binary`), so they go back in
@@ -226,6 +228,28 @@ impl<'a> Replayer<'a> {
             Message::Truncate(m) => self.truncate(m).await,
             _ => Ok(()),
         }
+    }
+
+    /// Commits what was applied so far and opens the next transaction; the caller calls it
+    /// between two of the source's transactions. Row versions the replay's own transaction
+    /// made stay visible to it until it ends, so a row updated a thousand times in one
+    /// transaction is found through a thousand versions (and index entries) by its next
+    /// update: a replay in one transaction costs the square of its changes to hot rows.
+    pub async fn commit(&mut self) -> Result<(), ReplayError> {
+        self.flush_all().await?;
+        for statement in ["COMMIT", "BEGIN"] {
+            self.client
+                .batch_execute(statement)
+                .await
+                .map_err(|e| ReplayError::database("(every table)", "a commit", &e))?;
+        }
+        Ok(())
+    }
+
+    /// Changes applied since the replay began (inserts, updates, deletes, truncated tables).
+    pub fn applied(&self) -> u64 {
+        let s = &self.stats;
+        s.inserts + s.updates + s.deletes + s.truncates
     }
 
     /// Flushes pending batches and moves every sequence owned by a column of a table that got
