@@ -94,6 +94,9 @@ pub async fn run(config: &Config, repo: &Repository) -> Result<InitReport, InitE
     let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
         .await
         .map_err(SourceError::from)?;
+    // Before anything exists: a published table the source then refuses UPDATEs on, or a
+    // slot holding WAL for a stream that stops at its first change, harms the application.
+    crate::source::check::refuse_identity_problems(&catalog).map_err(SourceError::from)?;
     let info = RepoInfo {
         format_version: crate::repository::FORMAT_VERSION,
         system_identifier: identity.system_identifier,

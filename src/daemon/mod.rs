@@ -238,17 +238,23 @@ async fn active(
     outcome
 }
 
-/// The repository must be the configured source database's.
+/// The repository must be the configured source database's, and every table it backs up
+/// capturable (`init` checked it too, but tables change).
 async fn check_source(
     config: &Config,
     info: &crate::repository::RepoInfo,
     repo: &Repository,
 ) -> Result<(), DaemonError> {
-    let (_, identity) = crate::source::identity::identify(&config.source.url).await?;
+    let (client, identity) = crate::source::identity::identify(&config.source.url).await?;
     info.check_source(
         &identity.system_identifier,
         &identity.database,
         &repo.location(),
     )?;
+    let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
+        .await
+        .map_err(crate::source::SourceError::from)?;
+    crate::source::check::refuse_identity_problems(&catalog)
+        .map_err(crate::source::SourceError::from)?;
     Ok(())
 }

@@ -136,6 +136,16 @@ fn split(sql: &str) -> (String, Vec<Entry>) {
         target.push('\n');
     }
     entries.retain(|e| !e.sql.trim().is_empty());
+    for entry in entries.iter_mut().filter(|e| e.kind == "SCHEMA") {
+        // Every new database has `public` (and a restore makes the schemas its extensions
+        // live in): the schema the tables of so many databases are in must not fail the
+        // restore for existing already.
+        if let Some(rest) = entry.sql.trim_start().strip_prefix("CREATE SCHEMA ")
+            && !rest.starts_with("IF NOT EXISTS ")
+        {
+            entry.sql = format!("CREATE SCHEMA IF NOT EXISTS {rest}");
+        }
+    }
     (preamble, entries)
 }
 
@@ -204,6 +214,7 @@ mod tests {
             (entries[0].kind.as_str(), entries[0].name.as_str()),
             ("SCHEMA", "app")
         );
+        assert_eq!(entries[0].sql.trim(), "CREATE SCHEMA IF NOT EXISTS app;");
         assert_eq!(entries[1].label, "POLICY app.funds funds_select");
         assert_eq!(entries[1].sql.trim(), "CREATE POLICY p ON app.funds;");
     }

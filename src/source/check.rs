@@ -255,7 +255,17 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
         ),
         Err(e) => push(Level::Error, "publication", e.to_string(), None),
     }
+    for finding in identity_problems(&catalog) {
+        push(
+            finding.level,
+            &finding.subject,
+            finding.message,
+            finding.fix,
+        );
+    }
     let leading = leading_index_columns(&client, &config.source.schemas).await?;
+    let sizes = table_sizes(&client, &config.source.schemas).await?;
+    let tenants = tenant_estimate(&catalog, &sizes);
     let mut tables = Vec::new();
     let mut rls_tables = Vec::new();
     for table in &catalog.tables {
@@ -289,9 +299,6 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
         if table.row_security {
             rls_tables.push(name.clone());
         }
-        // Global tables too: the publication covers them, so the source refuses their
-        // UPDATEs and DELETEs just the same without a replica identity.
-        identity_findings(&catalog, table, &mut push);
         if let TableScope::Tenant(route) = &table.scope {
             if let Route::Via {
                 nullable: true,
@@ -321,8 +328,9 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
                     Level::Warning,
                     &name,
                     format!(
-                        "no index leads with ({}): each tenant's export scans the whole table",
-                        needed.join(", ")
+                        "no index leads with ({}): each tenant's export scans the whole table{}",
+                        needed.join(", "),
+                        scan_cost(sizes.get(&name), tenants)
                     ),
                     Some(format!(
                         "CREATE INDEX CONCURRENTLY ON {} ({});",
@@ -574,6 +582,159 @@ async fn target_findings(
     }
 }
 
+/// What would stop capture, or make the source refuse the application's own UPDATEs and
+/// DELETEs once a table is published: errors in `check`, and what `init` and the daemon refuse
+/// to start on, before they create a publication or a slot.
+pub fn identity_problems(catalog: &Catalog) -> Vec<Finding> {
+    let mut found = Vec::new();
+    let mut push = |level, subject: &str, message, fix| {
+        found.push(Finding {
+            level,
+            subject: subject.into(),
+            message,
+            fix,
+        })
+    };
+    // Global tables too: the publication covers them, so the source refuses their UPDATEs
+    // and DELETEs just the same without a replica identity.
+    for table in &catalog.tables {
+        if matches!(table.scope, TableScope::Tenant(_) | TableScope::Global) {
+            identity_findings(catalog, table, &mut push);
+        }
+    }
+    found
+}
+
+/// The tables [`identity_problems`] found: `init` and the daemon start on none of them.
+#[derive(Debug, thiserror::Error)]
+pub struct ReplicaIdentityError(pub Vec<Finding>);
+
+impl fmt::Display for ReplicaIdentityError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} table(s) cannot be captured as they are, so nothing was started (`updog-backup check` lists every finding):",
+            self.0.len()
+        )?;
+        for finding in &self.0 {
+            writeln!(f, "  {}: {}", finding.subject, finding.message)?;
+        }
+        writeln!(f, "\nAs the tables' owner, run:\n")?;
+        for fix in self.0.iter().filter_map(|finding| finding.fix.as_deref()) {
+            for line in fix.lines() {
+                writeln!(f, "  {line}")?;
+            }
+        }
+        write!(
+            f,
+            "\nthen run this command again (README, \"Replica identities\", says what each choice costs)"
+        )
+    }
+}
+
+impl crate::retry::Classify for ReplicaIdentityError {
+    /// The source's set-up changes, not the environment.
+    fn class(&self) -> crate::retry::ErrorClass {
+        crate::retry::ErrorClass::Usage
+    }
+}
+
+/// Refuses a catalog with [`identity_problems`].
+pub fn refuse_identity_problems(catalog: &Catalog) -> Result<(), ReplicaIdentityError> {
+    let found = identity_problems(catalog);
+    if found.is_empty() {
+        Ok(())
+    } else {
+        Err(ReplicaIdentityError(found))
+    }
+}
+
+/// Rows and bytes (the planner's estimate, the heap's size) of every table in the schemas,
+/// and the distinct values of each column the statistics know (`pg_stats.n_distinct`).
+struct Sizes {
+    tables: std::collections::HashMap<String, (f64, i64)>,
+    distinct: std::collections::HashMap<(String, String), f64>,
+}
+
+impl Sizes {
+    fn get(&self, table: &str) -> Option<(f64, i64)> {
+        self.tables.get(table).copied()
+    }
+}
+
+async fn table_sizes(client: &Client, schemas: &[String]) -> Result<Sizes, SourceError> {
+    let rows = client
+        .query(
+            "SELECT n.nspname || '.' || c.relname, c.reltuples::float8,
+                    CASE WHEN c.relkind = 'p'
+                         THEN (SELECT coalesce(sum(pg_relation_size(p.relid)), 0)::int8
+                                 FROM pg_partition_tree(c.oid) p)
+                         ELSE pg_relation_size(c.oid) END
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE n.nspname = ANY($1) AND c.relkind IN ('r', 'p') AND NOT c.relispartition",
+            &[&schemas],
+        )
+        .await
+        .map_err(query_context("reading table sizes"))?;
+    let tables = rows
+        .into_iter()
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
+        .collect();
+    let rows = client
+        .query(
+            "SELECT schemaname || '.' || tablename, attname::text, n_distinct::float8
+               FROM pg_stats WHERE schemaname = ANY($1)",
+            &[&schemas],
+        )
+        .await
+        .map_err(query_context("reading column statistics"))?;
+    let distinct = rows
+        .into_iter()
+        .map(|r| ((r.get(0), r.get(1)), r.get(2)))
+        .collect();
+    Ok(Sizes { tables, distinct })
+}
+
+/// How many tenants the statistics suggest: the most distinct tenant values of any table that
+/// carries the column (`None` before the tables were analyzed).
+fn tenant_estimate(catalog: &Catalog, sizes: &Sizes) -> Option<f64> {
+    catalog
+        .tables
+        .iter()
+        .filter_map(|t| match &t.scope {
+            TableScope::Tenant(Route::Direct { column }) => {
+                let name = t.qualified();
+                let n = *sizes.distinct.get(&(name.clone(), column.clone()))?;
+                // Negative: a fraction of the rows (PostgreSQL's convention).
+                Some(if n < 0.0 { -n * sizes.get(&name)?.0 } else { n })
+            }
+            _ => None,
+        })
+        .reduce(f64::max)
+        .filter(|n| *n >= 1.0)
+}
+
+/// What a table without an index on its route costs a snapshot, as far as the planner's
+/// estimates tell: empty when they tell nothing.
+fn scan_cost(size: Option<(f64, i64)>, tenants: Option<f64>) -> String {
+    let Some((rows, bytes)) = size.filter(|(rows, _)| *rows > 0.0) else {
+        return String::new();
+    };
+    let mut out = format!(" (~{} rows, {})", rows.round(), megabytes(bytes));
+    if let Some(tenants) = tenants {
+        let reads = tenants.round();
+        out.push_str(&format!(
+            ", once for each of ~{reads} tenants: a snapshot reads ~{} of it",
+            megabytes((bytes as f64 * reads) as i64)
+        ));
+    }
+    out
+}
+
+fn megabytes(bytes: i64) -> String {
+    format!("{:.1} MB", bytes as f64 / 1e6)
+}
+
 /// Whether the source accepts the table's UPDATEs and DELETEs once it is published, and
 /// whether their old rows will carry the columns that route them to their tenant.
 fn identity_findings(
@@ -676,10 +837,11 @@ fn identity_findings(
     let needed: BTreeSet<&String> = catalog.route_columns(table).iter().collect();
     if !needed.is_subset(&carried) && !by_key {
         push(
-            Level::Warning,
+            Level::Error,
             &name,
             format!(
-                "its replica identity, {described}, lacks ({}): the tenant a row had before an UPDATE or a DELETE cannot be known (an UPDATE may move it to another tenant), and capture stops at the first one",
+                "its replica identity, {described}, lacks ({}): the tenant a row had before an UPDATE or a DELETE cannot be known (an UPDATE may move it to another tenant), so capture would stop at the first one; REPLICA IDENTITY FULL, or for wide rows a unique index on its key and ({}) as its identity (README, \"Replica identities\")",
+                join(&needed),
                 join(&needed)
             ),
             fix,

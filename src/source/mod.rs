@@ -23,6 +23,8 @@ pub enum SourceError {
     Url(#[from] crate::pg::InvalidUrl),
     #[error(transparent)]
     Catalog(#[from] catalog::CatalogError),
+    #[error(transparent)]
+    ReplicaIdentity(#[from] check::ReplicaIdentityError),
     #[error("{context}: {source}")]
     Query {
         context: String,
@@ -45,6 +47,7 @@ impl Classify for SourceError {
             SourceError::Connect(e) => e.class(),
             SourceError::Url(_) => ErrorClass::Usage,
             SourceError::Catalog(e) => e.class(),
+            SourceError::ReplicaIdentity(e) => e.class(),
             SourceError::Query { source, .. } => crate::pg::sqlstate::class_of(source),
         }
     }

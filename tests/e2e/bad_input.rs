@@ -10,7 +10,7 @@ use crate::support::{Repo, TestEnv, database_exists, files_under, fixture_tenant
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_and_argument_errors() {
     let pg = cluster().await;
-    let db = pg.fixture_db("badargs", 3, "0.1").await;
+    let db = pg.capture_fixture_db("badargs", 3, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     let good = std::fs::read_to_string(&env.config_path).unwrap();
 
@@ -99,7 +99,7 @@ async fn config_and_argument_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn existing_target_and_wrong_identity_leave_everything_untouched() {
     let pg = cluster().await;
-    let db = pg.fixture_db("existing", 3, "0.1").await;
+    let db = pg.capture_fixture_db("existing", 3, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     env.ok(&["init"]);
     env.ok(&["backup"]);
@@ -162,7 +162,7 @@ async fn existing_target_and_wrong_identity_leave_everything_untouched() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tampered_objects_are_refused_before_writing() {
     let pg = cluster().await;
-    let db = pg.fixture_db("tamper", 4, "0.1").await;
+    let db = pg.capture_fixture_db("tamper", 4, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     env.ok(&["init"]); // takes the (only) snapshot
     let tenant = fixture_tenant(1).await;
@@ -236,7 +236,7 @@ async fn tampered_objects_are_refused_before_writing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_services_are_operational_errors() {
     let pg = cluster().await;
-    let db = pg.fixture_db("unreachable", 2, "0.1").await;
+    let db = pg.capture_fixture_db("unreachable", 2, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     let config = std::fs::read_to_string(&env.config_path).unwrap();
     let dead_port = crate::support::postgres::free_port();
@@ -306,7 +306,7 @@ async fn unreachable_services_are_operational_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unroutable_tables_and_foreign_repositories_are_refused() {
     let pg = cluster().await;
-    let db = pg.fixture_db("unroutable", 2, "0.1").await;
+    let db = pg.capture_fixture_db("unroutable", 2, "0.1").await;
     pg.client(&db)
         .await
         .batch_execute(
@@ -337,7 +337,7 @@ async fn unroutable_tables_and_foreign_repositories_are_refused() {
     env.ok(&["init"]);
 
     // The same repository, pointed at another database.
-    let other_db = pg.fixture_db("other", 2, "0.1").await;
+    let other_db = pg.capture_fixture_db("other", 2, "0.1").await;
     let config = std::fs::read_to_string(&env.config_path).unwrap();
     std::fs::write(
         &env.config_path,
@@ -353,7 +353,7 @@ async fn unroutable_tables_and_foreign_repositories_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_snapshot_leaves_nothing() {
     let pg = cluster().await;
-    let db = pg.fixture_db("halfway", 6, "0.1").await;
+    let db = pg.capture_fixture_db("halfway", 6, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     env.ok(&["init"]);
     let snapshot_files = || -> Vec<PathBuf> {

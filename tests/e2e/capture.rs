@@ -368,7 +368,7 @@ async fn damaged_or_missing_packs_are_refused_before_writing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn covered_until_advances_on_an_idle_source() {
     let pg = cluster().await;
-    let db = pg.fixture_db("idle", 2, "0.1").await;
+    let db = pg.capture_fixture_db("idle", 2, "0.1").await;
     let source = pg.client(&db).await;
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);

@@ -350,7 +350,7 @@ fn status_if_up(daemon: &Daemon) -> Option<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_slot_advances_and_reports_its_health() {
     let pg = cluster().await;
-    let db = pg.fixture_db("idle", 2, "0.1").await;
+    let db = pg.capture_fixture_db("idle", 2, "0.1").await;
     let admin = pg.client("postgres").await;
     // Large enough to change nothing for the other tests on this cluster.
     admin

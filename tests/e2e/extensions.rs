@@ -351,7 +351,7 @@ async fn a_target_without_an_extension_is_refused_before_anything_is_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_object_outside_the_schemas_is_refused_before_anything_is_created() {
     let pg = cluster().await;
-    let db = pg.fixture_db("ext_outside", 2, "0.1").await;
+    let db = pg.capture_fixture_db("ext_outside", 2, "0.1").await;
     pg.client(&db)
         .await
         .batch_execute(

@@ -103,26 +103,9 @@ async fn run_case(seed: u64, stats: &mut Stats, cleanup: &mut Cleanup) -> Vec<St
         .map(|(_, v)| v.clone());
     if spec.capture {
         capture_env(&mut env);
-        // What the DBA does for capture: the replica identities `check` asks for.
-        let out = env.run(&["check", "--json"]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
-            panic!(
-                "check --json: {e}\n{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            )
-        });
-        for f in report["findings"].as_array().unwrap() {
-            if let Some(fix) = f["fix"].as_str()
-                && fix.contains("REPLICA IDENTITY FULL")
-            {
-                source
-                    .batch_execute(fix)
-                    .await
-                    .unwrap_or_else(|e| panic!("{fix}: {e}"));
-            }
-        }
     }
+    // What the DBA does before init: the replica identities `check` asks for.
+    env.apply_identity_fixes(&source).await;
     let init = env.run(&["init"]);
     if !init.status.success() {
         failures.push(format!(
@@ -448,23 +431,16 @@ impl Mini {
         }
     }
 
-    /// The replica identities `check` asks for (as the DBA would), `init`, and the daemon.
-    async fn capture(&mut self) {
-        self.fix_replica_identities().await;
+    /// The replica identities `check` asks for (as the DBA would), then `init`.
+    async fn init(&self) {
+        self.env.apply_identity_fixes(&self.source).await;
         self.env.ok(&["init"]);
-        self.daemon = Some(Daemon::start(&self.env));
     }
 
-    async fn fix_replica_identities(&self) {
-        let out = self.env.run(&["check", "--json"]);
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        for f in report["findings"].as_array().unwrap() {
-            if let Some(fix) = f["fix"].as_str()
-                && fix.contains("REPLICA IDENTITY FULL")
-            {
-                self.source.batch_execute(fix).await.unwrap();
-            }
-        }
+    /// [`Mini::init`], and the daemon.
+    async fn capture(&mut self) {
+        self.init().await;
+        self.daemon = Some(Daemon::start(&self.env));
     }
 
     async fn change(&self, sql: &str) {
@@ -548,7 +524,7 @@ async fn one_table_carrying_the_tenant_column() {
         None,
     )
     .await;
-    m.env.ok(&["init"]);
+    m.init().await;
     m.assert_restores(&[
         (A, &[("funds", &[1, 2]), ("investments", &[4])]),
         (B, &[("funds", &[3]), ("investments", &[5])]),
@@ -574,7 +550,7 @@ async fn nullable_key_to_the_tenants_does_not_override_a_not_null_route() {
         None,
     )
     .await;
-    m.env.ok(&["init"]);
+    m.init().await;
     let check = m.env.run(&["check"]);
     eprintln!("{}", String::from_utf8_lossy(&check.stdout));
     m.assert_restores(&[
@@ -604,7 +580,7 @@ async fn partitioned_table_in_the_default_publication() {
         None,
     )
     .await;
-    m.env.ok(&["init"]);
+    m.init().await;
     m.assert_restores(&[(A, &[("events", &[3, 5])]), (B, &[("events", &[4])])])
         .await;
 }

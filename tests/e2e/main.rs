@@ -9,6 +9,7 @@ mod daemon;
 mod extensions;
 mod hostile;
 mod isolation;
+mod onboarding;
 mod operator;
 mod pgoutput;
 mod replay;

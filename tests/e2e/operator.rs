@@ -73,7 +73,7 @@ fn assert_counts_add_up(report: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_hour_messages_lead_to_the_next_step() {
     let pg = cluster().await;
-    let db = pg.fixture_db("operator", 3, "0.1").await;
+    let db = pg.capture_fixture_db("operator", 3, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     let tenant = fixture_tenant(1).await;
 

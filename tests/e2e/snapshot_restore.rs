@@ -30,7 +30,7 @@ pub async fn assert_restored(source_db: &str, recovery_db: &str, tenant: &str) {
 
 async fn round_trip(repo: Repo) {
     let pg = cluster().await;
-    let db = pg.fixture_db("roundtrip", 12, "0.2").await;
+    let db = pg.capture_fixture_db("roundtrip", 12, "0.2").await;
     let env = TestEnv::new(&db, repo).await;
     assert!(env.ok(&["init"]).contains("initialised repository"));
     assert!(
@@ -114,6 +114,7 @@ async fn every_column_type_round_trips() {
         .replace(r#"global_tables = ["app.currencies"]"#, "")
         .replace("[source]", "[source]\ntenant_column = \"Org\"");
     std::fs::write(&env.config_path, config).unwrap();
+    env.apply_identity_fixes(&pg.client(&db).await).await;
     env.ok(&["init"]);
     let check = env.ok(&["check"]);
     assert!(
@@ -163,7 +164,7 @@ async fn every_column_type_round_trips() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restore_as_of_a_snapshot_time_and_window_refusals() {
     let pg = cluster().await;
-    let db = pg.fixture_db("pitr_snapshots", 5, "0.1").await;
+    let db = pg.capture_fixture_db("pitr_snapshots", 5, "0.1").await;
     let env = TestEnv::new(&db, Repo::Directory).await;
     env.ok(&["init"]);
     let tenant = fixture_tenant(2).await;
@@ -255,7 +256,7 @@ async fn restore_as_of_a_snapshot_time_and_window_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_for_missing_roles_are_reported_not_dropped() {
     let pg = cluster().await;
-    let db = pg.fixture_db("missing_role", 3, "0.1").await;
+    let db = pg.capture_fixture_db("missing_role", 3, "0.1").await;
     let source = pg.client(&db).await;
     let role = format!("auditor_{}", fastrand::u32(..));
     source
@@ -322,6 +323,7 @@ async fn composite_and_mapped_foreign_keys_route_rows() {
         .replace(r#"schemas = ["app", "audit"]"#, r#"schemas = ["r"]"#)
         .replace(r#"global_tables = ["app.currencies"]"#, "");
     std::fs::write(&env.config_path, config).unwrap();
+    env.apply_identity_fixes(&pg.client(&db).await).await;
     let check = env.ok(&["check"]);
     let lines: Vec<String> = check
         .lines()
@@ -385,7 +387,7 @@ async fn composite_and_mapped_foreign_keys_route_rows() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_that_fails_midway_drops_its_database() {
     let pg = cluster().await;
-    let db = pg.fixture_db("midway", 2, "0.1").await;
+    let db = pg.capture_fixture_db("midway", 2, "0.1").await;
     pg.client(&db)
         .await
         .batch_execute(
@@ -421,7 +423,7 @@ async fn a_restore_that_fails_midway_drops_its_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn check_names_missing_privileges_with_their_fix() {
     let pg = cluster().await;
-    let db = pg.fixture_db("privileges", 2, "0.1").await;
+    let db = pg.capture_fixture_db("privileges", 2, "0.1").await;
     let role = format!("weak_{}", fastrand::u32(..));
     pg.client(&db)
         .await

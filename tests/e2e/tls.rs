@@ -368,7 +368,7 @@ async fn a_server_without_tls_is_refused_unless_prefer() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_and_restore_over_verified_tls() {
     let tls = tls_cluster();
-    let db = tls.pg.fixture_db("tls_source", 4, "0.1").await;
+    let db = tls.pg.capture_fixture_db("tls_source", 4, "0.1").await;
     let params = format!("sslmode=verify-full&sslrootcert={}", tls.ca.display());
     let target = format!(
         "postgres://updog_restore@localhost:{}/postgres?{params}",

@@ -205,6 +205,29 @@ impl TestEnv {
         !String::from_utf8_lossy(&out.stderr).contains(&format!("unknown field `{key}`"))
     }
 
+    /// What the tables' owner does before `init`, as `check` asks: every `REPLICA IDENTITY
+    /// FULL` it names, run on `source` (a connection as the owner).
+    pub async fn apply_identity_fixes(&self, source: &tokio_postgres::Client) {
+        let out = self.run(&["check", "--json"]);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "check --json: {e}\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
+        for finding in report["findings"].as_array().unwrap() {
+            if let Some(fix) = finding["fix"].as_str()
+                && fix.contains("REPLICA IDENTITY FULL")
+            {
+                source
+                    .batch_execute(fix)
+                    .await
+                    .unwrap_or_else(|e| panic!("{fix}: {e}"));
+            }
+        }
+    }
+
     /// Runs and asserts the exit code; returns stderr (where errors are reported).
     pub fn fails(&self, args: &[&str], code: i32) -> String {
         let out = self.run(args);
