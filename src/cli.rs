@@ -69,6 +69,9 @@ pub enum Command {
     },
     /// Restore one tenant into a NEW database
     Restore(RestoreArgs),
+    /// What changed in one tenant since a restore point (against the live source, read
+    /// only), or between two restore points: rows inserted, deleted and updated per table
+    Diff(DiffArgs),
     /// Delete the snapshots and packs that no kept restore window needs (schedule.keep_snapshots)
     Prune {
         /// Only show what would be deleted
@@ -122,6 +125,39 @@ pub struct RestoreArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+// --at (against the live source) or --from with --to (two restore points).
+#[command(group = clap::ArgGroup::new("since").required(true).args(["at", "from"]))]
+pub struct DiffArgs {
+    /// The tenant (its id: `updog-backup list --tenants` shows them)
+    #[arg(long, value_name = "ORG")]
+    pub org: String,
+    /// The restore point to compare the live source with (as for `restore --at`)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub at: Option<String>,
+    /// The earlier of two restore points (as for `restore --at`); the source is not read
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true, requires = "to")]
+    pub from: Option<String>,
+    /// The later of two restore points (`latest`: everything the repository covers)
+    #[arg(
+        long,
+        value_name = "TIME",
+        allow_hyphen_values = true,
+        requires = "from"
+    )]
+    pub to: Option<String>,
+    /// Also print every changed row as a JSON line (table, change, key, before, after)
+    #[arg(long)]
+    pub rows: bool,
+    /// Server for the scratch databases each restore point is restored into (default:
+    /// restore.target_url); they are dropped when the diff ends
+    #[arg(long, value_name = "URL")]
+    pub target_url: Option<String>,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Keygen { output } => keygen(output.as_deref()),
@@ -134,6 +170,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::Backup { orgs } => backup(&config, orgs).await,
                 Command::List { org, tenants, json } => list(&config, org, tenants, json).await,
                 Command::Restore(args) => restore(&config, args).await,
+                Command::Diff(args) => diff(&config, args).await,
                 Command::Verify { org, deep } => verify(&config, org, deep).await,
                 Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
                 Command::Keygen { .. } => unreachable!("handled above"),
@@ -632,6 +669,121 @@ fn parse_ago(text: &str) -> Option<chrono::TimeDelta> {
     Some(total)
 }
 
+async fn diff(config: &Config, args: DiffArgs) -> Result<(), Error> {
+    let now = Utc::now();
+    let point = |text: &str| -> Result<RestoreTarget, Error> {
+        if text.eq_ignore_ascii_case("latest") {
+            return Ok(RestoreTarget::Latest);
+        }
+        Ok(RestoreTarget::At(
+            parse_instant(text, now).map_err(Error::Usage)?,
+        ))
+    };
+    let (from, to) = match (&args.at, &args.from, &args.to) {
+        (Some(at), None, None) => (point(at)?, crate::diff::Against::Live),
+        (None, Some(from), Some(to)) => (point(from)?, crate::diff::Against::Point(point(to)?)),
+        _ => {
+            return Err(Error::Usage(
+                "diff takes --at TIME (against the live source) or --from TIME --to TIME (two restore points)".into(),
+            ));
+        }
+    };
+    let target_url = restore_target_url(config, args.target_url.as_deref())?;
+    let repo = open_repository(config).await?;
+    let info = repo.info().await?;
+    let identities = load_identities(config, &info)?;
+    let tenant = resolve_tenant(&repo, &args.org).await?;
+    let request = crate::diff::DiffRequest {
+        tenant,
+        from,
+        to,
+        target_url,
+        scratch_dir: scratch_dir(config),
+    };
+    let mut stdout = std::io::stdout().lock();
+    let mut print_row = |change: crate::diff::RowChange| {
+        let line = serde_json::to_string(&change).expect("rows serialize");
+        let _ = writeln!(stdout, "{line}");
+    };
+    let each: Option<&mut dyn FnMut(crate::diff::RowChange)> = if args.rows {
+        Some(&mut print_row)
+    } else {
+        None
+    };
+    let report = crate::diff::run(config, &repo, identities, &request, each).await?;
+    if args.json {
+        let line = serde_json::to_string(&report).expect("reports serialize");
+        println!("{line}");
+        return Ok(());
+    }
+    let side = |s: &crate::diff::Side| match s.lsn {
+        Some(lsn) => format!("restore point {} (LSN {lsn})", time(s.time)),
+        None => format!("the live source at {}", time(s.time)),
+    };
+    println!(
+        "tenant {}: from {} to {}",
+        report.tenant,
+        side(&report.from),
+        side(&report.to)
+    );
+    let width = report
+        .tables
+        .iter()
+        .map(|t| t.table.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "  {:width$}  {:>9} {:>9} {:>9} {:>9}",
+        "table", "inserted", "deleted", "updated", "unchanged"
+    );
+    for t in &report.tables {
+        println!(
+            "  {:width$}  {:>9} {:>9} {:>9} {:>9}{}",
+            t.table,
+            t.inserted,
+            t.deleted,
+            t.updated,
+            t.unchanged,
+            if t.key.is_empty() {
+                "  (no primary key: rows matched whole)"
+            } else {
+                ""
+            }
+        );
+    }
+    let changed: u64 = report.tables.iter().map(|t| t.changed()).sum();
+    let tables = report.tables.iter().filter(|t| t.changed() > 0).count();
+    println!("{changed} row(s) changed in {tables} table(s)");
+    Ok(())
+}
+
+/// `--target-url` (without a password on the command line) or `restore.target_url`.
+fn restore_target_url(config: &Config, given: Option<&str>) -> Result<String, Error> {
+    if let Some(url) = given
+        && redact_url(url) != url
+    {
+        return Err(Error::Usage(
+            "--target-url contains a password, which other users can read on the command line: \
+             put it in PGPASSWORD or a passfile instead"
+                .into(),
+        ));
+    }
+    Ok(given
+        .map(str::to_string)
+        .or_else(|| config.restore.target_url.clone())
+        .ok_or(crate::restore::RestoreError::NoTarget)?)
+}
+
+/// Where a restore's change sections wait (ciphertext only).
+fn scratch_dir(config: &Config) -> PathBuf {
+    config
+        .stream
+        .spool_dir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir)
+}
+
 async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     let target = match (&args.at, args.latest) {
         (Some(at), false) => {
@@ -639,20 +791,7 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         }
         _ => RestoreTarget::Latest,
     };
-    if let Some(url) = &args.target_url {
-        if redact_url(url) != *url {
-            return Err(Error::Usage(
-                "--target-url contains a password, which other users can read on the command line: \
-                 put it in PGPASSWORD or a passfile instead"
-                    .into(),
-            ));
-        }
-    }
-    let target_url = args
-        .target_url
-        .clone()
-        .or_else(|| config.restore.target_url.clone())
-        .ok_or(crate::restore::RestoreError::NoTarget)?;
+    let target_url = restore_target_url(config, args.target_url.as_deref())?;
     // Counted: the requests a restore makes are what S3 bills for it.
     let store = Arc::new(crate::storage::CountedStore::new(open_store(config).await?));
     let repo = Repository::new(store.clone()).with_concurrency(config.storage.concurrency);
@@ -664,11 +803,7 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         target,
         target_db: args.target_db,
         target_url,
-        scratch_dir: config
-            .stream
-            .spool_dir
-            .clone()
-            .unwrap_or_else(std::env::temp_dir),
+        scratch_dir: scratch_dir(config),
     };
     let mut report = crate::restore::run(&repo, identities, &request).await?;
     report.store_requests = store.requests();

@@ -31,6 +31,8 @@ pub enum Error {
     #[error(transparent)]
     Plan(#[from] crate::restore::PlanError),
     #[error(transparent)]
+    Diff(#[from] crate::diff::DiffError),
+    #[error(transparent)]
     Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
     Publication(#[from] crate::source::publication::PublicationError),
@@ -61,6 +63,7 @@ impl Classify for Error {
             Error::Snapshot(e) => e.class(),
             Error::Restore(e) => e.class(),
             Error::Plan(e) => e.class(),
+            Error::Diff(e) => e.class(),
             Error::Capture(e) => e.class(),
             Error::Publication(e) => e.class(),
             Error::Daemon(e) => e.class(),

@@ -28,6 +28,7 @@
 //! - [`capture`]: the daemon's change stream — router, pack writer, spools, stream gaps.
 //! - [`snapshot`]: a consistent export split by tenant.
 //! - [`restore`]: one tenant into a new recovery database (plan, load, replay, report).
+//! - [`diff`]: what changed in one tenant between a restore point and now, or two of them.
 //! - [`retention`]: what `keep_snapshots` leaves to delete, deleted in a safe order.
 //! - [`verify`], [`listing`], [`init`]: the `verify`, `list` and `init` commands as library
 //!   functions returning reports.
@@ -39,6 +40,7 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod daemon;
+pub mod diff;
 pub mod error;
 pub mod init;
 pub mod listing;

@@ -369,7 +369,9 @@ async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError
 /// Drops a recovery database whose restore failed. `WITH (FORCE)` waits only a few seconds
 /// for the backends it terminates to exit, which a loaded server may not manage: a transient
 /// failure is tried again before the database is left for the operator to drop.
-async fn drop_database(client: &Client, name: &str) {
+/// Drops a database this process created (a failed restore's, a diff's scratch one), trying
+/// for a while when it is still in use; logs what it could not drop.
+pub(crate) async fn drop_database(client: &Client, name: &str) {
     let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
     let mut backoff = crate::retry::Backoff::new(
         std::time::Duration::from_millis(500),

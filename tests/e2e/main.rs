@@ -6,6 +6,7 @@ use updog_backup_test_support as support;
 mod bad_input;
 mod capture;
 mod daemon;
+mod diff;
 mod extensions;
 mod hostile;
 mod isolation;
