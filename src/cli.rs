@@ -72,6 +72,9 @@ pub enum Command {
     /// What changed in one tenant since a restore point (against the live source, read
     /// only), or between two restore points: rows inserted, deleted and updated per table
     Diff(DiffArgs),
+    /// Make one tenant's rows in the source equal to a restore point, in one transaction
+    /// (prints the plan; --apply writes it, after a snapshot of the tenant)
+    Rewind(RewindArgs),
     /// Delete the snapshots and packs that no kept restore window needs (schedule.keep_snapshots)
     Prune {
         /// Only show what would be deleted
@@ -158,6 +161,26 @@ pub struct DiffArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Args)]
+pub struct RewindArgs {
+    /// The tenant (its id: `updog-backup list --tenants` shows them)
+    #[arg(long, value_name = "ORG")]
+    pub org: String,
+    /// The restore point to make the tenant equal to (as for `restore --at`)
+    #[arg(long, value_name = "TIME", allow_hyphen_values = true)]
+    pub to: String,
+    /// Write the plan to the source (as restore.writer_url), after a snapshot of the tenant
+    #[arg(long)]
+    pub apply: bool,
+    /// Server for the scratch database the restore point is restored into (default:
+    /// restore.target_url); dropped when the rewind ends
+    #[arg(long, value_name = "URL")]
+    pub target_url: Option<String>,
+    /// Print the report as JSON
+    #[arg(long)]
+    pub json: bool,
+}
+
 pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Keygen { output } => keygen(output.as_deref()),
@@ -171,6 +194,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::List { org, tenants, json } => list(&config, org, tenants, json).await,
                 Command::Restore(args) => restore(&config, args).await,
                 Command::Diff(args) => diff(&config, args).await,
+                Command::Rewind(args) => rewind(&config, args).await,
                 Command::Verify { org, deep } => verify(&config, org, deep).await,
                 Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
                 Command::Keygen { .. } => unreachable!("handled above"),
@@ -755,6 +779,85 @@ async fn diff(config: &Config, args: DiffArgs) -> Result<(), Error> {
     let changed: u64 = report.tables.iter().map(|t| t.changed()).sum();
     let tables = report.tables.iter().filter(|t| t.changed() > 0).count();
     println!("{changed} row(s) changed in {tables} table(s)");
+    Ok(())
+}
+
+async fn rewind(config: &Config, args: RewindArgs) -> Result<(), Error> {
+    let to = if args.to.eq_ignore_ascii_case("latest") {
+        RestoreTarget::Latest
+    } else {
+        RestoreTarget::At(parse_instant(&args.to, Utc::now()).map_err(Error::Usage)?)
+    };
+    let target_url = restore_target_url(config, args.target_url.as_deref())?;
+    let repo = open_repository(config).await?;
+    let info = repo.info().await?;
+    let identities = load_identities(config, &info)?;
+    let tenant = resolve_tenant(&repo, &args.org).await?;
+    let request = crate::rewind::RewindRequest {
+        tenant,
+        to,
+        apply: args.apply,
+        target_url,
+        scratch_dir: scratch_dir(config),
+    };
+    let report = crate::rewind::run(config, &repo, identities, &request).await?;
+    if args.json {
+        print_json(&report);
+        return Ok(());
+    }
+    let total =
+        |f: fn(&crate::diff::TableDiff) -> u64| -> u64 { report.tables.iter().map(f).sum() };
+    let (delete, put_back, set_back) = (
+        total(|t| t.inserted),
+        total(|t| t.deleted),
+        total(|t| t.updated),
+    );
+    let point = format!(
+        "restore point {} (LSN {})",
+        time(report.to.time),
+        report.to.lsn.map(|l| l.to_string()).unwrap_or_default()
+    );
+    if report.applied {
+        println!(
+            "rewound tenant {} to {point} in one transaction: deleted {delete}, put back {put_back}, set back {set_back} row(s)",
+            report.tenant
+        );
+        if let Some(id) = &report.snapshot_before {
+            println!(
+                "the tenant as it was before is snapshot {id} (a restore at an instant just before this rewind, or a rewind to it, undoes it)"
+            );
+        }
+        if let Some(key) = &report.record {
+            println!("recorded as {key}");
+        }
+        return Ok(());
+    }
+    println!(
+        "tenant {}: the plan to rewind it to {point} (nothing was written; --apply writes it):",
+        report.tenant
+    );
+    let width = report
+        .tables
+        .iter()
+        .map(|t| t.table.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    println!(
+        "  {:width$}  {:>9} {:>9} {:>9} {:>9}",
+        "table", "delete", "put back", "set back", "unchanged"
+    );
+    for t in &report.tables {
+        println!(
+            "  {:width$}  {:>9} {:>9} {:>9} {:>9}",
+            t.table, t.inserted, t.deleted, t.updated, t.unchanged
+        );
+    }
+    println!(
+        "{} row(s) to change in {} table(s)",
+        delete + put_back + set_back,
+        report.tables.iter().filter(|t| t.changed() > 0).count()
+    );
     Ok(())
 }
 

@@ -158,14 +158,22 @@ pub async fn run(
     let maintenance = crate::pg::connect(&request.target_url).await?;
     let mut scratch = Vec::new();
     let result = async {
-        let from = restore_scratch(repo, &identities, request, request.from, &mut scratch).await?;
+        let restore = |target| RestoreRequest {
+            tenant: request.tenant.clone(),
+            target,
+            target_db: None,
+            target_url: request.target_url.clone(),
+            scratch_dir: request.scratch_dir.clone(),
+        };
+        let from = restore_scratch(repo, &identities, restore(request.from), &mut scratch).await?;
         let (to_side, later) = match request.to {
             Against::Point(target) => {
-                let to = restore_scratch(repo, &identities, request, target, &mut scratch).await?;
+                let to = restore_scratch(repo, &identities, restore(target), &mut scratch).await?;
                 (Side::of(&to.0), Later::Point(to.1))
             }
             Against::Live => {
                 let client = crate::pg::connect(&config.source.url).await?;
+                same_output(&client).await?;
                 client
                     .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                     .await
@@ -220,16 +228,22 @@ pub async fn run(
                 later_tables.contains(entry),
             );
             let name = format!("{}.{}", entry.0, entry.1);
-            let (earlier_sql, key) =
-                side_query(if in_earlier { &earlier } else { &later_db }, entry, None).await?;
+            let TableQuery {
+                sql: earlier_sql,
+                key,
+            } = side_query(
+                if in_earlier { &earlier } else { &later_db },
+                entry,
+                None,
+                false,
+            )
+            .await?;
             let later_sql = match &live {
                 Some(catalog) => {
-                    let filter = catalog
-                        .tables
-                        .iter()
-                        .find(|t| t.schema == entry.0 && t.name == entry.1)
-                        .and_then(|t| catalog.tenant_filter(t, &request.tenant));
-                    side_query(&later_db, entry, filter.as_deref()).await?.0
+                    let filter = tenant_filter(catalog, entry, &request.tenant);
+                    side_query(&later_db, entry, filter.as_deref(), false)
+                        .await?
+                        .sql
                 }
                 None => earlier_sql.clone(),
             };
@@ -268,6 +282,19 @@ pub async fn run(
     result
 }
 
+/// The tenant's rows of `table` in the live source, as the snapshot selects them.
+pub(crate) fn tenant_filter(
+    catalog: &Catalog,
+    (schema, name): &(String, String),
+    tenant: &str,
+) -> Option<String> {
+    catalog
+        .tables
+        .iter()
+        .find(|t| &t.schema == schema && &t.name == name)
+        .and_then(|t| catalog.tenant_filter(t, tenant))
+}
+
 /// The later side: the source in its read transaction (and its catalog, for the tenant's
 /// filters), or a second restore point.
 enum Later {
@@ -276,33 +303,27 @@ enum Later {
 }
 
 /// A restore point in a scratch database.
-struct Restored {
-    database: String,
+pub(crate) struct Restored {
+    pub(crate) database: String,
     /// (schema, name) of every tenant table the snapshot backs up.
-    manifest_tables: Vec<(String, String)>,
+    pub(crate) manifest_tables: Vec<(String, String)>,
 }
 
-async fn restore_scratch(
+/// Restores `request.target` into a new scratch database (its name pushed on `scratch` first,
+/// so the caller drops it whatever happens), readable by the restore role.
+pub(crate) async fn restore_scratch(
     repo: &Repository,
     identities: &Arc<Identities>,
-    request: &DiffRequest,
-    target: RestoreTarget,
+    request: RestoreRequest,
     scratch: &mut Vec<String>,
 ) -> Result<(RestorePoint, Restored), DiffError> {
     let database = format!("updog_diff_{:016x}", fastrand::u64(..));
     scratch.push(database.clone());
-    let report = crate::restore::run(
-        repo,
-        identities.clone(),
-        &RestoreRequest {
-            tenant: request.tenant.clone(),
-            target,
-            target_db: Some(database.clone()),
-            target_url: request.target_url.clone(),
-            scratch_dir: request.scratch_dir.clone(),
-        },
-    )
-    .await?;
+    let request = RestoreRequest {
+        target_db: Some(database.clone()),
+        ..request
+    };
+    let report = crate::restore::run(repo, identities.clone(), &request).await?;
     let id: SnapshotId = report
         .snapshot
         .parse()
@@ -341,7 +362,8 @@ async fn restore_scratch(
     ))
 }
 
-async fn connect_db(url: &str, database: &str) -> Result<Client, DiffError> {
+/// A connection to `database` on the server at `url`, with [`same_output`].
+pub(crate) async fn connect_db(url: &str, database: &str) -> Result<Client, DiffError> {
     let mut target = crate::pg::pg_config(url).map_err(SourceError::from)?;
     target.config.dbname(database);
     let (client, connection) = crate::pg::connect::connect_client(&target.config, &target.tls)
@@ -350,18 +372,43 @@ async fn connect_db(url: &str, database: &str) -> Result<Client, DiffError> {
             ConnectError::connecting(format!("{} database {database}", redact_url(url)), e)
         })?;
     tokio::spawn(connection);
+    same_output(&client).await?;
     Ok(client)
 }
 
-/// The query that lists one side of a table in merge order, and the key it matches rows by:
-/// `(key as jsonb text, row as jsonb text)`, ordered by the key's bytes (`COLLATE "C"`, the
-/// order the merge compares in, whatever the servers' collations). The key comes from the
-/// restore point's table (`catalog` is its database).
-async fn side_query(
+/// Settings that make every value print the same on both sides, whatever each server's
+/// defaults: a timestamptz in another time zone, or a date in another style, would compare
+/// unequal (and read back differently).
+pub(crate) async fn same_output(client: &Client) -> Result<(), DiffError> {
+    client
+        .batch_execute(
+            "SET DateStyle = 'ISO, YMD'; SET IntervalStyle = postgres; SET TimeZone = 'UTC';
+             SET extra_float_digits = 1; SET bytea_output = hex",
+        )
+        .await
+        .map_err(query_error("setting the session's output formats".into()))
+}
+
+/// How one side of a table is listed, in merge order.
+pub(crate) struct TableQuery {
+    /// `(key as jsonb text, row as jsonb text[, row as record text])`, ordered by the key's
+    /// bytes (`COLLATE "C"`: the order the merge compares in, whatever the servers'
+    /// collations), then the row's.
+    pub(crate) sql: String,
+    /// The primary key's columns; empty: whole rows are the keys.
+    pub(crate) key: Vec<String>,
+}
+
+/// The query listing `table` (its rows passing `filter`, if any). The key is the primary key
+/// of the table as `catalog` (a connection to the database that has it) knows it. With
+/// `record`, each row also comes as its record text (`t::text`), which reads back exactly
+/// (`$1::text::table`) for every type.
+pub(crate) async fn side_query(
     catalog: &Client,
     (schema, name): &(String, String),
     filter: Option<&str>,
-) -> Result<(String, Vec<String>), DiffError> {
+    record: bool,
+) -> Result<TableQuery, DiffError> {
     let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
     let key: Vec<String> = catalog
         .query(
@@ -388,98 +435,213 @@ async fn side_query(
         )
     };
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
+    let (record, column) = if record {
+        (", t::text AS x", ", x")
+    } else {
+        ("", "")
+    };
     let sql = format!(
-        "SELECT k, r FROM (SELECT {key_expr}::text AS k, to_jsonb(t)::text AS r FROM {table} t{filter}) s \
+        "SELECT k, r{column} FROM (SELECT {key_expr}::text AS k, to_jsonb(t)::text AS r{record} FROM {table} t{filter}) s \
          ORDER BY k COLLATE \"C\", r COLLATE \"C\""
     );
-    Ok((sql, key))
+    Ok(TableQuery { sql, key })
 }
 
-type RowStream = std::pin::Pin<Box<dyn Stream<Item = Result<(String, String), DiffError>> + Send>>;
+/// One row of one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SideRow {
+    pub(crate) key: String,
+    pub(crate) json: String,
+    /// The record text, when the query asked for it.
+    pub(crate) record: Option<String>,
+}
 
-async fn rows(client: &Client, sql: &str, table: &str) -> Result<RowStream, DiffError> {
+impl SideRow {
+    fn of(row: &Row) -> SideRow {
+        SideRow {
+            key: row.get(0),
+            json: row.get(1),
+            record: (row.len() > 2).then(|| row.get(2)),
+        }
+    }
+}
+
+pub(crate) type RowStream<'a> =
+    std::pin::Pin<Box<dyn Stream<Item = Result<SideRow, DiffError>> + Send + 'a>>;
+
+/// One side as a stream (the query runs to its end: nothing else may use `client` meanwhile).
+pub(crate) async fn rows(
+    client: &Client,
+    sql: &str,
+    table: &str,
+) -> Result<RowStream<'static>, DiffError> {
     let stream = client
         .query_raw(sql, std::iter::empty::<&str>())
         .await
         .map_err(query_error(format!("reading {table}")))?;
     let table = table.to_string();
     Ok(Box::pin(stream.map(move |row| {
-        row.map(|r: Row| (r.get::<_, String>(0), r.get::<_, String>(1)))
+        row.map(|r| SideRow::of(&r))
             .map_err(query_error(format!("reading {table}")))
     })))
+}
+
+/// One side through a cursor of the open transaction, fetched a batch at a time, so that
+/// statements can run on `client` between two batches (the cursor keeps the snapshot it was
+/// opened with: it does not see them).
+pub(crate) async fn cursor_rows<'a>(
+    client: &'a Client,
+    sql: &str,
+    table: &str,
+) -> Result<RowStream<'a>, DiffError> {
+    let cursor = format!("updog_side_{:08x}", fastrand::u32(..));
+    client
+        .batch_execute(&format!("DECLARE {cursor} NO SCROLL CURSOR FOR {sql}"))
+        .await
+        .map_err(query_error(format!("reading {table}")))?;
+    let table = table.to_string();
+    let state = (std::collections::VecDeque::new(), false);
+    Ok(Box::pin(futures::stream::try_unfold(
+        state,
+        move |(mut batch, mut done): (std::collections::VecDeque<SideRow>, bool)| {
+            let (cursor, table) = (cursor.clone(), table.clone());
+            async move {
+                if batch.is_empty() && !done {
+                    let rows = client
+                        .query(&format!("FETCH 1000 FROM {cursor}"), &[])
+                        .await
+                        .map_err(query_error(format!("reading {table}")))?;
+                    done = rows.len() < 1000;
+                    batch.extend(rows.iter().map(SideRow::of));
+                    if done {
+                        client
+                            .batch_execute(&format!("CLOSE {cursor}"))
+                            .await
+                            .map_err(query_error(format!("reading {table}")))?;
+                    }
+                }
+                Ok(batch.pop_front().map(|row| (row, (batch, done))))
+            }
+        },
+    )))
+}
+
+/// What the later side did to a row of the earlier one.
+#[derive(Debug)]
+pub(crate) enum Change {
+    Insert(SideRow),
+    Delete(SideRow),
+    Update { before: SideRow, after: SideRow },
+}
+
+/// The two sides of one table, both in key order, merged into their differences.
+pub(crate) struct Merge<'a> {
+    earlier: RowStream<'a>,
+    later: RowStream<'a>,
+    a: Option<SideRow>,
+    b: Option<SideRow>,
+}
+
+impl<'a> Merge<'a> {
+    pub(crate) async fn new(
+        mut earlier: RowStream<'a>,
+        mut later: RowStream<'a>,
+    ) -> Result<Merge<'a>, DiffError> {
+        let (a, b) = (earlier.try_next().await?, later.try_next().await?);
+        Ok(Merge {
+            earlier,
+            later,
+            a,
+            b,
+        })
+    }
+
+    /// The next difference (counted into `diff`, as are the unchanged rows on the way).
+    pub(crate) async fn next(&mut self, diff: &mut TableDiff) -> Result<Option<Change>, DiffError> {
+        loop {
+            let order = match (&self.a, &self.b) {
+                (None, None) => return Ok(None),
+                (Some(_), None) => std::cmp::Ordering::Less,
+                (None, Some(_)) => std::cmp::Ordering::Greater,
+                (Some(a), Some(b)) => a.key.as_bytes().cmp(b.key.as_bytes()),
+            };
+            match order {
+                std::cmp::Ordering::Less => {
+                    diff.deleted += 1;
+                    let row = self.a.take().expect("the earlier side has a row");
+                    self.a = self.earlier.try_next().await?;
+                    return Ok(Some(Change::Delete(row)));
+                }
+                std::cmp::Ordering::Greater => {
+                    diff.inserted += 1;
+                    let row = self.b.take().expect("the later side has a row");
+                    self.b = self.later.try_next().await?;
+                    return Ok(Some(Change::Insert(row)));
+                }
+                std::cmp::Ordering::Equal => {
+                    let (before, after) =
+                        (self.a.take().expect("a row"), self.b.take().expect("a row"));
+                    self.a = self.earlier.try_next().await?;
+                    self.b = self.later.try_next().await?;
+                    // Without a key, whole rows are the keys: equal keys are equal rows.
+                    if before.json == after.json {
+                        diff.unchanged += 1;
+                    } else {
+                        diff.updated += 1;
+                        return Ok(Some(Change::Update { before, after }));
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn json(text: &str) -> serde_json::Value {
     serde_json::from_str(text).unwrap_or_else(|_| serde_json::Value::String(text.to_string()))
 }
 
-/// Merges the two sides, both in key order, into `diff`.
+/// Merges the two sides, both in key order, into `diff`, naming each changed row to `each_row`.
 async fn merge(
-    mut earlier: RowStream,
-    mut later: RowStream,
+    earlier: RowStream<'_>,
+    later: RowStream<'_>,
     diff: &mut TableDiff,
     each_row: &mut Option<&mut dyn FnMut(RowChange)>,
 ) -> Result<(), DiffError> {
-    let (mut a, mut b) = (earlier.try_next().await?, later.try_next().await?);
-    let mut emit = |change: &'static str, key: &str, before: Option<&str>, after: Option<&str>| {
-        if let Some(each) = each_row.as_mut() {
-            each(RowChange {
-                table: diff.table.clone(),
-                change,
-                key: json(key),
-                before: before.map(json),
-                after: after.map(json),
-            });
-        }
-    };
-    loop {
-        match (&a, &b) {
-            (None, None) => return Ok(()),
-            (Some((key, row)), None) => {
-                diff.deleted += 1;
-                emit("delete", key, Some(row), None);
-                a = earlier.try_next().await?;
-            }
-            (None, Some((key, row))) => {
-                diff.inserted += 1;
-                emit("insert", key, None, Some(row));
-                b = later.try_next().await?;
-            }
-            (Some((ka, ra)), Some((kb, rb))) => match ka.as_bytes().cmp(kb.as_bytes()) {
-                std::cmp::Ordering::Less => {
-                    diff.deleted += 1;
-                    emit("delete", ka, Some(ra), None);
-                    a = earlier.try_next().await?;
-                }
-                std::cmp::Ordering::Greater => {
-                    diff.inserted += 1;
-                    emit("insert", kb, None, Some(rb));
-                    b = later.try_next().await?;
-                }
-                std::cmp::Ordering::Equal => {
-                    // Without a key, whole rows are the keys: equal keys are equal rows.
-                    if ra == rb {
-                        diff.unchanged += 1;
-                    } else {
-                        diff.updated += 1;
-                        emit("update", ka, Some(ra), Some(rb));
-                    }
-                    a = earlier.try_next().await?;
-                    b = later.try_next().await?;
-                }
-            },
-        }
+    let mut merge = Merge::new(earlier, later).await?;
+    while let Some(change) = merge.next(diff).await? {
+        let Some(each) = each_row.as_mut() else {
+            continue;
+        };
+        let (change, key, before, after) = match &change {
+            Change::Insert(row) => ("insert", &row.key, None, Some(row)),
+            Change::Delete(row) => ("delete", &row.key, Some(row), None),
+            Change::Update { before, after } => ("update", &before.key, Some(before), Some(after)),
+        };
+        each(RowChange {
+            table: diff.table.clone(),
+            change,
+            key: json(key),
+            before: before.map(|r| json(&r.json)),
+            after: after.map(|r| json(&r.json)),
+        });
     }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn side(rows: &[(&str, &str)]) -> RowStream {
-        let rows: Vec<Result<(String, String), DiffError>> = rows
+    fn side(rows: &[(&str, &str)]) -> RowStream<'static> {
+        let rows: Vec<Result<SideRow, DiffError>> = rows
             .iter()
-            .map(|(k, r)| Ok((k.to_string(), r.to_string())))
+            .map(|(k, r)| {
+                Ok(SideRow {
+                    key: k.to_string(),
+                    json: r.to_string(),
+                    record: None,
+                })
+            })
             .collect();
         Box::pin(futures::stream::iter(rows))
     }

@@ -33,6 +33,8 @@ pub enum Error {
     #[error(transparent)]
     Diff(#[from] crate::diff::DiffError),
     #[error(transparent)]
+    Rewind(#[from] crate::rewind::RewindError),
+    #[error(transparent)]
     Capture(#[from] crate::capture::CaptureError),
     #[error(transparent)]
     Publication(#[from] crate::source::publication::PublicationError),
@@ -64,6 +66,7 @@ impl Classify for Error {
             Error::Restore(e) => e.class(),
             Error::Plan(e) => e.class(),
             Error::Diff(e) => e.class(),
+            Error::Rewind(e) => e.class(),
             Error::Capture(e) => e.class(),
             Error::Publication(e) => e.class(),
             Error::Daemon(e) => e.class(),

@@ -29,6 +29,8 @@
 //! - [`snapshot`]: a consistent export split by tenant.
 //! - [`restore`]: one tenant into a new recovery database (plan, load, replay, report).
 //! - [`diff`]: what changed in one tenant between a restore point and now, or two of them.
+//! - [`rewind`]: one tenant's rows in the source made equal to a restore point, in one
+//!   transaction.
 //! - [`retention`]: what `keep_snapshots` leaves to delete, deleted in a safe order.
 //! - [`verify`], [`listing`], [`init`]: the `verify`, `list` and `init` commands as library
 //!   functions returning reports.
@@ -50,6 +52,7 @@ pub mod repository;
 pub mod restore;
 pub mod retention;
 pub mod retry;
+pub mod rewind;
 pub mod scratch;
 pub mod snapshot;
 pub mod source;

@@ -149,6 +149,14 @@ pub struct StreamConfig {
 #[serde(deny_unknown_fields)]
 pub struct RestoreConfig {
     pub target_url: Option<String>,
+    /// The source as a role that may write the tenant tables (`rewind --apply`); `rewind`
+    /// without `--apply` and `diff` read the source as the backup role.
+    pub writer_url: Option<String>,
+    /// The setting the source's row level security reads the current tenant from (the seed's
+    /// `app.current_org`): `rewind` sets it to the tenant in its transaction, so that the
+    /// writer role's policies make PostgreSQL refuse any row of another tenant. Unset: the
+    /// writer role must bypass row level security.
+    pub tenant_setting: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -351,6 +359,20 @@ impl Config {
             }
         }
         crate::pg::conninfo::check_url(&s.url).map_err(|e| format!("source.url {e}"))?;
+        if let Some(setting) = &self.restore.tenant_setting {
+            let valid = setting.split('.').count() == 2
+                && setting.split('.').all(|p| {
+                    !p.is_empty() && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                });
+            if !valid {
+                return Err(format!(
+                    "restore.tenant_setting {setting:?} is not a custom setting name: use prefix.name, e.g. app.current_org"
+                ));
+            }
+        }
+        if let Some(url) = &self.restore.writer_url {
+            crate::pg::conninfo::check_url(url).map_err(|e| format!("restore.writer_url {e}"))?;
+        }
         if let Some(url) = &self.restore.target_url {
             crate::pg::conninfo::check_url(url).map_err(|e| format!("restore.target_url {e}"))?;
         }

@@ -14,6 +14,8 @@ pub const STREAM_RETAINED: &str = "changes/retained.json";
 pub const GAPS_PREFIX: &str = "changes/gaps/";
 /// Restores run, one small record each (no tenant data).
 pub const RESTORES_PREFIX: &str = "restores/";
+/// Rewinds applied to the source, one small record each (no tenant data).
+pub const REWINDS_PREFIX: &str = "rewinds/";
 /// The active daemon's lease.
 pub const LEASE: &str = "locks/daemon.json";
 const MANIFEST: &str = "manifest.json";

@@ -34,7 +34,7 @@ pub use index::{IndexRef, PackView};
 pub use info::RepoInfo;
 pub use lease::{CaptureSeen, Lease};
 pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
-pub use restores::{RestorePoint, RestoreRecord};
+pub use restores::{RestorePoint, RestoreRecord, RewindRecord};
 pub use stream::{PackRef, Span, StreamProgress, StreamState};
 
 /// The format this build reads and writes (FORMAT.md). 2: manifests carry a digest of their

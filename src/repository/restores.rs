@@ -1,6 +1,7 @@
 //! `restores/<time>-<random>.json`: one restore that ran — which tenant, into which database,
 //! to which point. An audit trail for the operator, and the daemon's restore count. It holds no
-//! tenant data beyond the tenant's id.
+//! tenant data beyond the tenant's id. `rewinds/<time>-<random>.json` likewise records each
+//! rewind applied to the source.
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,23 @@ pub struct RestoreRecord {
     pub rows: u64,
     pub seconds: f64,
     pub finished_at: DateTime<Utc>,
+}
+
+/// A rewind applied to the source: who asked, to which point, what it changed, and the
+/// snapshot of the tenant taken just before (what a rewind of the rewind restores).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RewindRecord {
+    pub tenant: String,
+    /// The instant asked for (`None`: the latest).
+    pub to: Option<DateTime<Utc>>,
+    pub restore_point: RestorePoint,
+    pub snapshot_before: String,
+    /// The operating-system user that ran it, and the database role that wrote.
+    pub by: String,
+    pub inserted: u64,
+    pub deleted: u64,
+    pub updated: u64,
+    pub applied_at: DateTime<Utc>,
 }
 
 /// The last transaction a restore applied (its commit LSN and time): what the restored
@@ -41,6 +59,23 @@ impl Repository {
             .put_bytes(&key, json.into(), PutMode::CreateNew)
             .await?;
         Ok(())
+    }
+
+    pub async fn put_rewind_record(
+        &self,
+        record: &RewindRecord,
+    ) -> Result<String, RepositoryError> {
+        let key = format!(
+            "{}{}-{:08x}.json",
+            keys::REWINDS_PREFIX,
+            record.applied_at.format("%Y%m%dT%H%M%S%.3fZ"),
+            fastrand::u32(..)
+        );
+        let json = serde_json::to_vec_pretty(record).expect("a rewind record always serializes");
+        self.store()
+            .put_bytes(&key, json.into(), PutMode::CreateNew)
+            .await?;
+        Ok(key)
     }
 
     /// How many restores are recorded (a listing, no reads).

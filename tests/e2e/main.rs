@@ -16,6 +16,7 @@ mod pgoutput;
 mod replay;
 mod replication;
 mod replication_stream;
+mod rewind;
 mod schema_change;
 mod snapshot_restore;
 mod storage;
