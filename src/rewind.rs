@@ -26,8 +26,9 @@ use std::sync::Arc;
 
 use chrono::Utc;
 use serde::Serialize;
-use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, Statement};
 
 use crate::codec::Identities;
 use crate::config::Config;
@@ -151,6 +152,7 @@ pub async fn run(
             &mut scratch,
         )
         .await?;
+        tracing::info!(database = %restored.database, restore_point_time = %point.time, "restore point restored into a scratch database");
         let snapshot_before = match request.apply {
             true => Some(
                 crate::snapshot::take(
@@ -207,9 +209,11 @@ pub async fn run(
         }
         let mut record = None;
         if request.apply {
+            tracing::info!("deletes applied");
             for table in &order {
                 rewind.pass(table, Pass::InsertsAndUpdates).await?;
             }
+            tracing::info!("inserts and updates applied; comparing with the restore point");
             for table in &order {
                 let left = rewind.pass(table, Pass::Check).await?;
                 if left.changed() > 0 {
@@ -354,7 +358,7 @@ impl Rewind<'_> {
                 _ => continue,
             };
             let record = row.record.as_deref().unwrap_or_default();
-            match self.writer.execute(sql.as_str(), &[&record]).await {
+            match self.writer.execute(sql, &[&record]).await {
                 Ok(1) => {}
                 Ok(n) => {
                     return Err(RewindError::Row {
@@ -373,12 +377,13 @@ impl Rewind<'_> {
     }
 }
 
-/// The statements that write one table, each taking a row as record text (`$1`).
+/// The statements that write one table, each taking a row as record text (`$1`), prepared
+/// once: a rewind runs one per row.
 struct Statements {
-    insert: String,
-    delete: String,
+    insert: Statement,
+    delete: Statement,
     /// `None`: every column is a key or generated (two rows with one key are the same).
-    update: Option<String>,
+    update: Option<Statement>,
 }
 
 impl Statements {
@@ -443,10 +448,19 @@ impl Statements {
                 settable.join(", ")
             )
         });
+        let prepare = |sql: String| async move {
+            client
+                .prepare_typed(&sql, &[Type::TEXT])
+                .await
+                .map_err(|e| write_error("", &format!("preparing {sql}"), &e))
+        };
         Ok(Statements {
-            insert,
-            delete,
-            update,
+            insert: prepare(insert).await?,
+            delete: prepare(delete).await?,
+            update: match update {
+                Some(sql) => Some(prepare(sql).await?),
+                None => None,
+            },
         })
     }
 }
