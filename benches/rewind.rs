@@ -186,7 +186,8 @@ fn main() {
                         pg,
                         &recovery,
                         &db,
-                        &permissions.replace(&format!(" WHERE organization_id = '{tenant}'"), ""),
+                        // The recovery database holds this tenant only.
+                        "SELECT * FROM app.fund_permissions",
                         "app.fund_permissions",
                     );
                     copy_back(pg, &recovery, &db, &lots, "app.investment_lots");
