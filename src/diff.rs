@@ -165,10 +165,18 @@ pub async fn run(
             target_url: request.target_url.clone(),
             scratch_dir: request.scratch_dir.clone(),
         };
-        let from = restore_scratch(repo, &identities, restore(request.from), &mut scratch).await?;
+        let from = restore_scratch(
+            repo,
+            &identities,
+            restore(request.from),
+            "diff",
+            &mut scratch,
+        )
+        .await?;
         let (to_side, later) = match request.to {
             Against::Point(target) => {
-                let to = restore_scratch(repo, &identities, restore(target), &mut scratch).await?;
+                let to = restore_scratch(repo, &identities, restore(target), "diff", &mut scratch)
+                    .await?;
                 (Side::of(&to.0), Later::Point(to.1))
             }
             Against::Live => {
@@ -235,13 +243,13 @@ pub async fn run(
                 if in_earlier { &earlier } else { &later_db },
                 entry,
                 None,
-                false,
+                RowText::Json,
             )
             .await?;
             let later_sql = match &live {
                 Some(catalog) => {
                     let filter = tenant_filter(catalog, entry, &request.tenant);
-                    side_query(&later_db, entry, filter.as_deref(), false)
+                    side_query(&later_db, entry, filter.as_deref(), RowText::Json)
                         .await?
                         .sql
                 }
@@ -309,15 +317,17 @@ pub(crate) struct Restored {
     pub(crate) manifest_tables: Vec<(String, String)>,
 }
 
-/// Restores `request.target` into a new scratch database (its name pushed on `scratch` first,
-/// so the caller drops it whatever happens), readable by the restore role.
+/// Restores `request.target` into a new scratch database `updog_<purpose>_<random>` (its name
+/// pushed on `scratch` first, so the caller drops it whatever happens), readable by the
+/// restore role.
 pub(crate) async fn restore_scratch(
     repo: &Repository,
     identities: &Arc<Identities>,
     request: RestoreRequest,
+    purpose: &str,
     scratch: &mut Vec<String>,
 ) -> Result<(RestorePoint, Restored), DiffError> {
-    let database = format!("updog_diff_{:016x}", fastrand::u64(..));
+    let database = format!("updog_{purpose}_{:016x}", fastrand::u64(..));
     scratch.push(database.clone());
     let request = RestoreRequest {
         target_db: Some(database.clone()),
@@ -391,23 +401,30 @@ pub(crate) async fn same_output(client: &Client) -> Result<(), DiffError> {
 
 /// How one side of a table is listed, in merge order.
 pub(crate) struct TableQuery {
-    /// `(key as jsonb text, row as jsonb text[, row as record text])`, ordered by the key's
-    /// bytes (`COLLATE "C"`: the order the merge compares in, whatever the servers'
-    /// collations), then the row's.
+    /// `(key, row)` as text, ordered by the key's bytes (`COLLATE "C"`: the order the merge
+    /// compares in, whatever the servers' collations), then the row's.
     pub(crate) sql: String,
     /// The primary key's columns; empty: whole rows are the keys.
     pub(crate) key: Vec<String>,
 }
 
+/// How rows are written out for comparing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RowText {
+    /// `to_jsonb(t)`: readable, for people (`diff --rows`).
+    Json,
+    /// `t::text`, the record's own text: cheaper, and reads back exactly for every type
+    /// (`$1::text::table`), for writing it (`rewind`).
+    Record,
+}
+
 /// The query listing `table` (its rows passing `filter`, if any). The key is the primary key
-/// of the table as `catalog` (a connection to the database that has it) knows it. With
-/// `record`, each row also comes as its record text (`t::text`), which reads back exactly
-/// (`$1::text::table`) for every type.
+/// of the table as `catalog` (a connection to the database that has it) knows it.
 pub(crate) async fn side_query(
     catalog: &Client,
     (schema, name): &(String, String),
     filter: Option<&str>,
-    record: bool,
+    text: RowText,
 ) -> Result<TableQuery, DiffError> {
     let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
     let key: Vec<String> = catalog
@@ -423,11 +440,15 @@ pub(crate) async fn side_query(
         .iter()
         .map(|r| r.get(0))
         .collect();
+    let row_expr = match text {
+        RowText::Json => "to_jsonb(t)::text",
+        RowText::Record => "t::text",
+    };
     let key_expr = if key.is_empty() {
-        "to_jsonb(t)".to_string()
+        row_expr.to_string()
     } else {
         format!(
-            "jsonb_build_array({})",
+            "jsonb_build_array({})::text",
             key.iter()
                 .map(|c| format!("t.{}", quote_ident(c)))
                 .collect::<Vec<_>>()
@@ -435,33 +456,25 @@ pub(crate) async fn side_query(
         )
     };
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
-    let (record, column) = if record {
-        (", t::text AS x", ", x")
-    } else {
-        ("", "")
-    };
     let sql = format!(
-        "SELECT k, r{column} FROM (SELECT {key_expr}::text AS k, to_jsonb(t)::text AS r{record} FROM {table} t{filter}) s \
+        "SELECT k, r FROM (SELECT {key_expr} AS k, {row_expr} AS r FROM {table} t{filter}) s \
          ORDER BY k COLLATE \"C\", r COLLATE \"C\""
     );
     Ok(TableQuery { sql, key })
 }
 
-/// One row of one side.
+/// One row of one side: its key and the row, as [`TableQuery`] writes them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SideRow {
     pub(crate) key: String,
-    pub(crate) json: String,
-    /// The record text, when the query asked for it.
-    pub(crate) record: Option<String>,
+    pub(crate) row: String,
 }
 
 impl SideRow {
     fn of(row: &Row) -> SideRow {
         SideRow {
             key: row.get(0),
-            json: row.get(1),
-            record: (row.len() > 2).then(|| row.get(2)),
+            row: row.get(1),
         }
     }
 }
@@ -584,7 +597,7 @@ impl<'a> Merge<'a> {
                     self.a = self.earlier.try_next().await?;
                     self.b = self.later.try_next().await?;
                     // Without a key, whole rows are the keys: equal keys are equal rows.
-                    if before.json == after.json {
+                    if before.row == after.row {
                         diff.unchanged += 1;
                     } else {
                         diff.updated += 1;
@@ -621,8 +634,8 @@ async fn merge(
             table: diff.table.clone(),
             change,
             key: json(key),
-            before: before.map(|r| json(&r.json)),
-            after: after.map(|r| json(&r.json)),
+            before: before.map(|r| json(&r.row)),
+            after: after.map(|r| json(&r.row)),
         });
     }
     Ok(())
@@ -638,8 +651,7 @@ mod tests {
             .map(|(k, r)| {
                 Ok(SideRow {
                     key: k.to_string(),
-                    json: r.to_string(),
-                    record: None,
+                    row: r.to_string(),
                 })
             })
             .collect();

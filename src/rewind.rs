@@ -1,7 +1,7 @@
 //! `rewind`: makes one tenant's rows in the source equal to a restore point, and changes
 //! nothing else.
 //!
-//! The restore point is restored into a scratch database (as `diff` does) and compared with the
+//! The restore point is restored into a scratch database `updog_rewind_…` (as `diff` does) and compared with the
 //! tenant's live rows; that comparison is the plan. `--apply` first takes a snapshot of the
 //! tenant (so that the rewind can itself be undone), then writes in ONE transaction as
 //! `restore.writer_url`, at REPEATABLE READ:
@@ -33,8 +33,8 @@ use tokio_postgres::{Client, Statement};
 use crate::codec::Identities;
 use crate::config::Config;
 use crate::diff::{
-    Change, DiffError, Merge, Side, SideRow, TableDiff, TableQuery, connect_db, cursor_rows,
-    restore_scratch, rows, same_output, side_query, tenant_filter,
+    Change, DiffError, Merge, RowText, Side, SideRow, TableDiff, TableQuery, connect_db,
+    cursor_rows, restore_scratch, rows, same_output, side_query, tenant_filter,
 };
 use crate::pg::quote_ident;
 use crate::repository::{Repository, RewindRecord};
@@ -149,6 +149,7 @@ pub async fn run(
                 target_url: request.target_url.clone(),
                 scratch_dir: request.scratch_dir.clone(),
             },
+            "rewind",
             &mut scratch,
         )
         .await?;
@@ -318,7 +319,8 @@ impl Rewind<'_> {
         pass: Pass,
     ) -> Result<TableDiff, RewindError> {
         let name = format!("{}.{}", entry.0, entry.1);
-        let TableQuery { sql, key } = side_query(self.earlier, entry, None, true).await?;
+        let TableQuery { sql, key } =
+            side_query(self.earlier, entry, None, RowText::Record).await?;
         // Without the tenant's filter the rewind would see (and delete) every tenant's rows.
         let Some(filter) = tenant_filter(self.catalog, entry, self.tenant) else {
             return Err(RewindError::Schema {
@@ -326,7 +328,7 @@ impl Rewind<'_> {
                 message: "the source has no such tenant table now (dropped, renamed or reconfigured since the restore point)".into(),
             });
         };
-        let live = side_query(self.writer, entry, Some(&filter), true).await?;
+        let live = side_query(self.writer, entry, Some(&filter), RowText::Record).await?;
         let statements = Statements::for_table(self.writer, entry, &key).await?;
         let earlier = rows(self.earlier, &sql, &name).await?;
         let later = cursor_rows(self.writer, &live.sql, &name).await?;
@@ -357,8 +359,7 @@ impl Rewind<'_> {
                 }
                 _ => continue,
             };
-            let record = row.record.as_deref().unwrap_or_default();
-            match self.writer.execute(sql, &[&record]).await {
+            match self.writer.execute(sql, &[&row.row]).await {
                 Ok(1) => {}
                 Ok(n) => {
                     return Err(RewindError::Row {
