@@ -750,32 +750,10 @@ async fn diff(config: &Config, args: DiffArgs) -> Result<(), Error> {
         side(&report.from),
         side(&report.to)
     );
-    let width = report
-        .tables
-        .iter()
-        .map(|t| t.table.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    println!(
-        "  {:width$}  {:>9} {:>9} {:>9} {:>9}",
-        "table", "inserted", "deleted", "updated", "unchanged"
+    print_tables(
+        &report.tables,
+        ["inserted", "deleted", "updated", "unchanged"],
     );
-    for t in &report.tables {
-        println!(
-            "  {:width$}  {:>9} {:>9} {:>9} {:>9}{}",
-            t.table,
-            t.inserted,
-            t.deleted,
-            t.updated,
-            t.unchanged,
-            if t.key.is_empty() {
-                "  (no primary key: rows matched whole)"
-            } else {
-                ""
-            }
-        );
-    }
     let changed: u64 = report.tables.iter().map(|t| t.changed()).sum();
     let tables = report.tables.iter().filter(|t| t.changed() > 0).count();
     println!("{changed} row(s) changed in {tables} table(s)");
@@ -836,29 +814,40 @@ async fn rewind(config: &Config, args: RewindArgs) -> Result<(), Error> {
         "tenant {}: the plan to rewind it to {point} (nothing was written; --apply writes it):",
         report.tenant
     );
-    let width = report
-        .tables
-        .iter()
-        .map(|t| t.table.len())
-        .max()
-        .unwrap_or(5)
-        .max(5);
-    println!(
-        "  {:width$}  {:>9} {:>9} {:>9} {:>9}",
-        "table", "delete", "put back", "set back", "unchanged"
+    print_tables(
+        &report.tables,
+        ["delete", "put back", "set back", "unchanged"],
     );
-    for t in &report.tables {
-        println!(
-            "  {:width$}  {:>9} {:>9} {:>9} {:>9}",
-            t.table, t.inserted, t.deleted, t.updated, t.unchanged
-        );
-    }
     println!(
         "{} row(s) to change in {} table(s)",
         delete + put_back + set_back,
         report.tables.iter().filter(|t| t.changed() > 0).count()
     );
     Ok(())
+}
+
+/// Per table: rows inserted, deleted, updated and unchanged since the restore point, under
+/// the given headings (what `diff` and `rewind` call them).
+fn print_tables(tables: &[crate::diff::TableDiff], headings: [&str; 4]) {
+    let width = tables
+        .iter()
+        .map(|t| t.table.len())
+        .max()
+        .unwrap_or(5)
+        .max(5);
+    let [a, b, c, d] = headings;
+    println!("  {:width$}  {a:>9} {b:>9} {c:>9} {d:>9}", "table");
+    for t in tables {
+        let note = match (t.note, t.key.is_empty()) {
+            (Some(note), _) => format!("  ({note})"),
+            (None, true) => "  (no primary key: rows matched whole)".into(),
+            (None, false) => String::new(),
+        };
+        println!(
+            "  {:width$}  {:>9} {:>9} {:>9} {:>9}{note}",
+            t.table, t.inserted, t.deleted, t.updated, t.unchanged
+        );
+    }
 }
 
 /// `--target-url` (without a password on the command line) or `restore.target_url`.
