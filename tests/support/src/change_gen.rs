@@ -211,6 +211,11 @@ pub fn plan_change(
             if is_root {
                 return None;
             }
+            // A SET NULL on a route below moves rows to no tenant and their subtree with them on
+            // the source, which the stream never says: the known design gap of the moves below.
+            if !spec.known_bugs && set_null_above_children(spec, i) {
+                return None;
+            }
             let row = mine.get(rng.usize(..mine.len().max(1)))?;
             Some((
                 format!("DELETE FROM {table} WHERE rid = {};", row.rid),
@@ -399,4 +404,29 @@ pub fn plan_change(
             Some((format!("TRUNCATE {table};"), format!("truncate {name}")))
         }
     }
+}
+
+/// Whether deleting a row of table `i` can SET NULL the route of rows that have children of
+/// their own: some table routed through `i` (at any depth) by an `ON DELETE SET NULL` key, that
+/// other tables reference.
+fn set_null_above_children(spec: &Spec, i: usize) -> bool {
+    let referenced = spec.referenced();
+    let mut below = vec![i];
+    let mut seen = BTreeSet::new();
+    while let Some(t) = below.pop() {
+        for (j, child) in spec.tables.iter().enumerate() {
+            if let Route::Via {
+                parent, on_delete, ..
+            } = &child.route
+                && *parent == t
+                && seen.insert(j)
+            {
+                if *on_delete == "SET NULL" && referenced.contains(&j) {
+                    return true;
+                }
+                below.push(j);
+            }
+        }
+    }
+    false
 }
