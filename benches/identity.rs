@@ -26,47 +26,20 @@
 
 use std::time::Instant;
 
-use updog_backup_test_support::bench::{Machine, exit_with_usage, median};
+use updog_backup_test_support::bench::{FixtureArgs, Machine, median};
 use updog_backup_test_support::postgres;
 
 const USAGE: &str = "cargo bench --bench identity -- [--scale S] [--tenants N] [--runs N]";
 
-struct Args {
-    scale: String,
-    tenants: u32,
-    runs: usize,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        scale: "1".into(),
-        tenants: 20,
-        runs: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| exit_with_usage(&format!("{arg} needs a value"), USAGE))
-        };
-        match arg.as_str() {
-            "--scale" => args.scale = value(),
-            "--tenants" => {
-                args.tenants = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit_with_usage("--tenants takes a number", USAGE))
-            }
-            "--runs" => {
-                args.runs = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit_with_usage("--runs takes a number", USAGE))
-            }
-            // cargo bench passes --bench to every target.
-            "--bench" => {}
-            other => exit_with_usage(&format!("unknown argument {other}"), USAGE),
-        }
-    }
-    args
+fn parse_args() -> FixtureArgs {
+    FixtureArgs::parse(
+        FixtureArgs {
+            scale: "1".into(),
+            tenants: 20,
+            runs: 3,
+        },
+        USAGE,
+    )
 }
 
 /// A table, the route column its identity must carry, and the statements measured.

@@ -24,7 +24,7 @@
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
-use updog_backup_test_support::bench::{Machine, exit_with_usage, median};
+use updog_backup_test_support::bench::{FixtureArgs, Machine, median};
 use updog_backup_test_support::daemon::{Daemon, capture_env, wait_covered};
 use updog_backup_test_support::oracle::{now, state};
 use updog_backup_test_support::postgres::{self, cluster};
@@ -32,41 +32,15 @@ use updog_backup_test_support::{Repo, TestEnv, fixture_tenant};
 
 const USAGE: &str = "cargo bench --bench rewind -- [--scale S] [--tenants N] [--runs N]";
 
-struct Args {
-    scale: String,
-    tenants: u32,
-    runs: usize,
-}
-
-fn parse_args() -> Args {
-    let mut args = Args {
-        scale: "2".into(),
-        tenants: 20,
-        runs: 3,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        let mut value = || {
-            it.next()
-                .unwrap_or_else(|| exit_with_usage(&format!("{arg} needs a value"), USAGE))
-        };
-        match arg.as_str() {
-            "--scale" => args.scale = value(),
-            "--tenants" => {
-                args.tenants = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit_with_usage("--tenants takes a number", USAGE))
-            }
-            "--runs" => {
-                args.runs = value()
-                    .parse()
-                    .unwrap_or_else(|_| exit_with_usage("--runs takes a number", USAGE))
-            }
-            "--bench" => {}
-            other => exit_with_usage(&format!("unknown argument {other}"), USAGE),
-        }
-    }
-    args
+fn parse_args() -> FixtureArgs {
+    FixtureArgs::parse(
+        FixtureArgs {
+            scale: "2".into(),
+            tenants: 20,
+            runs: 3,
+        },
+        USAGE,
+    )
 }
 
 /// Runs an updog-backup command, asserting success; its seconds.

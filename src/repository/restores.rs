@@ -48,30 +48,33 @@ pub struct RestorePoint {
 
 impl Repository {
     pub async fn put_restore_record(&self, record: &RestoreRecord) -> Result<(), RepositoryError> {
-        let key = format!(
-            "{}{}-{:08x}.json",
-            keys::RESTORES_PREFIX,
-            record.finished_at.format("%Y%m%dT%H%M%S%.3fZ"),
-            fastrand::u32(..)
-        );
-        let json = serde_json::to_vec_pretty(record).expect("a restore record always serializes");
-        self.store()
-            .put_bytes(&key, json.into(), PutMode::CreateNew)
-            .await?;
-        Ok(())
+        self.put_record(keys::RESTORES_PREFIX, record.finished_at, record)
+            .await
+            .map(|_| ())
     }
 
+    /// Returns the record's key.
     pub async fn put_rewind_record(
         &self,
         record: &RewindRecord,
     ) -> Result<String, RepositoryError> {
+        self.put_record(keys::REWINDS_PREFIX, record.applied_at, record)
+            .await
+    }
+
+    /// `<prefix><time>-<random>.json`, never overwriting: one object per event.
+    async fn put_record(
+        &self,
+        prefix: &str,
+        at: DateTime<Utc>,
+        record: &impl Serialize,
+    ) -> Result<String, RepositoryError> {
         let key = format!(
-            "{}{}-{:08x}.json",
-            keys::REWINDS_PREFIX,
-            record.applied_at.format("%Y%m%dT%H%M%S%.3fZ"),
+            "{prefix}{}-{:08x}.json",
+            at.format("%Y%m%dT%H%M%S%.3fZ"),
             fastrand::u32(..)
         );
-        let json = serde_json::to_vec_pretty(record).expect("a rewind record always serializes");
+        let json = serde_json::to_vec_pretty(record).expect("a record always serializes");
         self.store()
             .put_bytes(&key, json.into(), PutMode::CreateNew)
             .await?;

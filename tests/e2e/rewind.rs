@@ -403,14 +403,15 @@ async fn a_rewind_that_cannot_finish_changes_nothing() {
         .await
         .unwrap()
         .get(0);
-    source
-        .batch_execute(&format!(
+    // Moves the lot under the first investment of `tenant`.
+    let move_lot = |tenant: &str| {
+        format!(
             "UPDATE app.investment_lots SET investment_id = (
                SELECT min(i.id) FROM app.investments i JOIN app.funds f ON f.id = i.fund_id
-                WHERE f.organization_id = '{b}') WHERE id = {moved}"
-        ))
-        .await
-        .unwrap();
+                WHERE f.organization_id = '{tenant}') WHERE id = {moved}"
+        )
+    };
+    source.batch_execute(&move_lot(&b)).await.unwrap();
     let before = state(&source, &a).await;
     let refused = env.fails(&["rewind", "--org", &a, "--to", &at, "--apply"], 1);
     assert!(
@@ -421,14 +422,7 @@ async fn a_rewind_that_cannot_finish_changes_nothing() {
     assert_eq!(state(&source, &a).await, before);
 
     // Given back, the same rewind goes through.
-    source
-        .batch_execute(&format!(
-            "UPDATE app.investment_lots SET investment_id = (
-               SELECT min(i.id) FROM app.investments i JOIN app.funds f ON f.id = i.fund_id
-                WHERE f.organization_id = '{a}') WHERE id = {moved}"
-        ))
-        .await
-        .unwrap();
+    source.batch_execute(&move_lot(&a)).await.unwrap();
     env.ok(&["rewind", "--org", &a, "--to", &at, "--apply"]);
     assert_eq!(state(&source, &a).await, wanted);
     daemon.terminate();

@@ -140,3 +140,40 @@ pub fn exit_with_usage(problem: &str, usage: &str) -> ! {
     eprintln!("{usage}");
     std::process::exit(if problem.is_empty() { 0 } else { 2 });
 }
+
+/// The arguments of a bench over the fixture: `--scale S --tenants N --runs N` (and the
+/// `--bench` cargo passes), with the bench's defaults; anything else exits with `usage`.
+pub struct FixtureArgs {
+    pub scale: String,
+    pub tenants: u32,
+    pub runs: usize,
+}
+
+impl FixtureArgs {
+    pub fn parse(defaults: FixtureArgs, usage: &str) -> FixtureArgs {
+        let mut args = defaults;
+        let mut it = std::env::args().skip(1);
+        while let Some(arg) = it.next() {
+            let mut value = || {
+                it.next()
+                    .unwrap_or_else(|| exit_with_usage(&format!("{arg} needs a value"), usage))
+            };
+            match arg.as_str() {
+                "--scale" => args.scale = value(),
+                "--tenants" => {
+                    args.tenants = value()
+                        .parse()
+                        .unwrap_or_else(|_| exit_with_usage("--tenants takes a number", usage))
+                }
+                "--runs" => {
+                    args.runs = value()
+                        .parse()
+                        .unwrap_or_else(|_| exit_with_usage("--runs takes a number", usage))
+                }
+                "--bench" => {}
+                other => exit_with_usage(&format!("unknown argument {other}"), usage),
+            }
+        }
+        args
+    }
+}
