@@ -14,6 +14,7 @@ use crate::config::Config;
 use crate::error::Error;
 use crate::pg::redact_url;
 use crate::progress::{Progress, Unit};
+use crate::repository::tenant_keys::Keyring;
 use crate::repository::{RepoInfo, Repository};
 use crate::restore::{RestoreRequest, RestoreTarget};
 use crate::snapshot::{SnapshotRequest, validate_tenant};
@@ -37,7 +38,13 @@ pub struct Cli {
 pub enum Command {
     /// Check the source, initialise the repository, create the publication and the slot
     /// with the first snapshot (idempotent)
-    Init,
+    Init {
+        /// Repository format for a new repository: 3 (per-tenant keys: `forget` and `rotate`
+        /// work) or 2 (one key for everything, readable by releases before 3)
+        #[arg(long, value_name = "N", default_value_t = crate::repository::FORMAT_VERSION,
+              value_parser = clap::value_parser!(u32).range(2..=3))]
+        format_version: u32,
+    },
     /// Capture every change, take scheduled snapshots, apply retention and serve /status and
     /// /metrics (until SIGTERM / Ctrl-C); a second instance stands by and takes over
     Daemon,
@@ -92,6 +99,32 @@ pub enum Command {
         /// Also decrypt and parse every object (needs the identity)
         #[arg(long)]
         deep: bool,
+    },
+    /// Erase one tenant from every backup at once: deletes its keys, so that nothing stored
+    /// of it can be decrypted any more (asks for confirmation unless --yes)
+    Forget {
+        /// The tenant to erase (its id: `updog-backup list --tenants` shows them)
+        #[arg(long, value_name = "ORG")]
+        org: String,
+        /// Do not ask for confirmation
+        #[arg(long)]
+        yes: bool,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the repository's recipients by re-wrapping the per-tenant keys (not the data);
+    /// opens them with the configured identity. Safe to interrupt and run again
+    Rotate {
+        /// A recipient (age1…) to add (repeatable)
+        #[arg(long, value_name = "RECIPIENT")]
+        add: Vec<String>,
+        /// A recipient (age1…, or its fingerprint from repo.json) to remove (repeatable)
+        #[arg(long, value_name = "RECIPIENT")]
+        remove: Vec<String>,
+        /// Print the report as JSON
+        #[arg(long)]
+        json: bool,
     },
     /// Create a new age identity; prints its recipient (public key)
     Keygen {
@@ -187,7 +220,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         command => {
             let config = Config::load(cli.config.as_deref())?;
             match command {
-                Command::Init => init(&config).await,
+                Command::Init { format_version } => init(&config, format_version).await,
                 Command::Daemon => daemon(&config).await,
                 Command::Check { json } => check(&config, json).await,
                 Command::Backup { orgs } => backup(&config, orgs).await,
@@ -197,6 +230,8 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::Rewind(args) => rewind(&config, args).await,
                 Command::Verify { org, deep } => verify(&config, org, deep).await,
                 Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
+                Command::Forget { org, yes, json } => forget(&config, &org, yes, json).await,
+                Command::Rotate { add, remove, json } => rotate(&config, add, remove, json).await,
                 Command::Keygen { .. } => unreachable!("handled above"),
             }
         }
@@ -260,9 +295,9 @@ fn keygen(output: Option<&Path>) -> Result<(), Error> {
     Ok(())
 }
 
-async fn init(config: &Config) -> Result<(), Error> {
+async fn init(config: &Config, format_version: u32) -> Result<(), Error> {
     let repo = open_repository(config).await?;
-    let report = crate::init::run(config, &repo).await?;
+    let report = crate::init::run(config, &repo, format_version).await?;
     let verb = if report.repository_created {
         "initialised repository"
     } else {
@@ -469,6 +504,30 @@ fn load_identities(config: &Config, info: &RepoInfo) -> Result<Arc<Identities>, 
     )?))
 }
 
+/// What opens one tenant's objects and the global ones: the identity and the keys it
+/// unwraps. A tenant forgotten before `at` (`None`: the latest instant) is refused first.
+async fn tenant_identities(
+    config: &Config,
+    repo: &Repository,
+    info: &RepoInfo,
+    tenant: &str,
+    at: Option<DateTime<Utc>>,
+) -> Result<Arc<Identities>, Error> {
+    crate::repository::erasure::check_not_forgotten(repo, tenant, at).await?;
+    let identities = load_identities(config, info)?;
+    Ok(Keyring::load(repo, identities, Some(tenant))
+        .await?
+        .identities())
+}
+
+/// The instant a target names (`None`: the latest).
+fn target_time(target: &RestoreTarget) -> Option<DateTime<Utc>> {
+    match target {
+        RestoreTarget::At(t) => Some(*t),
+        RestoreTarget::Latest => None,
+    }
+}
+
 async fn list(
     config: &Config,
     org: Option<String>,
@@ -479,7 +538,9 @@ async fn list(
     if tenants {
         return list_tenants(&repo, json).await;
     }
-
+    if let Some(tenant) = &org {
+        crate::repository::erasure::check_not_forgotten(&repo, tenant, None).await?;
+    }
     let report = crate::listing::run(&repo, org).await?;
     if json {
         print_json(&report);
@@ -715,8 +776,8 @@ async fn diff(config: &Config, args: DiffArgs) -> Result<(), Error> {
     let target_url = restore_target_url(config, args.target_url.as_deref())?;
     let repo = open_repository(config).await?;
     let info = repo.info().await?;
-    let identities = load_identities(config, &info)?;
     let tenant = resolve_tenant(&repo, &args.org).await?;
+    let identities = tenant_identities(config, &repo, &info, &tenant, target_time(&from)).await?;
     let request = crate::diff::DiffRequest {
         tenant,
         from,
@@ -769,8 +830,8 @@ async fn rewind(config: &Config, args: RewindArgs) -> Result<(), Error> {
     let target_url = restore_target_url(config, args.target_url.as_deref())?;
     let repo = open_repository(config).await?;
     let info = repo.info().await?;
-    let identities = load_identities(config, &info)?;
     let tenant = resolve_tenant(&repo, &args.org).await?;
+    let identities = tenant_identities(config, &repo, &info, &tenant, target_time(&to)).await?;
     let request = crate::rewind::RewindRequest {
         tenant,
         to,
@@ -888,8 +949,8 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     let store = Arc::new(crate::storage::CountedStore::new(open_store(config).await?));
     let repo = Repository::new(store.clone()).with_concurrency(config.storage.concurrency);
     let info = repo.info().await?;
-    let identities = load_identities(config, &info)?;
     let tenant = resolve_tenant(&repo, &args.org).await?;
+    let identities = tenant_identities(config, &repo, &info, &tenant, target_time(&target)).await?;
     let request = RestoreRequest {
         tenant,
         target,
@@ -963,16 +1024,152 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     Ok(())
 }
 
+async fn forget(config: &Config, org: &str, yes: bool, json: bool) -> Result<(), Error> {
+    let repo = open_repository(config).await?;
+    let info = repo.info().await?;
+    crate::repository::tenant_keys::require_keyed(&repo, &info, "forget one tenant")?;
+    let tenant = resolve_tenant(&repo, org).await?;
+    if !yes {
+        confirm_forget(&tenant)?;
+    }
+    let by = crate::repository::erasure::operator();
+    let report = crate::repository::erasure::forget(&repo, &info, &tenant, &by).await?;
+    if json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!(
+        "forgot tenant {}: {} key(s) deleted on {} by {}; nothing stored of it can be decrypted any more, with the repository identity or otherwise",
+        report.tenant,
+        report.keys.len(),
+        time(report.at),
+        report.by
+    );
+    println!(
+        "every other tenant restores as before; a running daemon gives the tenant's id a new key from its next pack on, should it appear again"
+    );
+    Ok(())
+}
+
+/// `forget` cannot be undone: the operator types the tenant's id, or passes --yes.
+fn confirm_forget(tenant: &str) -> Result<(), Error> {
+    use std::io::IsTerminal;
+    if !std::io::stdin().is_terminal() {
+        return Err(Error::Usage(format!(
+            "forget erases tenant {tenant} from every backup, for good; standard input is not a terminal to confirm on: add --yes"
+        )));
+    }
+    eprint!(
+        "This erases tenant {tenant} from every backup in the repository, for good.\nType the tenant's id to confirm: "
+    );
+    let _ = std::io::stderr().flush();
+    let mut answer = String::new();
+    std::io::stdin()
+        .read_line(&mut answer)
+        .map_err(|e| Error::Failed(format!("reading the confirmation: {e}")))?;
+    if answer.trim() != tenant {
+        return Err(Error::Usage(
+            "not confirmed (the id typed differs): nothing was erased".into(),
+        ));
+    }
+    Ok(())
+}
+
+async fn rotate(
+    config: &Config,
+    add: Vec<String>,
+    remove: Vec<String>,
+    json: bool,
+) -> Result<(), Error> {
+    use crate::codec::{parse_recipients, recipient_fingerprint};
+    if add.is_empty() && remove.is_empty() {
+        return Err(Error::Usage(
+            "rotate needs --add RECIPIENT and/or --remove RECIPIENT".into(),
+        ));
+    }
+    let repo = open_repository(config).await?;
+    let info = repo.info().await?;
+    crate::repository::tenant_keys::require_keyed(
+        &repo,
+        &info,
+        "rotate its recipients by re-wrapping keys",
+    )?;
+    let configured = parse_recipients(&config.encryption.recipients)?;
+    let mut target = configured.clone();
+    for r in parse_recipients(&add)? {
+        if !target.iter().any(|t| t.to_string() == r.to_string()) {
+            target.push(r);
+        }
+    }
+    for r in &remove {
+        let r = r.trim();
+        let before = target.len();
+        target.retain(|t| t.to_string() != r && recipient_fingerprint(t) != r);
+        if target.len() == before {
+            return Err(Error::Usage(format!(
+                "--remove {r}: not one of the recipients (encryption.recipients and --add)"
+            )));
+        }
+    }
+    if target.is_empty() {
+        return Err(Error::Usage(
+            "rotate would leave no recipient: nobody could restore. Add one with --add".into(),
+        ));
+    }
+    // A first run starts from the configured recipients; a rerun after the switch (the
+    // config not updated yet) finds the repository on the target already.
+    let sorted = |rs: &[age::x25519::Recipient]| {
+        let mut f: Vec<String> = rs.iter().map(recipient_fingerprint).collect();
+        f.sort();
+        f
+    };
+    let mut stored = info.recipients.clone();
+    stored.sort();
+    if stored != sorted(&configured) && stored != sorted(&target) {
+        crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
+    }
+    let identities = Identities::load(
+        config.encryption.identity_file.as_deref(),
+        config.encryption.allow_readable_identity,
+    )?;
+    let report = crate::repository::rotation::rotate(&repo, &info, &identities, &target).await?;
+    if json {
+        print_json(&report);
+        return Ok(());
+    }
+    println!(
+        "re-wrapped {} key(s) ({} had the new recipients already); the repository is encrypted to {}",
+        report.rewrapped,
+        report.unchanged,
+        report.recipients.join(", ")
+    );
+    let list: Vec<String> = target.iter().map(|r| format!("\"{r}\"")).collect();
+    println!(
+        "now set encryption.recipients = [{}] in the configuration and restart the daemon; a removed recipient's identity opens nothing any more",
+        list.join(", ")
+    );
+    Ok(())
+}
+
 async fn verify(config: &Config, org: Option<String>, deep: bool) -> Result<(), Error> {
     let (repo, info, org) = open_initialised(config, org.as_deref()).await?;
-    let identities = if deep {
-        Some(load_identities(config, &info)?)
+    let keyring = if deep {
+        let identities = load_identities(config, &info)?;
+        Some(Keyring::load(&repo, identities, org.as_deref()).await?)
     } else {
         None
     };
-    let report = crate::verify::run(&repo, org.as_deref(), identities.as_ref()).await?;
+    let report = crate::verify::run(&repo, org.as_deref(), keyring.as_ref()).await?;
     for failure in &report.failures {
         println!("FAILED {failure}");
+    }
+    for (tenant, f) in &report.forgotten {
+        println!(
+            "forgotten: tenant {tenant} (on {} by {}): {} object(s) unreadable on purpose, digests checked",
+            time(f.at),
+            f.by,
+            f.objects
+        );
     }
     let what = if deep {
         "decrypted and parsed"

@@ -88,7 +88,12 @@ pub struct FirstSnapshot {
     pub consistent_lsn: Lsn,
 }
 
-pub async fn run(config: &Config, repo: &Repository) -> Result<InitReport, InitError> {
+/// `format_version`: of the repository if it is created now (an existing one keeps its own).
+pub async fn run(
+    config: &Config,
+    repo: &Repository,
+    format_version: u32,
+) -> Result<InitReport, InitError> {
     let (client, identity) = crate::source::identity::identify(&config.source.url).await?;
     // The catalog must classify every table before the first backup can work.
     let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
@@ -98,7 +103,7 @@ pub async fn run(config: &Config, repo: &Repository) -> Result<InitReport, InitE
     // slot holding WAL for a stream that stops at its first change, harms the application.
     crate::source::check::refuse_identity_problems(&catalog).map_err(SourceError::from)?;
     let info = RepoInfo {
-        format_version: crate::repository::FORMAT_VERSION,
+        format_version,
         system_identifier: identity.system_identifier,
         database: identity.database,
         tenant_column: config.source.tenant_column.clone(),

@@ -13,6 +13,8 @@ pub enum Unit {
     StoredBytes,
     Rows,
     DeletedBytes,
+    /// Keys re-wrapped to new recipients (the others had them already).
+    Rewrapped,
 }
 
 /// Counts finished items (archives, objects, tables) and the bytes or rows they carried.
@@ -82,6 +84,7 @@ impl Progress {
         match self.unit {
             Unit::StoredBytes => format!("{:.1} MiB stored", amount as f64 / f64::from(1 << 20)),
             Unit::Rows => format!("{amount} rows"),
+            Unit::Rewrapped => format!("{amount} re-wrapped"),
             Unit::DeletedBytes => {
                 format!("{:.1} MiB deleted", amount as f64 / f64::from(1 << 20))
             }

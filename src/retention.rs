@@ -191,6 +191,7 @@ mod tests {
                 key,
                 bytes: 1,
                 sha256: String::new(),
+                sealed_to: None,
             };
             let manifest = Manifest {
                 format_version: crate::repository::FORMAT_VERSION,

@@ -3,14 +3,13 @@
 //! routing checkpoints) or, with it, decrypted and parsed. It reads only; what it finds is a [`VerifyReport`] for the caller to print.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
 use futures::StreamExt;
 use serde::Serialize;
 
-use crate::codec::Identities;
 use crate::progress::{Progress, Unit};
 use crate::repository::pack::PackFooter;
+use crate::repository::tenant_keys::Keyring;
 use crate::repository::{PackRef, Part, Repository, RepositoryError, StreamState, index};
 use crate::restore::{PlanError, plan};
 use crate::retry::{Classify, ErrorClass};
@@ -42,6 +41,16 @@ pub struct VerifyReport {
     /// stream index objects are the checks counted without a kind: see [`Self::breakdown`].
     pub kinds: BTreeMap<Kind, usize>,
     pub failures: Vec<String>,
+    /// Forgotten tenant → its objects (archives, sections) that no key opens any more, on
+    /// purpose: their digests are checked, they are not decrypted.
+    pub forgotten: BTreeMap<String, Forgotten>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Forgotten {
+    pub at: chrono::DateTime<chrono::Utc>,
+    pub by: String,
+    pub objects: usize,
 }
 
 /// What kind of object a check was about.
@@ -84,6 +93,20 @@ impl VerifyReport {
         }
     }
 
+    fn forgotten_object(&mut self, keyring: &Keyring, sealed_to: Option<&str>) {
+        if let Some(record) = keyring.forgotten(sealed_to) {
+            let last = record.last();
+            self.forgotten
+                .entry(record.tenant.clone())
+                .or_insert_with(|| Forgotten {
+                    at: last.at,
+                    by: last.by.clone(),
+                    objects: 0,
+                })
+                .objects += 1;
+        }
+    }
+
     fn count(&mut self, kind: Kind) {
         self.checked += 1;
         *self.kinds.entry(kind).or_default() += 1;
@@ -112,11 +135,11 @@ impl VerifyReport {
 pub async fn run(
     repo: &Repository,
     org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
+    keyring: Option<&Keyring>,
 ) -> Result<VerifyReport, VerifyError> {
     let mut report = VerifyReport::default();
-    snapshots(repo, org, identities, &mut report).await?;
-    stream(repo, org, identities, &mut report).await?;
+    snapshots(repo, org, keyring, &mut report).await?;
+    stream(repo, org, keyring, &mut report).await?;
     checkpoints(repo, &mut report).await?;
     Ok(report)
 }
@@ -125,7 +148,7 @@ pub async fn run(
 async fn snapshots(
     repo: &Repository,
     org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
+    keyring: Option<&Keyring>,
     report: &mut VerifyReport,
 ) -> Result<(), VerifyError> {
     let ids = match org {
@@ -156,7 +179,18 @@ async fn snapshots(
         let parts: Vec<Part<'_>> = manifest.parts().filter(wanted).collect();
         let progress = Progress::new("verify", "objects", Unit::StoredBytes, parts.len() as u64);
         for part in parts {
-            let result = repo.check_part(&manifest, part, identities.cloned()).await;
+            let sealed_to = manifest.object(part).and_then(|o| o.sealed_to.as_deref());
+            let result = match keyring {
+                Some(k) if k.forgotten(sealed_to).is_some() => {
+                    report.forgotten_object(k, sealed_to);
+                    repo.check_part(&manifest, part, None).await
+                }
+                Some(k) => {
+                    repo.check_part(&manifest, part, Some(k.identities_for(sealed_to)))
+                        .await
+                }
+                None => repo.check_part(&manifest, part, None).await,
+            };
             report.record_kind(Kind::SnapshotObject, result);
             progress.advance(manifest.object(part).map_or(0, |o| o.bytes));
         }
@@ -169,7 +203,7 @@ async fn snapshots(
 async fn stream(
     repo: &Repository,
     org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
+    keyring: Option<&Keyring>,
     report: &mut VerifyReport,
 ) -> Result<(), VerifyError> {
     let state = repo.stream_state().await?;
@@ -194,7 +228,7 @@ async fn stream(
         let (covered, others): (Vec<&PackRef>, Vec<&PackRef>) =
             rest.into_iter().partition(|p| window.covers(p));
         rest = others;
-        let footers = packs(repo, &covered, org, identities, report, &progress).await;
+        let footers = packs(repo, &covered, org, keyring, report, &progress).await;
         let within = state
             .indexes
             .iter()
@@ -222,7 +256,7 @@ async fn stream(
     {
         report.record(repo.stream_index_footers(index).await.map(drop));
     }
-    packs(repo, &rest, org, identities, report, &progress).await;
+    packs(repo, &rest, org, keyring, report, &progress).await;
     progress.finish();
     Ok(())
 }
@@ -265,13 +299,13 @@ async fn packs(
     repo: &Repository,
     list: &[&PackRef],
     org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
+    keyring: Option<&Keyring>,
     report: &mut VerifyReport,
     progress: &Progress,
 ) -> Vec<Option<PackFooter>> {
     let checks: Vec<_> = list
         .iter()
-        .map(|p| async move { (p.size, pack(repo, p, org, identities).await) })
+        .map(|p| async move { (p.size, pack(repo, p, org, keyring).await) })
         .collect();
     let results: Vec<_> = futures::stream::iter(checks)
         .buffered(repo.concurrency())
@@ -281,6 +315,12 @@ async fn packs(
         .into_iter()
         .map(|(size, result)| {
             progress.advance(size);
+            let result = result.map(|(footer, forgotten)| {
+                for sealed_to in forgotten {
+                    report.forgotten_object(keyring.expect("only with keys"), Some(&sealed_to));
+                }
+                footer
+            });
             let footer = result.as_ref().ok().cloned();
             report.record_kind(Kind::Pack, result.map(drop));
             footer
@@ -289,25 +329,34 @@ async fn packs(
 }
 
 /// One pack: its footer, its sections (the tenant's and the global ones with `org`; with
-/// identities decrypted and parsed), and its routing region, which restores never read but a
-/// restarted daemon rebuilds its routing state from.
+/// keys decrypted and parsed), and its routing region, which restores never read but a
+/// restarted daemon rebuilds its routing state from. Also returns the keys of the sections
+/// left sealed because their tenant was forgotten.
 async fn pack(
     repo: &Repository,
     p: &PackRef,
     org: Option<&str>,
-    identities: Option<&Arc<Identities>>,
-) -> Result<PackFooter, RepositoryError> {
+    keyring: Option<&Keyring>,
+) -> Result<(PackFooter, Vec<String>), RepositoryError> {
     let footer = repo.pack_footer(p).await?;
+    let mut forgotten = Vec::new();
     for (index, entry) in footer.sections.iter().enumerate() {
         if org.is_some() && entry.tenant.is_some() && entry.tenant.as_deref() != org {
             continue;
         }
-        match identities {
-            None => repo.verify_pack_section(&p.key, index, entry).await?,
-            Some(ids) => {
-                let mut rx = repo.pack_section(&p.key, index, entry, ids.clone()).await?;
+        let sealed_to = entry.sealed_to.as_deref();
+        match keyring {
+            Some(k) if k.forgotten(sealed_to).is_none() => {
+                let ids = k.identities_for(sealed_to);
+                let mut rx = repo.pack_section(&p.key, index, entry, ids).await?;
                 while let Some(m) = rx.recv().await {
                     m?;
+                }
+            }
+            _ => {
+                repo.verify_pack_section(&p.key, index, entry).await?;
+                if keyring.is_some() {
+                    forgotten.extend(sealed_to.map(str::to_string));
                 }
             }
         }
@@ -315,7 +364,7 @@ async fn pack(
     if let Some(region) = &footer.routes {
         repo.pack_routes(&p.key, region).await?;
     }
-    Ok(footer)
+    Ok((footer, forgotten))
 }
 
 /// Every routing checkpoint: a daemon restarts from the newest one before its durable LSN.

@@ -15,7 +15,7 @@ use tokio_postgres::Client;
 
 use crate::pg::Lsn;
 use crate::pg::quote_ident;
-use crate::repository::{FORMAT_VERSION, Gap, Repository, RepositoryError};
+use crate::repository::{FORMAT_2, Gap, Repository, RepositoryError};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::Catalog;
 use crate::source::publication::PublicationError;
@@ -96,7 +96,7 @@ async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, GapErr
         tables.dedup();
     }
     let gap = Gap {
-        format_version: FORMAT_VERSION,
+        format_version: FORMAT_2,
         from_lsn: from.0,
         from_time: from.1,
         tables,

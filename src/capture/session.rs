@@ -28,6 +28,7 @@ use crate::pg::replication::{
     quote_publication_names,
 };
 use crate::repository::StreamProgress;
+use crate::repository::tenant_keys::SealingKeys;
 use crate::repository::{Repository, RepositoryError};
 use crate::source::catalog::Catalog;
 use crate::source::{SourceError, query_context};
@@ -113,10 +114,9 @@ pub(super) async fn session(
         s.stream.durable_lsn = Some(progress.durable_lsn);
     });
 
-    let recipients = Arc::new(
-        crate::codec::parse_recipients(&config.encryption.recipients)
-            .map_err(RepositoryError::from)?,
-    );
+    let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
+        .map_err(RepositoryError::from)?;
+    let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
     let spool_dir = config
         .stream
         .spool_dir
@@ -126,7 +126,7 @@ pub(super) async fn session(
         indexer,
         writer: PackWriter::new(
             repo.clone(),
-            recipients,
+            keys,
             config.compression.level,
             spool_dir.clone(),
             // Packs tile the stream: the next one starts where the last ended, even when the

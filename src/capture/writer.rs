@@ -28,6 +28,7 @@ use sha2::Digest;
 
 use crate::repository::Repository;
 use crate::repository::routes::Delta;
+use crate::repository::tenant_keys::SealingKeys;
 
 /// A section is sealed once its plaintext reaches this size.
 const PIECE: usize = 4 << 20;
@@ -93,7 +94,7 @@ impl PackSummary {
 
 pub struct PackWriter {
     repo: Repository,
-    recipients: Arc<Vec<age::x25519::Recipient>>,
+    keys: Arc<SealingKeys>,
     level: i32,
     spool_dir: PathBuf,
     start: Lsn,
@@ -126,14 +127,14 @@ impl std::fmt::Debug for PackWriter {
 impl PackWriter {
     pub fn new(
         repo: Repository,
-        recipients: Arc<Vec<age::x25519::Recipient>>,
+        keys: Arc<SealingKeys>,
         level: i32,
         spool_dir: PathBuf,
         start: Lsn,
     ) -> Self {
         Self {
             repo,
-            recipients,
+            keys,
             level,
             body: BodySpool::new(spool_dir.clone()),
             spool_dir,
@@ -156,7 +157,7 @@ impl PackWriter {
     pub fn next(&mut self, start: Lsn) -> PackWriter {
         let mut next = PackWriter::new(
             self.repo.clone(),
-            self.recipients.clone(),
+            self.keys.clone(),
             self.level,
             self.spool_dir.clone(),
             start,
@@ -361,7 +362,10 @@ impl PackWriter {
             tenant: section.as_deref().map(str::to_string),
             index,
         };
-        let mut sealer = Sealer::new(&self.recipients, self.level)?;
+        let seal = self
+            .keys
+            .seal_for(section.as_deref(), piece.first.map(|(_, time)| time))?;
+        let mut sealer = Sealer::new(&seal.recipients, self.level)?;
         sealer.write(&pack::section_header(&header))?;
         sealer.write(&plain)?;
         drop(plain);
@@ -387,6 +391,7 @@ impl PackWriter {
             last_time: last.1,
             transactions: piece.transactions,
             changes: piece.changes,
+            sealed_to: seal.sealed_to,
         });
         Ok(())
     }
@@ -428,6 +433,9 @@ impl PackWriter {
         routes: &[Delta],
     ) -> Result<PackSummary, CaptureError> {
         debug_assert!(self.txn.is_none(), "packs hold whole transactions");
+        // The tenants `forget` erased meanwhile: what they committed after it goes to a new
+        // key, what they committed before it to the deleted one (see `SealingKeys::seal_for`).
+        self.keys.notice_forgotten(&self.repo).await?;
         let mut keys: Vec<SectionKey> = self.open.keys().cloned().collect();
         keys.sort();
         for key in &keys {
@@ -446,7 +454,7 @@ impl PackWriter {
             Some(region)
         };
         let footer = PackFooter {
-            format_version: crate::repository::FORMAT_VERSION,
+            format_version: self.keys.format_version(),
             start_lsn: self.start,
             end_lsn: end,
             covered_until,
@@ -456,6 +464,8 @@ impl PackWriter {
         self.body.append(&footer.encode())?;
         let bytes = self.body.size();
         let body = std::mem::replace(&mut self.body, BodySpool::new(self.spool_dir.clone()));
+        // The keys of tenants first seen in this pack, before the pack that needs them.
+        self.keys.store_new(&self.repo).await?;
         let key = self
             .repo
             .put_pack(self.start, end, body.into_stream()?)
@@ -539,7 +549,7 @@ mod tests {
     #[tokio::test]
     async fn sections_stand_alone_and_keep_truncate_order() {
         let identity = age::x25519::Identity::generate();
-        let recipients = Arc::new(vec![identity.to_public()]);
+        let recipients = SealingKeys::unkeyed(vec![identity.to_public()]);
         let ids = Arc::new(Identities::from(vec![identity]));
         let store: Arc<dyn ObjectStore> = Arc::new(MemoryStore::new());
         let dir = std::env::temp_dir();

@@ -105,6 +105,51 @@ pub fn generate_identity() -> (String, String) {
     (text, recipient)
 }
 
+/// A new per-tenant key: its secret wrapped (age, binary) to `recipients`, and its public
+/// half. The secret exists only inside this function: writers keep the public half.
+pub fn new_wrapped_key(
+    recipients: &[age::x25519::Recipient],
+) -> Result<(Vec<u8>, age::x25519::Recipient), CodecError> {
+    let identity = age::x25519::Identity::generate();
+    let public = identity.to_public();
+    let wrapped = wrap_secret(&identity, recipients)?;
+    Ok((wrapped, public))
+}
+
+/// `identity`'s secret encrypted to `recipients` (rotation re-wraps with this too).
+pub fn wrap_secret(
+    identity: &age::x25519::Identity,
+    recipients: &[age::x25519::Recipient],
+) -> Result<Vec<u8>, CodecError> {
+    let encryptor =
+        age::Encryptor::with_recipients(recipients.iter().map(|r| r as &dyn age::Recipient))
+            .map_err(|e| CodecError::Encrypt(e.to_string()))?;
+    let mut out = Vec::new();
+    let mut writer = encryptor.wrap_output(&mut out)?;
+    std::io::Write::write_all(&mut writer, identity.to_string().expose_secret().as_bytes())?;
+    writer.finish()?;
+    Ok(out)
+}
+
+/// The key a [`wrap_secret`] output holds, decrypted with `identities`.
+pub fn unwrap_secret(
+    wrapped: &[u8],
+    identities: &Identities,
+) -> Result<age::x25519::Identity, CodecError> {
+    use std::io::Read;
+    let mut reader = super::open_plain(wrapped, identities)?;
+    let mut text = String::new();
+    reader
+        .read_to_string(&mut text)
+        .map_err(super::classify_read_error)?;
+    // Zeroized when dropped, like the identity it becomes.
+    let text = age::secrecy::SecretString::from(text);
+    text.expose_secret()
+        .trim()
+        .parse::<age::x25519::Identity>()
+        .map_err(|_| CodecError::Corrupt("a wrapped key does not hold an age identity".into()))
+}
+
 /// The identities that can decrypt the repository.
 pub struct Identities(Vec<age::x25519::Identity>);
 
@@ -216,6 +261,14 @@ impl Identities {
 
     pub fn iter(&self) -> impl Iterator<Item = &dyn age::Identity> {
         self.0.iter().map(|i| i as &dyn age::Identity)
+    }
+
+    /// These identities and `extra` (tenants' keys unwrapped from the repository), extra first:
+    /// a format-3 object is sealed to one of them, so it is found with the first X25519 try.
+    pub fn with(&self, extra: impl IntoIterator<Item = age::x25519::Identity>) -> Self {
+        let mut all: Vec<_> = extra.into_iter().collect();
+        all.extend(self.0.iter().cloned());
+        Self(all)
     }
 
     /// The recipients matching these identities (to check them against repo.json).

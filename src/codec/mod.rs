@@ -17,7 +17,8 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 pub use keys::{
-    Identities, check_recipients, generate_identity, parse_recipients, recipient_fingerprint,
+    Identities, check_recipients, generate_identity, new_wrapped_key, parse_recipients,
+    recipient_fingerprint, unwrap_secret, wrap_secret,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -228,6 +229,34 @@ pub fn open<R: Read>(stored: R, identities: &Identities) -> Result<impl Read, Co
         .decrypt(identities.iter())
         .map_err(map_decrypt_error)?;
     Ok(zstd::stream::read::Decoder::new(reader)?)
+}
+
+/// [`open`] for an object recorded as sealed to the key `sealed_to` (format 3). The reader
+/// holds that key (or was refused before it read anything), so a key that does not open it
+/// means the object is not the one recorded: another tenant's, swapped in.
+pub fn open_recorded<R: Read>(
+    stored: R,
+    identities: &Identities,
+    sealed_to: Option<&str>,
+) -> Result<impl Read, CodecError> {
+    open(stored, identities).map_err(|e| match (e, sealed_to) {
+        (CodecError::WrongIdentity, Some(key)) => CodecError::Corrupt(format!(
+            "not sealed to the key recorded for it ({key}): the object was swapped for another tenant's, or that key was deleted from keys/"
+        )),
+        (e, _) => e,
+    })
+}
+
+/// Decrypts `stored` (age without zstd: the wrapped keys).
+pub(crate) fn open_plain<R: Read>(
+    stored: R,
+    identities: &Identities,
+) -> Result<impl Read, CodecError> {
+    let decryptor =
+        age::Decryptor::new_buffered(io::BufReader::new(stored)).map_err(map_decrypt_error)?;
+    decryptor
+        .decrypt(identities.iter())
+        .map_err(map_decrypt_error)
 }
 
 fn map_decrypt_error(e: age::DecryptError) -> CodecError {

@@ -5,7 +5,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{FORMAT_VERSION, Repository, RepositoryError, keys};
+use super::{Repository, RepositoryError, keys};
 use crate::pg::Lsn;
 use crate::storage::{PutMode, StorageError};
 
@@ -56,7 +56,7 @@ impl Repository {
                     key: object.key.clone(),
                     message: e.to_string(),
                 })?;
-            if gap.format_version != FORMAT_VERSION {
+            if !super::readable(gap.format_version) {
                 return Err(RepositoryError::UnknownFormat {
                     key: object.key,
                     found: gap.format_version,
@@ -91,7 +91,7 @@ mod tests {
 
     fn gap(from: Option<i64>, resolved: Option<u64>) -> Gap {
         Gap {
-            format_version: FORMAT_VERSION,
+            format_version: crate::repository::FORMAT_2,
             from_lsn: Lsn(from.map_or(0, |s| s as u64 * 100)),
             from_time: from.map(time),
             tables: vec!["app.t".into()],

@@ -196,7 +196,12 @@ fn json<T: Serialize>(value: &T) -> Vec<u8> {
 /// The index object of `packs`, which must tile the stream in order.
 pub fn encode(packs: &[(PackRef, PackFooter)]) -> Vec<u8> {
     let mut directory = Directory {
-        format_version: super::FORMAT_VERSION,
+        // Restating the footers, it has their layout (format 3's sections name their key).
+        format_version: packs
+            .iter()
+            .map(|p| p.1.format_version)
+            .max()
+            .unwrap_or(super::FORMAT_2),
         start_lsn: packs.first().map_or(Lsn(0), |p| p.0.start),
         end_lsn: packs.last().map_or(Lsn(0), |p| p.0.end),
         packs: Vec::with_capacity(packs.len()),
@@ -293,7 +298,7 @@ async fn read_directory(store: &Arc<dyn ObjectStore>, index: &IndexRef) -> Resul
     let plain = super::routes::decompress(&stored, MAX_PART).map_err(|m| malformed(key, m))?;
     let directory: Directory =
         serde_json::from_slice(&plain).map_err(|e| malformed(key, e.to_string()))?;
-    if directory.format_version != super::FORMAT_VERSION {
+    if !super::readable(directory.format_version) {
         return Err(RepositoryError::UnknownFormat {
             key: key.clone(),
             found: directory.format_version,

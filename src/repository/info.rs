@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use super::{FORMAT_VERSION, RepositoryError, keys};
+use super::{RepositoryError, keys};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -29,7 +29,7 @@ impl RepoInfo {
             .get("format_version")
             .and_then(serde_json::Value::as_u64)
             .unwrap_or(0) as u32;
-        if version != FORMAT_VERSION {
+        if !super::readable(version) {
             return Err(RepositoryError::UnknownFormat {
                 key: keys::REPO_INFO.into(),
                 found: version,

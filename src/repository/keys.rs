@@ -16,6 +16,10 @@ pub const GAPS_PREFIX: &str = "changes/gaps/";
 pub const RESTORES_PREFIX: &str = "restores/";
 /// Rewinds applied to the source, one small record each (no tenant data).
 pub const REWINDS_PREFIX: &str = "rewinds/";
+/// Per-tenant keys (format 3), wrapped to the repository's recipients.
+pub const KEYS_PREFIX: &str = "keys/";
+/// Records of the tenants `forget` erased.
+pub const FORGOTTEN_PREFIX: &str = "forgotten/";
 /// The active daemon's lease.
 pub const LEASE: &str = "locks/daemon.json";
 const MANIFEST: &str = "manifest.json";
@@ -66,6 +70,25 @@ pub fn encode_tenant(tenant: &str) -> String {
     out
 }
 
+/// The inverse of [`encode_tenant`]; `None` for a segment it could not have written.
+pub fn decode_tenant(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    let text = String::from_utf8(out).ok()?;
+    (encode_tenant(&text) == segment).then_some(text)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -77,6 +100,11 @@ mod tests {
             "0b1f9a4e-7c1d-4d4a-9f67-000000000001"
         );
         assert_eq!(encode_tenant("../x/y z"), "%2E%2E%2Fx%2Fy%20z");
+        assert_eq!(
+            decode_tenant("%2E%2E%2Fx%2Fy%20z").as_deref(),
+            Some("../x/y z")
+        );
+        assert_eq!(decode_tenant("%2e"), None, "not what encode_tenant writes");
     }
 
     #[test]

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
+use super::RepositoryError;
 use super::archive::{ArchiveHeader, ArchiveKind};
-use super::{FORMAT_VERSION, RepositoryError};
 use crate::pg::Lsn;
 
 /// One object of a snapshot.
@@ -83,6 +83,9 @@ pub struct StoredObject {
     pub key: String,
     pub bytes: u64,
     pub sha256: String,
+    /// Fingerprint of the key the object is sealed to (format 3; FORMAT.md "Keys").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_to: Option<String>,
 }
 
 /// A stored archive (global or one tenant) with its rows per table (`schema.table`).
@@ -252,7 +255,7 @@ impl Manifest {
             .get("format_version")
             .and_then(Value::as_u64)
             .ok_or_else(|| malformed("no format_version".into()))?;
-        if version != u64::from(FORMAT_VERSION) {
+        if !u32::try_from(version).is_ok_and(super::readable) {
             return Err(RepositoryError::UnknownFormat {
                 key: key.into(),
                 found: u32::try_from(version).unwrap_or(u32::MAX),
@@ -415,6 +418,7 @@ mod tests {
             key,
             bytes: 10,
             sha256: "ab".repeat(32),
+            sealed_to: None,
         }
     }
 
@@ -428,7 +432,7 @@ mod tests {
             rows: BTreeMap::from([("app.funds".to_string(), 3)]),
         };
         Manifest {
-            format_version: FORMAT_VERSION,
+            format_version: crate::repository::FORMAT_2,
             id: id.clone(),
             system_identifier: "7441".into(),
             database: "updog".into(),

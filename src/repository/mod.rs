@@ -10,6 +10,7 @@
 
 pub mod archive;
 pub mod copy_binary;
+pub mod erasure;
 mod gaps;
 pub mod index;
 pub mod info;
@@ -20,8 +21,10 @@ pub mod object;
 pub mod pack;
 pub mod reader;
 mod restores;
+pub mod rotation;
 pub mod routes;
 pub mod stream;
+pub mod tenant_keys;
 
 use std::sync::Arc;
 
@@ -37,9 +40,18 @@ pub use manifest::{Manifest, Part, SnapshotId, StoredObject};
 pub use restores::{RestorePoint, RestoreRecord, RewindRecord};
 pub use stream::{PackRef, Span, StreamProgress, StreamState};
 
-/// The format this build reads and writes (FORMAT.md). 2: manifests carry a digest of their
-/// own, routing checkpoints the LSN they hold the state at.
-pub const FORMAT_VERSION: u32 = 2;
+/// The newest format this build reads and writes, the one `init` creates (FORMAT.md). 2:
+/// manifests carry a digest of their own, routing checkpoints the LSN they hold the state at.
+/// 3: per-tenant keys ([`tenant_keys`]).
+pub const FORMAT_VERSION: u32 = 3;
+/// Format 2, still read, and written into repositories created in it. Objects format 3 left
+/// unchanged (stream progress, gaps, retention's mark) say 2 in both.
+pub const FORMAT_2: u32 = 2;
+
+/// Whether this build reads an object of format `version`.
+pub fn readable(version: u32) -> bool {
+    (FORMAT_2..=FORMAT_VERSION).contains(&version)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum RepositoryError {
@@ -52,7 +64,7 @@ pub enum RepositoryError {
     )]
     NotInitialized { location: String },
     #[error(
-        "{key} has format version {found}; this build reads version {FORMAT_VERSION}: {}",
+        "{key} has format version {found}; this build reads versions {FORMAT_2} to {FORMAT_VERSION}: {}",
         format_advice(*found)
     )]
     UnknownFormat { key: String, found: u32 },
@@ -84,6 +96,28 @@ pub enum RepositoryError {
         expected: String,
         found: String,
     },
+    #[error(
+        "tenant {tenant} was forgotten on {at} by {by}: its backups were erased on purpose (`updog-backup forget`) and cannot be restored{}",
+        if *.reappeared { "; it appeared again since, and instants after that restore from the first snapshot taken after it was forgotten" } else { "" }
+    )]
+    Forgotten {
+        tenant: String,
+        at: String,
+        by: String,
+        reappeared: bool,
+    },
+    #[error(
+        "the repository at {location} is in format 2, where every tenant is encrypted to the repository's recipients: it cannot {what}. \
+         A repository created by this release's `updog-backup init` (format 3, at another storage.url) gives every tenant its own key; restores keep reading this one"
+    )]
+    Unkeyed {
+        location: String,
+        what: &'static str,
+    },
+    #[error(
+        "tenant {0} has no key in this repository: nothing of it was ever stored (`updog-backup list --tenants` shows the tenants)"
+    )]
+    UnknownTenant(String),
     #[error("snapshot {0} not found (see `updog-backup list`)")]
     NoSuchSnapshot(String),
 }
@@ -171,6 +205,14 @@ impl Repository {
         }
     }
 
+    /// Rewrites `repo.json` (`rotate`: its recipients).
+    pub async fn put_info(&self, info: &RepoInfo) -> Result<()> {
+        self.store
+            .put_bytes(keys::REPO_INFO, info.to_json().into(), PutMode::Overwrite)
+            .await?;
+        Ok(())
+    }
+
     /// Snapshots that are complete (their manifest exists), oldest first.
     pub async fn snapshots(&self) -> Result<Vec<SnapshotId>> {
         let mut ids: Vec<SnapshotId> = self
@@ -254,11 +296,14 @@ impl Classify for RepositoryError {
             RepositoryError::Codec(e) | RepositoryError::Object { source: e, .. } => e.class(),
             RepositoryError::NotInitialized { .. }
             | RepositoryError::ForeignRepository { .. }
-            | RepositoryError::NoSuchSnapshot(_) => ErrorClass::Usage,
+            | RepositoryError::NoSuchSnapshot(_)
+            | RepositoryError::Unkeyed { .. }
+            | RepositoryError::UnknownTenant(_) => ErrorClass::Usage,
             RepositoryError::UnknownFormat { .. }
             | RepositoryError::Malformed { .. }
             | RepositoryError::DigestMismatch { .. }
-            | RepositoryError::Archive { .. } => ErrorClass::Permanent,
+            | RepositoryError::Archive { .. }
+            | RepositoryError::Forgotten { .. } => ErrorClass::Permanent,
         }
     }
 }

@@ -14,6 +14,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::manifest::StoredObject;
+use super::tenant_keys::Seal;
 use super::{RepositoryError, Result};
 use crate::codec::{SealedSummary, Sealer};
 use crate::storage::{ObjectStore, PutMode, StorageError};
@@ -33,16 +34,17 @@ pub struct ObjectWriter {
     sealer: Option<Sealer>,
     tx: mpsc::Sender<Piece>,
     put: JoinHandle<Result<u64, StorageError>>,
+    sealed_to: Option<String>,
 }
 
 impl ObjectWriter {
     pub fn create(
         store: Arc<dyn ObjectStore>,
         key: String,
-        recipients: &[age::x25519::Recipient],
+        seal: &Seal,
         level: i32,
     ) -> Result<Self> {
-        let sealer = Sealer::new(recipients, level)?;
+        let sealer = Sealer::new(&seal.recipients, level)?;
         let (tx, rx) = mpsc::channel::<Piece>(CHANNEL_DEPTH);
         // The body ends cleanly only after `Piece::End`; a writer dropped before `finish`
         // (an error elsewhere, a cancelled task) fails the upload, so the store never
@@ -65,6 +67,7 @@ impl ObjectWriter {
             sealer: Some(sealer),
             tx,
             put,
+            sealed_to: seal.sealed_to.clone(),
         })
     }
 
@@ -127,6 +130,7 @@ impl ObjectWriter {
                 key: self.key,
                 bytes: summary.stored_bytes,
                 sha256: summary.sha256.clone(),
+                sealed_to: self.sealed_to,
             },
             summary,
         ))
@@ -146,14 +150,9 @@ pub(super) async fn fetch_reader(
 }
 
 impl super::Repository {
-    /// A new sealed object at `key` (zstd then age to `recipients`), streamed to the store as it
-    /// is written; it becomes visible only when [`ObjectWriter::finish`] succeeds.
-    pub fn object_writer(
-        &self,
-        key: String,
-        recipients: &[age::x25519::Recipient],
-        level: i32,
-    ) -> Result<ObjectWriter> {
-        ObjectWriter::create(self.store().clone(), key, recipients, level)
+    /// A new sealed object at `key` (zstd then age to `seal`'s recipients), streamed to the
+    /// store as it is written; it becomes visible only when [`ObjectWriter::finish`] succeeds.
+    pub fn object_writer(&self, key: String, seal: &Seal, level: i32) -> Result<ObjectWriter> {
+        ObjectWriter::create(self.store().clone(), key, seal, level)
     }
 }

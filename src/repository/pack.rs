@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 use super::archive::{MAX_RECORD, json_record, record_prefix};
 use super::stream::PackRef;
 use super::{Repository, RepositoryError, Result};
-use crate::codec::{HashingReader, Identities, classify_read_error, open};
+use crate::codec::{HashingReader, Identities, classify_read_error, open_recorded};
 use crate::pg::Lsn;
 use crate::pg::pgoutput::{self, Context, Message, ProtocolVersion};
 use crate::storage::ObjectStore;
@@ -76,6 +76,9 @@ pub struct SectionEntry {
     pub last_time: DateTime<Utc>,
     pub transactions: u64,
     pub changes: u64,
+    /// Fingerprint of the key the section is sealed to (format 3; FORMAT.md "Keys").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed_to: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,7 +216,7 @@ async fn read_footer(store: &Arc<dyn ObjectStore>, key: &str, size: u64) -> Resu
     }
     let footer: PackFooter =
         serde_json::from_slice(&json).map_err(|e| malformed(key, e.to_string()))?;
-    if footer.format_version != super::FORMAT_VERSION {
+    if !super::readable(footer.format_version) {
         return Err(RepositoryError::UnknownFormat {
             key: key.into(),
             found: footer.format_version,
@@ -319,8 +322,8 @@ fn read_section(
     };
     let mut hashing = HashingReader::new(reader);
     {
-        let mut plain =
-            open(&mut hashing, identities).map_err(|source| RepositoryError::Object {
+        let mut plain = open_recorded(&mut hashing, identities, entry.sealed_to.as_deref())
+            .map_err(|source| RepositoryError::Object {
                 key: format!("{key} section {}", expect.index),
                 source,
             })?;
@@ -556,6 +559,7 @@ mod tests {
             last_time: time,
             transactions: 1,
             changes: 1,
+            sealed_to: None,
         }
     }
 

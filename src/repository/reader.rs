@@ -16,7 +16,7 @@ use super::archive::{ArchiveEvent, ArchiveHeader, ArchiveReader};
 use super::manifest::{Manifest, Part, StoredObject};
 use super::object::fetch_reader;
 use super::{Repository, RepositoryError, Result};
-use crate::codec::{CodecError, HashingReader, Identities, classify_read_error, open};
+use crate::codec::{CodecError, HashingReader, Identities, classify_read_error, open_recorded};
 use crate::storage::ObjectStore;
 
 /// Channel depth for archive events (each at most one data record, ~1 MiB).
@@ -56,8 +56,8 @@ fn read_archive(
     };
     let mut hashing = HashingReader::new(reader);
     {
-        let plain =
-            open(&mut hashing, identities).map_err(|source| object_error(object, source))?;
+        let plain = open_recorded(&mut hashing, identities, object.sealed_to.as_deref())
+            .map_err(|source| object_error(object, source))?;
         let mut archive = ArchiveReader::open(plain).map_err(archive_error)?;
         if archive.header() != expect {
             return Err(archive_error(format!(
@@ -119,7 +119,7 @@ async fn read_sealed(
         let mut hashing = HashingReader::new(reader);
         let mut plain = Vec::new();
         let fail = |e| object_error(&object, e);
-        open(&mut hashing, &identities)
+        open_recorded(&mut hashing, &identities, object.sealed_to.as_deref())
             .map_err(fail)?
             .read_to_end(&mut plain)
             .map_err(|e| fail(classify_read_error(e)))?;

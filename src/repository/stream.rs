@@ -66,7 +66,7 @@ async fn read_state<T: serde::de::DeserializeOwned>(
         Err(e) => return Err(e.into()),
     };
     let value: T = serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
-    if version(&value) != super::FORMAT_VERSION {
+    if !super::readable(version(&value)) {
         return Err(RepositoryError::UnknownFormat {
             key: key.into(),
             found: version(&value),
@@ -118,7 +118,7 @@ async fn read_retained(store: &Arc<dyn ObjectStore>) -> Result<Option<Retained>>
 
 async fn write_retained(store: &Arc<dyn ObjectStore>, packs_from: Lsn) -> Result<()> {
     let retained = Retained {
-        format_version: super::FORMAT_VERSION,
+        format_version: super::FORMAT_2,
         packs_from,
         updated_at: Utc::now(),
     };
@@ -304,7 +304,7 @@ impl StreamState {
             });
         }
         StreamProgress {
-            format_version: super::FORMAT_VERSION,
+            format_version: super::FORMAT_2,
             slot: slot.into(),
             since_lsn: since,
             durable_lsn: since,

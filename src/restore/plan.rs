@@ -278,7 +278,14 @@ pub async fn plan(
                     snapshot: manifest.id.to_string(),
                     reason,
                 })?;
-            Some((repo.pack_views(&state, &packs, Some(tenant)).await?, at))
+            let mut views = repo.pack_views(&state, &packs, Some(tenant)).await?;
+            // A section whose every transaction the snapshot holds already (the first pack
+            // after it begins before it) is not read at all.
+            for view in &mut views {
+                view.sections
+                    .retain(|(_, s)| s.last_lsn >= manifest.consistent_lsn);
+            }
+            Some((views, at))
         }
         // The snapshot's own instant, which the stream does not cover yet: the snapshot alone.
         Some(s) => {
@@ -409,6 +416,7 @@ mod tests {
             key,
             bytes: 1,
             sha256: String::new(),
+            sealed_to: None,
         };
         let archive = |key| ArchiveEntry {
             object: object(key),
@@ -468,6 +476,7 @@ mod tests {
             last_time: committed,
             transactions: 1,
             changes: 1,
+            sealed_to: None,
         };
         let footer = PackFooter {
             format_version: crate::repository::FORMAT_VERSION,

@@ -26,6 +26,7 @@ use crate::repository::archive::{self, ArchiveHeader, ArchiveKind, TableHeader};
 use crate::repository::copy_binary::CopyChecker;
 use crate::repository::manifest::{ArchiveEntry, SequenceState};
 use crate::repository::object::ObjectWriter;
+use crate::repository::tenant_keys::SealingKeys;
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId, StoredObject, keys};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, CatalogError, Table};
@@ -81,7 +82,9 @@ struct Exporter {
     catalog: Catalog,
     repo: Repository,
     id: SnapshotId,
-    recipients: Vec<age::x25519::Recipient>,
+    keys: Arc<SealingKeys>,
+    /// The consistent point's time: what a tenant erased after it holds is sealed away.
+    consistent_time: DateTime<Utc>,
     level: i32,
     /// Archives still to export: a tenant, or `None` for the global tables.
     jobs: Mutex<VecDeque<Option<String>>>,
@@ -254,13 +257,15 @@ async fn export(
 
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
         .map_err(RepositoryError::from)?;
+    let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
     let mut jobs: VecDeque<Option<String>> = tenants.iter().cloned().map(Some).collect();
     jobs.push_front(None);
     let exporter = Arc::new(Exporter {
         catalog,
         repo: repo.clone(),
         id: id.clone(),
-        recipients,
+        keys: keys.clone(),
+        consistent_time: point.time,
         level: config.compression.level,
         jobs: Mutex::new(jobs),
         progress: Progress::new(
@@ -325,7 +330,7 @@ async fn export(
         .collect();
 
     let manifest = Manifest {
-        format_version: crate::repository::FORMAT_VERSION,
+        format_version: keys.format_version(),
         id: id.clone(),
         system_identifier: identity.system_identifier.clone(),
         database: identity.database.clone(),
@@ -344,6 +349,8 @@ async fn export(
         tenants,
         depends_on,
     };
+    // The keys of tenants first seen here, before the manifest that makes the snapshot exist.
+    keys.store_new(repo).await?;
     repo.put_manifest(&manifest).await?;
     Ok(manifest)
 }
@@ -488,7 +495,11 @@ impl Exporter {
                 self.catalog.global_tables().collect(),
             ),
         };
-        let mut writer = self.repo.object_writer(key, &self.recipients, self.level)?;
+        let seal = self
+            .keys
+            .seal_for(tenant, Some(self.consistent_time))
+            .map_err(RepositoryError::from)?;
+        let mut writer = self.repo.object_writer(key, &seal, self.level)?;
         let header = ArchiveHeader {
             kind,
             snapshot: self.id.to_string(),
@@ -544,9 +555,13 @@ impl Exporter {
             let _ = stderr.read_to_string(&mut text).await;
             text
         });
-        let mut writer =
-            self.repo
-                .object_writer(keys::schema(&self.id), &self.recipients, self.level)?;
+        let seal = self
+            .keys
+            .seal_for(None, None)
+            .map_err(RepositoryError::from)?;
+        let mut writer = self
+            .repo
+            .object_writer(keys::schema(&self.id), &seal, self.level)?;
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             let n = stdout

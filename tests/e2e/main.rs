@@ -21,6 +21,7 @@ mod schema_change;
 mod snapshot_restore;
 mod storage;
 mod stream_index;
+mod tenant_keys;
 mod tls;
 
 /// The support crate runs the binary cargo built for this target (it finds it by path, as a

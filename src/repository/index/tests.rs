@@ -25,6 +25,7 @@ fn section(tenant: Option<&str>, offset: u64, lsn: u64) -> SectionEntry {
         last_time: time,
         transactions: 1,
         changes: 3,
+        sealed_to: None,
     }
 }
 
