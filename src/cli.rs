@@ -640,6 +640,14 @@ async fn list_tenants(repo: &Repository, json: bool) -> Result<(), Error> {
         "TENANT", "ROWS", "BYTES", "RESTORABLE FROM"
     );
     for t in &report.tenants {
+        if let Some(at) = t.forgotten_at {
+            println!(
+                "{:<36} forgotten on {} (`updog-backup forget`): nothing of it can be restored",
+                t.tenant,
+                time(at)
+            );
+            continue;
+        }
         let gaps = if t.window.ranges.len() > 1 {
             " (with gaps: `list --org` shows them)"
         } else {

@@ -100,6 +100,9 @@ pub struct TenantLine {
     pub bytes: u64,
     pub snapshot: String,
     pub window: crate::restore::Window,
+    /// When `forget` erased the tenant, if its newest archive is sealed to an erased key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forgotten_at: Option<chrono::DateTime<chrono::Utc>>,
 }
 
 #[derive(Debug, Serialize)]
@@ -216,6 +219,11 @@ pub async fn tenants(repo: &Repository) -> Result<TenantsReport, ListError> {
     }
     let state = repo.stream_state().await?;
     let spans = state.spans();
+    let mut erased = std::collections::HashMap::new();
+    for record in crate::repository::tenant_keys::all_forgotten(repo).await? {
+        let at = record.last().at;
+        erased.extend(record.keys().map(|key| (key, at)));
+    }
     let mut ids: Vec<&String> = manifests.iter().flat_map(|m| m.tenants.keys()).collect();
     ids.sort();
     ids.dedup();
@@ -253,6 +261,11 @@ pub async fn tenants(repo: &Repository) -> Result<TenantsReport, ListError> {
             bytes: archive.object.bytes,
             snapshot: newest.id.to_string(),
             window,
+            forgotten_at: archive
+                .object
+                .sealed_to
+                .as_ref()
+                .and_then(|key| erased.get(key).copied()),
         });
     }
     Ok(TenantsReport {

@@ -49,6 +49,18 @@ impl Env {
         db: &str,
         args: &Args,
     ) -> Self {
+        Self::with_slot(pg, base, label, db, args, SLOT)
+    }
+
+    /// [`Env::new`] with its own slot: a second repository of the same source.
+    pub(crate) fn with_slot(
+        pg: &postgres::Cluster,
+        base: &Path,
+        label: &str,
+        db: &str,
+        args: &Args,
+        slot: &str,
+    ) -> Self {
         let dir = base.join(label);
         fs::create_dir_all(&dir).unwrap();
         let identity = dir.join("identity.txt");
@@ -67,7 +79,7 @@ impl Env {
             &config,
             config_toml(
                 &pg.url("updog_backup", db),
-                &format!("slot = \"{SLOT}\"\n"),
+                &format!("slot = \"{slot}\"\n"),
                 &format!("url = \"file://{}\"", repo.display()),
                 &recipient,
                 &identity,
@@ -88,7 +100,11 @@ impl Env {
         // The publication `init` needs, created as the tables' owner would.
         pg.psql(
             db,
-            &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"],
+            &[
+                "-c",
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'updog_backup')
+                 THEN CREATE PUBLICATION updog_backup FOR ALL TABLES; END IF; END $$",
+            ],
         );
         Env {
             dir,

@@ -55,7 +55,20 @@ pub(crate) struct Backlog {
     pub(crate) daemon_cpu: f64,
     pub(crate) walsender_cpu: f64,
     pub(crate) hwm_kib: u64,
+    /// The same backlog drained by a daemon into a format-2 repository (one key for every
+    /// tenant), after this one: what per-tenant keys cost.
+    pub(crate) format2: Drain,
 }
+
+/// A daemon started on a backlog: capture started to the last pack with it, and its CPU.
+pub(crate) struct Drain {
+    pub(crate) seconds: f64,
+    pub(crate) daemon_cpu: f64,
+    pub(crate) packs: usize,
+}
+
+/// The second repository's slot (format 2), for the backlog's comparison.
+const FORMAT2_SLOT: &str = "updog_backup_format2";
 
 impl Bench<'_> {
     pub(crate) fn capture(&self, pg: &'static postgres::Cluster) -> CaptureResult {
@@ -128,7 +141,8 @@ impl Bench<'_> {
         stops.push(("after (a)".to_string(), status, took));
 
         // (a) backlog: load while the daemon is down, then its drain.
-        let backlog = (a.backlog > 0).then(|| self.backlog(&env, &src, &mut problems, &mut stops));
+        let backlog =
+            (a.backlog > 0).then(|| self.backlog(pg, &db, &env, &src, &mut problems, &mut stops));
 
         // (c) one large transaction, a fresh daemon.
         let big = a
@@ -175,12 +189,18 @@ impl Bench<'_> {
     /// (a) backlog: load while the daemon is down, then its drain.
     fn backlog(
         &self,
+        pg: &'static postgres::Cluster,
+        db: &str,
         env: &Env,
         src: &Source,
         problems: &mut Vec<String>,
         stops: &mut Vec<(String, ExitStatus, f64)>,
     ) -> Backlog {
         let a = self.args;
+        // A format-2 repository of the same source, its slot made now: it drains the same
+        // backlog after the format-3 daemon, alone.
+        let format2 = Env::with_slot(pg, self.work, "capture-format2", db, a, FORMAT2_SLOT);
+        format2.ok(&["init", "--format-version", "2"]);
         eprintln!(
             "   (a) backlog: {} s of pgbench with the daemon stopped…",
             a.backlog
@@ -224,7 +244,35 @@ impl Bench<'_> {
             load.changes,
             secs(last - started)
         );
+        let mut daemon = Daemon::start(&format2, "backlog-format2");
+        let cpu0 = daemon.cpu();
+        format2
+            .wait_covered(end, &mut daemon, Duration::from_secs(600))
+            .expect("the format-2 daemon drains the backlog");
+        let daemon_cpu_format2 = daemon.cpu() - cpu0;
+        let log2 = daemon.parse_log();
+        let started2 = log2.capture_started.unwrap_or(daemon.spawned_at);
+        let last2 = log2.packs.last().map_or(started2, |p| p.at);
+        problems.extend(log2.problems.clone());
+        let (status, took) = daemon.stop();
+        stops.push(("after the format-2 backlog".to_string(), status, took));
+        // Its slot would hold WAL for the rest of the bench.
+        self.rt
+            .block_on(
+                src.client
+                    .execute("SELECT pg_drop_replication_slot($1)", &[&FORMAT2_SLOT]),
+            )
+            .unwrap();
+        eprintln!(
+            "   (a) the same backlog into a format-2 repository: {:.1} s",
+            secs(last2 - started2)
+        );
         Backlog {
+            format2: Drain {
+                seconds: secs(last2 - started2),
+                daemon_cpu: daemon_cpu_format2,
+                packs: log2.packs.len(),
+            },
             load,
             drain_seconds: secs(last - started),
             decoded_seconds: decoded_at.map(|d| secs(d - started)),

@@ -182,6 +182,18 @@ pub(crate) fn report(
                 b.drain_seconds,
             )
             .unwrap();
+            let f2 = &b.format2;
+            writeln!(
+                w,
+                "| same backlog again, by a daemon into a format-2 repository (one key for every tenant) | {:.0}/s ({:.1} s, {} packs, daemon CPU {:.1} s) | format 3 / format 2: | {:.3}× time, {:.3}× CPU | |",
+                drained as f64 / f2.seconds,
+                f2.seconds,
+                f2.packs,
+                f2.daemon_cpu,
+                b.drain_seconds / f2.seconds,
+                b.daemon_cpu / f2.daemon_cpu
+            )
+            .unwrap();
         }
         let stored_packs: u64 = c.live_packs.iter().map(|p| p.bytes).sum();
         writeln!(

@@ -22,6 +22,9 @@ pub(crate) struct Env {
     pub(crate) config: PathBuf,
     pub(crate) repo: PathBuf,
     pub(crate) recipient: String,
+    /// The `init` that made the repository and took the first snapshot (in format 3, it also
+    /// made every tenant's key).
+    pub(crate) init: Sample,
 }
 
 /// What a backup stored, besides its sample.
@@ -33,8 +36,10 @@ pub(crate) struct Stored {
 }
 
 impl Env {
-    pub(crate) fn new(pg: &postgres::Cluster, base: &Path, db: &str) -> Self {
-        let dir = base.join(db);
+    /// A repository of `format_version` (3: per-tenant keys; 2: one key for every tenant),
+    /// with its own slot.
+    pub(crate) fn new(pg: &postgres::Cluster, base: &Path, db: &str, format_version: u32) -> Self {
+        let dir = base.join(format!("{db}-format{format_version}"));
         fs::create_dir_all(&dir).unwrap();
         let identity = dir.join("identity.txt");
         let out = measure(
@@ -55,7 +60,7 @@ impl Env {
             &config,
             config_toml(
                 &pg.url("updog_backup", db),
-                "",
+                &format!("slot = \"updog_backup_f{format_version}\"\n"),
                 &format!("url = \"file://{}\"", repo.display()),
                 &recipient,
                 &identity,
@@ -63,18 +68,24 @@ impl Env {
             ),
         )
         .unwrap();
-        let env = Env {
+        let mut env = Env {
             dir,
             config,
             repo,
             recipient,
+            init: Sample::default(),
         };
         // The publication `init` needs, created as the tables' owner would.
         pg.psql(
             db,
-            &["-c", "CREATE PUBLICATION updog_backup FOR ALL TABLES"],
+            &[
+                "-c",
+                "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'updog_backup')
+                 THEN CREATE PUBLICATION updog_backup FOR ALL TABLES; END IF; END $$",
+            ],
         );
-        env.run(pg, &["init"], 2);
+        let format = format_version.to_string();
+        env.init = Sample::from(&env.run(pg, &["init", "--format-version", &format], 2));
         env
     }
 

@@ -8,7 +8,7 @@ use updog_backup_test_support::bench::{MIB, Machine, mib, verdict};
 
 use crate::measure::Series;
 use crate::ours::NO_PARALLEL_QUERY_RUN;
-use crate::scale::ScaleResult;
+use crate::scale::{FORMAT2_RUN, ScaleResult};
 use crate::{Args, RSS_TARGET_KIB, TENANT_RATIO_TARGET};
 
 pub(crate) fn report(
@@ -187,6 +187,29 @@ pub(crate) fn report(
             &r.ours_no_parallel_query,
             true,
         );
+        line(
+            w,
+            &format!(
+                "ours: `backup`, parallel = {FORMAT2_RUN}, into a format-2 repository (one key for every tenant)"
+            ),
+            &r.ours_format2,
+            true,
+        );
+        if let Some((_, keyed)) = r.ours.iter().find(|(p, _)| *p == FORMAT2_RUN) {
+            writeln!(
+                w,
+                "
+per-tenant keys (format 3 / format 2, parallel {FORMAT2_RUN}): `backup` {:.3}× time, {:.3}× CPU, {:.4}× bytes; \
+                 `init` (first snapshot, which also makes every tenant's key) {:.2} s / {:.2} s = {:.3}×",
+                keyed.wall() / r.ours_format2.wall(),
+                keyed.cpu() / r.ours_format2.cpu(),
+                keyed.bytes() as f64 / r.ours_format2.bytes() as f64,
+                r.init.0.wall,
+                r.init.1.wall,
+                r.init.0.wall / r.init.1.wall
+            )
+            .unwrap();
+        }
         let setups: Vec<String> = r
             .ours
             .iter()

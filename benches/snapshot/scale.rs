@@ -11,7 +11,7 @@ use updog_backup_test_support::postgres;
 use crate::Args;
 use crate::baselines::Baselines;
 use crate::diagnose::{TableCost, diagnose};
-use crate::measure::Series;
+use crate::measure::{Sample, Series};
 use crate::ours::{Env, NO_PARALLEL_QUERY_RUN, parallel_query};
 
 /// Everything measured at one scale.
@@ -36,6 +36,11 @@ pub(crate) struct ScaleResult {
     pub(crate) ours: Vec<(usize, Series)>,
     /// Ours with the role's parallel query off (see [`Step::OursNoParallelQuery`]).
     pub(crate) ours_no_parallel_query: Series,
+    /// Ours into a format-2 repository (one key for every tenant), at parallel 2: what
+    /// per-tenant keys cost.
+    pub(crate) ours_format2: Series,
+    /// `init` (the first snapshot; in format 3 also every tenant's key): format 3, format 2.
+    pub(crate) init: (Sample, Sample),
     /// Where the server time of a full backup goes, per table.
     pub(crate) costs: Vec<TableCost>,
 }
@@ -84,7 +89,8 @@ pub(crate) fn bench_scale(
         mib(index_bytes as f64)
     );
 
-    let env = Env::new(pg, work, &db);
+    let env = Env::new(pg, work, &db, 3);
+    let format2 = Env::new(pg, work, &db, 2);
     let port = pg.port.to_string();
     let conn = format!("-h 127.0.0.1 -p {port} -U updog_backup -d {db}");
     let baselines = Baselines::new(pg, &env, &db, &conn, &largest);
@@ -93,6 +99,7 @@ pub(crate) fn bench_scale(
     // Warm-up (untimed): page cache, and proof that the setup works.
     eprintln!("   warm-up backup…");
     let (_, warm) = env.backup(pg, &[], 2);
+    format2.backup(pg, &[], 2);
     let mut result = ScaleResult {
         scale: scale.to_string(),
         tenants: warm.tenants,
@@ -115,6 +122,8 @@ pub(crate) fn bench_scale(
             .map(|&p| (p, Series::default()))
             .collect(),
         ours_no_parallel_query: Series::default(),
+        ours_format2: Series::default(),
+        init: (env.init, format2.init),
         costs: Vec::new(),
     };
     for run in 0..args.runs {
@@ -149,7 +158,7 @@ pub(crate) fn bench_scale(
         eprintln!("   run {}/{}: (b) all tenants…", run + 1, args.runs);
         let mut steps: Vec<Step> = std::iter::once(Step::PgDump)
             .chain((0..args.parallel.len()).map(Step::Ours))
-            .chain([Step::OursNoParallelQuery])
+            .chain([Step::OursNoParallelQuery, Step::OursFormat2])
             .collect();
         if run % 2 == 1 {
             steps.reverse();
@@ -176,6 +185,10 @@ pub(crate) fn bench_scale(
                     parallel_query(pg, true);
                     result.ours_no_parallel_query.0.push(sample);
                 }
+                Step::OursFormat2 => {
+                    let (sample, _) = format2.backup(pg, &[], FORMAT2_RUN);
+                    result.ours_format2.0.push(sample);
+                }
             }
         }
     }
@@ -193,4 +206,9 @@ pub(crate) enum Step {
     Ours(usize),
     /// Ours at [`NO_PARALLEL_QUERY_RUN`] with the source role's parallel query turned off.
     OursNoParallelQuery,
+    /// Ours at [`FORMAT2_RUN`] into the format-2 repository.
+    OursFormat2,
 }
+
+/// `snapshot.parallel` of the format-2 run (compare it with ours at the same parallel).
+pub(crate) const FORMAT2_RUN: usize = 2;

@@ -178,10 +178,12 @@ async fn list_keys(
     Ok(out)
 }
 
+fn parse<T: serde::de::DeserializeOwned>(key: &str, bytes: &[u8]) -> Result<T> {
+    serde_json::from_slice(bytes).map_err(|e| malformed(key, e.to_string()))
+}
+
 pub(super) async fn read_key(repo: &Repository, key: &str) -> Result<KeyRecord> {
-    let bytes = repo.store().get_bytes(key, None).await?;
-    let record: KeyRecord =
-        serde_json::from_slice(&bytes).map_err(|e| malformed(key, e.to_string()))?;
+    let record: KeyRecord = parse(key, &repo.store().get_bytes(key, None).await?)?;
     if Some((record.tenant.clone(), record.recipient.clone())) != parse_key_name(key) {
         return Err(malformed(key, "the record names another key than its name"));
     }
@@ -201,9 +203,7 @@ pub async fn tenant_keys(repo: &Repository, tenant: &str) -> Result<Vec<(String,
 pub async fn forgotten(repo: &Repository, tenant: &str) -> Result<Option<ForgottenRecord>> {
     let key = forgotten_object(tenant);
     match repo.store().get_bytes(&key, None).await {
-        Ok(bytes) => Ok(Some(
-            serde_json::from_slice(&bytes).map_err(|e| malformed(&key, e.to_string()))?,
-        )),
+        Ok(bytes) => Ok(Some(parse(&key, &bytes)?)),
         Err(StorageError::NotFound { .. }) => Ok(None),
         Err(e) => Err(e.into()),
     }
@@ -215,8 +215,7 @@ pub async fn all_forgotten(repo: &Repository) -> Result<Vec<ForgottenRecord>> {
     futures::stream::iter(listed)
         .map(|object| async move {
             let bytes = repo.store().get_bytes(&object.key, None).await?;
-            serde_json::from_slice::<ForgottenRecord>(&bytes)
-                .map_err(|e| malformed(&object.key, e.to_string()))
+            parse::<ForgottenRecord>(&object.key, &bytes)
         })
         .buffer_unordered(repo.concurrency())
         .try_collect()
@@ -290,9 +289,10 @@ impl SealingKeys {
     }
 
     /// Reads the erasures `forget` recorded since the last call (a listing, and a read of each
-    /// new or changed record) and drops the keys they name: the tenant's next bytes get a new
-    /// key. What was sealed to a dropped key before (at most the pack being written when
-    /// `forget` ran) is forgotten with the rest.
+    /// new or changed record) and drops the keys they name: the tenant's bytes from after the
+    /// erasure get a new key, those from before it the deleted one ([`Self::seal_for`]). Only
+    /// a piece sealed while `forget` ran (a large transaction is sealed in pieces as it comes)
+    /// may hold changes from after the erasure under the deleted key: they are erased too.
     pub async fn notice_forgotten(&self, repo: &Repository) -> Result<()> {
         if !self.per_tenant {
             return Ok(());
@@ -307,8 +307,7 @@ impl SealingKeys {
         };
         for object in changed {
             let bytes = repo.store().get_bytes(&object.key, None).await?;
-            let record: ForgottenRecord = serde_json::from_slice(&bytes)
-                .map_err(|e| malformed(&object.key, e.to_string()))?;
+            let record: ForgottenRecord = parse(&object.key, &bytes)?;
             let mut state = self.state();
             state.forgotten.extend(record.keys());
             if let Some(away) = record.sealing_away() {
@@ -323,7 +322,7 @@ impl SealingKeys {
         Ok(())
     }
 
-    /// Reads every stored key's public half (one listing) and the erasures.
+    /// Reads the erasures, then every stored key's public half (one listing).
     async fn refresh(&self, repo: &Repository) -> Result<()> {
         self.notice_forgotten(repo).await?;
         let forgotten = self.state().forgotten.clone();

@@ -164,6 +164,13 @@ async fn forget_erases_one_tenant_from_every_backup(kind: Repo, label: &str) {
     assert!(err.contains("forgotten on"), "{err}");
     let err = env.fails(&["list", "--org", &x], 1);
     assert!(err.contains("forgotten on"), "{err}");
+    let listed = env.ok(&["list", "--tenants"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(x.as_str()) && l.contains("forgotten on")),
+        "{listed}"
+    );
 
     let store = open_store(&env).await;
     let (opened, refused) = walk(&store, &env.identity_path, &x).await;
@@ -248,7 +255,10 @@ async fn rotate_rewraps_every_key_and_a_rerun_after_a_sigkill_finishes() {
     let source = pg.client(&db).await;
     let mut env = TestEnv::new(&db, Repo::S3).await;
     let proxy = Proxy::in_front_of_s3(&mut env).await;
+    capture_env(&mut env);
     env.ok(&["init"]);
+    // A daemon that keeps the old recipients throughout.
+    let mut daemon = Daemon::start(&env);
     let tenant = fixture_tenant(3).await;
     let expected = state(&source, &tenant).await;
     let store = open_store(&env).await;
@@ -297,6 +307,19 @@ async fn rotate_rewraps_every_key_and_a_rerun_after_a_sigkill_finishes() {
     // Run again: nothing left to do, and the repository already has the new recipients.
     let out = env.ok(&rotate);
     assert!(out.contains("re-wrapped 0 key(s)"), "{out}");
+
+    // The daemon still on the old recipients meets a new tenant: it stops rather than wrap
+    // the tenant's key to a recipient the operator removed.
+    source
+        .batch_execute(
+            "INSERT INTO app.organizations (id, name) VALUES ('0b1f9a4e-7c1d-4d4a-9f67-00000000beef', 'Late')",
+        )
+        .await
+        .unwrap();
+    let stopped = daemon.wait_exit(Duration::from_secs(60));
+    assert!(!stopped.success());
+    let log = daemon.output();
+    assert!(log.contains("do not match the repository"), "{log}");
 
     // The old identity opens nothing any more; the new one restores.
     let err = env.fails(&restore_latest(&tenant, &format!("old_{db}")), 2);
