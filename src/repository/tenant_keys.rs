@@ -446,20 +446,28 @@ impl SealingKeys {
             .into());
         }
         let pending = std::mem::take(&mut self.state().pending);
+        // Concurrently: a first snapshot of thousands of tenants makes as many keys.
+        let results: Vec<_> = futures::stream::iter(pending)
+            .map(|(name, record)| async move {
+                let body = serde_json::to_vec_pretty(&record).expect("a key record serializes");
+                let stored = repo
+                    .store()
+                    .put_bytes(&name, body.into(), PutMode::CreateNew)
+                    .await;
+                match stored {
+                    Ok(_) | Err(StorageError::AlreadyExists { .. }) => Ok(()),
+                    Err(e) => Err((e, name, record)),
+                }
+            })
+            .buffer_unordered(repo.concurrency())
+            .collect()
+            .await;
         let mut failed = None;
         let mut left = Vec::new();
-        for (name, record) in pending {
-            let body = serde_json::to_vec_pretty(&record).expect("a key record serializes");
-            match repo
-                .store()
-                .put_bytes(&name, body.into(), PutMode::CreateNew)
-                .await
-            {
-                Ok(_) | Err(StorageError::AlreadyExists { .. }) => {}
-                Err(e) => {
-                    failed.get_or_insert(e);
-                    left.push((name, record));
-                }
+        for result in results {
+            if let Err((e, name, record)) = result {
+                failed.get_or_insert(e);
+                left.push((name, record));
             }
         }
         if let Some(e) = failed {
