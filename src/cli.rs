@@ -1089,7 +1089,6 @@ async fn rotate(
     remove: Vec<String>,
     json: bool,
 ) -> Result<(), Error> {
-    use crate::codec::{parse_recipients, recipient_fingerprint};
     if add.is_empty() && remove.is_empty() {
         return Err(Error::Usage(
             "rotate needs --add RECIPIENT and/or --remove RECIPIENT".into(),
@@ -1102,40 +1101,10 @@ async fn rotate(
         &info,
         "rotate its recipients by re-wrapping keys",
     )?;
-    let configured = parse_recipients(&config.encryption.recipients)?;
-    let mut target = configured.clone();
-    for r in parse_recipients(&add)? {
-        if !target.iter().any(|t| t.to_string() == r.to_string()) {
-            target.push(r);
-        }
-    }
-    for r in &remove {
-        let r = r.trim();
-        let before = target.len();
-        target.retain(|t| t.to_string() != r && recipient_fingerprint(t) != r);
-        if target.len() == before {
-            return Err(Error::Usage(format!(
-                "--remove {r}: not one of the recipients (encryption.recipients and --add)"
-            )));
-        }
-    }
-    if target.is_empty() {
-        return Err(Error::Usage(
-            "rotate would leave no recipient: nobody could restore. Add one with --add".into(),
-        ));
-    }
-    // A first run starts from the configured recipients; a rerun after the switch (the
-    // config not updated yet) finds the repository on the target already.
-    let sorted = |rs: &[age::x25519::Recipient]| {
-        let mut f: Vec<String> = rs.iter().map(recipient_fingerprint).collect();
-        f.sort();
-        f
-    };
-    let mut stored = info.recipients.clone();
-    stored.sort();
-    if stored != sorted(&configured) && stored != sorted(&target) {
-        crate::codec::check_recipients(&config.encryption.recipients, &info.recipients)?;
-    }
+    let configured = crate::codec::parse_recipients(&config.encryption.recipients)?;
+    let target =
+        crate::repository::rotation::target(&configured, &add, &remove).map_err(Error::Usage)?;
+    crate::repository::rotation::check_start(&info, &configured, &target)?;
     let identities = Identities::load(
         config.encryption.identity_file.as_deref(),
         config.encryption.allow_readable_identity,

@@ -58,7 +58,7 @@ pub(crate) fn bench_scale(
     );
     let clock = Instant::now();
     let hint = format!("bench_s{}", scale.replace('.', "_"));
-    let db = rt.block_on(pg.fixture_db(&hint, args.tenants, scale));
+    let db = rt.block_on(pg.capture_fixture_db(&hint, args.tenants, scale));
     pg.psql(&db, &["-c", "VACUUM (FREEZE, ANALYZE)"]);
     let load_seconds = clock.elapsed().as_secs_f64();
     let (table_bytes, index_bytes, largest) = rt.block_on(async {

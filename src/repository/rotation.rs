@@ -26,6 +26,60 @@ pub struct RotationReport {
     pub unchanged: usize,
 }
 
+/// The recipients after adding `add` (age1…) and removing `remove` (age1… or a fingerprint)
+/// from `configured`; a message for the operator when that is not possible.
+pub fn target(
+    configured: &[age::x25519::Recipient],
+    add: &[String],
+    remove: &[String],
+) -> Result<Vec<age::x25519::Recipient>, String> {
+    let mut target = configured.to_vec();
+    for r in crate::codec::parse_recipients(add).map_err(|e| e.to_string())? {
+        if !target.iter().any(|t| t.to_string() == r.to_string()) {
+            target.push(r);
+        }
+    }
+    for r in remove.iter().map(|r| r.trim()) {
+        let before = target.len();
+        target.retain(|t| t.to_string() != r && recipient_fingerprint(t) != r);
+        if target.len() == before {
+            return Err(format!(
+                "--remove {r}: not one of the recipients (encryption.recipients and --add)"
+            ));
+        }
+    }
+    if target.is_empty() {
+        return Err(
+            "rotate would leave no recipient: nobody could restore. Add one with --add".into(),
+        );
+    }
+    Ok(target)
+}
+
+/// Where the repository must stand for a rotation from `configured` to `target`: on the
+/// configured recipients (a first run), or on the target already (a rerun after the switch,
+/// the configuration not updated yet).
+pub fn check_start(
+    info: &RepoInfo,
+    configured: &[age::x25519::Recipient],
+    target: &[age::x25519::Recipient],
+) -> Result<(), crate::codec::CodecError> {
+    let sorted = |rs: &[age::x25519::Recipient]| {
+        let mut f: Vec<String> = rs.iter().map(recipient_fingerprint).collect();
+        f.sort();
+        f
+    };
+    let mut stored = info.recipients.clone();
+    stored.sort();
+    if stored == sorted(configured) || stored == sorted(target) {
+        return Ok(());
+    }
+    Err(crate::codec::CodecError::RecipientMismatch {
+        expected: info.recipients.clone(),
+        found: sorted(configured),
+    })
+}
+
 /// Re-wraps every key to `target`, opening them with `identities`: returns how many it
 /// re-wrapped and how many had `target` already.
 pub async fn rotate(
@@ -117,4 +171,30 @@ async fn rewrap(
         .put_bytes(name, body.into(), PutMode::Overwrite)
         .await?;
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recipient() -> age::x25519::Recipient {
+        age::x25519::Identity::generate().to_public()
+    }
+
+    #[test]
+    fn the_target_adds_and_removes_by_key_or_fingerprint() {
+        let (a, b) = (recipient(), recipient());
+        let both = target(std::slice::from_ref(&a), &[b.to_string()], &[]).unwrap();
+        assert_eq!(both.len(), 2);
+        let only_b = target(&both, &[], &[recipient_fingerprint(&a)]).unwrap();
+        assert_eq!(
+            only_b.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [b.to_string()]
+        );
+        let err = target(std::slice::from_ref(&a), &[], &[b.to_string()]).unwrap_err();
+        assert!(err.contains("not one of the recipients"), "{err}");
+        let err = target(std::slice::from_ref(&a), &[], &[a.to_string()]).unwrap_err();
+        assert!(err.contains("no recipient"), "{err}");
+        assert!(target(&[a], &["age1nope".into()], &[]).is_err());
+    }
 }
