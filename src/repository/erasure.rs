@@ -108,7 +108,13 @@ pub async fn check_not_forgotten(
 
 /// Who runs a command, for records: `<os user>@<host>`.
 pub fn operator() -> String {
-    let user = std::env::var("USER").unwrap_or_else(|_| "?".into());
+    use std::os::unix::fs::MetadataExt;
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| match std::fs::metadata("/proc/self") {
+            Ok(meta) => format!("uid {}", meta.uid()),
+            Err(_) => "?".into(),
+        });
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "?".into());
