@@ -580,3 +580,58 @@ impl Keyring {
         self.forgotten.get(sealed_to?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repository::erasure;
+    use crate::storage::MemoryStore;
+
+    #[tokio::test]
+    async fn an_erased_tenant_is_sealed_away_before_its_erasure_and_to_a_new_key_after() {
+        let repo = Repository::new(Arc::new(MemoryStore::new()));
+        let identity = age::x25519::Identity::generate();
+        let recipient = identity.to_public();
+        let info = RepoInfo {
+            format_version: KEYED_FORMAT,
+            system_identifier: "1".into(),
+            database: "d".into(),
+            tenant_column: "organization_id".into(),
+            recipients: vec![recipient_fingerprint(&recipient)],
+            created_at: Utc::now(),
+        };
+        repo.init(&info).await.unwrap();
+        let keys = SealingKeys::load(&repo, &info, vec![recipient.clone()])
+            .await
+            .unwrap();
+        let first = keys.seal_for(Some("a"), None).unwrap().sealed_to;
+        assert_eq!(keys.seal_for(Some("a"), None).unwrap().sealed_to, first);
+        assert_ne!(keys.seal_for(Some("b"), None).unwrap().sealed_to, first);
+        keys.store_new(&repo).await.unwrap();
+
+        let erased = erasure::forget(&repo, &info, "a", "test").await.unwrap().at;
+        keys.notice_forgotten(&repo).await.unwrap();
+        let second = chrono::TimeDelta::seconds(1);
+        let before = keys.seal_for(Some("a"), Some(erased - second)).unwrap();
+        assert_eq!(
+            before.sealed_to, first,
+            "before the erasure: the deleted key"
+        );
+        let after = keys.seal_for(Some("a"), Some(erased + second)).unwrap();
+        assert!(after.sealed_to.is_some() && after.sealed_to != first);
+        keys.store_new(&repo).await.unwrap();
+
+        let ids = Arc::new(Identities::from(vec![identity]));
+        let keyring = Keyring::load(&repo, ids, Some("a")).await.unwrap();
+        assert!(keyring.forgotten(first.as_deref()).is_some());
+        assert!(keyring.forgotten(after.sealed_to.as_deref()).is_none());
+
+        // A writer started later (a restarted daemon) does the same.
+        let fresh = SealingKeys::load(&repo, &info, vec![recipient])
+            .await
+            .unwrap();
+        let sealed = |at| fresh.seal_for(Some("a"), Some(at)).unwrap().sealed_to;
+        assert_eq!(sealed(erased - second), first);
+        assert_eq!(sealed(erased + second), after.sealed_to);
+    }
+}
