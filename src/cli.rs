@@ -513,11 +513,10 @@ async fn tenant_identities(
     tenant: &str,
     at: Option<DateTime<Utc>>,
 ) -> Result<Arc<Identities>, Error> {
-    crate::repository::erasure::check_not_forgotten(repo, tenant, at).await?;
     let identities = load_identities(config, info)?;
-    Ok(Keyring::load(repo, identities, Some(tenant))
-        .await?
-        .identities())
+    let keyring = Keyring::load(repo, identities, Some(tenant)).await?;
+    keyring.refuse_forgotten(at)?;
+    Ok(keyring.identities())
 }
 
 /// The instant a target names (`None`: the latest).

@@ -93,11 +93,21 @@ pub async fn check_not_forgotten(
     let Some(record) = tenant_keys::forgotten(repo, tenant).await? else {
         return Ok(());
     };
-    let last = record.last();
     let reappeared = !tenant_keys::tenant_keys(repo, tenant).await?.is_empty();
+    refuse_forgotten(&record, reappeared, at)
+}
+
+/// The refusal of [`check_not_forgotten`], for a tenant with an erasure `record` and, if it
+/// `reappeared`, a key again.
+pub fn refuse_forgotten(
+    record: &ForgottenRecord,
+    reappeared: bool,
+    at: Option<DateTime<Utc>>,
+) -> Result<()> {
+    let last = record.last();
     if !reappeared || at.is_some_and(|t| t <= last.at) {
         return Err(RepositoryError::Forgotten {
-            tenant: tenant.to_string(),
+            tenant: record.tenant.clone(),
             at: last.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             by: last.by.clone(),
             reappeared,

@@ -495,6 +495,8 @@ pub struct Keyring {
     keys: HashMap<String, age::x25519::Identity>,
     /// Fingerprint of a forgotten key → its tenant's record.
     forgotten: HashMap<String, Arc<ForgottenRecord>>,
+    /// Loaded for one tenant: its erasures, and whether it has a key (again).
+    tenant: Option<(Option<ForgottenRecord>, bool)>,
 }
 
 impl std::fmt::Debug for Keyring {
@@ -515,6 +517,7 @@ impl Keyring {
             Some(t) => forgotten(repo, t).await?.into_iter().collect(),
             None => all_forgotten(repo).await?,
         };
+        let tenant_record = tenant.and(forgotten_records.first().cloned());
         let mut forgotten = HashMap::new();
         for record in forgotten_records {
             let record = Arc::new(record);
@@ -531,6 +534,7 @@ impl Keyring {
             .into_iter()
             .filter(|(_, _, r)| !forgotten.contains_key(&recipient_fingerprint(r)))
             .collect();
+        let has_key = listed.iter().any(|(_, t, _)| t.is_some());
         let base_ref = &base;
         let keys = futures::stream::iter(listed)
             .map(|(name, _, recipient)| async move {
@@ -555,7 +559,17 @@ impl Keyring {
             base,
             keys,
             forgotten,
+            tenant: tenant.map(|_| (tenant_record, has_key)),
         })
+    }
+
+    /// Loaded for one tenant: refuses it when it was forgotten before `at` (`None`: the
+    /// latest instant), as [`super::erasure::check_not_forgotten`] does.
+    pub fn refuse_forgotten(&self, at: Option<DateTime<Utc>>) -> Result<()> {
+        match &self.tenant {
+            Some((Some(record), has_key)) => super::erasure::refuse_forgotten(record, *has_key, at),
+            _ => Ok(()),
+        }
     }
 
     /// Everything this keyring opens: the unwrapped keys, then the repository identity
