@@ -53,10 +53,10 @@ pub async fn forget(
     if live.is_empty() && record.erasures.is_empty() {
         return Err(RepositoryError::UnknownTenant(tenant.to_string()));
     }
-    let at = Utc::now();
-    if !new.is_empty() || record.erasures.is_empty() {
+    // Nothing new when a run stopped after its record: the rerun only deletes.
+    if !new.is_empty() {
         record.erasures.push(Erasure {
-            at,
+            at: Utc::now(),
             by: by.to_string(),
             recipients: new,
         });

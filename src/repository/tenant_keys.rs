@@ -7,7 +7,7 @@
 //!
 //! Writers ([`SealingKeys`]) hold public keys only: a new key's secret is wrapped the moment it
 //! is made and dropped, so the daemon's host never holds a way to decrypt a tenant. Readers
-//! ([`identities_for`], [`Keyring`]) unwrap the keys they need with the repository identity.
+//! ([`Keyring`]) unwrap the keys they need with the repository identity.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
