@@ -623,9 +623,30 @@ mod tests {
         assert_ne!(keys.seal_for(Some("b"), None).unwrap().sealed_to, first);
         keys.store_new(&repo).await.unwrap();
 
+        let key_of_a = tenant_keys(&repo, "a").await.unwrap()[0].0.clone();
+        let stored_key = repo.store().get_bytes(&key_of_a, None).await.unwrap();
         let erased = erasure::forget(&repo, &info, "a", "test").await.unwrap().at;
-        keys.notice_forgotten(&repo).await.unwrap();
         let second = chrono::TimeDelta::seconds(1);
+
+        // `forget` stopped between its record and the deletion: the key object is back, and
+        // forgotten all the same; the rerun deletes it and records no second erasure.
+        repo.store()
+            .put_bytes(&key_of_a, stored_key, PutMode::CreateNew)
+            .await
+            .unwrap();
+        let meanwhile = SealingKeys::load(&repo, &info, vec![recipient.clone()])
+            .await
+            .unwrap();
+        let sealed = meanwhile
+            .seal_for(Some("a"), Some(erased + second))
+            .unwrap();
+        assert!(sealed.sealed_to.is_some() && sealed.sealed_to != first);
+        let rerun = erasure::forget(&repo, &info, "a", "test").await.unwrap();
+        assert_eq!(rerun.erasures, 1);
+        assert!(tenant_keys(&repo, "a").await.unwrap().is_empty());
+
+        // The running writer learns of it before its next pack.
+        keys.notice_forgotten(&repo).await.unwrap();
         let before = keys.seal_for(Some("a"), Some(erased - second)).unwrap();
         assert_eq!(
             before.sealed_to, first,
@@ -639,6 +660,8 @@ mod tests {
         let keyring = Keyring::load(&repo, ids, Some("a")).await.unwrap();
         assert!(keyring.forgotten(first.as_deref()).is_some());
         assert!(keyring.forgotten(after.sealed_to.as_deref()).is_none());
+        keyring.refuse_forgotten(Some(erased + second)).unwrap();
+        assert!(keyring.refuse_forgotten(Some(erased - second)).is_err());
 
         // A writer started later (a restarted daemon) does the same.
         let fresh = SealingKeys::load(&repo, &info, vec![recipient])
