@@ -372,14 +372,27 @@ async fn create_database(client: &Client, name: &str) -> Result<(), RestoreError
 /// Drops a database this process created (a failed restore's, a diff's scratch one), trying
 /// for a while when it is still in use; logs what it could not drop.
 pub(crate) async fn drop_database(client: &Client, name: &str) {
-    let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
+    let force = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(name));
+    let plain = format!("DROP DATABASE IF EXISTS {}", quote_ident(name));
+    let mut sql = &force;
     let mut backoff = crate::retry::Backoff::new(
         std::time::Duration::from_millis(500),
         std::time::Duration::from_secs(4),
     );
     for attempt in 1..=DROP_ATTEMPTS {
-        match client.batch_execute(&sql).await {
+        match client.batch_execute(sql).await {
             Ok(()) => return,
+            // `WITH (FORCE)` may only terminate sessions of the roles we are a member of; an
+            // autovacuum worker that entered the new database is none, and makes it fail
+            // with 42501. A plain DROP stops autovacuum workers itself.
+            Err(e)
+                if attempt < DROP_ATTEMPTS
+                    && e.code()
+                        == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE)
+                    && sql == &force =>
+            {
+                sql = &plain;
+            }
             // 55006 ("being accessed by other users") is transient, as a restarting server is.
             Err(e) if attempt < DROP_ATTEMPTS && sqlstate::class_of(&e).is_transient() => {
                 tracing::warn!(database = name, error = %sqlstate::describe(&e), "dropping the incomplete recovery database; trying again");
