@@ -33,17 +33,28 @@ pub fn recipient_fingerprint(recipient: &age::x25519::Recipient) -> String {
 /// data encrypted to other keys would be unreadable with the repository's identity, or
 /// readable by someone else's.
 pub fn check_recipients(configured: &[String], repository: &[String]) -> Result<(), CodecError> {
-    let mut found: Vec<String> = parse_recipients(configured)?
-        .iter()
-        .map(recipient_fingerprint)
-        .collect();
+    check_parsed_recipients(&parse_recipients(configured)?, repository)
+}
+
+/// [`check_recipients`] of recipients already parsed.
+pub fn check_parsed_recipients(
+    configured: &[age::x25519::Recipient],
+    repository: &[String],
+) -> Result<(), CodecError> {
+    let found = sorted_fingerprints(configured);
     let mut expected = repository.to_vec();
-    found.sort();
     expected.sort();
     if found != expected {
         return Err(CodecError::RecipientMismatch { expected, found });
     }
     Ok(())
+}
+
+/// The fingerprints of `recipients`, sorted: a set to compare with repo.json's.
+pub fn sorted_fingerprints(recipients: &[age::x25519::Recipient]) -> Vec<String> {
+    let mut f: Vec<String> = recipients.iter().map(recipient_fingerprint).collect();
+    f.sort();
+    f
 }
 
 /// The repository's recipients for a message: each fingerprint, with the public key from the

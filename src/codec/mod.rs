@@ -17,8 +17,8 @@ use bytes::{Bytes, BytesMut};
 use sha2::{Digest, Sha256};
 
 pub use keys::{
-    Identities, check_recipients, generate_identity, new_wrapped_key, parse_recipients,
-    recipient_fingerprint, unwrap_secret, wrap_secret,
+    Identities, check_parsed_recipients, check_recipients, generate_identity, new_wrapped_key,
+    parse_recipients, recipient_fingerprint, sorted_fingerprints, unwrap_secret, wrap_secret,
 };
 
 #[derive(Debug, thiserror::Error)]

@@ -64,20 +64,10 @@ pub fn check_start(
     configured: &[age::x25519::Recipient],
     target: &[age::x25519::Recipient],
 ) -> Result<(), crate::codec::CodecError> {
-    let sorted = |rs: &[age::x25519::Recipient]| {
-        let mut f: Vec<String> = rs.iter().map(recipient_fingerprint).collect();
-        f.sort();
-        f
-    };
-    let mut stored = info.recipients.clone();
-    stored.sort();
-    if stored == sorted(configured) || stored == sorted(target) {
+    if crate::codec::check_parsed_recipients(target, &info.recipients).is_ok() {
         return Ok(());
     }
-    Err(crate::codec::CodecError::RecipientMismatch {
-        expected: info.recipients.clone(),
-        found: sorted(configured),
-    })
+    crate::codec::check_parsed_recipients(configured, &info.recipients)
 }
 
 /// Re-wraps every key to `target`, opening them with `identities`: returns how many it
@@ -89,8 +79,7 @@ pub async fn rotate(
     target: &[age::x25519::Recipient],
 ) -> Result<RotationReport> {
     tenant_keys::require_keyed(repo, info, "rotate its recipients by re-wrapping keys")?;
-    let mut fingerprints: Vec<String> = target.iter().map(recipient_fingerprint).collect();
-    fingerprints.sort();
+    let mut fingerprints = crate::codec::sorted_fingerprints(target);
     fingerprints.dedup();
     let (rewrapped, unchanged) = rewrap_all(repo, identities, target, &fingerprints).await?;
     let mut report = RotationReport {

@@ -433,18 +433,7 @@ impl SealingKeys {
         }
         // `rotate` may have changed the recipients since this writer started: a key wrapped to
         // the old ones would stay readable by an identity the operator meant to retire.
-        let stored = repo.info().await?.recipients;
-        let mut own: Vec<String> = self.repository.iter().map(recipient_fingerprint).collect();
-        own.sort();
-        let mut sorted = stored.clone();
-        sorted.sort();
-        if own != sorted {
-            return Err(CodecError::RecipientMismatch {
-                expected: stored,
-                found: own,
-            }
-            .into());
-        }
+        crate::codec::check_parsed_recipients(&self.repository, &repo.info().await?.recipients)?;
         let pending = std::mem::take(&mut self.state().pending);
         // Concurrently: a first snapshot of thousands of tenants makes as many keys.
         let results: Vec<_> = futures::stream::iter(pending)
