@@ -790,7 +790,7 @@ async fn diff(config: &Config, args: DiffArgs) -> Result<(), Error> {
         from,
         to,
         target_url,
-        scratch_dir: scratch_dir(config),
+        scratch_dir: config.stream.scratch_dir(),
     };
     let mut stdout = std::io::stdout().lock();
     let mut print_row = |change: crate::diff::RowChange| {
@@ -844,7 +844,7 @@ async fn rewind(config: &Config, args: RewindArgs) -> Result<(), Error> {
         to,
         apply: args.apply,
         target_url,
-        scratch_dir: scratch_dir(config),
+        scratch_dir: config.stream.scratch_dir(),
     };
     let report = crate::rewind::run(config, &repo, identities, &request).await?;
     if args.json {
@@ -935,15 +935,6 @@ fn restore_target_url(config: &Config, given: Option<&str>) -> Result<String, Er
         .ok_or(crate::restore::RestoreError::NoTarget)?)
 }
 
-/// Where a restore's change sections wait (ciphertext only).
-fn scratch_dir(config: &Config) -> PathBuf {
-    config
-        .stream
-        .spool_dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir)
-}
-
 async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
     let target = match (&args.at, args.latest) {
         (Some(at), false) => {
@@ -963,7 +954,7 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         target,
         target_db: args.target_db,
         target_url,
-        scratch_dir: scratch_dir(config),
+        scratch_dir: config.stream.scratch_dir(),
     };
     let mut report = crate::restore::run(&repo, identities, &request).await?;
     report.store_requests = store.requests();

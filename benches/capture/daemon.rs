@@ -16,8 +16,9 @@ use updog_backup_test_support::fixture::config_toml;
 use updog_backup_test_support::postgres;
 
 use crate::load::LOAD_SETUP;
-use crate::plumbing::{parse_time, proc_cpu, proc_kib, run, watchdog};
+use crate::plumbing::{parse_time, proc_cpu, proc_kib, watchdog};
 use crate::{Args, BIN, SLOT};
+use updog_backup_test_support::pgbackrest::run;
 
 /// A source database: the fixture, the REPLICA IDENTITY fixes, the load's lookup tables.
 pub(crate) async fn source_db(pg: &postgres::Cluster, hint: &str, args: &Args) -> String {

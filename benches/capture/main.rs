@@ -85,7 +85,6 @@ const DEFAULT_FLUSH_INTERVAL: f64 = 5.0;
 /// No wait for the daemon or a restore may take longer (keeps the bench bounded).
 const TIMEOUT: Duration = Duration::from_secs(900);
 const SLOT: &str = "updog_backup";
-const STANZA: &str = "bench";
 
 #[derive(Clone, Copy)]
 struct Parts {

@@ -4,7 +4,7 @@
 
 use std::fmt::Write as _;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,10 +14,11 @@ use updog_backup_test_support::bench::dir_bytes;
 use updog_backup_test_support::fixture::TENANT_FILTERS;
 use updog_backup_test_support::postgres;
 
+use crate::TIMEOUT;
 use crate::load::Bench;
-use crate::plumbing::{as_owner, bash, run, watchdog};
-use crate::{STANZA, TIMEOUT};
-use updog_backup_test_support::postgres::is_root;
+use crate::plumbing::{bash, watchdog};
+pub(crate) use updog_backup_test_support::pgbackrest::PgBackRest;
+use updog_backup_test_support::pgbackrest::{as_owner, run};
 
 #[derive(Clone, Copy)]
 pub(crate) struct PgBackRestRun {
@@ -30,82 +31,6 @@ pub(crate) struct PgBackRestRun {
 impl PgBackRestRun {
     pub(crate) fn total(&self) -> f64 {
         self.restore + self.recovery + self.extract
-    }
-}
-
-/// A pgBackRest configuration for one cluster, in a directory the cluster's owner can write.
-pub(crate) struct PgBackRest {
-    pub(crate) dir: PathBuf,
-    pub(crate) config: PathBuf,
-}
-
-impl PgBackRest {
-    pub(crate) fn new(base: &Path, pg: &postgres::Cluster) -> Self {
-        let dir = base.join("pgbackrest");
-        fs::create_dir_all(&dir).unwrap();
-        let config = dir.join("pgbackrest.conf");
-        let pass: String = (0..32)
-            .map(|_| format!("{:02x}", fastrand::u8(..)))
-            .collect();
-        fs::write(
-            &config,
-            format!(
-                "[global]
-repo1-path={dir}/repo
-repo1-retention-full=2
-repo1-cipher-type=aes-256-cbc
-repo1-cipher-pass={pass}
-compress-type=zst
-compress-level=3
-process-max=2
-start-fast=y
-archive-timeout=300
-log-path={dir}/log
-lock-path={dir}/lock
-spool-path={dir}/spool
-log-level-console=warn
-log-level-stderr=warn
-log-level-file=off
-
-[{STANZA}]
-pg1-path={data}
-pg1-port={port}
-pg1-socket-path={socket}
-pg1-user=postgres
-",
-                dir = dir.display(),
-                data = pg.dir.join("data").display(),
-                port = pg.port,
-                socket = pg.dir.display(),
-            ),
-        )
-        .unwrap();
-        if is_root() {
-            run(
-                Command::new("chown").args(["-R", "postgres:"]).arg(base),
-                "chown",
-            );
-        }
-        PgBackRest { dir, config }
-    }
-
-    pub(crate) fn command(&self, args: &[&str]) -> Command {
-        let mut c = as_owner("pgbackrest");
-        c.arg(format!("--config={}", self.config.display()))
-            .arg(format!("--stanza={STANZA}"))
-            .args(args);
-        c
-    }
-
-    pub(crate) fn run(&self, args: &[&str]) -> String {
-        run(&mut self.command(args), &format!("pgbackrest {args:?}"))
-    }
-
-    pub(crate) fn archive_command(&self) -> String {
-        format!(
-            "pgbackrest --config={} --stanza={STANZA} archive-push %p",
-            self.config.display()
-        )
     }
 }
 

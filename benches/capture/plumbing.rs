@@ -1,6 +1,6 @@
-//! Process and statistics plumbing of the capture bench: commands as the clusters' owner, runs
-//! that panic with their output, the watchdog that outlives nothing, times, percentiles, `/proc`
-//! readings and commands under GNU time.
+//! Process and statistics plumbing of the capture bench: shell scripts that panic with their
+//! output, the watchdog that outlives nothing, times, percentiles, `/proc` readings and commands
+//! under GNU time. (Commands as the clusters' owner: the support crate's `pgbackrest`.)
 
 use std::fs;
 use std::path::Path;
@@ -10,34 +10,7 @@ use std::time::Instant;
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use updog_backup_test_support::bench::{median, proc_cpu_seconds};
-use updog_backup_test_support::postgres::is_root;
-
-/// `program` as the clusters' owner (`postgres` when we are root, as the support code does).
-pub(crate) fn as_owner(program: impl AsRef<std::ffi::OsStr>) -> Command {
-    if is_root() {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    }
-}
-
-/// Runs to completion; panics with the output on failure; returns stdout.
-pub(crate) fn run(cmd: &mut Command, what: &str) -> String {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed ({}):\n{}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
+use updog_backup_test_support::pgbackrest::run;
 
 /// A shell that ends with the first failing command of a pipeline.
 pub(crate) fn bash(script: &str, what: &str) -> String {

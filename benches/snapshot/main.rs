@@ -146,11 +146,26 @@ fn main() {
     let args = parse_args();
     preflight();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    let pg = rt.block_on(postgres::cluster());
+    // Its own cluster with archive_mode on, for pgBackRest's full backups.
+    let pg: &'static postgres::Cluster = Box::leak(Box::new(postgres::start_extra(
+        &postgres::ClusterSpec {
+            name: "snapshot-bench",
+            hba: "local all all trust\nhost all all 127.0.0.1/32 trust\nhost replication all 127.0.0.1/32 trust\n",
+            extra_options: "-c archive_mode=on",
+            prepare: &|_| {},
+            without_extensions: &[],
+        },
+    )));
     let work = tempfile::Builder::new()
         .prefix("updog-bench-")
         .tempdir()
         .expect("temporary directory");
+    // pgBackRest runs as the cluster's owner and keeps its repository under here.
+    std::fs::set_permissions(
+        work.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o711),
+    )
+    .unwrap();
     let machine = Machine::probe(&rt, pg);
     eprintln!(
         "{}",
@@ -168,7 +183,11 @@ fn main() {
 
 /// Fails early, with the fix, when a tool the baselines need is missing.
 fn preflight() {
-    for (tool, package) in [("age", "age"), ("zstd", "zstd")] {
+    for (tool, package) in [
+        ("age", "age"),
+        ("zstd", "zstd"),
+        ("pgbackrest", "pgbackrest"),
+    ] {
         if Command::new(tool)
             .arg("--version")
             .stdout(Stdio::null())

@@ -8,7 +8,7 @@ use updog_backup_test_support::bench::{MIB, Machine, mib, verdict};
 
 use crate::measure::Series;
 use crate::ours::NO_PARALLEL_QUERY_RUN;
-use crate::scale::{FORMAT2_RUN, ScaleResult};
+use crate::scale::ScaleResult;
 use crate::{Args, RSS_TARGET_KIB, TENANT_RATIO_TARGET};
 
 pub(crate) fn report(
@@ -189,27 +189,29 @@ pub(crate) fn report(
         );
         line(
             w,
-            &format!(
-                "ours: `backup`, parallel = {FORMAT2_RUN}, into a format-2 repository (one key for every tenant)"
-            ),
-            &r.ours_format2,
-            true,
+            "pgBackRest: `--type=full backup` of the whole cluster (zstd 3, 2 processes)",
+            &r.pgbackrest,
+            false,
         );
-        if let Some((_, keyed)) = r.ours.iter().find(|(p, _)| *p == FORMAT2_RUN) {
+        let br_t = r.pgbackrest.wall();
+        let br_b = r.pgbackrest.bytes() as f64;
+        for (p, s) in &r.ours {
             writeln!(
                 w,
-                "
-per-tenant keys (format 3 / format 2, parallel {FORMAT2_RUN}): `backup` {:.3}× time, {:.3}× CPU, {:.4}× bytes; \
-                 `init` (first snapshot, which also makes every tenant's key) {:.2} s / {:.2} s = {:.3}×",
-                keyed.wall() / r.ours_format2.wall(),
-                keyed.cpu() / r.ours_format2.cpu(),
-                keyed.bytes() as f64 / r.ours_format2.bytes() as f64,
-                r.init.0.wall,
-                r.init.1.wall,
-                r.init.0.wall / r.init.1.wall
+                "\nours (parallel {p}) / pgBackRest: {:.2}× time, {:.2}× bytes; / pg_dump: {:.2}× time, {:.2}× bytes",
+                s.wall() / br_t,
+                s.bytes() as f64 / br_b,
+                s.wall() / dump_t,
+                s.bytes() as f64 / dump_b as f64
             )
             .unwrap();
         }
+        writeln!(
+            w,
+            "\n`init` (first snapshot, also makes every tenant's key): {:.2} s",
+            r.init.wall
+        )
+        .unwrap();
         let setups: Vec<String> = r
             .ours
             .iter()

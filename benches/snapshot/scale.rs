@@ -5,13 +5,16 @@
 use std::path::Path;
 use std::time::Instant;
 
-use updog_backup_test_support::bench::{loadavg, mib};
+use std::fs;
+
+use updog_backup_test_support::bench::{dir_bytes, loadavg, mib};
+use updog_backup_test_support::pgbackrest::{PgBackRest, STANZA};
 use updog_backup_test_support::postgres;
 
 use crate::Args;
 use crate::baselines::Baselines;
 use crate::diagnose::{TableCost, diagnose};
-use crate::measure::{Sample, Series};
+use crate::measure::{Sample, Series, measure};
 use crate::ours::{Env, NO_PARALLEL_QUERY_RUN, parallel_query};
 
 /// Everything measured at one scale.
@@ -36,11 +39,10 @@ pub(crate) struct ScaleResult {
     pub(crate) ours: Vec<(usize, Series)>,
     /// Ours with the role's parallel query off (see [`Step::OursNoParallelQuery`]).
     pub(crate) ours_no_parallel_query: Series,
-    /// Ours into a format-2 repository (one key for every tenant), at parallel 2: what
-    /// per-tenant keys cost.
-    pub(crate) ours_format2: Series,
-    /// `init` (the first snapshot; in format 3 also every tenant's key): format 3, format 2.
-    pub(crate) init: (Sample, Sample),
+    /// `pgbackrest --type=full backup` (time, and the bytes of the backup's own directory).
+    pub(crate) pgbackrest: Series,
+    /// `init` (the first snapshot, which also makes every tenant's key).
+    pub(crate) init: Sample,
     /// Where the server time of a full backup goes, per table.
     pub(crate) costs: Vec<TableCost>,
 }
@@ -90,7 +92,7 @@ pub(crate) fn bench_scale(
     );
 
     let env = Env::new(pg, work, &db, 3);
-    let format2 = Env::new(pg, work, &db, 2);
+    let pgbackrest = PgBackRestBackups::new(pg, work, scale);
     let port = pg.port.to_string();
     let conn = format!("-h 127.0.0.1 -p {port} -U updog_backup -d {db}");
     let baselines = Baselines::new(pg, &env, &db, &conn, &largest);
@@ -99,7 +101,7 @@ pub(crate) fn bench_scale(
     // Warm-up (untimed): page cache, and proof that the setup works.
     eprintln!("   warm-up backup…");
     let (_, warm) = env.backup(pg, &[], 2);
-    format2.backup(pg, &[], 2);
+    pgbackrest.backup(pg, work);
     let mut result = ScaleResult {
         scale: scale.to_string(),
         tenants: warm.tenants,
@@ -122,8 +124,8 @@ pub(crate) fn bench_scale(
             .map(|&p| (p, Series::default()))
             .collect(),
         ours_no_parallel_query: Series::default(),
-        ours_format2: Series::default(),
-        init: (env.init, format2.init),
+        pgbackrest: Series::default(),
+        init: env.init,
         costs: Vec::new(),
     };
     for run in 0..args.runs {
@@ -158,7 +160,7 @@ pub(crate) fn bench_scale(
         eprintln!("   run {}/{}: (b) all tenants…", run + 1, args.runs);
         let mut steps: Vec<Step> = std::iter::once(Step::PgDump)
             .chain((0..args.parallel.len()).map(Step::Ours))
-            .chain([Step::OursNoParallelQuery, Step::OursFormat2])
+            .chain([Step::OursNoParallelQuery, Step::PgBackRest])
             .collect();
         if run % 2 == 1 {
             steps.reverse();
@@ -185,10 +187,7 @@ pub(crate) fn bench_scale(
                     parallel_query(pg, true);
                     result.ours_no_parallel_query.0.push(sample);
                 }
-                Step::OursFormat2 => {
-                    let (sample, _) = format2.backup(pg, &[], FORMAT2_RUN);
-                    result.ours_format2.0.push(sample);
-                }
+                Step::PgBackRest => result.pgbackrest.0.push(pgbackrest.backup(pg, work)),
             }
         }
     }
@@ -206,9 +205,62 @@ pub(crate) enum Step {
     Ours(usize),
     /// Ours at [`NO_PARALLEL_QUERY_RUN`] with the source role's parallel query turned off.
     OursNoParallelQuery,
-    /// Ours at [`FORMAT2_RUN`] into the format-2 repository.
-    OursFormat2,
+    /// A full pgBackRest backup of the whole cluster.
+    PgBackRest,
 }
 
-/// `snapshot.parallel` of the format-2 run (compare it with ours at the same parallel).
-pub(crate) const FORMAT2_RUN: usize = 2;
+/// pgBackRest beside the cluster (archive_mode is on): full backups, each measured by its own
+/// directory in the repository (WAL archived meanwhile is not counted).
+struct PgBackRestBackups {
+    config: PgBackRest,
+}
+
+impl PgBackRestBackups {
+    fn new(pg: &postgres::Cluster, work: &Path, scale: &str) -> Self {
+        let base = work.join(format!("pgbackrest-{scale}"));
+        fs::create_dir_all(&base).unwrap();
+        let config = PgBackRest::new(&base, pg);
+        pg.psql(
+            "postgres",
+            &[
+                "-c",
+                &format!(
+                    "ALTER SYSTEM SET archive_command = '{}'",
+                    config.archive_command()
+                ),
+                "-c",
+                "SELECT pg_reload_conf()",
+            ],
+        );
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        config.run(&["stanza-create"]);
+        PgBackRestBackups { config }
+    }
+
+    fn backup(&self, pg: &postgres::Cluster, work: &Path) -> Sample {
+        let backups = self.config.dir.join("repo/backup").join(STANZA);
+        let before: Vec<_> = fs::read_dir(&backups)
+            .map(|d| d.flatten().map(|e| e.file_name()).collect())
+            .unwrap_or_default();
+        let mut args: Vec<String> = ["-u", "postgres", "--", "pgbackrest"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        args.push(format!("--config={}", self.config.config.display()));
+        args.push(format!("--stanza={STANZA}"));
+        args.push("--type=full".into());
+        args.push("backup".into());
+        let o = measure(pg, work, Path::new("runuser"), &args, &[]);
+        let new = fs::read_dir(&backups)
+            .unwrap()
+            .flatten()
+            .find(|e| {
+                e.file_name().to_string_lossy().ends_with('F') && !before.contains(&e.file_name())
+            })
+            .expect("the new full backup's directory");
+        Sample {
+            bytes: dir_bytes(&new.path()),
+            ..Sample::from(&o)
+        }
+    }
+}

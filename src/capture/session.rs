@@ -117,11 +117,7 @@ pub(super) async fn session(
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
         .map_err(RepositoryError::from)?;
     let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
-    let spool_dir = config
-        .stream
-        .spool_dir
-        .clone()
-        .unwrap_or_else(std::env::temp_dir);
+    let spool_dir = config.stream.scratch_dir();
     let mut capture = Capture {
         indexer,
         writer: PackWriter::new(

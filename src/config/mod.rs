@@ -118,6 +118,10 @@ pub struct SnapshotConfig {
     /// Database connections exporting tenants in parallel (each one holds the same snapshot).
     #[serde(default = "default_parallel")]
     pub parallel: usize,
+    /// What the exporting connections may hold of their batches' rows in memory, together;
+    /// beyond it a batch's rows wait in an encrypted scratch file in `stream.spool_dir`.
+    #[serde(default = "default_batch_memory", deserialize_with = "units::bytes")]
+    pub batch_memory: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -143,6 +147,14 @@ pub struct StreamConfig {
     /// system's temporary directory).
     #[serde(default)]
     pub spool_dir: Option<std::path::PathBuf>,
+}
+
+impl StreamConfig {
+    /// Where bytes wait that memory should not hold (ciphertext only): `spool_dir`, or the
+    /// system's temporary directory.
+    pub fn scratch_dir(&self) -> std::path::PathBuf {
+        self.spool_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -200,6 +212,9 @@ fn default_level() -> i32 {
 fn default_parallel() -> usize {
     4
 }
+fn default_batch_memory() -> u64 {
+    128 << 20
+}
 fn default_cron() -> String {
     "0 0 2 * * *".into()
 }
@@ -243,6 +258,7 @@ impl Default for SnapshotConfig {
     fn default() -> Self {
         Self {
             parallel: default_parallel(),
+            batch_memory: default_batch_memory(),
         }
     }
 }

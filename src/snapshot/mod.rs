@@ -4,14 +4,21 @@
 //! The consistent point comes from a temporary logical replication slot created with
 //! `SNAPSHOT 'export'`: its LSN is where a change stream started from the same slot position
 //! continues without gap or overlap. Worker connections import the snapshot and export
-//! tenants in parallel with tenant-filtered `COPY (SELECT …) TO STDOUT (FORMAT binary)`.
+//! tenants in parallel: small tenants in batches, one `COPY` per table per batch whose rows
+//! are split by tenant here ([`plan`], [`runs`]); a large tenant with its own tenant-filtered
+//! `COPY (SELECT …) TO STDOUT`s, streamed into its archive.
 
-use std::collections::{BTreeMap, VecDeque};
+mod plan;
+mod runs;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::BytesMut;
 use chrono::{DateTime, Utc};
+use futures::stream::FuturesUnordered;
 use futures::{StreamExt, pin_mut};
 use tokio::io::AsyncReadExt;
 use tokio_postgres::Client;
@@ -23,7 +30,7 @@ use crate::pg::sqlstate;
 use crate::pg::{connect, quote_ident, quote_literal};
 use crate::progress::{Progress, Unit};
 use crate::repository::archive::{self, ArchiveHeader, ArchiveKind, TableHeader};
-use crate::repository::copy_binary::CopyChecker;
+use crate::repository::copy_binary::{CopyChecker, CopyFormat};
 use crate::repository::manifest::{ArchiveEntry, SequenceState};
 use crate::repository::object::ObjectWriter;
 use crate::repository::tenant_keys::SealingKeys;
@@ -32,6 +39,9 @@ use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, CatalogError, Table};
 use crate::source::identity::{SourceIdentity, source_identity};
 use crate::source::{SourceError, dependencies, pg_tools, query_context};
+
+use plan::{Job, Queue};
+use runs::{BINARY_HEADER, BINARY_TRAILER, Runs, Spill, Splitter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -86,8 +96,12 @@ struct Exporter {
     /// The consistent point's time: what a tenant erased after it holds is sealed away.
     consistent_time: DateTime<Utc>,
     level: i32,
-    /// Archives still to export: a tenant, or `None` for the global tables.
-    jobs: Mutex<VecDeque<Option<String>>>,
+    /// The work still to hand out.
+    queue: Mutex<Queue>,
+    /// Where a batch's rows wait when memory is used up (ciphertext only).
+    scratch: PathBuf,
+    /// What each worker may hold of a batch's rows in memory.
+    run_memory: usize,
     progress: Progress,
 }
 
@@ -258,8 +272,13 @@ async fn export(
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
         .map_err(RepositoryError::from)?;
     let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
-    let mut jobs: VecDeque<Option<String>> = tenants.iter().cloned().map(Some).collect();
-    jobs.push_front(None);
+    let archives = tenants.len() as u64 + 1;
+    let queue = if request.tenants.is_empty() {
+        let sizes = plan::estimate(&workers[0], &catalog, tenants.len()).await?;
+        Queue::new(tenants, sizes, workers.len())
+    } else {
+        Queue::singles(tenants)
+    };
     let exporter = Arc::new(Exporter {
         catalog,
         repo: repo.clone(),
@@ -267,13 +286,11 @@ async fn export(
         keys: keys.clone(),
         consistent_time: point.time,
         level: config.compression.level,
-        jobs: Mutex::new(jobs),
-        progress: Progress::new(
-            "snapshot",
-            "archives",
-            Unit::StoredBytes,
-            tenants.len() as u64 + 1,
-        ),
+        queue: Mutex::new(queue),
+        scratch: config.stream.scratch_dir(),
+        run_memory: usize::try_from(config.snapshot.batch_memory / workers.len().max(1) as u64)
+            .unwrap_or(usize::MAX),
+        progress: Progress::new("snapshot", "archives", Unit::StoredBytes, archives),
     });
 
     let schema_task = {
@@ -438,8 +455,8 @@ async fn read_sequences(
 }
 
 impl Exporter {
-    fn jobs(&self) -> std::sync::MutexGuard<'_, VecDeque<Option<String>>> {
-        self.jobs
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -450,26 +467,24 @@ impl Exporter {
     ) -> Result<Vec<(Option<String>, ArchiveEntry)>, SnapshotError> {
         let mut done = Vec::new();
         loop {
-            let job = self.jobs().pop_front();
-            let Some(tenant) = job else { break };
-            let started = Instant::now();
-            let entry = match self.export_archive(&client, tenant.as_deref()).await {
-                Ok(entry) => entry,
+            let job = self.queue().next();
+            let Some(job) = job else { break };
+            let result = match &job {
+                Job::Global => self.export_archive(&client, None).await,
+                Job::Tenant(tenant) => self.export_archive(&client, Some(tenant)).await,
+                Job::Batch(tenants) => self.export_batch(&client, tenants).await,
+            };
+            match result {
+                Ok((entries, copy_bytes)) => {
+                    self.queue().done(&job, copy_bytes);
+                    done.extend(entries);
+                }
                 Err(e) => {
-                    // The snapshot is lost: stop the other workers after their current archive.
-                    self.jobs().clear();
+                    // The snapshot is lost: stop the other workers after their current job.
+                    self.queue().clear();
                     return Err(e);
                 }
-            };
-            tracing::debug!(
-                tenant = tenant.as_deref().unwrap_or("(global)"),
-                rows = entry.total_rows(),
-                bytes = entry.object.bytes,
-                seconds = started.elapsed().as_secs_f64(),
-                "archive stored"
-            );
-            self.progress.advance(entry.object.bytes);
-            done.push((tenant, entry));
+            }
         }
         client
             .batch_execute("COMMIT")
@@ -478,11 +493,14 @@ impl Exporter {
         Ok(done)
     }
 
+    /// One archive, its tables exported with their own (tenant-filtered) statements and
+    /// streamed into it. Returns it and the bytes the COPYs produced.
     async fn export_archive(
         &self,
         client: &Client,
         tenant: Option<&str>,
-    ) -> Result<ArchiveEntry, SnapshotError> {
+    ) -> Result<(Vec<(Option<String>, ArchiveEntry)>, u64), SnapshotError> {
+        let started = Instant::now();
         let (key, kind, tables): (String, ArchiveKind, Vec<&Table>) = match tenant {
             Some(t) => (
                 keys::tenant(&self.id, t),
@@ -495,17 +513,7 @@ impl Exporter {
                 self.catalog.global_tables().collect(),
             ),
         };
-        let seal = self
-            .keys
-            .seal_for(tenant, Some(self.consistent_time))
-            .map_err(RepositoryError::from)?;
-        let mut writer = self.repo.object_writer(key, &seal, self.level)?;
-        let header = ArchiveHeader {
-            kind,
-            snapshot: self.id.to_string(),
-            tenant: tenant.map(str::to_string),
-        };
-        writer.write(&archive::header_record(&header)).await?;
+        let mut writer = self.archive_writer(key, kind, tenant).await?;
         let mut rows = BTreeMap::new();
         for table in &tables {
             let filter = tenant.map(|t| {
@@ -519,8 +527,220 @@ impl Exporter {
         writer
             .write(&archive::end_record(tables.len() as u64))
             .await?;
-        let (object, _) = writer.finish().await?;
-        Ok(ArchiveEntry { object, rows })
+        let (object, summary) = writer.finish().await?;
+        let entry = ArchiveEntry { object, rows };
+        tracing::debug!(
+            tenant = tenant.unwrap_or("(global)"),
+            rows = entry.total_rows(),
+            bytes = entry.object.bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "archive stored"
+        );
+        self.progress.advance(entry.object.bytes);
+        Ok((
+            vec![(tenant.map(str::to_string), entry)],
+            summary.plain_bytes,
+        ))
+    }
+
+    /// An archive's writer, its header written.
+    async fn archive_writer(
+        &self,
+        key: String,
+        kind: ArchiveKind,
+        tenant: Option<&str>,
+    ) -> Result<ObjectWriter, SnapshotError> {
+        let seal = self
+            .keys
+            .seal_for(tenant, Some(self.consistent_time))
+            .map_err(RepositoryError::from)?;
+        let mut writer = self.repo.object_writer(key, &seal, self.level)?;
+        let header = ArchiveHeader {
+            kind,
+            snapshot: self.id.to_string(),
+            tenant: tenant.map(str::to_string),
+        };
+        writer.write(&archive::header_record(&header)).await?;
+        Ok(writer)
+    }
+
+    /// The archives of consecutive tenants: each tenant table exported once for all of them,
+    /// its rows split by tenant ([`runs`]), then every tenant's archive written from its
+    /// runs, exactly as [`Self::export_archive`] would have written it. Returns them and the
+    /// bytes the COPYs produced.
+    async fn export_batch(
+        &self,
+        client: &Client,
+        tenants: &[String],
+    ) -> Result<(Vec<(Option<String>, ArchiveEntry)>, u64), SnapshotError> {
+        let started = Instant::now();
+        let tables: Vec<&Table> = self.catalog.tenant_tables().collect();
+        let key = age::x25519::Identity::generate();
+        let spill = Spill {
+            dir: &self.scratch,
+            key: &key,
+        };
+        let mut memory = self.run_memory;
+        let mut all_runs = Vec::with_capacity(tables.len());
+        for table in &tables {
+            all_runs.push(
+                self.split_table(client, table, tenants, &mut memory, &spill)
+                    .await?,
+            );
+        }
+        let copy_bytes: u64 = all_runs.iter().map(Runs::bytes).sum();
+        let spilled = all_runs.iter().filter(|r| r.spilled()).count();
+        let scratch_error = |e: std::io::Error| SnapshotError::Export {
+            table: "(batch)".into(),
+            message: format!("reading back a scratch file: {e}"),
+        };
+        let mut readers = all_runs
+            .into_iter()
+            .map(|r| r.into_reader(&key))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(scratch_error)?;
+
+        // Archives are written one after another; their uploads finish concurrently.
+        let mut uploads = FuturesUnordered::new();
+        let mut done = Vec::with_capacity(tenants.len());
+        for (position, tenant) in tenants.iter().enumerate() {
+            let mut writer = self
+                .archive_writer(
+                    keys::tenant(&self.id, tenant),
+                    ArchiveKind::Tenant,
+                    Some(tenant),
+                )
+                .await?;
+            let mut rows = BTreeMap::new();
+            for (table, reader) in tables.iter().zip(&mut readers) {
+                let format = table.copy_format();
+                writer
+                    .write(&archive::table_record(&table_header(table)))
+                    .await?;
+                let mut pending = BytesMut::new();
+                if format == CopyFormat::Binary {
+                    pending.extend_from_slice(BINARY_HEADER);
+                }
+                let run = reader.next_for(position as u32);
+                if let Some(run) = run {
+                    let mut left = run.len;
+                    while left > 0 {
+                        let piece = reader
+                            .take((left as usize).min(archive::DATA_RECORD))
+                            .map_err(scratch_error)?;
+                        left -= piece.len() as u64;
+                        pending.extend_from_slice(piece);
+                        if pending.len() >= archive::DATA_RECORD {
+                            flush_data(&mut writer, &mut pending).await?;
+                        }
+                    }
+                }
+                if format == CopyFormat::Binary {
+                    pending.extend_from_slice(BINARY_TRAILER);
+                }
+                if !pending.is_empty() {
+                    flush_data(&mut writer, &mut pending).await?;
+                }
+                let n = run.map_or(0, |r| r.rows);
+                writer.write(&archive::table_end_record(n)).await?;
+                rows.insert(table.qualified(), n);
+            }
+            writer
+                .write(&archive::end_record(tables.len() as u64))
+                .await?;
+            let tenant = tenant.clone();
+            uploads.push(async move {
+                let (object, _) = writer.finish().await?;
+                Ok::<_, RepositoryError>((Some(tenant), ArchiveEntry { object, rows }))
+            });
+            while uploads.len() >= self.repo.concurrency() {
+                let (tenant, entry) = uploads.next().await.expect("not empty")?;
+                self.progress.advance(entry.object.bytes);
+                done.push((tenant, entry));
+            }
+        }
+        while let Some(finished) = uploads.next().await {
+            let (tenant, entry) = finished?;
+            self.progress.advance(entry.object.bytes);
+            done.push((tenant, entry));
+        }
+        tracing::debug!(
+            tenants = tenants.len(),
+            copy_bytes,
+            spilled_tables = spilled,
+            bytes = done.iter().map(|(_, e)| e.object.bytes).sum::<u64>(),
+            seconds = started.elapsed().as_secs_f64(),
+            "batch of archives stored"
+        );
+        Ok((done, copy_bytes))
+    }
+
+    /// One table's rows of a batch of tenants, by tenant.
+    async fn split_table(
+        &self,
+        client: &Client,
+        table: &Table,
+        tenants: &[String],
+        memory: &mut usize,
+        spill: &Spill<'_>,
+    ) -> Result<Runs, SnapshotError> {
+        let format = table.copy_format();
+        let fail = |message: String| SnapshotError::Export {
+            table: table.qualified(),
+            message,
+        };
+        // The tenant's value as the row carries it.
+        let index: HashMap<Vec<u8>, u32> = tenants
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let field = match format {
+                    CopyFormat::Text => runs::text_field(t),
+                    CopyFormat::Binary => t.as_bytes().to_vec(),
+                };
+                (field, i as u32)
+            })
+            .collect();
+        let query = self
+            .catalog
+            .batch_query(
+                table,
+                tenants.first().expect("a batch has tenants"),
+                tenants.last().expect("a batch has tenants"),
+            )
+            .expect("tenant tables have a route");
+        let sql = format!("COPY ({query}) TO STDOUT (FORMAT {})", format.sql());
+        let stream = client
+            .copy_out(&sql)
+            .await
+            .map_err(|e| fail(sqlstate::describe(&e)))?;
+        pin_mut!(stream);
+        let mut splitter = Splitter::new(format);
+        let mut runs = Runs::default();
+        let mut current: Option<(Vec<u8>, u32)> = None;
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| fail(sqlstate::describe(&e)))?;
+            splitter
+                .feed(&chunk, |tenant, pieces| {
+                    let position = match &current {
+                        Some((value, position)) if value == tenant => *position,
+                        _ => {
+                            let position = *index.get(tenant).ok_or_else(|| {
+                                format!(
+                                    "a row of tenant {:?}, which is not in the batch",
+                                    String::from_utf8_lossy(tenant)
+                                )
+                            })?;
+                            current = Some((tenant.to_vec(), position));
+                            position
+                        }
+                    };
+                    runs.push(position, pieces, memory, spill)
+                })
+                .map_err(&fail)?;
+        }
+        splitter.finish().map_err(&fail)?;
+        Ok(runs)
     }
 
     async fn export_schema(
@@ -603,12 +823,7 @@ async fn export_table(
     table: &Table,
     filter: Option<&str>,
 ) -> Result<u64, SnapshotError> {
-    let header = TableHeader {
-        schema: table.schema.clone(),
-        name: table.name.clone(),
-        columns: table.columns.iter().map(|c| c.name.clone()).collect(),
-        format: table.copy_format(),
-    };
+    let header = table_header(table);
     writer.write(&archive::table_record(&header)).await?;
     let filter = filter.map(|f| format!(" WHERE {f}")).unwrap_or_default();
     let sql = format!(
@@ -646,6 +861,15 @@ async fn export_table(
         .write(&archive::table_end_record(checker.rows()))
         .await?;
     Ok(checker.rows())
+}
+
+fn table_header(table: &Table) -> TableHeader {
+    TableHeader {
+        schema: table.schema.clone(),
+        name: table.name.clone(),
+        columns: table.columns.iter().map(|c| c.name.clone()).collect(),
+        format: table.copy_format(),
+    }
 }
 
 async fn flush_data(

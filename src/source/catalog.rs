@@ -552,14 +552,16 @@ impl Catalog {
         }
     }
 
-    /// Every distinct tenant value found in the tables that carry it, sorted.
+    /// Every distinct tenant value found in the tables that carry it, as text, in the order
+    /// of the tenant column's type: the order [`Catalog::batch_query`] returns rows in.
     pub fn tenants_query(&self) -> String {
+        let ty = self.tenant_type();
         let parts: Vec<String> = self
             .tables
             .iter()
             .filter_map(|t| match &t.scope {
                 TableScope::Tenant(Route::Direct { column }) => Some(format!(
-                    "SELECT {}::text AS tenant FROM {}",
+                    "SELECT {}::{ty} AS tenant FROM {}",
                     quote_ident(column),
                     t.sql_name()
                 )),
@@ -569,9 +571,68 @@ impl Catalog {
         // DISTINCT: with a single table carrying the column there is no UNION to dedupe, and
         // every tenant would be listed (and exported) once per row.
         format!(
-            "SELECT DISTINCT tenant FROM ({}) AS all_tenants WHERE tenant IS NOT NULL ORDER BY tenant",
+            "SELECT d.tenant::text FROM (SELECT DISTINCT tenant FROM ({}) AS all_tenants WHERE tenant IS NOT NULL) AS d ORDER BY d.tenant",
             parts.join(" UNION ")
         )
+    }
+
+    /// The rows of `table` of every tenant from `first` to `last` (values, quoted here; in
+    /// the order of [`Catalog::tenants_query`]), each preceded by its tenant's value as text,
+    /// ordered by tenant: one statement exports a table for a whole batch of tenants, and
+    /// the rows of one tenant arrive together. A row reaching its tenant through foreign keys
+    /// is joined along them (each key is unique in its parent, so a row is selected at most
+    /// once, and exactly when [`Catalog::tenant_filter`] would select it).
+    pub fn batch_query(&self, table: &Table, first: &str, last: &str) -> Option<String> {
+        let ty = self.tenant_type();
+        let mut joins = String::new();
+        let mut current = table;
+        let mut depth = 0;
+        let column = loop {
+            match &current.scope {
+                TableScope::Tenant(Route::Direct { column }) => break column,
+                TableScope::Tenant(Route::Via {
+                    columns,
+                    parent,
+                    parent_columns,
+                    ..
+                }) => {
+                    let parent = &self.tables[*parent];
+                    let on = columns
+                        .iter()
+                        .zip(parent_columns)
+                        .map(|(c, p)| {
+                            format!(
+                                "r{depth}.{} = r{}.{}",
+                                quote_ident(c),
+                                depth + 1,
+                                quote_ident(p)
+                            )
+                        })
+                        .collect::<Vec<_>>()
+                        .join(" AND ");
+                    joins.push_str(&format!(
+                        " JOIN {} AS r{} ON {on}",
+                        parent.sql_name(),
+                        depth + 1
+                    ));
+                    current = parent;
+                    depth += 1;
+                }
+                _ => return None,
+            }
+        };
+        let tenant = format!("r{depth}.{}::{ty}", quote_ident(column));
+        let columns: String = table
+            .columns
+            .iter()
+            .map(|c| format!(", r0.{}", quote_ident(&c.name)))
+            .collect();
+        Some(format!(
+            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} BETWEEN {}::{ty} AND {}::{ty} ORDER BY {tenant}",
+            table.sql_name(),
+            quote_literal(first),
+            quote_literal(last),
+        ))
     }
 
     /// The tenant column's type (from the first table that carries it), for validating values.

@@ -10,6 +10,7 @@ mod diff;
 mod extensions;
 mod hostile;
 mod isolation;
+mod many_tenants;
 mod onboarding;
 mod operator;
 mod pgoutput;

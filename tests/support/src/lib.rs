@@ -10,6 +10,7 @@ pub mod change_gen;
 pub mod daemon;
 pub mod fixture;
 pub mod oracle;
+pub mod pgbackrest;
 pub mod postgres;
 pub mod proxy;
 pub mod schema_gen;

@@ -1,0 +1,524 @@
+//! A batch's rows, cut by tenant: each table of a batch is exported by one `COPY` whose rows
+//! carry their tenant's value first and arrive ordered by tenant ([`Catalog::batch_query`]).
+//! [`Splitter`] cuts that stream into rows, [`Runs`] keeps each tenant's consecutive rows (a
+//! run) without the tenant field, so that every tenant's archive can be written afterwards
+//! as if its rows had been exported alone (binary COPY streams get their own header and
+//! trailer).
+//!
+//! Runs stay in memory up to the batch's budget; beyond it a table's runs go to an unlinked
+//! scratch file, encrypted to a key made for the batch and held only in memory (no plaintext
+//! tenant data on local disk), and are read back once, in the order they were written.
+//!
+//! [`Catalog::batch_query`]: crate::source::catalog::Catalog::batch_query
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use crate::repository::copy_binary::CopyFormat;
+use crate::scratch::anonymous_file;
+
+/// The header every binary COPY stream starts with (signature, no flags, no extension).
+pub const BINARY_HEADER: &[u8; 19] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
+/// The trailer ending a binary COPY stream (a field count of -1).
+pub const BINARY_TRAILER: &[u8; 2] = &[0xff, 0xff];
+
+/// Cuts a COPY stream (text or binary) whose rows start with a tenant field into rows.
+#[derive(Debug)]
+pub struct Splitter {
+    format: CopyFormat,
+    /// Binary: the stream's header is still to come.
+    header: bool,
+    /// Binary: the trailer came; nothing may follow.
+    done: bool,
+    /// The beginning of a row that continues in the next chunk.
+    carry: Vec<u8>,
+}
+
+impl Splitter {
+    pub fn new(format: CopyFormat) -> Self {
+        Self {
+            format,
+            header: format == CopyFormat::Binary,
+            done: false,
+            carry: Vec::new(),
+        }
+    }
+
+    /// Feeds one chunk of the stream; `row(tenant, pieces)` is called for every complete
+    /// row with its tenant field (text: as COPY wrote it; binary: the value's bytes) and the
+    /// pieces that make up the row without it.
+    pub fn feed(
+        &mut self,
+        chunk: &[u8],
+        mut row: impl FnMut(&[u8], &[&[u8]]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        // The server sends a row per message: the carry is usually empty and the chunk is
+        // read in place.
+        let mut carried = std::mem::take(&mut self.carry);
+        let data: &[u8] = if carried.is_empty() {
+            chunk
+        } else {
+            carried.extend_from_slice(chunk);
+            &carried
+        };
+        let used = match self.format {
+            CopyFormat::Text => split_text(data, &mut row)?,
+            CopyFormat::Binary => self.split_binary(data, &mut row)?,
+        };
+        let rest = &data[used..];
+        if !rest.is_empty() {
+            self.carry = rest.to_vec();
+        }
+        Ok(())
+    }
+
+    /// Checks that the stream ended where a COPY stream ends.
+    pub fn finish(&self) -> Result<(), String> {
+        if !self.carry.is_empty() {
+            return Err("COPY stream ended inside a row".into());
+        }
+        if self.format == CopyFormat::Binary && !self.done {
+            return Err("COPY stream ended without its trailer".into());
+        }
+        Ok(())
+    }
+
+    fn split_binary(
+        &mut self,
+        data: &[u8],
+        row: &mut impl FnMut(&[u8], &[&[u8]]) -> Result<(), String>,
+    ) -> Result<usize, String> {
+        let mut at = 0;
+        if self.header {
+            if data.len() < 19 {
+                return Ok(0);
+            }
+            if data[..11] != BINARY_HEADER[..11] {
+                return Err("missing binary COPY signature".into());
+            }
+            let extension = u32::from_be_bytes(data[15..19].try_into().expect("4 bytes")) as usize;
+            if data.len() < 19 + extension {
+                return Ok(0);
+            }
+            at = 19 + extension;
+            self.header = false;
+        }
+        while at < data.len() {
+            if self.done {
+                return Err("bytes after the COPY trailer".into());
+            }
+            let tuple = &data[at..];
+            if tuple.len() < 2 {
+                break;
+            }
+            let fields = i16::from_be_bytes([tuple[0], tuple[1]]);
+            if fields == -1 {
+                self.done = true;
+                at += 2;
+                continue;
+            }
+            if fields < 1 {
+                return Err(format!("a row with {fields} fields has no tenant field"));
+            }
+            // Walk the field lengths; stop if the row is not complete yet.
+            let mut end = 2;
+            let mut tenant = None;
+            let mut complete = true;
+            for field in 0..fields {
+                let Some(len) = tuple.get(end..end + 4) else {
+                    complete = false;
+                    break;
+                };
+                let len = i32::from_be_bytes(len.try_into().expect("4 bytes"));
+                end += 4;
+                if len < 0 {
+                    if field == 0 {
+                        return Err("a row without a tenant value".into());
+                    }
+                    continue;
+                }
+                let len = len as usize;
+                if tuple.len() < end + len {
+                    complete = false;
+                    break;
+                }
+                if field == 0 {
+                    tenant = Some(&tuple[end..end + len]);
+                }
+                end += len;
+            }
+            if !complete {
+                break;
+            }
+            let tenant = tenant.expect("a complete row has its first field");
+            let rest_start = 2 + 4 + tenant.len();
+            let count = (fields - 1).to_be_bytes();
+            row(tenant, &[&count, &tuple[rest_start..end]])?;
+            at += end;
+        }
+        Ok(at)
+    }
+}
+
+fn split_text(
+    data: &[u8],
+    row: &mut impl FnMut(&[u8], &[&[u8]]) -> Result<(), String>,
+) -> Result<usize, String> {
+    let mut at = 0;
+    while let Some(newline) = memchr::memchr(b'\n', &data[at..]) {
+        let line = &data[at..at + newline + 1];
+        let tab = memchr::memchr(b'\t', line).ok_or("a row without a tenant field")?;
+        let tenant = &line[..tab];
+        if tenant == b"\\N" {
+            return Err("a row without a tenant value".into());
+        }
+        row(tenant, &[&line[tab + 1..]])?;
+        at += newline + 1;
+    }
+    Ok(at)
+}
+
+/// A tenant value as text COPY writes it: backslash escapes for the characters that would
+/// break the row apart.
+pub fn text_field(value: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(value.len());
+    for b in value.bytes() {
+        match b {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            0x0b => out.extend_from_slice(b"\\v"),
+            _ => out.push(b),
+        }
+    }
+    out
+}
+
+/// One tenant's consecutive rows of one table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    /// The tenant's position in its batch.
+    pub tenant: u32,
+    pub len: u64,
+    pub rows: u64,
+}
+
+/// One table's runs of a batch, in tenant order.
+pub struct Runs {
+    runs: Vec<Run>,
+    body: Body,
+}
+
+enum Body {
+    Memory(Vec<u8>),
+    Spilled(age::stream::StreamWriter<BufWriter<File>>),
+}
+
+impl std::fmt::Debug for Runs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runs")
+            .field("runs", &self.runs.len())
+            .field("spilled", &matches!(self.body, Body::Spilled(_)))
+            .finish()
+    }
+}
+
+/// Where a batch's runs go when memory is used up, and the key that reads them back.
+pub struct Spill<'a> {
+    pub dir: &'a Path,
+    pub key: &'a age::x25519::Identity,
+}
+
+impl Default for Runs {
+    fn default() -> Self {
+        Self {
+            runs: Vec::new(),
+            body: Body::Memory(Vec::new()),
+        }
+    }
+}
+
+impl Runs {
+    /// Appends a row of tenant `tenant` (its position in the batch). `memory` is what the
+    /// batch may still hold in memory; once a row would exceed it, this table's runs move to
+    /// a scratch file.
+    pub fn push(
+        &mut self,
+        tenant: u32,
+        pieces: &[&[u8]],
+        memory: &mut usize,
+        spill: &Spill<'_>,
+    ) -> Result<(), String> {
+        match self.runs.last_mut() {
+            Some(run) if run.tenant == tenant => run.rows += 1,
+            Some(run) if run.tenant > tenant => {
+                return Err(
+                    "rows did not arrive ordered by tenant (the tenant column's order differs \
+                     between the tables that carry it)"
+                        .into(),
+                );
+            }
+            _ => self.runs.push(Run {
+                tenant,
+                len: 0,
+                rows: 1,
+            }),
+        }
+        let size: usize = pieces.iter().map(|p| p.len()).sum();
+        self.runs.last_mut().expect("just pushed").len += size as u64;
+        if let Body::Memory(buffer) = &mut self.body {
+            if size <= *memory {
+                *memory -= size;
+                for piece in pieces {
+                    buffer.extend_from_slice(piece);
+                }
+                return Ok(());
+            }
+            *memory += buffer.len();
+            let file = anonymous_file(spill.dir, "snapshot")
+                .map_err(|e| format!("creating a scratch file in {}: {e}", spill.dir.display()))?;
+            let recipient = spill.key.to_public();
+            let mut writer =
+                age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+                    .map_err(|e| e.to_string())?
+                    .wrap_output(BufWriter::with_capacity(1 << 20, file))
+                    .map_err(|e| format!("scratch file: {e}"))?;
+            writer
+                .write_all(buffer)
+                .map_err(|e| format!("scratch file: {e}"))?;
+            self.body = Body::Spilled(writer);
+        }
+        let Body::Spilled(writer) = &mut self.body else {
+            unreachable!("moved to a scratch file above")
+        };
+        for piece in pieces {
+            writer
+                .write_all(piece)
+                .map_err(|e| format!("scratch file: {e}"))?;
+        }
+        Ok(())
+    }
+
+    /// The bytes of every run.
+    pub fn bytes(&self) -> u64 {
+        self.runs.iter().map(|r| r.len).sum()
+    }
+
+    /// Whether the runs went to a scratch file.
+    pub fn spilled(&self) -> bool {
+        matches!(self.body, Body::Spilled(_))
+    }
+
+    /// The runs, for reading back in the order they were written.
+    pub fn into_reader(self, key: &age::x25519::Identity) -> io::Result<RunReader> {
+        let source = match self.body {
+            Body::Memory(buffer) => Source::Memory { buffer, at: 0 },
+            Body::Spilled(writer) => {
+                let mut file = writer
+                    .finish()?
+                    .into_inner()
+                    .map_err(io::IntoInnerError::into_error)?;
+                file.flush()?;
+                file.seek(SeekFrom::Start(0))?;
+                let decryptor = age::Decryptor::new(BufReader::with_capacity(1 << 16, file))
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                let reader = decryptor
+                    .decrypt(std::iter::once(key as &dyn age::Identity))
+                    .map_err(|e| io::Error::other(e.to_string()))?;
+                Source::Spilled {
+                    reader: Box::new(reader),
+                    buf: Vec::new(),
+                }
+            }
+        };
+        Ok(RunReader {
+            runs: self.runs.into_iter().peekable(),
+            source,
+        })
+    }
+}
+
+/// Reads a table's runs back, tenant by tenant.
+pub struct RunReader {
+    runs: std::iter::Peekable<std::vec::IntoIter<Run>>,
+    source: Source,
+}
+
+enum Source {
+    Memory {
+        buffer: Vec<u8>,
+        at: usize,
+    },
+    Spilled {
+        reader: Box<dyn Read + Send>,
+        buf: Vec<u8>,
+    },
+}
+
+impl RunReader {
+    /// The run of tenant `tenant` if it has one (tenants must be asked for in order).
+    pub fn next_for(&mut self, tenant: u32) -> Option<Run> {
+        self.runs.next_if(|run| run.tenant == tenant)
+    }
+
+    /// Up to `max` (> 0) of the next bytes of the current run; the caller counts them
+    /// against the run's length.
+    pub fn take(&mut self, max: usize) -> io::Result<&[u8]> {
+        match &mut self.source {
+            Source::Memory { buffer, at } => {
+                let end = (*at + max).min(buffer.len());
+                let piece = &buffer[*at..end];
+                *at = end;
+                Ok(piece)
+            }
+            // Ciphertext from an unlinked local file, read once in order: the page cache
+            // answers these reads, so they are done in place.
+            Source::Spilled { reader, buf } => {
+                buf.resize(max, 0);
+                let n = reader.read(buf)?;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "scratch file ended early",
+                    ));
+                }
+                Ok(&buf[..n])
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn binary_row(fields: &[Option<&[u8]>]) -> Vec<u8> {
+        let mut out = (fields.len() as i16).to_be_bytes().to_vec();
+        for f in fields {
+            match f {
+                Some(v) => {
+                    out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    out.extend_from_slice(v);
+                }
+                None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        out
+    }
+
+    fn split_all(format: CopyFormat, stream: &[u8], chunk: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut splitter = Splitter::new(format);
+        let mut rows = Vec::new();
+        for piece in stream.chunks(chunk) {
+            splitter
+                .feed(piece, |tenant, pieces| {
+                    rows.push((tenant.to_vec(), pieces.concat()));
+                    Ok(())
+                })
+                .unwrap();
+        }
+        splitter.finish().unwrap();
+        rows
+    }
+
+    #[test]
+    fn binary_rows_lose_their_tenant_field_whatever_the_chunking() {
+        let mut stream = BINARY_HEADER.to_vec();
+        stream.extend(binary_row(&[Some(b"a"), Some(b"xy"), None]));
+        stream.extend(binary_row(&[Some(b"bb"), Some(b"")]));
+        stream.extend_from_slice(BINARY_TRAILER);
+        let expected = vec![
+            (b"a".to_vec(), binary_row(&[Some(b"xy"), None])),
+            (b"bb".to_vec(), binary_row(&[Some(b"")])),
+        ];
+        for chunk in [1, 2, 3, 7, 100] {
+            assert_eq!(split_all(CopyFormat::Binary, &stream, chunk), expected);
+        }
+    }
+
+    #[test]
+    fn text_rows_lose_their_tenant_field() {
+        let stream = b"a\t1\t\\N\nbb\tx\\ty\n";
+        for chunk in [1, 4, 100] {
+            assert_eq!(
+                split_all(CopyFormat::Text, stream, chunk),
+                vec![
+                    (b"a".to_vec(), b"1\t\\N\n".to_vec()),
+                    (b"bb".to_vec(), b"x\\ty\n".to_vec())
+                ]
+            );
+        }
+        assert_eq!(text_field("a\tb\\c\n"), b"a\\tb\\\\c\\n");
+    }
+
+    #[test]
+    fn truncated_streams_and_missing_tenants_are_refused() {
+        let mut splitter = Splitter::new(CopyFormat::Binary);
+        let mut stream = BINARY_HEADER.to_vec();
+        stream.extend(binary_row(&[Some(b"a"), Some(b"xy")]));
+        splitter
+            .feed(&stream[..stream.len() - 1], |_, _| Ok(()))
+            .unwrap();
+        assert!(splitter.finish().is_err());
+
+        let mut splitter = Splitter::new(CopyFormat::Binary);
+        let mut stream = BINARY_HEADER.to_vec();
+        stream.extend(binary_row(&[None, Some(b"xy")]));
+        assert!(splitter.feed(&stream, |_, _| Ok(())).is_err());
+
+        let mut splitter = Splitter::new(CopyFormat::Text);
+        assert!(splitter.feed(b"\\N\tx\n", |_, _| Ok(())).is_err());
+    }
+
+    fn read_back(runs: Runs, key: &age::x25519::Identity, tenants: u32) -> Vec<(u32, Vec<u8>)> {
+        let mut reader = runs.into_reader(key).unwrap();
+        let mut out = Vec::new();
+        for t in 0..tenants {
+            if let Some(run) = reader.next_for(t) {
+                let mut bytes = Vec::new();
+                while (bytes.len() as u64) < run.len {
+                    let left = (run.len - bytes.len() as u64) as usize;
+                    bytes.extend_from_slice(reader.take(left.min(3)).unwrap());
+                }
+                out.push((t, bytes));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn runs_read_back_the_same_from_memory_and_from_an_encrypted_spill() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = age::x25519::Identity::generate();
+        let spill = Spill {
+            dir: dir.path(),
+            key: &key,
+        };
+        let rows: &[(u32, &[u8])] = &[(0, b"one"), (0, b"two"), (2, b"three"), (5, b"secret")];
+        let expected = vec![
+            (0, b"onetwo".to_vec()),
+            (2, b"three".to_vec()),
+            (5, b"secret".to_vec()),
+        ];
+        for budget in [1000, 7, 0] {
+            let mut memory = budget;
+            let mut runs = Runs::default();
+            for (tenant, row) in rows {
+                runs.push(*tenant, &[row], &mut memory, &spill).unwrap();
+            }
+            assert_eq!(runs.spilled(), budget < 17);
+            assert_eq!(read_back(runs, &key, 6), expected);
+        }
+        // Nothing readable was left in the directory (the file is unlinked at once).
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+
+        let mut memory = 100;
+        let mut runs = Runs::default();
+        runs.push(3, &[b"x"], &mut memory, &spill).unwrap();
+        assert!(runs.push(1, &[b"y"], &mut memory, &spill).is_err());
+    }
+}
