@@ -16,7 +16,9 @@
 //!   to one file (the pipeline), and for reference the same in one psql session and
 //!   one zstd/age stream. Target: ours within 1.2× of the pipeline.
 //! - (b) every tenant: `updog-backup backup` at each `snapshot.parallel` against
-//!   `pg_dump -Fc -Z 6 -n app -n audit` (PostgreSQL 15's pg_dump has no zstd: gzip level 6).
+//!   `pg_dump -Fc -Z 6 -n app -n audit` (PostgreSQL 15's pg_dump has no zstd: gzip level 6)
+//!   and a full pgBackRest backup of the cluster (`--type=full`, zstd 3, 2 processes; the
+//!   cluster runs with `archive_mode=on` for it; its bytes are the backup's own directory).
 //!   Target: faster, stored bytes no larger.
 //! - (c) the peak RSS of `backup` (GNU time's %M). Target: under 256 MiB at scale 10.
 //!
@@ -31,7 +33,7 @@
 //! meaningful on a machine shared with other work. The load average is printed with the
 //! figures for the same reason.
 //!
-//! Needs `age`, `zstd` and GNU `time` (`apt-get install -y age zstd time`). Loopback only;
+//! Needs `age`, `zstd`, `pgbackrest` and GNU `time` (`apt-get install -y age zstd time pgbackrest`). Loopback only;
 //! the cluster is stopped and deleted when this process exits.
 
 //!

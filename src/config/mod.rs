@@ -213,7 +213,7 @@ fn default_parallel() -> usize {
     4
 }
 fn default_batch_memory() -> u64 {
-    128 << 20
+    64 << 20
 }
 fn default_cron() -> String {
     "0 0 2 * * *".into()

@@ -107,7 +107,13 @@ impl ObjectWriter {
     }
 
     /// Seals the object and waits until the store has it durably.
-    pub async fn finish(mut self) -> Result<(StoredObject, SealedSummary)> {
+    pub async fn finish(self) -> Result<(StoredObject, SealedSummary)> {
+        self.seal().await?.stored().await
+    }
+
+    /// Seals the object and hands its last bytes to the upload, freeing the encoder (a zstd
+    /// context is megabytes): many objects can then wait for their uploads at once.
+    pub async fn seal(mut self) -> Result<Upload> {
         let (rest, summary) = self.sealer.take().expect("present until finish").finish()?;
         if !rest.is_empty() {
             self.send(rest).await?;
@@ -115,6 +121,26 @@ impl ObjectWriter {
         if self.tx.send(Piece::End).await.is_err() {
             return Err(self.upload_error().await);
         }
+        Ok(Upload {
+            key: self.key,
+            put: self.put,
+            summary,
+            sealed_to: self.sealed_to,
+        })
+    }
+}
+
+/// A sealed object on its way to the store.
+pub struct Upload {
+    key: String,
+    put: JoinHandle<Result<u64, StorageError>>,
+    summary: SealedSummary,
+    sealed_to: Option<String>,
+}
+
+impl Upload {
+    /// Waits until the store has the object durably.
+    pub async fn stored(self) -> Result<(StoredObject, SealedSummary)> {
         let stored = match self.put.await {
             Ok(result) => result?,
             Err(e) => {
@@ -124,15 +150,15 @@ impl ObjectWriter {
                 });
             }
         };
-        debug_assert_eq!(stored, summary.stored_bytes);
+        debug_assert_eq!(stored, self.summary.stored_bytes);
         Ok((
             StoredObject {
                 key: self.key,
-                bytes: summary.stored_bytes,
-                sha256: summary.sha256.clone(),
+                bytes: self.summary.stored_bytes,
+                sha256: self.summary.sha256.clone(),
                 sealed_to: self.sealed_to,
             },
-            summary,
+            self.summary,
         ))
     }
 }

@@ -273,9 +273,11 @@ async fn export(
         .map_err(RepositoryError::from)?;
     let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
     let archives = tenants.len() as u64 + 1;
+    let run_memory = usize::try_from(config.snapshot.batch_memory / workers.len().max(1) as u64)
+        .unwrap_or(usize::MAX);
     let queue = if request.tenants.is_empty() {
         let sizes = plan::estimate(&workers[0], &catalog, tenants.len()).await?;
-        Queue::new(tenants, sizes, workers.len())
+        Queue::new(tenants, sizes, workers.len(), run_memory as u64)
     } else {
         Queue::singles(tenants)
     };
@@ -288,8 +290,7 @@ async fn export(
         level: config.compression.level,
         queue: Mutex::new(queue),
         scratch: config.stream.scratch_dir(),
-        run_memory: usize::try_from(config.snapshot.batch_memory / workers.len().max(1) as u64)
-            .unwrap_or(usize::MAX),
+        run_memory,
         progress: Progress::new("snapshot", "archives", Unit::StoredBytes, archives),
     });
 
@@ -600,7 +601,8 @@ impl Exporter {
             .collect::<Result<Vec<_>, _>>()
             .map_err(scratch_error)?;
 
-        // Archives are written one after another; their uploads finish concurrently.
+        // Archives are written one after another; their uploads finish concurrently (sealed
+        // first: an encoder waiting with each would cost megabytes apiece).
         let mut uploads = FuturesUnordered::new();
         let mut done = Vec::with_capacity(tenants.len());
         for (position, tenant) in tenants.iter().enumerate() {
@@ -649,8 +651,9 @@ impl Exporter {
                 .write(&archive::end_record(tables.len() as u64))
                 .await?;
             let tenant = tenant.clone();
+            let upload = writer.seal().await?;
             uploads.push(async move {
-                let (object, _) = writer.finish().await?;
+                let (object, _) = upload.stored().await?;
                 Ok::<_, RepositoryError>((Some(tenant), ArchiveEntry { object, rows }))
             });
             while uploads.len() >= self.repo.concurrency() {

@@ -153,12 +153,15 @@ pub struct Queue {
 }
 
 impl Queue {
-    /// `tenants` in the order of the tenant column; `workers` that share the queue.
-    pub fn new(tenants: Vec<String>, sizes: Sizes, workers: usize) -> Self {
+    /// `tenants` in the order of the tenant column; `workers` that share the queue, each
+    /// holding up to `memory` bytes of its batch's rows before it spills.
+    pub fn new(tenants: Vec<String>, sizes: Sizes, workers: usize, memory: u64) -> Self {
         let total: f64 = tenants.iter().map(|t| sizes.of(t)).sum();
-        // Enough batches for every worker to have several (the last ones finish together).
+        // Enough batches for every worker to have several (the last ones finish together),
+        // each fitting in memory as estimated.
+        let largest = (BATCH_BYTES.min(memory * 3 / 4)).max(MIN_BATCH_BYTES);
         let target =
-            (total / (4 * workers.max(1)) as f64).clamp(MIN_BATCH_BYTES as f64, BATCH_BYTES as f64);
+            (total / (4 * workers.max(1)) as f64).clamp(MIN_BATCH_BYTES as f64, largest as f64);
         Self {
             global: true,
             tenants: tenants.into(),
@@ -171,7 +174,7 @@ impl Queue {
 
     /// Each tenant on its own (the tenants a user named).
     pub fn singles(tenants: Vec<String>) -> Self {
-        let mut queue = Self::new(tenants, Sizes::default(), 1);
+        let mut queue = Self::new(tenants, Sizes::default(), 1, 0);
         queue.target = 0.0;
         queue
     }
@@ -257,7 +260,7 @@ mod tests {
         let tenants: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
         let mut sizes = Sizes::uniform(10 << 20, 10);
         sizes.named.insert("t3".into(), 40.0 * (1 << 20) as f64);
-        let jobs = drain(Queue::new(tenants, sizes, 1));
+        let jobs = drain(Queue::new(tenants, sizes, 1, 64 << 20));
         assert_eq!(jobs[0], Job::Global);
         assert_eq!(
             jobs[1],
@@ -278,7 +281,7 @@ mod tests {
     #[test]
     fn batches_shrink_when_rows_weigh_more_than_their_estimate() {
         let tenants: Vec<String> = (0..1000).map(|i| format!("t{i:04}")).collect();
-        let mut queue = Queue::new(tenants, Sizes::uniform(1000 << 20, 1000), 2);
+        let mut queue = Queue::new(tenants, Sizes::uniform(1000 << 20, 1000), 2, 64 << 20);
         assert_eq!(queue.next(), Some(Job::Global));
         let first = queue.next().unwrap();
         assert_eq!(first.archives(), 32);

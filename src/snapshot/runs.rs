@@ -213,8 +213,12 @@ pub struct Runs {
     body: Body,
 }
 
+/// Memory holds runs in blocks of this size: a growing Vec would reserve up to twice what it
+/// holds, twice the budget.
+const BLOCK: usize = 1 << 20;
+
 enum Body {
-    Memory(Vec<u8>),
+    Memory(Vec<Vec<u8>>),
     Spilled(age::stream::StreamWriter<BufWriter<File>>),
 }
 
@@ -270,15 +274,24 @@ impl Runs {
         }
         let size: usize = pieces.iter().map(|p| p.len()).sum();
         self.runs.last_mut().expect("just pushed").len += size as u64;
-        if let Body::Memory(buffer) = &mut self.body {
+        if let Body::Memory(blocks) = &mut self.body {
             if size <= *memory {
                 *memory -= size;
                 for piece in pieces {
-                    buffer.extend_from_slice(piece);
+                    match blocks.last_mut() {
+                        Some(block) if block.capacity() - block.len() >= piece.len() => {
+                            block.extend_from_slice(piece);
+                        }
+                        _ => {
+                            let mut block = Vec::with_capacity(BLOCK.max(piece.len()));
+                            block.extend_from_slice(piece);
+                            blocks.push(block);
+                        }
+                    }
                 }
                 return Ok(());
             }
-            *memory += buffer.len();
+            *memory += blocks.iter().map(Vec::len).sum::<usize>();
             let file = anonymous_file(spill.dir, "snapshot")
                 .map_err(|e| format!("creating a scratch file in {}: {e}", spill.dir.display()))?;
             let recipient = spill.key.to_public();
@@ -287,9 +300,11 @@ impl Runs {
                     .map_err(|e| e.to_string())?
                     .wrap_output(BufWriter::with_capacity(1 << 20, file))
                     .map_err(|e| format!("scratch file: {e}"))?;
-            writer
-                .write_all(buffer)
-                .map_err(|e| format!("scratch file: {e}"))?;
+            for block in blocks.iter() {
+                writer
+                    .write_all(block)
+                    .map_err(|e| format!("scratch file: {e}"))?;
+            }
             self.body = Body::Spilled(writer);
         }
         let Body::Spilled(writer) = &mut self.body else {
@@ -316,7 +331,10 @@ impl Runs {
     /// The runs, for reading back in the order they were written.
     pub fn into_reader(self, key: &age::x25519::Identity) -> io::Result<RunReader> {
         let source = match self.body {
-            Body::Memory(buffer) => Source::Memory { buffer, at: 0 },
+            Body::Memory(blocks) => Source::Memory {
+                blocks: blocks.into(),
+                at: 0,
+            },
             Body::Spilled(writer) => {
                 let mut file = writer
                     .finish()?
@@ -350,7 +368,8 @@ pub struct RunReader {
 
 enum Source {
     Memory {
-        buffer: Vec<u8>,
+        blocks: std::collections::VecDeque<Vec<u8>>,
+        /// Read so far of the first block.
         at: usize,
     },
     Spilled {
@@ -369,9 +388,20 @@ impl RunReader {
     /// against the run's length.
     pub fn take(&mut self, max: usize) -> io::Result<&[u8]> {
         match &mut self.source {
-            Source::Memory { buffer, at } => {
-                let end = (*at + max).min(buffer.len());
-                let piece = &buffer[*at..end];
+            Source::Memory { blocks, at } => {
+                // A block read to its end is freed.
+                while blocks.front().is_some_and(|b| *at == b.len()) {
+                    blocks.pop_front();
+                    *at = 0;
+                }
+                let Some(block) = blocks.front() else {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "runs ended early",
+                    ));
+                };
+                let end = (*at + max).min(block.len());
+                let piece = &block[*at..end];
                 *at = end;
                 Ok(piece)
             }
