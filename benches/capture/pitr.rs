@@ -88,20 +88,7 @@ impl Bench<'_> {
         let base = self.work.join("pitr");
         fs::create_dir_all(&base).unwrap();
         let br = PgBackRest::new(&base, pg);
-        pg.psql(
-            "postgres",
-            &[
-                "-c",
-                &format!(
-                    "ALTER SYSTEM SET archive_command = '{}'",
-                    br.archive_command()
-                ),
-                "-c",
-                "SELECT pg_reload_conf()",
-            ],
-        );
-        std::thread::sleep(Duration::from_millis(500));
-        br.run(&["stanza-create"]);
+        br.enable(pg);
         br.run(&["check"]);
         let env = Env::new(pg, self.work, "pitr", &db, a);
 

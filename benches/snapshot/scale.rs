@@ -220,20 +220,7 @@ impl PgBackRestBackups {
         let base = work.join(format!("pgbackrest-{scale}"));
         fs::create_dir_all(&base).unwrap();
         let config = PgBackRest::new(&base, pg);
-        pg.psql(
-            "postgres",
-            &[
-                "-c",
-                &format!(
-                    "ALTER SYSTEM SET archive_command = '{}'",
-                    config.archive_command()
-                ),
-                "-c",
-                "SELECT pg_reload_conf()",
-            ],
-        );
-        std::thread::sleep(std::time::Duration::from_millis(500));
-        config.run(&["stanza-create"]);
+        config.enable(pg);
         PgBackRestBackups { config }
     }
 

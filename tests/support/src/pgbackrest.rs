@@ -106,6 +106,26 @@ pg1-user=postgres
         run(&mut self.command(args), &format!("pgbackrest {args:?}"))
     }
 
+    /// Points the cluster's `archive_command` at this configuration (the cluster runs with
+    /// `archive_mode=on`) and creates the stanza.
+    pub fn enable(&self, pg: &postgres::Cluster) {
+        pg.psql(
+            "postgres",
+            &[
+                "-c",
+                &format!(
+                    "ALTER SYSTEM SET archive_command = '{}'",
+                    self.archive_command()
+                ),
+                "-c",
+                "SELECT pg_reload_conf()",
+            ],
+        );
+        // The reload is asynchronous: let the archiver take it before pgBackRest checks it.
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        self.run(&["stanza-create"]);
+    }
+
     pub fn archive_command(&self) -> String {
         format!(
             "pgbackrest --config={} --stanza={STANZA} archive-push %p",
