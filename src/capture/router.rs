@@ -27,7 +27,8 @@ use tokio_postgres::Client;
 
 use crate::pg::pgoutput::{Message, OldTuple, Relation, Tuple, Value};
 use crate::pg::quote_ident;
-use crate::repository::routes::{Delta, KeyHash};
+use crate::repository::RepositoryError;
+use crate::repository::routes::{CheckpointWriter, Delta, KeyHash};
 use crate::retry::{Classify, ErrorClass};
 use crate::source::catalog::{Catalog, Route, TableScope};
 use crate::source::{SourceError, query_context};
@@ -195,29 +196,7 @@ impl Router {
                     .map(move |key| (key, i))
             })
             .collect();
-        let mut maps: HashMap<usize, Vec<KeyMap>> = HashMap::new();
-        for table in &catalog.tables {
-            if let TableScope::Tenant(Route::Via {
-                parent,
-                parent_columns,
-                ..
-            }) = &table.scope
-            {
-                let name: Arc<str> = Arc::from(format!(
-                    "{}({})",
-                    catalog.tables[*parent].qualified(),
-                    parent_columns.join(",")
-                ));
-                let list = maps.entry(*parent).or_default();
-                if !list.iter().any(|m| &m.columns == parent_columns) {
-                    list.push(KeyMap {
-                        name,
-                        columns: parent_columns.clone(),
-                        tenants: HashMap::new(),
-                    });
-                }
-            }
-        }
+        let maps = key_maps(&catalog);
         Self {
             catalog,
             by_name,
@@ -226,7 +205,7 @@ impl Router {
             doomed: HashSet::new(),
             interned: std::sync::Mutex::new(HashSet::new()),
             schemas: schemas.iter().cloned().collect(),
-            salt: format!("updog-backup routing {salt}").into_bytes(),
+            salt: salt_bytes(salt),
             delta: Vec::new(),
         }
     }
@@ -670,6 +649,110 @@ impl Router {
             }
         }
     }
+}
+
+/// The key maps routing needs: per table, one per set of columns that other tables' routes
+/// reference in it.
+fn key_maps(catalog: &Catalog) -> HashMap<usize, Vec<KeyMap>> {
+    let mut maps: HashMap<usize, Vec<KeyMap>> = HashMap::new();
+    for table in &catalog.tables {
+        if let TableScope::Tenant(Route::Via {
+            parent,
+            parent_columns,
+            ..
+        }) = &table.scope
+        {
+            let name: Arc<str> = Arc::from(format!(
+                "{}({})",
+                catalog.tables[*parent].qualified(),
+                parent_columns.join(",")
+            ));
+            let list = maps.entry(*parent).or_default();
+            if !list.iter().any(|m| &m.columns == parent_columns) {
+                list.push(KeyMap {
+                    name,
+                    columns: parent_columns.clone(),
+                    tenants: HashMap::new(),
+                });
+            }
+        }
+    }
+    maps
+}
+
+/// What every key hash starts with (`salt`: the source's system identifier).
+fn salt_bytes(salt: &str) -> Vec<u8> {
+    format!("updog-backup routing {salt}").into_bytes()
+}
+
+/// Writes the routing state of the source, as `client` sees it (inside a snapshot), to
+/// `checkpoint` without holding it: the same state [`Router::load`] builds in memory (then
+/// [`Router::checkpoint`]), read a table at a time with each row's tenant joined along its
+/// route by the server. Returns the keys written.
+pub async fn write_checkpoint<E: From<SourceError> + From<RepositoryError>>(
+    catalog: &Catalog,
+    salt: &str,
+    client: &Client,
+    checkpoint: &mut CheckpointWriter,
+) -> Result<u64, E> {
+    let salt = salt_bytes(salt);
+    let mut maps: Vec<(usize, Vec<KeyMap>)> = key_maps(catalog).into_iter().collect();
+    maps.sort_by_key(|(table, _)| *table);
+    for m in maps.iter().flat_map(|(_, list)| list) {
+        checkpoint.clear(&m.name)?;
+    }
+    let mut written = 0u64;
+    for (table, list) in &maps {
+        let t = &catalog.tables[*table];
+        let mut wanted: Vec<String> = Vec::new();
+        for m in list {
+            for c in &m.columns {
+                if !wanted.contains(c) {
+                    wanted.push(c.clone());
+                }
+            }
+        }
+        let positions: Vec<Vec<usize>> = list
+            .iter()
+            .map(|m| {
+                m.columns
+                    .iter()
+                    .map(|c| 1 + wanted.iter().position(|w| w == c).expect("collected above"))
+                    .collect()
+            })
+            .collect();
+        let sql = catalog
+            .routing_query(t, &wanted)
+            .expect("tables other routes pass through have a route");
+        let what = format!("loading the keys of {}", t.qualified());
+        let rows = client
+            .query_raw(&sql, std::iter::empty::<&str>())
+            .await
+            .map_err(query_context(what.clone()))?;
+        pin_mut!(rows);
+        while let Some(row) = rows.next().await {
+            let row = row.map_err(query_context(what.clone()))?;
+            let tenant: Option<&str> = row.get(0);
+            for (m, columns) in list.iter().zip(&positions) {
+                let mut parts: Vec<&[u8]> = Vec::with_capacity(columns.len());
+                for &i in columns {
+                    match row.get::<_, Option<&str>>(i) {
+                        Some(v) => parts.push(v.as_bytes()),
+                        None => break,
+                    }
+                }
+                // A key with a NULL part references nothing: the router keeps none.
+                if parts.len() < columns.len() {
+                    continue;
+                }
+                let key = hash_key(&salt, &m.name, &parts);
+                checkpoint.set(&m.name, &key, tenant)?;
+                written += 1;
+            }
+        }
+        tracing::info!(table = %t.qualified(), "routing keys written");
+    }
+    Ok(written)
 }
 
 fn keys_of(salt: &[u8], map: &KeyMap, row: &RowView<'_>) -> Option<KeyHash> {

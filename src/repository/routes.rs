@@ -11,8 +11,14 @@
 //! recipients), so it is compressed, not encrypted: it holds salted hashes of key values and
 //! tenant values, never a key or column value (FORMAT.md).
 
-use std::io::Read;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
 use std::sync::Arc;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -97,56 +103,66 @@ pub fn encode_checkpoint(lsn: Lsn, deltas: &[Delta]) -> Vec<u8> {
     seal(Some(lsn), deltas)
 }
 
+/// The names (maps, tenants) an object's operations refer to by number, numbered in order of
+/// first use. By hash: a checkpoint of thousands of tenants names one in each of hundreds of
+/// thousands of operations.
+#[derive(Debug, Default)]
+struct Names {
+    list: Vec<String>,
+    index: HashMap<String, u32>,
+}
+
+impl Names {
+    fn index_of(&mut self, name: &str) -> u32 {
+        if let Some(i) = self.index.get(name) {
+            return *i;
+        }
+        let i = self.list.len() as u32;
+        self.list.push(name.to_string());
+        self.index.insert(name.to_string(), i);
+        i
+    }
+}
+
+fn encode_set(ops: &mut Vec<u8>, map: u32, key: &KeyHash, tenant: Option<u32>) {
+    ops.push(if tenant.is_some() { SET } else { SET_NONE });
+    ops.extend_from_slice(&map.to_le_bytes());
+    ops.extend_from_slice(key);
+    if let Some(tenant) = tenant {
+        ops.extend_from_slice(&tenant.to_le_bytes());
+    }
+}
+
+fn encode_clear(ops: &mut Vec<u8>, map: u32) {
+    ops.push(CLEAR);
+    ops.extend_from_slice(&map.to_le_bytes());
+}
+
 /// Magic, JSON header (map and tenant tables), operations, then a SHA-256 of everything
 /// before it; zstd-compressed.
 fn seal(lsn: Option<Lsn>, deltas: &[Delta]) -> Vec<u8> {
-    let mut maps: Vec<String> = Vec::new();
-    let mut tenants: Vec<String> = Vec::new();
-    let index = |list: &mut Vec<String>, v: &str| -> u32 {
-        match list.iter().position(|x| x == v) {
-            Some(i) => i as u32,
-            None => {
-                list.push(v.to_string());
-                (list.len() - 1) as u32
-            }
-        }
-    };
+    let mut maps = Names::default();
+    let mut tenants = Names::default();
+    let index = |names: &mut Names, v: &str| names.index_of(v);
     let mut ops = Vec::new();
     for d in deltas {
         match d {
-            Delta::Set {
-                map,
-                key,
-                tenant: Some(tenant),
-            } => {
-                ops.push(SET);
-                ops.extend_from_slice(&index(&mut maps, map).to_le_bytes());
-                ops.extend_from_slice(key);
-                ops.extend_from_slice(&index(&mut tenants, tenant).to_le_bytes());
-            }
-            Delta::Set {
-                map,
-                key,
-                tenant: None,
-            } => {
-                ops.push(SET_NONE);
-                ops.extend_from_slice(&index(&mut maps, map).to_le_bytes());
-                ops.extend_from_slice(key);
+            Delta::Set { map, key, tenant } => {
+                let map = index(&mut maps, map);
+                let tenant = tenant.as_deref().map(|t| index(&mut tenants, t));
+                encode_set(&mut ops, map, key, tenant);
             }
             Delta::Remove { map, key } => {
                 ops.push(REMOVE);
                 ops.extend_from_slice(&index(&mut maps, map).to_le_bytes());
                 ops.extend_from_slice(key);
             }
-            Delta::Clear { map } => {
-                ops.push(CLEAR);
-                ops.extend_from_slice(&index(&mut maps, map).to_le_bytes());
-            }
+            Delta::Clear { map } => encode_clear(&mut ops, index(&mut maps, map)),
         }
     }
     let header = serde_json::to_vec(&Header {
-        maps,
-        tenants,
+        maps: maps.list,
+        tenants: tenants.list,
         operations: deltas.len() as u64,
         lsn,
     })
@@ -297,6 +313,193 @@ fn lsn_mismatch(found: Option<Lsn>, expected: Option<Lsn>) -> Option<String> {
         }
         (None, _) => "does not say which LSN it holds the state at".into(),
     })
+}
+
+/// A checkpoint written as its state is read, never held whole: the operations wait in an
+/// unlinked scratch file, encrypted to a key held in memory, until the names they use are
+/// known for the header; then the object is compressed and uploaded as it is read back.
+/// Memory holds the names (maps and tenants) only, whatever the number of keys.
+pub struct CheckpointWriter {
+    lsn: Lsn,
+    maps: Names,
+    tenants: Names,
+    operations: u64,
+    spill: age::stream::StreamWriter<BufWriter<File>>,
+    identity: age::x25519::Identity,
+    op: Vec<u8>,
+}
+
+impl std::fmt::Debug for CheckpointWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointWriter")
+            .field("lsn", &self.lsn)
+            .field("operations", &self.operations)
+            .finish()
+    }
+}
+
+impl CheckpointWriter {
+    /// The checkpoint at `lsn`, its operations waiting in a scratch file in `dir`.
+    pub fn new(lsn: Lsn, dir: &Path) -> io::Result<Self> {
+        let identity = age::x25519::Identity::generate();
+        let recipient = identity.to_public();
+        let file = crate::scratch::anonymous_file(dir, "routes")?;
+        let spill =
+            age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
+                .map_err(io::Error::other)?
+                .wrap_output(BufWriter::with_capacity(1 << 20, file))?;
+        Ok(Self {
+            lsn,
+            maps: Names::default(),
+            tenants: Names::default(),
+            operations: 0,
+            spill,
+            identity,
+            op: Vec::with_capacity(32),
+        })
+    }
+
+    /// Empties `map` (before its keys: a checkpoint replaces whatever state it is applied to).
+    pub fn clear(&mut self, map: &str) -> Result<(), RepositoryError> {
+        self.op.clear();
+        encode_clear(&mut self.op, self.maps.index_of(map));
+        self.push()
+    }
+
+    /// `key` of `map` belongs to `tenant` (`None`: to no tenant).
+    pub fn set(
+        &mut self,
+        map: &str,
+        key: &KeyHash,
+        tenant: Option<&str>,
+    ) -> Result<(), RepositoryError> {
+        self.op.clear();
+        let map = self.maps.index_of(map);
+        let tenant = tenant.map(|t| self.tenants.index_of(t));
+        encode_set(&mut self.op, map, key, tenant);
+        self.push()
+    }
+
+    fn push(&mut self) -> Result<(), RepositoryError> {
+        self.spill
+            .write_all(&self.op)
+            .map_err(|source| crate::storage::StorageError::Io {
+                key: "the routing checkpoint's scratch file".into(),
+                source,
+            })?;
+        self.operations += 1;
+        Ok(())
+    }
+
+    /// Stores the checkpoint (replacing one at the same LSN), as [`encode_checkpoint`] would
+    /// have encoded the same operations.
+    pub async fn store(self, repo: &Repository) -> Result<(), RepositoryError> {
+        let Self {
+            lsn,
+            maps,
+            tenants,
+            operations,
+            spill,
+            identity,
+            ..
+        } = self;
+        let header = serde_json::to_vec(&Header {
+            maps: maps.list,
+            tenants: tenants.list,
+            operations,
+            lsn: Some(lsn),
+        })
+        .expect("a header always serializes");
+        let key = checkpoint_key(lsn);
+        let scratch = |e: io::Error| RepositoryError::Malformed {
+            key: key.clone(),
+            message: format!("writing the routing checkpoint through a scratch file: {e}"),
+        };
+        let mut file = spill
+            .finish()
+            .and_then(|w| w.into_inner().map_err(io::IntoInnerError::into_error))
+            .map_err(scratch)?;
+        file.seek(SeekFrom::Start(0)).map_err(scratch)?;
+        let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
+        // Read back, compressed and handed to the upload on a blocking thread; a failure
+        // reaches the upload as an error, so no truncated checkpoint is ever stored.
+        let producer = tokio::task::spawn_blocking(move || {
+            let result = (|| -> io::Result<()> {
+                let ops = age::Decryptor::new(BufReader::with_capacity(1 << 16, file))
+                    .map_err(io::Error::other)?
+                    .decrypt(std::iter::once(&identity as &dyn age::Identity))
+                    .map_err(io::Error::other)?;
+                let mut out = zstd::stream::write::Encoder::new(
+                    Chunks {
+                        tx: tx.clone(),
+                        buf: Vec::new(),
+                    },
+                    3,
+                )?;
+                let mut hasher = Sha256::new();
+                let mut write = |bytes: &[u8]| -> io::Result<()> {
+                    hasher.update(bytes);
+                    out.write_all(bytes)
+                };
+                write(MAGIC)?;
+                write(&(header.len() as u32).to_le_bytes())?;
+                write(&header)?;
+                let mut ops = BufReader::with_capacity(1 << 16, ops);
+                loop {
+                    let chunk = ops.fill_buf()?;
+                    if chunk.is_empty() {
+                        break;
+                    }
+                    let n = chunk.len();
+                    write(chunk)?;
+                    ops.consume(n);
+                }
+                let digest = hasher.finalize();
+                out.write_all(&digest)?;
+                out.finish()?.flush()
+            })();
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        let body: crate::storage::ByteStream =
+            Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|item| (item, rx))
+            }));
+        let stored = repo.store().put(&key, body, PutMode::Overwrite).await;
+        producer.await.map_err(|e| RepositoryError::Malformed {
+            key: key.clone(),
+            message: format!("writing the routing checkpoint: {e}"),
+        })?;
+        stored?;
+        Ok(())
+    }
+}
+
+/// Bytes handed to a channel in pieces of [`crate::codec::OUTPUT_CHUNK`].
+struct Chunks {
+    tx: mpsc::Sender<io::Result<Bytes>>,
+    buf: Vec<u8>,
+}
+
+impl Write for Chunks {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        self.buf.extend_from_slice(data);
+        if self.buf.len() >= crate::codec::OUTPUT_CHUNK {
+            self.flush()?;
+        }
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let chunk = Bytes::from(std::mem::take(&mut self.buf));
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::other("the upload ended early"))
+    }
 }
 
 impl Repository {

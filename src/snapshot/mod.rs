@@ -33,6 +33,7 @@ use crate::repository::archive::{self, ArchiveHeader, ArchiveKind, TableHeader};
 use crate::repository::copy_binary::{CopyChecker, CopyFormat};
 use crate::repository::manifest::{ArchiveEntry, SequenceState};
 use crate::repository::object::ObjectWriter;
+use crate::repository::routes::CheckpointWriter;
 use crate::repository::tenant_keys::SealingKeys;
 use crate::repository::{Manifest, Repository, RepositoryError, SnapshotId, StoredObject, keys};
 use crate::retry::{Classify, ErrorClass};
@@ -102,6 +103,10 @@ struct Exporter {
     scratch: PathBuf,
     /// What each worker may hold of a batch's rows in memory.
     run_memory: usize,
+    /// The consistent point, where the routing checkpoint holds the state.
+    lsn: Lsn,
+    /// The source's system identifier, which salts the routing checkpoint's key hashes.
+    salt: String,
     progress: Progress,
 }
 
@@ -253,22 +258,6 @@ async fn export(
             "the schemas depend on objects outside source.schemas that are not part of an extension: restores of this snapshot will be refused; add their schemas to source.schemas"
         );
     }
-    {
-        // The routing state at the consistent point, read inside the snapshot: where the
-        // change stream starts (`init`), and for later snapshots the checkpoint that lets
-        // retention delete every pack before this snapshot (a restart rebuilds its routing
-        // from the newest checkpoint plus the packs after it; replaying a pack's routing
-        // changes from before the checkpoint again ends in the same maps).
-        let mut router = crate::capture::router::Router::new(
-            catalog.clone(),
-            &config.source.schemas,
-            &identity.system_identifier,
-        );
-        router.load(&workers[0]).await?;
-        repo.put_routing_checkpoint(point.lsn, &router.checkpoint())
-            .await?;
-    }
-
     let recipients = crate::codec::parse_recipients(&config.encryption.recipients)
         .map_err(RepositoryError::from)?;
     let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
@@ -291,6 +280,8 @@ async fn export(
         queue: Mutex::new(queue),
         scratch: config.stream.scratch_dir(),
         run_memory,
+        lsn: point.lsn,
+        salt: identity.system_identifier.clone(),
         progress: Progress::new("snapshot", "archives", Unit::StoredBytes, archives),
     });
 
@@ -471,6 +462,7 @@ impl Exporter {
             let job = self.queue().next();
             let Some(job) = job else { break };
             let result = match &job {
+                Job::Routing => self.routing_checkpoint(&client).await,
                 Job::Global => self.export_archive(&client, None).await,
                 Job::Tenant(tenant) => self.export_archive(&client, Some(tenant)).await,
                 Job::Batch(tenants) => self.export_batch(&client, tenants).await,
@@ -492,6 +484,38 @@ impl Exporter {
             .await
             .map_err(query_context("ending the snapshot transaction"))?;
         Ok(done)
+    }
+
+    /// The routing state at the consistent point, read inside the snapshot: where the change
+    /// stream starts (`init`), and for later snapshots the checkpoint that lets retention
+    /// delete every pack before this snapshot (a restart rebuilds its routing from the newest
+    /// checkpoint plus the packs after it; replaying a pack's routing changes from before the
+    /// checkpoint again ends in the same maps). Written as it is read: never held in memory.
+    async fn routing_checkpoint(
+        &self,
+        client: &Client,
+    ) -> Result<(Vec<(Option<String>, ArchiveEntry)>, u64), SnapshotError> {
+        let started = Instant::now();
+        let mut checkpoint = CheckpointWriter::new(self.lsn, &self.scratch).map_err(|source| {
+            RepositoryError::from(crate::storage::StorageError::Io {
+                key: format!("a scratch file in {}", self.scratch.display()),
+                source,
+            })
+        })?;
+        let keys = crate::capture::router::write_checkpoint::<SnapshotError>(
+            &self.catalog,
+            &self.salt,
+            client,
+            &mut checkpoint,
+        )
+        .await?;
+        checkpoint.store(&self.repo).await?;
+        tracing::debug!(
+            keys,
+            seconds = started.elapsed().as_secs_f64(),
+            "routing checkpoint stored"
+        );
+        Ok((Vec::new(), 0))
     }
 
     /// One archive, its tables exported with their own (tenant-filtered) statements and

@@ -28,6 +28,8 @@ const MIN_BATCH_BYTES: u64 = 1 << 20;
 /// One piece of a snapshot's work.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Job {
+    /// The routing checkpoint at the consistent point (the longest single job: first).
+    Routing,
     /// The global tables' archive.
     Global,
     /// One tenant, exported with its own statements.
@@ -142,6 +144,7 @@ fn root_of(catalog: &Catalog, table: &Table) -> usize {
 /// The work still to do, handed out a job at a time.
 #[derive(Debug)]
 pub struct Queue {
+    routing: bool,
     global: bool,
     tenants: VecDeque<String>,
     sizes: Sizes,
@@ -163,6 +166,7 @@ impl Queue {
         let target =
             (total / (4 * workers.max(1)) as f64).clamp(MIN_BATCH_BYTES as f64, largest as f64);
         Self {
+            routing: true,
             global: true,
             tenants: tenants.into(),
             sizes,
@@ -179,8 +183,12 @@ impl Queue {
         queue
     }
 
-    /// The next job: the global archive first, then tenants in order.
+    /// The next job: the routing checkpoint and the global archive first, then tenants in
+    /// order.
     pub fn next(&mut self) -> Option<Job> {
+        if std::mem::take(&mut self.routing) {
+            return Some(Job::Routing);
+        }
         if std::mem::take(&mut self.global) {
             return Some(Job::Global);
         }
@@ -214,7 +222,7 @@ impl Queue {
     /// Learns from a finished job how many COPY bytes its estimate stood for.
     pub fn done(&mut self, job: &Job, copy_bytes: u64) {
         let estimated: f64 = match job {
-            Job::Global => return,
+            Job::Routing | Job::Global => return,
             Job::Tenant(t) => self.sizes.of(t),
             Job::Batch(ts) => ts.iter().map(|t| self.sizes.of(t)).sum(),
         };
@@ -224,6 +232,7 @@ impl Queue {
 
     /// Stops handing out work (a job failed: the snapshot is lost).
     pub fn clear(&mut self) {
+        self.routing = false;
         self.global = false;
         self.tenants.clear();
     }
@@ -236,6 +245,7 @@ mod tests {
     impl Job {
         fn archives(&self) -> usize {
             match self {
+                Job::Routing => 0,
                 Job::Global | Job::Tenant(_) => 1,
                 Job::Batch(tenants) => tenants.len(),
             }
@@ -261,18 +271,18 @@ mod tests {
         let mut sizes = Sizes::uniform(10 << 20, 10);
         sizes.named.insert("t3".into(), 40.0 * (1 << 20) as f64);
         let jobs = drain(Queue::new(tenants, sizes, 1, 64 << 20));
-        assert_eq!(jobs[0], Job::Global);
+        assert_eq!(jobs[..2], [Job::Routing, Job::Global]);
         assert_eq!(
-            jobs[1],
+            jobs[2],
             Job::Batch(vec!["t0".into(), "t1".into(), "t2".into()])
         );
-        assert_eq!(jobs[2], Job::Tenant("t3".into()));
-        let rest: Vec<String> = jobs[3..]
+        assert_eq!(jobs[3], Job::Tenant("t3".into()));
+        let rest: Vec<String> = jobs[4..]
             .iter()
             .flat_map(|j| match j {
                 Job::Batch(ts) => ts.clone(),
                 Job::Tenant(t) => vec![t.clone()],
-                Job::Global => unreachable!(),
+                Job::Routing | Job::Global => unreachable!(),
             })
             .collect();
         assert_eq!(rest, ["t4", "t5", "t6", "t7", "t8", "t9"]);
@@ -282,6 +292,7 @@ mod tests {
     fn batches_shrink_when_rows_weigh_more_than_their_estimate() {
         let tenants: Vec<String> = (0..1000).map(|i| format!("t{i:04}")).collect();
         let mut queue = Queue::new(tenants, Sizes::uniform(1000 << 20, 1000), 2, 64 << 20);
+        assert_eq!(queue.next(), Some(Job::Routing));
         assert_eq!(queue.next(), Some(Job::Global));
         let first = queue.next().unwrap();
         assert_eq!(first.archives(), 32);

@@ -155,6 +155,15 @@ impl Table {
     }
 }
 
+/// A table joined along its route: see [`Catalog::route_joins`].
+struct RouteJoins {
+    joins: String,
+    /// The tenant column, e.g. `r2."organization_id"`.
+    tenant: String,
+    /// Per hop: "the child's foreign key is complete" and "its parent row was found".
+    hops: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Catalog {
     pub tenant_column: String,
@@ -576,15 +585,11 @@ impl Catalog {
         )
     }
 
-    /// The rows of `table` of every tenant from `first` to `last` (values, quoted here; in
-    /// the order of [`Catalog::tenants_query`]), each preceded by its tenant's value as text,
-    /// ordered by tenant: one statement exports a table for a whole batch of tenants, and
-    /// the rows of one tenant arrive together. A row reaching its tenant through foreign keys
-    /// is joined along them (each key is unique in its parent, so a row is selected at most
-    /// once, and exactly when [`Catalog::tenant_filter`] would select it).
-    pub fn batch_query(&self, table: &Table, first: &str, last: &str) -> Option<String> {
-        let ty = self.tenant_type();
+    /// `table` (as `r0`) joined (`join`: `JOIN` or `LEFT JOIN`) along its route to the table
+    /// that carries the tenant column, `r1`, `r2`, … in order.
+    fn route_joins(&self, table: &Table, join: &str) -> Option<RouteJoins> {
         let mut joins = String::new();
+        let mut hops = Vec::new();
         let mut current = table;
         let mut depth = 0;
         let column = loop {
@@ -611,17 +616,44 @@ impl Catalog {
                         .collect::<Vec<_>>()
                         .join(" AND ");
                     joins.push_str(&format!(
-                        " JOIN {} AS r{} ON {on}",
+                        " {join} {} AS r{} ON {on}",
                         parent.sql_name(),
                         depth + 1
                     ));
+                    let child = columns
+                        .iter()
+                        .map(|c| format!("r{depth}.{} IS NOT NULL", quote_ident(c)))
+                        .collect::<Vec<_>>()
+                        .join(" AND ");
+                    let found = format!(
+                        "r{}.{} IS NOT NULL",
+                        depth + 1,
+                        quote_ident(&parent_columns[0])
+                    );
+                    hops.push((child, found));
                     current = parent;
                     depth += 1;
                 }
                 _ => return None,
             }
         };
-        let tenant = format!("r{depth}.{}::{ty}", quote_ident(column));
+        Some(RouteJoins {
+            joins,
+            tenant: format!("r{depth}.{}", quote_ident(column)),
+            hops,
+        })
+    }
+
+    /// The rows of `table` of every tenant from `first` to `last` (values, quoted here; in
+    /// the order of [`Catalog::tenants_query`]), each preceded by its tenant's value as text,
+    /// ordered by tenant: one statement exports a table for a whole batch of tenants, and
+    /// the rows of one tenant arrive together. A row reaching its tenant through foreign keys
+    /// is joined along them (each key is unique in its parent, so a row is selected at most
+    /// once, and exactly when [`Catalog::tenant_filter`] would select it).
+    pub fn batch_query(&self, table: &Table, first: &str, last: &str) -> Option<String> {
+        let ty = self.tenant_type();
+        let RouteJoins { joins, tenant, .. } = self.route_joins(table, "JOIN")?;
+        let tenant = format!("{tenant}::{ty}");
         let columns: String = table
             .columns
             .iter()
@@ -632,6 +664,35 @@ impl Catalog {
             table.sql_name(),
             quote_literal(first),
             quote_literal(last),
+        ))
+    }
+
+    /// Every row of `table` that routing knows, as text: its tenant (NULL: no tenant) and
+    /// `keys`, the way capture's router would have learnt them loading the table after its
+    /// parents. A row whose foreign key is NULL belongs to no tenant; a row whose parent does
+    /// not exist (only where a foreign key is not enforced) is left out, as the router skips it.
+    pub fn routing_query(&self, table: &Table, keys: &[String]) -> Option<String> {
+        let RouteJoins {
+            joins,
+            tenant,
+            hops,
+        } = self.route_joins(table, "LEFT JOIN")?;
+        let keys: String = keys
+            .iter()
+            .map(|k| format!(", r0.{}::text", quote_ident(k)))
+            .collect();
+        let orphans: Vec<String> = hops
+            .iter()
+            .map(|(child, found)| format!("NOT ({child} AND NOT {found})"))
+            .collect();
+        let filter = if orphans.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", orphans.join(" AND "))
+        };
+        Some(format!(
+            "SELECT {tenant}::text{keys} FROM {} AS r0{joins}{filter}",
+            table.sql_name()
         ))
     }
 

@@ -61,6 +61,66 @@ use crate::support::{Repo, TestEnv};
 // ---------------------------------------------------------------------------------------------
 // One case
 
+/// The routing checkpoint `init` wrote as it read the source (the route joined by the server,
+/// never held in memory) holds exactly the key maps capture's router builds by loading the
+/// same rows itself (the fallback of a daemon without checkpoint).
+async fn checkpoint_is_what_the_router_loads(env: &TestEnv, db: &str) -> Result<(), String> {
+    use updog_backup::capture::router::Router;
+    use updog_backup::repository::routes::decode_checkpoint;
+    let text = std::fs::read_to_string(&env.config_path).unwrap();
+    let config = updog_backup::config::Config::from_toml(&text, "test", env.env.clone()).unwrap();
+    let client = cluster().await.client(db).await;
+    let catalog = updog_backup::source::catalog::Catalog::load(&client, &config.source)
+        .await
+        .map_err(|e| format!("catalog: {e}"))?;
+    let salt: String = client
+        .query_one(
+            "SELECT system_identifier::text FROM pg_control_system()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut router = Router::new(catalog, &config.source.schemas, &salt);
+    router
+        .load(&client)
+        .await
+        .map_err(|e| format!("router: {e}"))?;
+    let changes = env.repo_dir.join("changes");
+    let stored = std::fs::read_dir(&changes)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("routes-"))
+        .ok_or("no routing checkpoint after init")?;
+    let key = format!("changes/{}", stored.file_name().to_string_lossy());
+    let written = decode_checkpoint(&key, &std::fs::read(stored.path()).unwrap())
+        .map_err(|e| format!("{key}: {e}"))?;
+    let as_set = |deltas: Vec<updog_backup::repository::routes::Delta>| {
+        let mut v: Vec<String> = deltas.iter().map(|d| format!("{d:?}")).collect();
+        v.sort();
+        v
+    };
+    let (written, loaded) = (as_set(written), as_set(router.checkpoint()));
+    if written != loaded {
+        let only_written: Vec<&String> = written
+            .iter()
+            .filter(|d| !loaded.contains(d))
+            .take(5)
+            .collect();
+        let only_loaded: Vec<&String> = loaded
+            .iter()
+            .filter(|d| !written.contains(d))
+            .take(5)
+            .collect();
+        return Err(format!(
+            "the routing checkpoint ({} operations) differs from the router's own load ({}): only written {only_written:?}, only loaded {only_loaded:?}",
+            written.len(),
+            loaded.len()
+        ));
+    }
+    Ok(())
+}
+
 async fn run_case(seed: u64, stats: &mut Stats, cleanup: &mut Cleanup) -> Vec<String> {
     let started = Instant::now();
     let pg = cluster().await;
@@ -115,6 +175,9 @@ async fn run_case(seed: u64, stats: &mut Stats, cleanup: &mut Cleanup) -> Vec<St
             String::from_utf8_lossy(&init.stderr)
         ));
         return failures;
+    }
+    if let Err(m) = checkpoint_is_what_the_router_loads(&env, &db).await {
+        failures.push(m);
     }
     for k in 0..spec.tenants.len() {
         restore_and_compare(
