@@ -569,6 +569,53 @@ pub fn is_checkpoint(key: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_checkpoint_written_as_read_is_the_checkpoint_of_the_same_state() {
+        let store: Arc<dyn crate::storage::ObjectStore> =
+            Arc::new(crate::storage::MemoryStore::new());
+        let repo = Repository::new(store);
+        let dir = tempfile::tempdir().unwrap();
+        let (funds, lots): (Arc<str>, Arc<str>) =
+            (Arc::from("app.funds(id)"), Arc::from("app.lots(id)"));
+        let mut deltas = vec![
+            Delta::Clear { map: funds.clone() },
+            Delta::Clear { map: lots.clone() },
+        ];
+        // Enough keys for several compressed chunks, a tenant per key of a few thousand.
+        for i in 0..200_000u32 {
+            let mut key = [0u8; 16];
+            key[..4].copy_from_slice(&i.to_le_bytes());
+            deltas.push(Delta::Set {
+                map: if i % 3 == 0 {
+                    lots.clone()
+                } else {
+                    funds.clone()
+                },
+                key,
+                tenant: (i % 7 != 0).then(|| Arc::from(format!("t{}", i % 5000))),
+            });
+        }
+        let lsn = Lsn(0x1234);
+        let mut writer = CheckpointWriter::new(lsn, dir.path()).unwrap();
+        for d in &deltas {
+            match d {
+                Delta::Clear { map } => writer.clear(map).unwrap(),
+                Delta::Set { map, key, tenant } => writer.set(map, key, tenant.as_deref()).unwrap(),
+                Delta::Remove { .. } => unreachable!(),
+            }
+        }
+        writer.store(&repo).await.unwrap();
+        assert_eq!(
+            repo.routing_checkpoint(&checkpoint_key(lsn)).await.unwrap(),
+            deltas
+        );
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "nothing left on disk"
+        );
+    }
+
     #[test]
     fn deltas_round_trip_and_damage_is_refused() {
         let m: Arc<str> = Arc::from("app.funds(id)");
