@@ -42,7 +42,7 @@ use crate::source::identity::{SourceIdentity, source_identity};
 use crate::source::{SourceError, dependencies, pg_tools, query_context};
 
 use plan::{Job, Queue};
-use runs::{BINARY_HEADER, BINARY_TRAILER, Runs, Spill, Splitter};
+use runs::{BINARY_HEADER, BINARY_TRAILER, Gather, Runs, Spill, Splitter};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -606,10 +606,11 @@ impl Exporter {
             key: &key,
         };
         let mut memory = self.run_memory;
+        let mut ordered = false;
         let mut all_runs = Vec::with_capacity(tables.len());
         for table in &tables {
             all_runs.push(
-                self.split_table(client, table, tenants, &mut memory, &spill)
+                self.split_table(client, table, tenants, &mut memory, &spill, &mut ordered)
                     .await?,
             );
         }
@@ -702,7 +703,10 @@ impl Exporter {
         Ok((done, copy_bytes))
     }
 
-    /// One table's rows of a batch of tenants, by tenant.
+    /// One table's rows of a batch of tenants, by tenant: gathered in memory as the server
+    /// sends them (no sort on the server). If they would not fit, they are read again, ordered
+    /// by tenant, into runs that spill beyond memory; `ordered` then stays set for the rest of
+    /// the batch, whose memory is used up.
     async fn split_table(
         &self,
         client: &Client,
@@ -710,7 +714,43 @@ impl Exporter {
         tenants: &[String],
         memory: &mut usize,
         spill: &Spill<'_>,
+        ordered: &mut bool,
     ) -> Result<Runs, SnapshotError> {
+        if !*ordered {
+            let mut gather = Gather::new(tenants.len());
+            let mut fits = true;
+            self.read_batch(client, table, tenants, false, |position, pieces| {
+                // Past the budget the rest is only read: the statement must run to its end
+                // (cancelling it would end the snapshot's transaction).
+                fits = fits && gather.push(position, pieces, memory);
+                Ok(())
+            })
+            .await?;
+            if fits {
+                return Ok(gather.into_runs());
+            }
+            gather.release(memory);
+            *ordered = true;
+            tracing::debug!(table = %table.qualified(), tenants = tenants.len(), "a batch's table beyond memory: read again ordered by tenant");
+        }
+        let mut runs = Runs::default();
+        self.read_batch(client, table, tenants, true, |position, pieces| {
+            runs.push(position, pieces, memory, spill)
+        })
+        .await?;
+        Ok(runs)
+    }
+
+    /// Runs `table`'s statement for a batch, handing each row (without its tenant field) to
+    /// `row` with its tenant's position in the batch.
+    async fn read_batch(
+        &self,
+        client: &Client,
+        table: &Table,
+        tenants: &[String],
+        ordered: bool,
+        mut row: impl FnMut(u32, &[&[u8]]) -> Result<(), String>,
+    ) -> Result<(), SnapshotError> {
         let format = table.copy_format();
         let fail = |message: String| SnapshotError::Export {
             table: table.qualified(),
@@ -734,6 +774,7 @@ impl Exporter {
                 table,
                 tenants.first().expect("a batch has tenants"),
                 tenants.last().expect("a batch has tenants"),
+                ordered,
             )
             .expect("tenant tables have a route");
         let sql = format!("COPY ({query}) TO STDOUT (FORMAT {})", format.sql());
@@ -743,7 +784,6 @@ impl Exporter {
             .map_err(|e| fail(sqlstate::describe(&e)))?;
         pin_mut!(stream);
         let mut splitter = Splitter::new(format);
-        let mut runs = Runs::default();
         let mut current: Option<(Vec<u8>, u32)> = None;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| fail(sqlstate::describe(&e)))?;
@@ -762,12 +802,11 @@ impl Exporter {
                             position
                         }
                     };
-                    runs.push(position, pieces, memory, spill)
+                    row(position, pieces)
                 })
                 .map_err(&fail)?;
         }
-        splitter.finish().map_err(&fail)?;
-        Ok(runs)
+        splitter.finish().map_err(&fail)
     }
 
     async fn export_schema(

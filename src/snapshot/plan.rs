@@ -308,6 +308,7 @@ mod tests {
         assert_eq!(
             jobs,
             [
+                Job::Routing,
                 Job::Global,
                 Job::Tenant("a".into()),
                 Job::Tenant("b".into())

@@ -1,13 +1,14 @@
 //! A batch's rows, cut by tenant: each table of a batch is exported by one `COPY` whose rows
-//! carry their tenant's value first and arrive ordered by tenant ([`Catalog::batch_query`]).
-//! [`Splitter`] cuts that stream into rows, [`Runs`] keeps each tenant's consecutive rows (a
-//! run) without the tenant field, so that every tenant's archive can be written afterwards
-//! as if its rows had been exported alone (binary COPY streams get their own header and
-//! trailer).
+//! carry their tenant's value first ([`Catalog::batch_query`]). [`Splitter`] cuts that stream
+//! into rows; each tenant's rows of a table, without the tenant field, form its run, so that
+//! every tenant's archive can be written afterwards as if its rows had been exported alone
+//! (binary COPY streams get their own header and trailer).
 //!
-//! Runs stay in memory up to the batch's budget; beyond it a table's runs go to an unlinked
-//! scratch file, encrypted to a key made for the batch and held only in memory (no plaintext
-//! tenant data on local disk), and are read back once, in the order they were written.
+//! Rows in the server's order are [`Gather`]ed by tenant in memory: no sort on the server.
+//! A table that would not fit in the batch's memory is read again ordered by tenant, and its
+//! [`Runs`] then go to an unlinked scratch file beyond the budget, encrypted to a key made for
+//! the batch and held only in memory (no plaintext tenant data on local disk), read back once
+//! in the order they were written.
 //!
 //! [`Catalog::batch_query`]: crate::source::catalog::Catalog::batch_query
 
@@ -235,6 +236,73 @@ impl std::fmt::Debug for Runs {
 pub struct Spill<'a> {
     pub dir: &'a Path,
     pub key: &'a age::x25519::Identity,
+}
+
+/// One table's rows of a batch, in the order the server sends them, gathered by tenant in
+/// memory.
+#[derive(Debug)]
+pub struct Gather {
+    /// Per tenant of the batch: its rows and how many.
+    tenants: Vec<(Vec<u8>, u64)>,
+}
+
+impl Gather {
+    /// For a batch of `tenants`.
+    pub fn new(tenants: usize) -> Self {
+        Self {
+            tenants: vec![(Vec::new(), 0); tenants],
+        }
+    }
+
+    /// Adds a row of tenant `tenant` if memory allows it (what its buffer grows by is taken
+    /// from `memory`); `false`: it does not fit, nothing was taken.
+    pub fn push(&mut self, tenant: u32, pieces: &[&[u8]], memory: &mut usize) -> bool {
+        let (buffer, rows) = &mut self.tenants[tenant as usize];
+        let size: usize = pieces.iter().map(|p| p.len()).sum();
+        if buffer.capacity() - buffer.len() < size {
+            let capacity = (buffer.len() + size).max(2 * buffer.capacity()).max(256);
+            let growth = capacity - buffer.capacity();
+            if growth > *memory {
+                return false;
+            }
+            *memory -= growth;
+            buffer.reserve_exact(capacity - buffer.len());
+        }
+        for piece in pieces {
+            buffer.extend_from_slice(piece);
+        }
+        *rows += 1;
+        true
+    }
+
+    /// Gives back what it took of `memory`.
+    pub fn release(self, memory: &mut usize) {
+        *memory += self
+            .tenants
+            .iter()
+            .map(|(b, _)| b.capacity())
+            .sum::<usize>();
+    }
+
+    /// The tenants' runs, in tenant order.
+    pub fn into_runs(self) -> Runs {
+        let mut runs = Vec::new();
+        let mut blocks = Vec::new();
+        for (tenant, (buffer, rows)) in self.tenants.into_iter().enumerate() {
+            if rows > 0 {
+                runs.push(Run {
+                    tenant: tenant as u32,
+                    len: buffer.len() as u64,
+                    rows,
+                });
+                blocks.push(buffer);
+            }
+        }
+        Runs {
+            runs,
+            body: Body::Memory(blocks),
+        }
+    }
 }
 
 impl Default for Runs {
@@ -518,6 +586,38 @@ mod tests {
             }
         }
         out
+    }
+
+    #[test]
+    fn gathered_rows_read_back_by_tenant_and_memory_is_respected() {
+        let key = age::x25519::Identity::generate();
+        let mut memory = 10_000;
+        let mut gather = Gather::new(6);
+        for (tenant, row) in [
+            (5u32, &b"secret"[..]),
+            (0, b"one"),
+            (2, b"three"),
+            (0, b"two"),
+        ] {
+            assert!(gather.push(tenant, &[row], &mut memory));
+        }
+        assert_eq!(
+            read_back(gather.into_runs(), &key, 6),
+            vec![
+                (0, b"onetwo".to_vec()),
+                (2, b"three".to_vec()),
+                (5, b"secret".to_vec())
+            ]
+        );
+        let mut memory = 300;
+        let mut gather = Gather::new(2);
+        assert!(gather.push(0, &[&[1; 200]], &mut memory));
+        assert!(
+            !gather.push(1, &[&[2; 200]], &mut memory),
+            "over the budget"
+        );
+        gather.release(&mut memory);
+        assert_eq!(memory, 300);
     }
 
     #[test]

@@ -645,12 +645,18 @@ impl Catalog {
     }
 
     /// The rows of `table` of every tenant from `first` to `last` (values, quoted here; in
-    /// the order of [`Catalog::tenants_query`]), each preceded by its tenant's value as text,
-    /// ordered by tenant: one statement exports a table for a whole batch of tenants, and
-    /// the rows of one tenant arrive together. A row reaching its tenant through foreign keys
-    /// is joined along them (each key is unique in its parent, so a row is selected at most
-    /// once, and exactly when [`Catalog::tenant_filter`] would select it).
-    pub fn batch_query(&self, table: &Table, first: &str, last: &str) -> Option<String> {
+    /// the order of [`Catalog::tenants_query`]), each preceded by its tenant's value as text:
+    /// one statement exports a table for a whole batch of tenants. `ordered`: the rows of one
+    /// tenant arrive together, tenants in order (a sort on the server). A row reaching its
+    /// tenant through foreign keys is joined along them (each key is unique in its parent, so a
+    /// row is selected at most once, and exactly when [`Catalog::tenant_filter`] would select it).
+    pub fn batch_query(
+        &self,
+        table: &Table,
+        first: &str,
+        last: &str,
+        ordered: bool,
+    ) -> Option<String> {
         let ty = self.tenant_type();
         let RouteJoins { joins, tenant, .. } = self.route_joins(table, "JOIN")?;
         let tenant = format!("{tenant}::{ty}");
@@ -660,10 +666,15 @@ impl Catalog {
             .map(|c| format!(", r0.{}", quote_ident(&c.name)))
             .collect();
         Some(format!(
-            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} BETWEEN {}::{ty} AND {}::{ty} ORDER BY {tenant}",
+            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} BETWEEN {}::{ty} AND {}::{ty}{}",
             table.sql_name(),
             quote_literal(first),
             quote_literal(last),
+            if ordered {
+                format!(" ORDER BY {tenant}")
+            } else {
+                String::new()
+            }
         ))
     }
 
