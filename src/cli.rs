@@ -48,6 +48,9 @@ pub enum Command {
     /// Capture every change, take scheduled snapshots, apply retention and serve /status and
     /// /metrics (until SIGTERM / Ctrl-C); a second instance stands by and takes over
     Daemon,
+    /// Print the SQL that installs the event triggers putting schema changes into the change
+    /// stream, for a superuser to run on the source database (init installs them when it may)
+    SchemaTriggers,
     /// Preflight report: settings, privileges, replica identities, how every table reaches its tenant
     Check {
         /// Print the report as JSON
@@ -217,6 +220,10 @@ pub struct RewindArgs {
 pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Keygen { output } => keygen(output.as_deref()),
+        Command::SchemaTriggers => {
+            print!("{}", crate::source::ddl::SCRIPT);
+            Ok(())
+        }
         command => {
             let config = Config::load(cli.config.as_deref())?;
             match command {
@@ -232,7 +239,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
                 Command::Forget { org, yes, json } => forget(&config, &org, yes, json).await,
                 Command::Rotate { add, remove, json } => rotate(&config, add, remove, json).await,
-                Command::Keygen { .. } => unreachable!("handled above"),
+                Command::Keygen { .. } | Command::SchemaTriggers => unreachable!("handled above"),
             }
         }
     }
@@ -314,6 +321,15 @@ async fn init(config: &Config, format_version: u32) -> Result<(), Error> {
     );
     if report.publication_created {
         println!("created publication {}", config.source.publication);
+    }
+    match &report.schema_changes {
+        crate::source::ddl::Capture::Installed => println!(
+            "schema changes are captured into the change stream (event triggers updog_backup_ddl_*)"
+        ),
+        crate::source::ddl::Capture::Missing { reason } => println!(
+            "schema changes are NOT captured: this role may not create event triggers ({reason}); a restore to an instant after a migration is refused until a snapshot is taken after it. As a superuser, run:\n\n  {}\n",
+            crate::source::check::SCHEMA_TRIGGERS_FIX
+        ),
     }
     let slot = &config.source.slot;
     match &report.stream {
@@ -992,18 +1008,22 @@ async fn restore(config: &Config, args: RestoreArgs) -> Result<(), Error> {
         report.snapshot,
         match &report.changes {
             Some(c) => format!(
-                " + {} transaction(s) replayed from {} pack(s): {} inserts, {} updates, {} deletes, {} truncates",
+                " + {} transaction(s) replayed from {} pack(s): {} inserts, {} updates, {} deletes, {} truncates, {} schema change(s)",
                 c.transactions,
                 c.packs,
                 c.stats.inserts,
                 c.stats.updates,
                 c.stats.deletes,
-                c.stats.truncates
+                c.stats.truncates,
+                c.stats.schema_changes.len()
             ),
             None => String::new(),
         },
         report.window
     );
+    for change in report.changes.iter().flat_map(|c| &c.stats.schema_changes) {
+        println!("  schema change {change}");
+    }
     for (table, rows) in &report.tenant_rows {
         println!("  {table:<40} {rows:>10} rows");
     }

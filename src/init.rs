@@ -65,6 +65,8 @@ pub struct InitReport {
     /// Whether `repo.json` was written now (false: it existed, for the same source).
     pub repository_created: bool,
     pub publication_created: bool,
+    /// Whether schema changes reach the stream (the event triggers of `source::ddl`).
+    pub schema_changes: crate::source::ddl::Capture,
     pub stream: StreamStart,
 }
 
@@ -122,11 +124,14 @@ pub async fn run(
     }
     let publication_created =
         crate::source::publication::ensure(&client, &config.source.publication, &catalog).await?;
+    // Before the slot: a migration right after the first snapshot is in the stream.
+    let schema_changes = crate::source::ddl::ensure(&client).await?;
     let report = |stream| InitReport {
         repository: repo.location(),
         source: info.source_label(),
         repository_created,
         publication_created,
+        schema_changes: schema_changes.clone(),
         stream,
     };
 

@@ -59,14 +59,60 @@ pub async fn check_publication(
     }
 }
 
+/// A table created in the transaction that committed at `created` (a schema change in the
+/// stream says when): if the publication does not carry it, the gap starts there, not at
+/// the last snapshot before it, so restores to any instant before its creation stay possible.
+/// Asked of the publication now: a table dropped since is taken as not published (the gap
+/// then closes at the next check, which finds nothing missing).
+pub async fn check_created(
+    repo: &Repository,
+    client: &Client,
+    publication: &str,
+    table: &str,
+    created: (Lsn, chrono::DateTime<Utc>),
+) -> Result<(), GapError> {
+    let published: Option<bool> = client
+        .query_opt(
+            "SELECT p.puballtables OR EXISTS (
+                      SELECT 1 FROM pg_catalog.pg_publication_tables t
+                       WHERE t.pubname = p.pubname
+                         AND format('%I.%I', t.schemaname, t.tablename) = $2)
+               FROM pg_catalog.pg_publication p WHERE p.pubname = $1",
+            &[&publication, &table],
+        )
+        .await
+        .map_err(query_context("reading the publication's tables"))?
+        .map(|row| row.get(0));
+    if published != Some(false) {
+        return Ok(());
+    }
+    // The check that runs every minute may have met the table first and opened its gap at
+    // the last snapshot without it: the table did not exist before its creation, so that gap
+    // no longer names it.
+    for mut gap in repo.open_gaps().await? {
+        if gap.from_lsn < created.0 && gap.tables.iter().any(|t| t == table) {
+            gap.tables.retain(|t| t != table);
+            repo.put_gap(&gap).await?;
+        }
+    }
+    let unpublished = [table.to_string()];
+    let open = repo.open_gaps().await?;
+    if open_for(&open, &unpublished).is_none() {
+        put(repo, &open, &unpublished, (created.0, Some(created.1))).await?;
+    }
+    Ok(())
+}
+
+fn open_for<'a>(open: &'a [Gap], unpublished: &[String]) -> Option<&'a Gap> {
+    open.iter()
+        .find(|g| unpublished.iter().all(|t| g.tables.contains(t)))
+}
+
 /// Records that `unpublished` tables are missing from the stream, unless an open gap already
 /// says so. Returns the gap now open for them.
 async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, GapError> {
     let open = repo.open_gaps().await?;
-    if let Some(gap) = open
-        .iter()
-        .find(|g| unpublished.iter().all(|t| g.tables.contains(t)))
-    {
+    if let Some(gap) = open_for(&open, unpublished) {
         return Ok(gap.clone());
     }
     // The newest snapshot without one of the tables: they did not exist before it.
@@ -88,6 +134,16 @@ async fn record(repo: &Repository, unpublished: &[String]) -> Result<Gap, GapErr
             break;
         }
     }
+    put(repo, &open, unpublished, from).await
+}
+
+/// Opens a gap of `unpublished` from `from`.
+async fn put(
+    repo: &Repository,
+    open: &[Gap],
+    unpublished: &[String],
+    from: (Lsn, Option<chrono::DateTime<Utc>>),
+) -> Result<Gap, GapError> {
     let mut tables: Vec<String> = unpublished.to_vec();
     // A gap open from the same point (new tables found later) grows instead of being replaced.
     if let Some(same) = open.iter().find(|g| g.from_lsn == from.0) {

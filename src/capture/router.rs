@@ -30,7 +30,7 @@ use crate::pg::quote_ident;
 use crate::repository::RepositoryError;
 use crate::repository::routes::{CheckpointWriter, Delta, KeyHash};
 use crate::retry::{Classify, ErrorClass};
-use crate::source::catalog::{Catalog, Route, TableScope};
+use crate::source::catalog::{Catalog, ReplicaIdentity, Route, Table, TableScope};
 use crate::source::{SourceError, query_context};
 
 /// Where a change goes.
@@ -136,6 +136,8 @@ pub struct Router {
     salt: Vec<u8>,
     /// Map changes since the last [`Router::take_delta`].
     delta: Vec<Delta>,
+    /// Whether the source's schema-change triggers are installed (`source::ddl`).
+    schema_changes_captured: bool,
 }
 
 impl std::fmt::Debug for Router {
@@ -207,7 +209,14 @@ impl Router {
             schemas: schemas.iter().cloned().collect(),
             salt: salt_bytes(salt),
             delta: Vec::new(),
+            schema_changes_captured: false,
         }
+    }
+
+    /// Says whether the source's schema-change triggers are installed: a table whose
+    /// definition changes is then no news.
+    pub fn set_schema_changes_captured(&mut self, captured: bool) {
+        self.schema_changes_captured = captured;
     }
 
     /// The map changes since the last call (what the pack being sealed did to them).
@@ -352,6 +361,91 @@ impl Router {
         }
     }
 
+    /// Whether a Relation names a table of the backed-up schemas the router does not know: one
+    /// created since its catalog was loaded.
+    pub fn is_new_table(&self, relation: &Relation) -> bool {
+        self.schemas.contains(&relation.namespace)
+            && !self
+                .by_name
+                .contains_key(&(relation.namespace.clone(), relation.name.clone()))
+    }
+
+    /// A table created after the catalog was loaded joins, so its first changes are routed
+    /// without a restart: with the route `fresh` (the catalog now) gives the table of the
+    /// relation's oid (renamed since, perhaps), when routing it needs nothing the router lacks
+    /// (a parent it keeps a key map of); or, gone from `fresh` (dropped since), through its
+    /// own tenant column if it has one. Otherwise false: the capture stops with
+    /// [`RouteError::UnknownTable`], as it did before.
+    pub fn add_table(&mut self, fresh: &Catalog, relation: &Relation) -> bool {
+        let found = fresh.tables.iter().find(|t| t.oid == relation.oid);
+        let mut table = match found {
+            Some(t) => t.clone(),
+            None => {
+                let tenant = &self.catalog.tenant_column;
+                if !relation.columns.iter().any(|c| &c.name == tenant) {
+                    return false;
+                }
+                Table {
+                    schema: relation.namespace.clone(),
+                    name: relation.name.clone(),
+                    columns: Vec::new(),
+                    replica_identity: ReplicaIdentity::Nothing,
+                    row_security: false,
+                    can_select: false,
+                    unlogged: false,
+                    partitions: None,
+                    scope: TableScope::Tenant(Route::Direct {
+                        column: tenant.clone(),
+                    }),
+                    oid: relation.oid,
+                    attnums: Default::default(),
+                }
+            }
+        };
+        if let TableScope::Tenant(Route::Via {
+            parent,
+            parent_columns,
+            ..
+        }) = &mut table.scope
+        {
+            let p = &fresh.tables[*parent];
+            let known = self
+                .by_name
+                .get(&(p.schema.clone(), p.name.clone()))
+                .copied();
+            let mapped = known.filter(|i| {
+                self.maps
+                    .get(i)
+                    .is_some_and(|maps| maps.iter().any(|m| &m.columns == parent_columns))
+            });
+            match mapped {
+                Some(i) => *parent = i,
+                None => return false,
+            }
+        }
+        let index = self.catalog.tables.len();
+        let names = [
+            (relation.namespace.clone(), relation.name.clone()),
+            (table.schema.clone(), table.name.clone()),
+        ];
+        let partitions = table
+            .partitions
+            .iter()
+            .flatten()
+            .map(|p| (p.schema.clone(), p.name.clone()));
+        for key in names.into_iter().chain(partitions) {
+            self.by_name.entry(key).or_insert(index);
+        }
+        tracing::info!(table = %relation_name(relation), route = %fresh.describe_route(&table), "a new table joins the change stream");
+        self.catalog.tables.push(table);
+        true
+    }
+
+    /// Whether `schema` is one of the backed-up schemas.
+    pub fn covers_schema(&self, schema: &str) -> bool {
+        self.schemas.contains(schema)
+    }
+
     /// Records (or replaces) a relation's definition.
     pub fn relation(&mut self, relation: &Relation) -> Result<(), RouteError> {
         let table = self
@@ -373,10 +467,15 @@ impl Router {
             }),
         };
         if changed {
-            tracing::warn!(
-                table = %format!("{}.{}", relation.namespace, relation.name),
-                "table definition changed while capturing: restores across this change need a snapshot taken after it"
-            );
+            let table = format!("{}.{}", relation.namespace, relation.name);
+            if self.schema_changes_captured {
+                tracing::info!(%table, "table definition changed (the schema change is in the stream)");
+            } else {
+                tracing::warn!(
+                    %table,
+                    "table definition changed while capturing, and schema changes are not captured (`updog-backup check`): restores across this change need a snapshot taken after it"
+                );
+            }
         }
         self.relations.insert(
             relation.oid,

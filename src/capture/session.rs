@@ -31,6 +31,7 @@ use crate::repository::StreamProgress;
 use crate::repository::tenant_keys::SealingKeys;
 use crate::repository::{Repository, RepositoryError};
 use crate::source::catalog::Catalog;
+use crate::source::ddl;
 use crate::source::{SourceError, query_context};
 use crate::telemetry::{Operation, PackStatus, Telemetry};
 
@@ -93,6 +94,7 @@ pub(super) async fn session(
     progress.slot = slot.clone();
 
     let mut router = Router::new(catalog, &config.source.schemas, &system.system_id);
+    router.set_schema_changes_captured(ddl::installed(admin).await?);
     restore_routing(repo, &stream_state, &progress, start, &mut router, admin).await?;
     // Before the replication stream starts: indexing a long unindexed stream takes a while.
     let indexer = Indexer::resume(repo, &stream_state, config.stream.index_window).await?;
@@ -105,6 +107,8 @@ pub(super) async fn session(
                 ("proto_version", "2"),
                 ("publication_names", &publications),
                 ("streaming", "on"),
+                // The schema-change triggers' messages (`source::ddl`).
+                ("messages", "true"),
             ],
         )
         .await?;
@@ -119,6 +123,8 @@ pub(super) async fn session(
     let keys = SealingKeys::load(repo, &repo.info().await?, recipients).await?;
     let spool_dir = config.stream.scratch_dir();
     let mut capture = Capture {
+        source: config.source.clone(),
+        created: Vec::new(),
         indexer,
         writer: PackWriter::new(
             repo.clone(),
@@ -157,6 +163,9 @@ pub(super) async fn session(
 }
 
 struct Capture {
+    source: crate::config::SourceConfig,
+    /// Tables created by the transactions being captured (quoted, qualified) and their commit.
+    created: Vec<(String, (Lsn, chrono::DateTime<Utc>))>,
     writer: PackWriter,
     indexer: Indexer,
     repo: Repository,
@@ -240,7 +249,7 @@ impl Capture {
                 }
                 event = self.stream.next() => {
                     match event? {
-                        StreamEvent::XLogData { data, .. } => self.message(&data).await?,
+                        StreamEvent::XLogData { data, .. } => self.message(admin, &data).await?,
                         StreamEvent::Keepalive { wal_end, reply_requested, .. } => {
                             if !self.writer.in_transaction() {
                                 self.received = self.received.max(wal_end);
@@ -365,9 +374,17 @@ impl Capture {
         Ok(())
     }
 
-    async fn message(&mut self, data: &bytes::Bytes) -> Result<(), CaptureError> {
+    async fn message(&mut self, admin: &Client, data: &bytes::Bytes) -> Result<(), CaptureError> {
         let message = pgoutput::decode(data, self.ctx)?;
         self.ctx = self.ctx.next(&message);
+        if let Message::Relation(r) = &message
+            && self.router.is_new_table(r)
+        {
+            // A table created while capturing (a migration): routed as the catalog has it
+            // now, which is when it was created, give or take the stream's lag.
+            let fresh = Catalog::load(admin, &self.source).await?;
+            self.router.add_table(&fresh, r);
+        }
         match message {
             Message::StreamStart(s) => {
                 if !self.streamed.contains_key(&s.xid) {
@@ -439,6 +456,14 @@ impl Capture {
             }
             other => self.data(&other)?,
         }
+        if !self.created.is_empty() && !self.writer.in_transaction() {
+            // Tables created by transactions now committed: a publication that does not carry
+            // them leaves a gap from their creation on.
+            for (table, created) in std::mem::take(&mut self.created) {
+                gaps::check_created(&self.repo, admin, &self.source.publication, &table, created)
+                    .await?;
+            }
+        }
         Ok(())
     }
 
@@ -505,7 +530,27 @@ impl Capture {
                     }
                 }
             }
-            // Types travel as text; origins and logical messages say nothing about rows.
+            Message::LogicalMessage(m) if m.transactional && m.prefix == ddl::PREFIX => {
+                // One this build cannot read is kept: the restore that meets it refuses.
+                let event = ddl::SchemaEvent::parse(&m.content).ok();
+                let ours = event
+                    .as_ref()
+                    .is_none_or(|e| e.touches(|s| self.router.covers_schema(s)));
+                if let (Some(event), Some(commit)) = (&event, self.writer.current()) {
+                    for table in event.created_tables() {
+                        if self.router.covers_schema(&table.schema) {
+                            self.created
+                                .push((crate::pg::qualified(&table.schema, &table.name), commit));
+                        }
+                    }
+                }
+                if ours {
+                    tracing::info!(lsn = %m.lsn, "schema change captured");
+                    self.telemetry.metrics.change(Operation::SchemaChange).inc();
+                    self.writer.schema_change(message)?;
+                }
+            }
+            // Types travel as text; origins and other logical messages say nothing about rows.
             _ => {}
         }
         Ok(())

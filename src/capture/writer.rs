@@ -61,8 +61,9 @@ struct OpenSection {
 struct Txn {
     begin: Begin,
     time: DateTime<Utc>,
-    /// TRUNCATEs of tenant tables so far: tenants that join the transaction later get them first.
-    truncates: Vec<(u32, Message)>,
+    /// TRUNCATEs of tenant tables (with their table) and schema changes so far: tenants that
+    /// join the transaction later get them first.
+    inline: Vec<(Option<u32>, Message)>,
 }
 
 /// What a stored pack holds.
@@ -204,6 +205,11 @@ impl PackWriter {
         self.body.size() + self.buffered as u64
     }
 
+    /// The open transaction's commit LSN and time.
+    pub fn current(&self) -> Option<(Lsn, DateTime<Utc>)> {
+        self.txn.as_ref().map(|t| (t.begin.final_lsn, t.time))
+    }
+
     pub fn last_commit(&self) -> Option<(Lsn, DateTime<Utc>)> {
         self.last_commit
     }
@@ -229,7 +235,7 @@ impl PackWriter {
         self.txn = Some(Txn {
             begin: begin.clone(),
             time,
-            truncates: Vec::new(),
+            inline: Vec::new(),
         });
     }
 
@@ -253,6 +259,26 @@ impl PackWriter {
         oid: u32,
         message: &Message,
     ) -> Result<(), CaptureError> {
+        self.inline(Some(oid), message)?;
+        self.change(None, oid, message)
+    }
+
+    /// A schema change (the triggers' logical message): like a TRUNCATE of a tenant table, in
+    /// its place in every tenant section of the transaction, so a tenant's changes before and
+    /// after it meet the table as it was then, and in the global section for every other
+    /// tenant's restore.
+    pub fn schema_change(&mut self, message: &Message) -> Result<(), CaptureError> {
+        self.inline(None, message)?;
+        self.join(&None)?;
+        self.append(&None, message);
+        self.open.get_mut(&None).expect("joined").piece.changes += 1;
+        self.changes += 1;
+        self.maybe_seal(&None)
+    }
+
+    /// Into every tenant section the transaction has opened, and remembered for those it
+    /// opens later.
+    fn inline(&mut self, oid: Option<u32>, message: &Message) -> Result<(), CaptureError> {
         let joined: Vec<SectionKey> = self
             .open
             .iter()
@@ -260,15 +286,32 @@ impl PackWriter {
             .map(|(k, _)| k.clone())
             .collect();
         for key in joined {
-            self.write(&key, oid, message, false)?;
+            self.write_inline(&key, oid, message)?;
         }
         if let Some(txn) = &mut self.txn {
-            txn.truncates.push((oid, message.clone()));
+            txn.inline.push((oid, message.clone()));
         }
-        self.change(None, oid, message)
+        Ok(())
     }
 
-    /// Opens the transaction in a section: Begin, then the transaction's earlier TRUNCATEs.
+    /// A message of a table (after its Relation), or of none.
+    fn write_inline(
+        &mut self,
+        section: &SectionKey,
+        oid: Option<u32>,
+        message: &Message,
+    ) -> Result<(), CaptureError> {
+        match oid {
+            Some(oid) => self.write(section, oid, message, false),
+            None => {
+                self.append(section, message);
+                self.maybe_seal(section)
+            }
+        }
+    }
+
+    /// Opens the transaction in a section: Begin, then the transaction's earlier TRUNCATEs and
+    /// schema changes.
     fn join(&mut self, section: &SectionKey) -> Result<(), CaptureError> {
         let txn = self.txn.as_ref().ok_or(CaptureError::Protocol(
             "a change outside a transaction".into(),
@@ -279,14 +322,14 @@ impl PackWriter {
         }
         open.in_txn = true;
         let begin = Message::Begin(txn.begin.clone());
-        let truncates = if section.is_some() {
-            txn.truncates.clone()
+        let inline = if section.is_some() {
+            txn.inline.clone()
         } else {
             Vec::new()
         };
         self.append(section, &begin);
-        for (oid, message) in truncates {
-            self.write(section, oid, &message, false)?;
+        for (oid, message) in inline {
+            self.write_inline(section, oid, &message)?;
         }
         Ok(())
     }

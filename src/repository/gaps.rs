@@ -31,8 +31,12 @@ impl Gap {
     /// Whether replaying changes from a base snapshot at `base` up to time `at` crosses this
     /// gap. Judged by time at the start (a restore point's LSN is known only once replayed):
     /// a point after the gap's first snapshot may need changes the stream lacks.
+    /// A gap that names no table (each found to start later, in a gap of its own) breaks
+    /// nothing.
     pub fn breaks(&self, base: Lsn, at: DateTime<Utc>) -> bool {
-        self.from_time.is_none_or(|t| t < at) && self.resolved_lsn.is_none_or(|r| base < r)
+        !self.tables.is_empty()
+            && self.from_time.is_none_or(|t| t < at)
+            && self.resolved_lsn.is_none_or(|r| base < r)
     }
 }
 

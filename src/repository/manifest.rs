@@ -122,6 +122,13 @@ pub struct TableEntry {
     pub route: Option<String>,
     /// Columns in archive order (generated columns are left out: PostgreSQL recomputes them).
     pub columns: Vec<String>,
+    /// The table's oid and its columns' numbers at the snapshot (generated ones included): a
+    /// schema change in the stream names them, so a restore can follow it (a rename keeps its
+    /// number). Absent in snapshots taken before schema changes were captured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oid: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub attnums: BTreeMap<String, i16>,
 }
 
 impl TableEntry {

@@ -204,10 +204,11 @@ pub async fn apply(
                         continue;
                     }
                     let inline_elsewhere = in_own
-                        && matches!(&m, Message::Truncate(t)
-                            if t.relations.iter().all(|o| tenant_tables.get(o) == Some(&true)));
+                        && (schema_change(&m).is_some()
+                            || matches!(&m, Message::Truncate(t)
+                            if t.relations.iter().all(|o| tenant_tables.get(o) == Some(&true))));
                     if !skip && !inline_elsewhere {
-                        replayer.apply(&m).await?;
+                        apply_one(replayer, &m, time).await?;
                     }
                 }
             }
@@ -215,7 +216,7 @@ pub async fn apply(
                 own.next().await?;
                 while let Some(m) = own.next_in_txn().await? {
                     if !skip || matches!(m, Message::Relation(_)) {
-                        replayer.apply(&m).await?;
+                        apply_one(replayer, &m, time).await?;
                     }
                 }
             }
@@ -230,6 +231,25 @@ pub async fn apply(
         }
     }
     Ok(applied)
+}
+
+/// The content of a schema change the triggers put in the stream.
+fn schema_change(message: &Message) -> Option<&[u8]> {
+    match message {
+        Message::LogicalMessage(m) if m.prefix == crate::source::ddl::PREFIX => Some(&m.content),
+        _ => None,
+    }
+}
+
+async fn apply_one(
+    replayer: &mut Replayer<'_>,
+    message: &Message,
+    time: DateTime<Utc>,
+) -> Result<(), ReplayError> {
+    match schema_change(message) {
+        Some(content) => replayer.schema_change(content, time).await,
+        None => replayer.apply(message).await,
+    }
 }
 
 impl Classify for ChangesError {

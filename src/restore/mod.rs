@@ -502,10 +502,42 @@ async fn load(
         }
         None => None,
     };
+    // The restored tables under their names at the restore point (a schema change in the
+    // stream may have renamed, dropped or created some).
+    let followed = replayed
+        .as_ref()
+        .map(|r| r.schema.clone())
+        .unwrap_or_default();
+    let mut tables_now: Vec<(String, String)> = Vec::new();
+    for (table, sql_name) in &loaded_tables {
+        let (now, sql_name) = match followed.now(table) {
+            None => (table.clone(), sql_name.clone()),
+            Some(None) => {
+                tenant_rows.remove(table);
+                global_rows.remove(table);
+                continue;
+            }
+            Some(Some((schema, name))) => (
+                format!("{schema}.{name}"),
+                crate::pg::qualified(&schema, &name),
+            ),
+        };
+        for counts in [&mut tenant_rows, &mut global_rows] {
+            if let Some(n) = counts.remove(table) {
+                counts.insert(now.clone(), n);
+            }
+        }
+        tables_now.push((now, sql_name));
+    }
+    for (schema, name) in &followed.created {
+        let now = format!("{schema}.{name}");
+        tenant_rows.insert(now.clone(), 0);
+        tables_now.push((now, crate::pg::qualified(schema, name)));
+    }
     if replayed.is_some() {
         // The report gives what the database holds after the replay (counted before row
         // level security is enabled, which would hide the rows from this role).
-        for (table, sql_name) in &loaded_tables {
+        for (table, sql_name) in &tables_now {
             let rows: i64 = client
                 .query_one(&format!("SELECT count(*) FROM {sql_name}"), &[])
                 .await
@@ -518,14 +550,19 @@ async fn load(
             }
         }
     }
+    // The foreign keys, policies and row level security of tables a schema change touched
+    // are the source's at the restore point, not the snapshot's.
+    let rest: Vec<schema::Entry> = rest.into_iter().filter(|e| !followed.replaces(e)).collect();
+    not_recreated.extend(replay::foreign_keys(client, &followed).await);
     not_recreated.extend(
         schema::apply(client, post.0, &rest)
             .await
             .map_err(|(entry, e)| LoadError::Step(entry, sqlstate::describe(&e)))?,
     );
+    not_recreated.extend(replay::row_security(client, &followed).await);
     // Only the restored tables: a database-wide ANALYZE would touch catalogs the restore
     // role does not own.
-    for (table, sql_name) in &loaded_tables {
+    for (table, sql_name) in &tables_now {
         client
             .batch_execute(&format!("ANALYZE {sql_name}"))
             .await
@@ -543,6 +580,8 @@ async fn load(
 struct Replayed {
     last: Option<(Lsn, DateTime<Utc>)>,
     report: ChangesReport,
+    /// What its schema changes did to the snapshot's tables.
+    schema: replay::FollowedSchema,
 }
 
 async fn replay(
@@ -559,7 +598,7 @@ async fn replay(
         .batch_execute("BEGIN")
         .await
         .map_err(step("starting the replay"))?;
-    let mut replayer = replay::Replayer::new(client);
+    let mut replayer = replay::Replayer::new(client).following(&manifest.tables);
     let applied = changes::apply(
         repo,
         plan,
@@ -570,6 +609,7 @@ async fn replay(
         &mut replayer,
     )
     .await?;
+    let schema = replayer.followed();
     let stats = replayer
         .finish()
         .await
@@ -587,6 +627,7 @@ async fn replay(
         "changes replayed"
     );
     Ok(Replayed {
+        schema,
         last: applied.last,
         report: ChangesReport {
             packs: plan.packs.len(),

@@ -103,6 +103,10 @@ pub struct Table {
     /// instead of it. `None`: an ordinary table.
     pub partitions: Option<Vec<Partition>>,
     pub scope: TableScope,
+    pub oid: u32,
+    /// Every column's number (generated ones included): a schema change in the stream names
+    /// columns by number, which is how a restore tells a rename from a drop and an add.
+    pub attnums: BTreeMap<String, i16>,
 }
 
 /// A leaf partition of a partitioned table (in any schema).
@@ -212,6 +216,8 @@ impl Catalog {
                 unlogged: row.get(5),
                 partitions: row.get::<_, bool>(6).then(Vec::new),
                 scope: TableScope::Unroutable,
+                oid: row.get(0),
+                attnums: BTreeMap::new(),
             });
         }
         let index_of = |oid: u32| oids.iter().position(|o| *o == oid);
@@ -267,6 +273,7 @@ impl Catalog {
             let Some(t) = index_of(row.get(0)) else { continue };
             let name: String = row.get(2);
             all_columns.insert((t, row.get(1)), name.clone());
+            tables[t].attnums.insert(name.clone(), row.get(1));
             if !row.get::<_, bool>(5) {
                 tables[t].columns.push(Column { name, type_name: row.get(3), not_null: row.get(4), text_only: row.get(6) });
             }
@@ -405,12 +412,19 @@ impl Catalog {
         let tc = &self.tenant_column;
 
         let mut scope: Vec<Option<Route>> = vec![None; self.tables.len()];
+        // A nullable tenant column is a table's route only when no NOT NULL foreign key
+        // reaches a tenant (below): while a migration adds and backfills one (the seed's
+        // pattern), its NULLs are rows of the tenant the foreign key gives, not of none.
+        let nullable_tenant: Vec<usize> = (0..self.tables.len())
+            .filter(|&t| !configured(t))
+            .filter(|&t| self.tables[t].column(tc).is_some_and(|c| !c.not_null))
+            .collect();
         for (t, table) in self.tables.iter().enumerate() {
-            if !configured(t) && table.column(tc).is_some() {
+            if !configured(t) && table.column(tc).is_some_and(|c| c.not_null) {
                 scope[t] = Some(Route::Direct { column: tc.clone() });
             }
         }
-        if scope.iter().all(Option::is_none) {
+        if scope.iter().all(Option::is_none) && nullable_tenant.is_empty() {
             return Err(CatalogError::NoTenantTables {
                 schemas: config.schemas.clone(),
                 column: tc.clone(),
@@ -425,6 +439,13 @@ impl Catalog {
         // reaches no tenant, so a nullable route is taken only when there is no other (a
         // nullable `shared_with → organizations.id` must not override `fund_id → funds`).
         for allow_nullable in [false, true] {
+            if allow_nullable {
+                for &t in &nullable_tenant {
+                    if scope[t].is_none() {
+                        scope[t] = Some(Route::Direct { column: tc.clone() });
+                    }
+                }
+            }
             // A foreign key that maps a tenant column onto another table's column carries the
             // tenant value itself, in either direction: upwards it finds the tenants' own
             // table (users.organization_id → organizations.id; the parent's key is a tenant
@@ -771,6 +792,8 @@ impl Catalog {
                 },
                 route: matches!(t.scope, TableScope::Tenant(_)).then(|| self.describe_route(t)),
                 columns: t.columns.iter().map(|c| c.name.clone()).collect(),
+                oid: Some(t.oid),
+                attnums: t.attnums.clone(),
             })
             .collect()
     }
@@ -813,6 +836,8 @@ mod tests {
             unlogged: false,
             partitions: None,
             scope: TableScope::Unroutable,
+            oid: 0,
+            attnums: BTreeMap::new(),
         }
     }
 
@@ -870,6 +895,41 @@ mod tests {
             "(fund_id) → m.funds(id).organization_id"
         );
         assert_eq!(catalog.describe_route(&catalog.tables[0]), "own column id");
+    }
+
+    #[test]
+    fn a_tenant_column_being_backfilled_routes_only_once_no_foreign_key_does() {
+        // The seed's migration: `organization_id` added nullable to a table that reaches its
+        // tenant through `fund_id`, then backfilled. Until it is NOT NULL, a NULL in it is a
+        // row of the fund's tenant, so the foreign key stays the route.
+        let schema = |org_not_null: bool| {
+            classified(
+                vec![
+                    table("funds", &[("id", true), ("organization_id", true)]),
+                    table(
+                        "snapshots",
+                        &[("fund_id", true), ("organization_id", org_not_null)],
+                    ),
+                    table("events", &[("organization_id", false)]),
+                ],
+                &[fk("snapshots_fund", 1, "fund_id", 0, "id")],
+            )
+        };
+        let during = schema(false);
+        assert_eq!(
+            during.describe_route(&during.tables[1]),
+            "(fund_id) → m.funds(id).organization_id"
+        );
+        // Nothing else reaches a tenant: the nullable column is the route (NULL: no tenant).
+        assert_eq!(
+            during.describe_route(&during.tables[2]),
+            "own column organization_id"
+        );
+        let after = schema(true);
+        assert_eq!(
+            after.describe_route(&after.tables[1]),
+            "own column organization_id"
+        );
     }
 
     #[test]

@@ -43,6 +43,10 @@ pub struct TableReport {
     pub copy_format: &'static str,
 }
 
+/// How a superuser installs the schema-change triggers.
+pub const SCHEMA_TRIGGERS_FIX: &str =
+    "updog-backup schema-triggers | psql --set ON_ERROR_STOP=1 -d <the source database>";
+
 #[derive(Debug, Clone, Serialize)]
 pub struct CheckReport {
     pub source: String,
@@ -254,6 +258,23 @@ pub async fn run(config: &Config) -> Result<CheckReport, SourceError> {
             Some(sql),
         ),
         Err(e) => push(Level::Error, "publication", e.to_string(), None),
+    }
+    if super::ddl::installed(&client).await? {
+        push(
+            Level::Ok,
+            "schema changes",
+            "captured into the change stream (event triggers updog_backup_ddl_*): restores follow migrations".into(),
+            None,
+        );
+    } else {
+        push(
+            Level::Warning,
+            "schema changes",
+            format!(
+                "not captured (no event triggers): a restore to an instant after a migration of a backed-up table is refused until a snapshot is taken after it. init installs the triggers when its role may; otherwise a superuser runs `{SCHEMA_TRIGGERS_FIX}`"
+            ),
+            None,
+        );
     }
     for finding in identity_problems(&catalog) {
         push(

@@ -3,10 +3,12 @@
 //! pg_dump; and what a server can create of the extensions they need (asked of the restore
 //! target too).
 //! It reads the source and never writes to it (the only things it creates there are the
-//! backup's own replication slot and, when allowed, its publication).
+//! backup's own replication slot and, when allowed, its publication and the event triggers that
+//! put schema changes into the stream).
 
 pub mod catalog;
 pub mod check;
+pub mod ddl;
 pub mod dependencies;
 pub mod extensions;
 pub mod identity;

@@ -242,6 +242,8 @@ mod tests {
             scope: TableScope::Tenant(Route::Direct {
                 column: "organization_id".into(),
             }),
+            oid: 0,
+            attnums: Default::default(),
         }
     }
 

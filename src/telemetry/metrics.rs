@@ -103,16 +103,25 @@ pub enum Operation {
     Update,
     Delete,
     Truncate,
+    /// A schema change the triggers put into the stream.
+    SchemaChange,
 }
 
 impl Operation {
-    const ALL: [Operation; 4] = [Self::Insert, Self::Update, Self::Delete, Self::Truncate];
+    const ALL: [Operation; 5] = [
+        Self::Insert,
+        Self::Update,
+        Self::Delete,
+        Self::Truncate,
+        Self::SchemaChange,
+    ];
     fn label(self) -> &'static str {
         match self {
             Self::Insert => "insert",
             Self::Update => "update",
             Self::Delete => "delete",
             Self::Truncate => "truncate",
+            Self::SchemaChange => "schema_change",
         }
     }
 }
@@ -170,7 +179,7 @@ pub struct Metrics {
     pub snapshots_failed: Counter,
     pub exported_bytes: Counter,
     pub exported_rows: Counter,
-    changes: [Counter; 4],
+    changes: [Counter; Operation::ALL.len()],
     pub packs_stored: Counter,
     pub pack_bytes: Counter,
     pub lag_bytes: Gauge,

@@ -11,6 +11,7 @@ mod extensions;
 mod hostile;
 mod isolation;
 mod many_tenants;
+mod migrations;
 mod onboarding;
 mod operator;
 mod pgoutput;

@@ -21,6 +21,8 @@ fn table(name: &str, columns: &[&str], scope: TableScope) -> Table {
         unlogged: false,
         partitions: None,
         scope,
+        oid: 0,
+        attnums: Default::default(),
     }
 }
 

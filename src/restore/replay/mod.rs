@@ -47,12 +47,15 @@
 mod binding;
 mod catalog;
 mod copy;
+mod migration;
 mod pipeline;
 mod sequences;
 mod statements;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+use chrono::{DateTime, Utc};
 
 use futures::stream::FuturesOrdered;
 use tokio_postgres::Client;
@@ -63,6 +66,8 @@ use crate::pg::sqlstate;
 use binding::{Bound, TextParam, old_value};
 use catalog::{Table, load_table};
 use copy::InsertRun;
+use migration::Migrations;
+pub use migration::{FollowedSchema, foreign_keys, row_security};
 use pipeline::Pending;
 pub use pipeline::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_BYTES};
 use sequences::move_sequence;
@@ -75,6 +80,10 @@ pub struct ReplayStats {
     pub updates: u64,
     pub deletes: u64,
     pub truncates: u64,
+    /// The schema changes met, in order: `<commit time> <statement> <object>`, and those not
+    /// replayed because they hold no rows, marked so.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub schema_changes: Vec<String>,
 }
 
 /// Why a change could not be applied. After any error the transaction is unusable: the caller
@@ -135,6 +144,18 @@ pub enum ReplayError {
         op: &'static str,
         message: String,
     },
+    #[error(
+        "the schema change {statement} committed at {time} cannot be replayed exactly: {reason}; restore to an instant before it, or to one after a snapshot taken after it"
+    )]
+    SchemaChange {
+        statement: String,
+        time: String,
+        reason: String,
+    },
+    #[error(
+        "a schema change in the stream cannot be read ({message}): it was captured by a newer updog-backup; restore with that version"
+    )]
+    UnreadableSchemaChange { message: String },
     #[error("table {table}: {what} cannot be replayed: {hint}")]
     Unsupported {
         table: String,
@@ -180,6 +201,8 @@ pub struct Replayer<'a> {
     sequence_values: HashMap<(Oid, usize), i64>,
     /// Tables already warned about for having no index on their key.
     warned_no_index: HashSet<Oid>,
+    /// The source's tables as schema changes in the stream left them.
+    migrations: Migrations,
     stats: ReplayStats,
 }
 
@@ -200,8 +223,42 @@ impl<'a> Replayer<'a> {
             written: HashMap::new(),
             sequence_values: HashMap::new(),
             warned_no_index: HashSet::new(),
+            migrations: Migrations::default(),
             stats: ReplayStats::default(),
         }
+    }
+
+    /// Follows schema changes in the stream from the snapshot whose tables these are.
+    pub fn following(mut self, tables: &[crate::repository::manifest::TableEntry]) -> Self {
+        self.migrations = Migrations::new(tables);
+        self
+    }
+
+    /// A schema change the triggers put in the stream (`source::ddl`), at its place; `time` is
+    /// its transaction's commit time. Everything before it is applied first, and what replay
+    /// knew of the changed tables is read again after it.
+    pub async fn schema_change(
+        &mut self,
+        content: &[u8],
+        time: DateTime<Utc>,
+    ) -> Result<(), ReplayError> {
+        let event = crate::source::ddl::SchemaEvent::parse(content).map_err(|e| {
+            ReplayError::UnreadableSchemaChange {
+                message: e.to_string(),
+            }
+        })?;
+        self.flush_all().await?;
+        // Sequences of tables about to change are moved now, while replay still knows them.
+        self.move_sequences().await?;
+        let before = self.migrations.report.len();
+        self.migrations.apply(self.client, &event, time).await?;
+        self.stats
+            .schema_changes
+            .extend_from_slice(&self.migrations.report[before..]);
+        self.bound.clear();
+        self.tables.clear();
+        self.statements.clear();
+        Ok(())
     }
 
     /// Changes accepted so far (some may still be in flight).
@@ -228,6 +285,11 @@ impl<'a> Replayer<'a> {
             Message::Truncate(m) => self.truncate(m).await,
             _ => Ok(()),
         }
+    }
+
+    /// What the schema changes replayed so far did to the snapshot's tables.
+    pub fn followed(&self) -> FollowedSchema {
+        self.migrations.followed()
     }
 
     /// Commits what was applied so far and opens the next transaction; the caller calls it
@@ -258,16 +320,21 @@ impl<'a> Replayer<'a> {
     /// wrote count too, even when their rows were deleted since.
     pub async fn finish(mut self) -> Result<ReplayStats, ReplayError> {
         self.flush_all().await?;
-        let mut tables: Vec<Arc<Table>> = self.written.values().cloned().collect();
+        self.move_sequences().await?;
+        tracing::debug!(stats = ?self.stats, "replay finished");
+        Ok(self.stats)
+    }
+
+    async fn move_sequences(&mut self) -> Result<(), ReplayError> {
+        let mut tables: Vec<Arc<Table>> = self.written.drain().map(|(_, t)| t).collect();
         tables.sort_by(|a, b| a.display.cmp(&b.display));
         for table in tables {
             for seq in &table.sequences {
-                let seen = self.sequence_values.get(&(table.oid, seq.column)).copied();
+                let seen = self.sequence_values.remove(&(table.oid, seq.column));
                 move_sequence(self.client, &table, seq, seen).await?;
             }
         }
-        tracing::debug!(stats = ?self.stats, "replay finished");
-        Ok(self.stats)
+        Ok(())
     }
 
     fn define(&mut self, relation: &Relation) {

@@ -1,0 +1,274 @@
+//! Schema changes in the change stream: the event triggers that put them there, and what their
+//! messages say.
+//!
+//! Logical replication carries no DDL, and a Relation message cannot make a replay exact: it
+//! does not tell a rename from a drop and an add, nor say what `ADD COLUMN … DEFAULT` gave the
+//! rows already there. So event triggers (`ddl.sql`) emit, inside the migrating transaction,
+//! a transactional logical message describing each command's tables as it left them; pgoutput
+//! delivers it at its place in the transaction, the daemon stores it with the changes, and a
+//! restore applies it between the changes it separates (`restore::replay::migration`).
+//!
+//! Creating an event trigger takes a superuser, which the backup's role should not be. So
+//! `init` installs them when it may and otherwise prints the script for one to run, as it does
+//! for the publication; without them, a restore across a schema change is refused as before.
+
+use serde::Deserialize;
+use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
+
+use super::{SourceError, query_context};
+
+/// The prefix of the logical messages the triggers emit.
+pub const PREFIX: &str = "updog-backup/ddl";
+
+/// The script installing the triggers (idempotent: run again, it replaces them).
+pub const SCRIPT: &str = include_str!("ddl.sql");
+
+/// The event triggers the script creates.
+const TRIGGERS: [&str; 3] = [
+    "updog_backup_ddl_command",
+    "updog_backup_ddl_drop",
+    "updog_backup_ddl_rewrite",
+];
+
+/// Whether schema changes reach the change stream.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Capture {
+    /// The triggers are installed and enabled.
+    Installed,
+    /// They are not, and this role may not install them: `script` is for a superuser.
+    Missing { reason: String },
+}
+
+/// Installs (or refreshes) the triggers when this role may; otherwise says why not.
+pub async fn ensure(client: &Client) -> Result<Capture, SourceError> {
+    match client.batch_execute(SCRIPT).await {
+        Ok(()) => Ok(Capture::Installed),
+        Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            // Installed earlier by a superuser: nothing is missing.
+            if installed(client).await? {
+                Ok(Capture::Installed)
+            } else {
+                Ok(Capture::Missing {
+                    reason: crate::pg::sqlstate::describe(&e),
+                })
+            }
+        }
+        Err(e) => Err(SourceError::Query {
+            context: "installing the schema-change triggers".into(),
+            source: e,
+        }),
+    }
+}
+
+/// Whether every trigger exists and is enabled.
+pub async fn installed(client: &Client) -> Result<bool, SourceError> {
+    let names: Vec<String> = TRIGGERS.iter().map(|t| t.to_string()).collect();
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_catalog.pg_event_trigger
+              WHERE evtname = ANY($1) AND evtenabled <> 'D'",
+            &[&names],
+        )
+        .await
+        .map_err(query_context("looking up the schema-change triggers"))?;
+    Ok(row.get::<_, i64>(0) == TRIGGERS.len() as i64)
+}
+
+/// One message of the triggers.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SchemaEvent {
+    /// `ddl_command_end`: what the statement (`tag`) created or altered, as it left it.
+    Command { tag: String, commands: Vec<Command> },
+    /// `sql_drop`: what the statement dropped, and the tables that lost a part (a column, a
+    /// constraint, a policy, a default) as they are now.
+    Drop {
+        tag: String,
+        dropped: Vec<Dropped>,
+        #[serde(default)]
+        tables: Vec<TableDefinition>,
+    },
+    /// `table_rewrite`: the statement rewrote every row of the table (`reason`: PostgreSQL's
+    /// `AT_REWRITE_*` bits).
+    Rewrite {
+        tag: String,
+        schema: String,
+        name: String,
+        reason: i32,
+    },
+    /// The trigger failed to describe the statement (it lets the migration go on): what it
+    /// did is unknown.
+    Failed { tag: String, error: String },
+}
+
+/// The rewrite reasons that give rows new values (a volatile default, a column rewritten by a
+/// type change); the others (persistence, access method) keep them.
+pub const REWRITE_CHANGES_VALUES: i32 = 0x02 | 0x04;
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Command {
+    pub tag: String,
+    #[serde(rename = "type")]
+    pub object_type: String,
+    pub identity: String,
+    pub schema: Option<String>,
+    /// The table the command changed (itself, or the owner of its policy, constraint or
+    /// trigger), as the command left it.
+    pub table: Option<TableDefinition>,
+    /// For an index: `pg_get_indexdef`.
+    pub index: Option<String>,
+    #[serde(default)]
+    pub sequence: Option<SequenceDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct SequenceDefinition {
+    /// An identity column's: its table's definition makes it.
+    pub identity: bool,
+    /// `CREATE SEQUENCE` options: `AS integer INCREMENT BY 1 …`.
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct PolicyDefinition {
+    pub name: String,
+    /// What follows `CREATE POLICY name ON table`: `AS PERMISSIVE FOR SELECT TO … USING (…)`.
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TableDefinition {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    pub columns: Vec<ColumnDefinition>,
+    pub constraints: Vec<ConstraintDefinition>,
+    /// A partitioned table's `PARTITION BY` clause.
+    #[serde(default)]
+    pub partition_key: Option<String>,
+    /// A partition's parent (quoted, qualified) and bound: its rows are its parent's.
+    #[serde(default)]
+    pub partition_of: Option<String>,
+    #[serde(default)]
+    pub bound: Option<String>,
+    #[serde(default)]
+    pub row_security: bool,
+    #[serde(default)]
+    pub force_row_security: bool,
+    #[serde(default)]
+    pub policies: Vec<PolicyDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ColumnDefinition {
+    pub attnum: i16,
+    pub name: String,
+    /// `format_type`: `character varying(20)`, `app.mood[]` …
+    #[serde(rename = "type")]
+    pub type_name: String,
+    pub not_null: bool,
+    /// The default (or, for a generated column, its expression), as SQL.
+    pub default: Option<String>,
+    /// What rows that existed when the column was added hold (`attmissingval`, as the text of
+    /// a one-element array of the column's type), until they are next written.
+    pub missing: Option<String>,
+    pub generated: Option<String>,
+    pub identity: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ConstraintDefinition {
+    pub name: String,
+    /// `pg_constraint.contype`: `p`, `u`, `c`, `f`, `x`, `t`, `n`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub definition: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Dropped {
+    #[serde(rename = "type")]
+    pub object_type: String,
+    pub identity: String,
+    pub schema: Option<String>,
+    pub name: Option<String>,
+    pub address: Vec<String>,
+    /// Named by the statement itself (not dropped as a dependency of what it named).
+    pub original: bool,
+}
+
+impl SchemaEvent {
+    /// Parses a message's content (an error: a message this build cannot read).
+    pub fn parse(content: &[u8]) -> Result<SchemaEvent, serde_json::Error> {
+        serde_json::from_slice(content)
+    }
+
+    pub fn tag(&self) -> &str {
+        match self {
+            SchemaEvent::Command { tag, .. }
+            | SchemaEvent::Drop { tag, .. }
+            | SchemaEvent::Rewrite { tag, .. }
+            | SchemaEvent::Failed { tag, .. } => tag,
+        }
+    }
+
+    /// The tables its statement created.
+    pub fn created_tables(&self) -> impl Iterator<Item = &TableDefinition> {
+        let commands = match self {
+            SchemaEvent::Command { commands, .. } => commands.as_slice(),
+            _ => &[],
+        };
+        commands
+            .iter()
+            .filter(|c| c.tag == "CREATE TABLE" && c.object_type == "table")
+            .filter_map(|c| c.table.as_ref())
+    }
+
+    /// Whether it touches one of `schemas` (the backed-up ones); the others' are not stored.
+    pub fn touches(&self, backed_up: impl Fn(&str) -> bool) -> bool {
+        let ours = |s: &Option<String>| s.as_deref().is_some_and(&backed_up);
+        match self {
+            SchemaEvent::Command { commands, .. } => commands.iter().any(|c| ours(&c.schema)),
+            SchemaEvent::Drop { dropped, .. } => dropped.iter().any(|d| ours(&d.schema)),
+            SchemaEvent::Rewrite { schema, .. } => backed_up(schema),
+            // It may have touched anything.
+            SchemaEvent::Failed { .. } => true,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_of_each_event_parse() {
+        let command = br#"{"tag": "ALTER TABLE", "event": "command", "version": 1, "commands": [{"tag": "ALTER TABLE", "type": "table", "index": null, "table": {"oid": 16438, "kind": "r", "name": "y", "schema": "app", "columns": [{"name": "region", "type": "text", "attnum": 4, "default": "'eu'::text", "missing": "{eu}", "identity": null, "not_null": true, "generated": null}], "constraints": [{"name": "y_pkey", "type": "p", "definition": "PRIMARY KEY (a)"}]}, "schema": "app", "identity": "app.y"}]}"#;
+        let event = SchemaEvent::parse(command).unwrap();
+        assert_eq!(event.tag(), "ALTER TABLE");
+        assert!(event.touches(|s| s == "app"));
+        assert!(!event.touches(|s| s == "crm"));
+        let SchemaEvent::Command { commands, .. } = event else {
+            panic!()
+        };
+        let table = commands[0].table.as_ref().unwrap();
+        assert_eq!(table.columns[0].missing.as_deref(), Some("{eu}"));
+
+        let drop = br#"{"tag": "DROP TABLE", "event": "drop", "version": 1, "dropped": [{"name": "f", "type": "table", "schema": "app", "address": ["app", "f"], "identity": "app.f", "original": true}, {"name": "pg_toast_1", "type": "toast table", "schema": "pg_toast", "address": ["pg_toast", "pg_toast_1"], "identity": "pg_toast.pg_toast_1", "original": false}]}"#;
+        assert!(SchemaEvent::parse(drop).unwrap().touches(|s| s == "app"));
+        let rewrite = br#"{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": 4, "schema": "app", "version": 1}"#;
+        assert!(matches!(
+            SchemaEvent::parse(rewrite).unwrap(),
+            SchemaEvent::Rewrite { reason: 4, .. }
+        ));
+        let failed =
+            br#"{"tag": "ALTER TABLE", "event": "failed", "error": "out of memory", "version": 1}"#;
+        let failed = SchemaEvent::parse(failed).unwrap();
+        assert!(
+            failed.touches(|_| false),
+            "an undescribed change may touch anything"
+        );
+    }
+}
