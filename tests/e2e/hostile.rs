@@ -1231,10 +1231,7 @@ async fn hostile_identifiers_and_tenant_values_are_quoted_and_bound() {
     }
     // Its one warning is the schema-change triggers, which only a superuser may install.
     assert!(report.contains("updog-backup schema-triggers"), "{report}");
-    let script = env.ok(&["schema-triggers"]);
-    let script_file = env.dir.path().join("schema-triggers.sql");
-    std::fs::write(&script_file, script).unwrap();
-    pg.psql(&db, &["-f", script_file.to_str().unwrap()]);
+    env.install_schema_triggers(&db).await;
     let check = env.ok(&["check"]);
     assert!(check.contains("0 error(s), 0 warning(s)"), "{check}");
     for route in [

@@ -12,7 +12,7 @@ use tokio_postgres::Client;
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
 use crate::support::oracle::{digest, now};
 use crate::support::postgres::cluster;
-use crate::support::{Repo, TestEnv, database_exists, fixture_tenant};
+use crate::support::{Repo, TestEnv, database_exists, fixture_tenant, publish_tables_of_today};
 
 /// Tables the migrations change and their tenant filter (`$ORG`); those created later exist
 /// only from their step on (and `app.tasks` until it is renamed `app.todos`).
@@ -127,10 +127,7 @@ async fn migrations(repo: Repo) {
         "{out}"
     );
     // A superuser installs them as init said, before any migration.
-    let script = env.ok(&["schema-triggers"]);
-    let file = env.repo_dir.with_extension("ddl.sql");
-    std::fs::write(&file, script).unwrap();
-    pg.psql(&db, &["-f", file.to_str().unwrap()]);
+    env.install_schema_triggers(&db).await;
     let check = env.ok(&["check"]);
     assert!(check.contains("captured into the change stream"), "{check}");
 
@@ -351,20 +348,8 @@ async fn a_table_the_publication_lacks_is_a_gap_from_its_creation() {
     let source = pg.client(&db).await;
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
-    source
-        .batch_execute(
-            "DO $$ DECLARE tables text; BEGIN
-               SELECT string_agg(format('%I.%I', schemaname, tablename), ', ') INTO tables
-                 FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');
-               DROP PUBLICATION updog_backup;
-               EXECUTE 'CREATE PUBLICATION updog_backup FOR TABLE ' || tables;
-             END $$",
-        )
-        .await
-        .unwrap();
-    let file = env.repo_dir.with_extension("ddl.sql");
-    std::fs::write(&file, env.ok(&["schema-triggers"])).unwrap();
-    pg.psql(&db, &["-f", file.to_str().unwrap()]);
+    publish_tables_of_today(&source).await;
+    env.install_schema_triggers(&db).await;
     env.ok(&["init"]);
     let tenant = fixture_tenant(1).await;
     let mut daemon = Daemon::start(&env);

@@ -11,7 +11,10 @@ use tokio_postgres::Client;
 use crate::support::daemon::{Daemon, capture_env, wait_covered};
 use crate::support::oracle::{digest, now};
 use crate::support::postgres::cluster;
-use crate::support::{Repo, TestEnv, database_exists, fixture_tenant, http_get, parse_metrics};
+use crate::support::{
+    Repo, TestEnv, database_exists, fixture_tenant, http_get, parse_metrics,
+    publish_tables_of_today,
+};
 
 /// What the tests compare: the tenant's funds (all columns) and notes.
 async fn tenant_state(source: &Client, tenant: &str) -> Vec<(i64, String)> {
@@ -90,17 +93,7 @@ async fn schema_changes_while_capturing_are_recorded_and_never_restored_wrong() 
     capture_env(&mut env);
     // A publication of the tables as they are (what `init` creates), not FOR ALL TABLES: a
     // table created later is not in it.
-    source
-        .batch_execute(
-            "DO $$ DECLARE tables text; BEGIN
-               SELECT string_agg(format('%I.%I', schemaname, tablename), ', ') INTO tables
-                 FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');
-               DROP PUBLICATION updog_backup;
-               EXECUTE 'CREATE PUBLICATION updog_backup FOR TABLE ' || tables;
-             END $$",
-        )
-        .await
-        .unwrap();
+    publish_tables_of_today(&source).await;
     env.ok(&["init"]);
     let tenant = fixture_tenant(1).await;
     let mut daemon = Daemon::start(&env);

@@ -184,6 +184,16 @@ impl TestEnv {
         self.command(args).output().unwrap()
     }
 
+    /// What a superuser does when `init` may not: installs the schema-change triggers in
+    /// `db` with the script `updog-backup schema-triggers` prints.
+    pub async fn install_schema_triggers(&self, db: &str) {
+        let script = self.dir.path().join("schema-triggers.sql");
+        std::fs::write(&script, self.ok(&["schema-triggers"])).unwrap();
+        postgres::cluster()
+            .await
+            .psql(db, &["-f", script.to_str().unwrap()]);
+    }
+
     /// Runs and asserts success; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args);
@@ -251,6 +261,22 @@ pub async fn fixture_tenant(k: u32) -> String {
         .await
         .unwrap()
         .get(0)
+}
+
+/// Replaces the publication with one `FOR TABLE` every table there is now (what `init`
+/// creates), not `FOR ALL TABLES`: a table created later is not in it.
+pub async fn publish_tables_of_today(source: &tokio_postgres::Client) {
+    source
+        .batch_execute(
+            "DO $$ DECLARE tables text; BEGIN
+               SELECT string_agg(format('%I.%I', schemaname, tablename), ', ') INTO tables
+                 FROM pg_tables WHERE schemaname NOT IN ('pg_catalog', 'information_schema');
+               DROP PUBLICATION updog_backup;
+               EXECUTE 'CREATE PUBLICATION updog_backup FOR TABLE ' || tables;
+             END $$",
+        )
+        .await
+        .unwrap();
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status code, body).
