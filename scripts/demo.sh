@@ -147,7 +147,9 @@ export UPDOG_BACKUP_CONFIG=$config
 
 run() { echo; echo "\$ updog-backup $*"; "$updog" "$@"; }
 # What the DBA does once, as the tables' owner: the publication, and the replica identities
-# `check` asks for (so that every DELETE can be routed to its tenant).
+# `check` asks for (so that every DELETE can be routed to its tenant); as a superuser, the
+# event triggers that put schema changes into the stream (restores follow migrations).
+"$updog" schema-triggers | psql_ -d updog
 psql_ -d updog -c "DO \$\$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = 'updog_backup')
   THEN CREATE PUBLICATION updog_backup FOR TABLES IN SCHEMA app, audit; END IF; END \$\$" \
   -c "ALTER TABLE app.users REPLICA IDENTITY FULL; ALTER TABLE app.fund_permissions REPLICA IDENTITY FULL;

@@ -7,6 +7,7 @@
 -- message describes the tables as the command left them (columns with their numbers,
 -- defaults, the value existing rows got, constraints), which is what a restore needs to
 -- follow the change exactly. Nothing is written to any table.
+SET client_min_messages = warning;
 CREATE SCHEMA IF NOT EXISTS updog_backup_ddl;
 REVOKE ALL ON SCHEMA updog_backup_ddl FROM PUBLIC;
 
