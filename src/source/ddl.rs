@@ -91,21 +91,53 @@ pub enum SchemaEvent {
         tables: Vec<TableDefinition>,
     },
     /// `table_rewrite`: the statement rewrote every row of the table (`reason`: PostgreSQL's
-    /// `AT_REWRITE_*` bits).
+    /// `AT_REWRITE_*` bits; `using`: its text may hold a `USING` clause).
     Rewrite {
         tag: String,
         schema: String,
         name: String,
         reason: i32,
+        #[serde(default = "maybe")]
+        using: bool,
     },
     /// The trigger failed to describe the statement (it lets the migration go on): what it
     /// did is unknown.
     Failed { tag: String, error: String },
 }
 
-/// The rewrite reasons that give rows new values (a volatile default, a column rewritten by a
-/// type change); the others (persistence, access method) keep them.
-pub const REWRITE_CHANGES_VALUES: i32 = 0x02 | 0x04;
+fn maybe() -> bool {
+    true
+}
+
+/// `AT_REWRITE_DEFAULT_VAL`: a column added with a volatile default (or generated, or an
+/// identity) got a value per row.
+const REWRITE_DEFAULT_VALUE: i32 = 0x02;
+/// `AT_REWRITE_COLUMN_REWRITE`: a column's values were converted to a new type.
+const REWRITE_COLUMN: i32 = 0x04;
+
+impl SchemaEvent {
+    /// Why a restore cannot repeat a rewrite and get the rows the source got, if it cannot.
+    /// A type change without `USING` converts every value with the new type's own cast, which
+    /// the restore repeats on the same values (its recovery table has them); a `USING`
+    /// expression is not in the catalog, and a volatile default gave each row a value no
+    /// change carries. Other rewrites (persistence, access method) keep the values.
+    pub fn unrepeatable_rewrite(&self) -> Option<&'static str> {
+        let SchemaEvent::Rewrite { reason, using, .. } = self else {
+            return None;
+        };
+        if reason & REWRITE_DEFAULT_VALUE != 0 {
+            Some(
+                "it gave every row a value of a volatile default (or a new generated or identity column), which no change in the stream carries",
+            )
+        } else if reason & REWRITE_COLUMN != 0 && *using {
+            Some(
+                "it converted a column's values with a USING expression, which the catalog does not keep",
+            )
+        } else {
+            None
+        }
+    }
+}
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct Command {
@@ -258,11 +290,28 @@ mod tests {
 
         let drop = br#"{"tag": "DROP TABLE", "event": "drop", "version": 1, "dropped": [{"name": "f", "type": "table", "schema": "app", "address": ["app", "f"], "identity": "app.f", "original": true}, {"name": "pg_toast_1", "type": "toast table", "schema": "pg_toast", "address": ["pg_toast", "pg_toast_1"], "identity": "pg_toast.pg_toast_1", "original": false}]}"#;
         assert!(SchemaEvent::parse(drop).unwrap().touches(|s| s == "app"));
-        let rewrite = br#"{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": 4, "schema": "app", "version": 1}"#;
-        assert!(matches!(
-            SchemaEvent::parse(rewrite).unwrap(),
-            SchemaEvent::Rewrite { reason: 4, .. }
-        ));
+        let rewrite = |reason: i32, using: bool| {
+            let json = format!(
+                r#"{{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": {reason}, "using": {using}, "schema": "app", "version": 1}}"#
+            );
+            SchemaEvent::parse(json.as_bytes()).unwrap()
+        };
+        // A type change by the type's own cast is repeated; one USING an expression, or a
+        // volatile default, is not.
+        assert_eq!(rewrite(4, false).unrepeatable_rewrite(), None);
+        assert!(rewrite(4, true).unrepeatable_rewrite().is_some());
+        assert!(rewrite(2, false).unrepeatable_rewrite().is_some());
+        assert!(rewrite(6, false).unrepeatable_rewrite().is_some());
+        // SET LOGGED, SET ACCESS METHOD keep the values.
+        assert_eq!(rewrite(1, true).unrepeatable_rewrite(), None);
+        // A message without `using` (a trigger from before it): maybe.
+        let old = br#"{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": 4, "schema": "app", "version": 1}"#;
+        assert!(
+            SchemaEvent::parse(old)
+                .unwrap()
+                .unrepeatable_rewrite()
+                .is_some()
+        );
         let failed =
             br#"{"tag": "ALTER TABLE", "event": "failed", "error": "out of memory", "version": 1}"#;
         let failed = SchemaEvent::parse(failed).unwrap();

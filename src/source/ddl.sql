@@ -119,7 +119,11 @@ BEGIN
   ELSIF tg_event = 'table_rewrite' THEN
     SELECT jsonb_build_object('version', 1, 'event', 'rewrite', 'tag', tg_tag,
              'schema', n.nspname, 'name', c.relname,
-             'reason', pg_event_trigger_table_rewrite_reason())
+             'reason', pg_event_trigger_table_rewrite_reason(),
+             -- Whether the statement may hold a USING clause: without one, a type change
+             -- converts each value with the type's own cast, which a restore can repeat. The
+             -- test is on the whole text the client sent, so it errs towards "maybe".
+             'using', position('using' in lower(current_query())) > 0)
       INTO payload
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = pg_event_trigger_table_rewrite_oid();

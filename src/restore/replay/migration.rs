@@ -14,10 +14,10 @@
 //! creates them as the source had them at the restore point instead ([`foreign_keys`],
 //! [`row_security`]).
 //!
-//! What would give rows values the stream does not carry — a rewrite by a type change or a
-//! volatile default, a table filled by `CREATE TABLE … AS` — is refused at its place, naming
-//! the statement and its time: a restore before it is exact, one after it needs a later
-//! snapshot. Commands on objects that hold no rows and that the snapshot's schema does not
+//! A type change that rewrote the table is repeated with the same cast on the same values.
+//! What would give rows values the stream does not carry — a `USING` expression, a volatile
+//! default, a table filled by `CREATE TABLE … AS` — is refused at its place, naming the
+//! statement and its time: a restore before it is exact, one after it needs a later snapshot. Commands on objects that hold no rows and that the snapshot's schema does not
 //! give (views, functions, triggers, grants) are not replayed and are reported as such.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -28,8 +28,8 @@ use tokio_postgres::Client;
 use crate::pg::{qualified, quote_ident, quote_literal};
 use crate::repository::manifest::TableEntry;
 use crate::source::ddl::{
-    ColumnDefinition, Command, ConstraintDefinition, Dropped, PolicyDefinition,
-    REWRITE_CHANGES_VALUES, SchemaEvent, TableDefinition,
+    ColumnDefinition, Command, ConstraintDefinition, Dropped, PolicyDefinition, SchemaEvent,
+    TableDefinition,
 };
 
 use super::ReplayError;
@@ -180,16 +180,15 @@ impl Migrations {
                 });
             }
             SchemaEvent::Rewrite {
-                tag,
-                schema,
-                name,
-                reason,
+                tag, schema, name, ..
             } => {
-                if reason & REWRITE_CHANGES_VALUES != 0 && self.schemas.contains(schema) {
+                if let Some(reason) = event.unrepeatable_rewrite()
+                    && self.schemas.contains(schema)
+                {
                     return Err(ReplayError::SchemaChange {
                         statement: format!("{tag} {schema}.{name}"),
                         time: when,
-                        reason: "it rewrote every row with values the change stream does not carry (a column type change or a volatile default)".into(),
+                        reason: format!("it rewrote every row: {reason}"),
                     });
                 }
             }
@@ -682,7 +681,8 @@ fn alter_table(before: &Followed, after: &Followed) -> Result<Vec<String>, Strin
             ));
         }
         if old.type_name != new.type_name {
-            // No rewrite came before it (that is refused): the stored values did not change.
+            // The source converted each value with this cast (a USING expression is refused
+            // at its rewrite), or kept it as it was (a binary-coercible change).
             statements.push(format!(
                 "ALTER TABLE {table} ALTER COLUMN {column} TYPE {} USING {column}::{}",
                 new.type_name, new.type_name
