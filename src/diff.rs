@@ -463,6 +463,29 @@ pub(crate) async fn side_query(
     Ok(TableQuery { sql, key })
 }
 
+/// A table's columns as `name type`, in order: what record text (`t::text`) holds.
+pub(crate) async fn columns(
+    client: &Client,
+    (schema, name): &(String, String),
+) -> Result<Vec<String>, DiffError> {
+    let table = format!("{}.{}", quote_ident(schema), quote_ident(name));
+    Ok(client
+        .query(
+            "SELECT quote_ident(attname) || ' ' || format_type(atttypid, atttypmod)
+               FROM pg_catalog.pg_attribute
+              WHERE attrelid = $1::text::regclass AND attnum > 0 AND NOT attisdropped
+              ORDER BY attnum",
+            &[&table],
+        )
+        .await
+        .map_err(query_error(format!(
+            "reading the columns of {schema}.{name}"
+        )))?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// One row of one side: its key and the row, as [`TableQuery`] writes them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SideRow {

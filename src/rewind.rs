@@ -33,7 +33,7 @@ use tokio_postgres::{Client, Statement};
 use crate::codec::Identities;
 use crate::config::Config;
 use crate::diff::{
-    Change, DiffError, Merge, RowText, Side, SideRow, TableDiff, TableQuery, connect_db,
+    Change, DiffError, Merge, RowText, Side, SideRow, TableDiff, TableQuery, columns, connect_db,
     cursor_rows, restore_scratch, rows, same_output, side_query, tenant_filter,
 };
 use crate::pg::quote_ident;
@@ -328,6 +328,21 @@ impl Rewind<'_> {
                 message: "the source has no such tenant table now (dropped, renamed or reconfigured since the restore point)".into(),
             });
         };
+        // Rows go back as record text, which is only the same record with the same columns.
+        let (then, now) = (
+            columns(self.earlier, entry).await?,
+            columns(self.writer, entry).await?,
+        );
+        if then != now {
+            return Err(RewindError::Schema {
+                table: name,
+                message: format!(
+                    "its columns at the restore point ({}) are not the source's now ({}): a migration changed it since, and a rewind does not set rows back across a schema change; restore the restore point into a new database (`updog-backup restore --at`) and move what is needed by hand",
+                    then.join(", "),
+                    now.join(", ")
+                ),
+            });
+        }
         let live = side_query(self.writer, entry, Some(&filter), RowText::Record).await?;
         let statements = Statements::for_table(self.writer, entry, &key).await?;
         let earlier = rows(self.earlier, &sql, &name).await?;

@@ -427,3 +427,59 @@ async fn a_rewind_that_cannot_finish_changes_nothing() {
     assert_eq!(state(&source, &a).await, wanted);
     daemon.terminate();
 }
+
+/// A rewind to a point before a migration of a table it would write refuses, naming the
+/// columns then and now, and changes nothing: rows go back as record text, which is only the
+/// same record with the same columns. (A restore of that point follows the migration:
+/// `migrations::*`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rewind_across_a_migration_refuses_and_changes_nothing() {
+    let Setup {
+        db,
+        source,
+        env,
+        mut daemon,
+        a,
+        ..
+    } = setup("rewind_migration", WRITER, "updog_rewind", None).await;
+    env.install_schema_triggers(&db).await;
+    let before = now(&source).await;
+    let want = state(&source, &a).await;
+    source
+        .batch_execute(&format!(
+            "ALTER TABLE app.funds ADD COLUMN region text NOT NULL DEFAULT 'eu';
+             DELETE FROM app.fund_permissions WHERE organization_id = '{a}';"
+        ))
+        .await
+        .unwrap();
+    let after = now(&source).await;
+    wait_covered(&env, after, &mut daemon);
+    let out = env.run(&[
+        "rewind",
+        "--org",
+        &a,
+        "--to",
+        &before.to_rfc3339(),
+        "--apply",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.code() == Some(1)
+            && stderr.contains("app.funds")
+            && stderr.contains("a migration changed it since")
+            && stderr.contains("region text"),
+        "{stderr}"
+    );
+    // Nothing was written: the tenant is as the migration left it.
+    let permissions: i64 = source
+        .query_one(
+            "SELECT count(*) FROM app.fund_permissions WHERE organization_id = $1::text::uuid",
+            &[&a],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(permissions, 0);
+    assert_ne!(state(&source, &a).await, want);
+    assert!(daemon.terminate().success());
+}
