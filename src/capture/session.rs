@@ -533,6 +533,15 @@ impl Capture {
             Message::LogicalMessage(m) if m.transactional && m.prefix == ddl::PREFIX => {
                 // One this build cannot read is kept: the restore that meets it refuses.
                 let event = ddl::SchemaEvent::parse(&m.content).ok();
+                if let Some((relation, updates)) = event.as_ref().and_then(|e| e.as_updates()) {
+                    // Rows a volatile default rewrote: routed and stored as UPDATEs, which
+                    // restores apply after the schema change that precedes them.
+                    self.data(&Message::Relation(relation))?;
+                    for update in updates {
+                        self.data(&Message::Update(update))?;
+                    }
+                    return Ok(());
+                }
                 let ours = event
                     .as_ref()
                     .is_none_or(|e| e.touches(|s| self.router.covers_schema(s)));

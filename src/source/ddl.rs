@@ -12,11 +12,13 @@
 //! `init` installs them when it may and otherwise prints the script for one to run, as it does
 //! for the publication; without them, a restore across a schema change is refused as before.
 
+use bytes::Bytes;
 use serde::Deserialize;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
 use super::{SourceError, query_context};
+use crate::pg::pgoutput::{Column, Relation, ReplicaIdentity, Tuple, Update, Value};
 
 /// The prefix of the logical messages the triggers emit.
 pub const PREFIX: &str = "updog-backup/ddl";
@@ -99,6 +101,21 @@ pub enum SchemaEvent {
         reason: i32,
         #[serde(default = "maybe")]
         using: bool,
+        /// The rows are sent after the statement ([`SchemaEvent::Rows`]).
+        #[serde(default)]
+        rows: bool,
+    },
+    /// Rows of a table a volatile default rewrote, as the statement left them (a thousand
+    /// per message): what pgoutput would send of each as an UPDATE.
+    Rows {
+        tag: String,
+        oid: u32,
+        schema: String,
+        name: String,
+        /// `relreplident`: `d`, `f`, `i` or `n`.
+        replica_identity: String,
+        columns: Vec<RowColumn>,
+        rows: Vec<Vec<Option<String>>>,
     },
     /// The trigger failed to describe the statement (it lets the migration go on): what it
     /// did is unknown.
@@ -116,24 +133,33 @@ const REWRITE_DEFAULT_VALUE: i32 = 0x02;
 const REWRITE_COLUMN: i32 = 0x04;
 
 impl SchemaEvent {
-    /// Why a restore cannot repeat a rewrite and get the rows the source got, if it cannot.
-    /// A type change without `USING` converts every value with the new type's own cast, which
-    /// the restore repeats on the same values (its recovery table has them); a `USING`
-    /// expression is not in the catalog, and a volatile default gave each row a value no
-    /// change carries. Other rewrites (persistence, access method) keep the values.
+    /// Why a restore cannot give the rows of a rewritten table the values the source gave
+    /// them, if it cannot. The triggers send every row after a rewrite that changed values (a
+    /// default's, a type change's) of a table with a primary key; without one, the values of a
+    /// volatile default or a `USING` expression are nowhere. Other rewrites (persistence,
+    /// access method) keep the values.
     pub fn unrepeatable_rewrite(&self) -> Option<&'static str> {
-        let SchemaEvent::Rewrite { reason, using, .. } = self else {
+        let SchemaEvent::Rewrite {
+            reason,
+            using,
+            rows,
+            ..
+        } = self
+        else {
             return None;
         };
-        if reason & REWRITE_DEFAULT_VALUE != 0 {
+        if *rows || reason & (REWRITE_DEFAULT_VALUE | REWRITE_COLUMN) == 0 {
+            None
+        } else if reason & REWRITE_DEFAULT_VALUE != 0 {
             Some(
-                "it gave every row a value of a volatile default (or a new generated or identity column), which no change in the stream carries",
+                "it gave every row a default's value (a volatile one, or a new generated or identity column), and the table has no primary key the rows could be sent by",
             )
-        } else if reason & REWRITE_COLUMN != 0 && *using {
+        } else if *using {
             Some(
-                "it converted a column's values with a USING expression, which the catalog does not keep",
+                "it converted a column's values with a USING expression, and the table has no primary key the rows could be sent by",
             )
         } else {
+            // The type's own cast, which the restore repeats on the same values.
             None
         }
     }
@@ -153,6 +179,15 @@ pub struct Command {
     pub index: Option<String>,
     #[serde(default)]
     pub sequence: Option<SequenceDefinition>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct RowColumn {
+    pub name: String,
+    pub type_oid: u32,
+    pub type_modifier: i32,
+    /// Part of the replica identity.
+    pub key: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -242,8 +277,59 @@ impl SchemaEvent {
             SchemaEvent::Command { tag, .. }
             | SchemaEvent::Drop { tag, .. }
             | SchemaEvent::Rewrite { tag, .. }
+            | SchemaEvent::Rows { tag, .. }
             | SchemaEvent::Failed { tag, .. } => tag,
         }
+    }
+
+    /// Rows as the UPDATEs pgoutput would send of them: the table's Relation message, then one
+    /// Update per row (no old row: the key did not change).
+    pub fn as_updates(&self) -> Option<(Relation, Vec<Update>)> {
+        let SchemaEvent::Rows {
+            oid,
+            schema,
+            name,
+            replica_identity,
+            columns,
+            rows,
+            ..
+        } = self
+        else {
+            return None;
+        };
+        let relation = Relation {
+            xid: None,
+            oid: *oid,
+            namespace: schema.clone(),
+            name: name.clone(),
+            replica_identity: ReplicaIdentity::from_byte(*replica_identity.as_bytes().first()?)?,
+            columns: columns
+                .iter()
+                .map(|c| Column {
+                    part_of_key: c.key,
+                    name: c.name.clone(),
+                    type_oid: c.type_oid,
+                    type_modifier: c.type_modifier,
+                })
+                .collect(),
+        };
+        let updates = rows
+            .iter()
+            .map(|row| Update {
+                xid: None,
+                relation: *oid,
+                old: None,
+                new: Tuple(
+                    row.iter()
+                        .map(|v| match v {
+                            Some(text) => Value::Text(Bytes::copy_from_slice(text.as_bytes())),
+                            None => Value::Null,
+                        })
+                        .collect(),
+                ),
+            })
+            .collect();
+        Some((relation, updates))
     }
 
     /// The tables its statement created.
@@ -264,7 +350,9 @@ impl SchemaEvent {
         match self {
             SchemaEvent::Command { commands, .. } => commands.iter().any(|c| ours(&c.schema)),
             SchemaEvent::Drop { dropped, .. } => dropped.iter().any(|d| ours(&d.schema)),
-            SchemaEvent::Rewrite { schema, .. } => backed_up(schema),
+            SchemaEvent::Rewrite { schema, .. } | SchemaEvent::Rows { schema, .. } => {
+                backed_up(schema)
+            }
             // It may have touched anything.
             SchemaEvent::Failed { .. } => true,
         }
@@ -290,20 +378,21 @@ mod tests {
 
         let drop = br#"{"tag": "DROP TABLE", "event": "drop", "version": 1, "dropped": [{"name": "f", "type": "table", "schema": "app", "address": ["app", "f"], "identity": "app.f", "original": true}, {"name": "pg_toast_1", "type": "toast table", "schema": "pg_toast", "address": ["pg_toast", "pg_toast_1"], "identity": "pg_toast.pg_toast_1", "original": false}]}"#;
         assert!(SchemaEvent::parse(drop).unwrap().touches(|s| s == "app"));
-        let rewrite = |reason: i32, using: bool| {
+        // With the rows sent after it, any rewrite is repeated; without (no primary key), a
+        // type change by the type's own cast still is, one USING an expression or a volatile
+        // default is not.
+        let rewrite = |reason: i32, using: bool, rows: bool| {
             let json = format!(
-                r#"{{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": {reason}, "using": {using}, "schema": "app", "version": 1}}"#
+                r#"{{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": {reason}, "using": {using}, "rows": {rows}, "schema": "app", "version": 1}}"#
             );
             SchemaEvent::parse(json.as_bytes()).unwrap()
         };
-        // A type change by the type's own cast is repeated; one USING an expression, or a
-        // volatile default, is not.
-        assert_eq!(rewrite(4, false).unrepeatable_rewrite(), None);
-        assert!(rewrite(4, true).unrepeatable_rewrite().is_some());
-        assert!(rewrite(2, false).unrepeatable_rewrite().is_some());
-        assert!(rewrite(6, false).unrepeatable_rewrite().is_some());
+        assert_eq!(rewrite(6, true, true).unrepeatable_rewrite(), None);
+        assert_eq!(rewrite(4, false, false).unrepeatable_rewrite(), None);
+        assert!(rewrite(4, true, false).unrepeatable_rewrite().is_some());
+        assert!(rewrite(2, false, false).unrepeatable_rewrite().is_some());
         // SET LOGGED, SET ACCESS METHOD keep the values.
-        assert_eq!(rewrite(1, true).unrepeatable_rewrite(), None);
+        assert_eq!(rewrite(1, true, false).unrepeatable_rewrite(), None);
         // A message without `using` (a trigger from before it): maybe.
         let old = br#"{"tag": "ALTER TABLE", "name": "f", "event": "rewrite", "reason": 4, "schema": "app", "version": 1}"#;
         assert!(

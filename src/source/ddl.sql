@@ -95,8 +95,10 @@ BEGIN
       LEFT JOIN pg_class tc ON tc.oid = t.relation
       LEFT JOIN pg_namespace tn ON tn.oid = tc.relnamespace
      WHERE NOT e.in_extension AND coalesce(e.schema_name, tn.nspname) IS NOT NULL;
-    IF payload IS NULL THEN RETURN; END IF;
-    payload := jsonb_build_object('version', 1, 'event', 'command', 'tag', tg_tag, 'commands', payload);
+    IF payload IS NOT NULL THEN
+      payload := jsonb_build_object('version', 1, 'event', 'command', 'tag', tg_tag,
+                                    'commands', payload);
+    END IF;
   ELSIF tg_event = 'sql_drop' THEN
     SELECT jsonb_agg(jsonb_build_object(
              'type', object_type, 'identity', object_identity, 'schema', schema_name,
@@ -123,10 +125,20 @@ BEGIN
              -- Whether the statement may hold a USING clause: without one, a type change
              -- converts each value with the type's own cast, which a restore can repeat. The
              -- test is on the whole text the client sent, so it errs towards "maybe".
-             'using', position('using' in lower(current_query())) > 0)
+             'using', position('using' in lower(current_query())) > 0,
+             -- Rows given new values (a default's, a type change's) are sent after the
+             -- statement, when the table has a primary key to find them by.
+             'rows', pg_event_trigger_table_rewrite_reason() & 6 <> 0
+                     AND EXISTS (SELECT 1 FROM pg_index i
+                                  WHERE i.indrelid = c.oid AND i.indisprimary))
       INTO payload
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = pg_event_trigger_table_rewrite_oid();
+    IF (payload->>'rows')::boolean THEN
+      PERFORM set_config('updog_backup.rewritten',
+        concat_ws(',', nullif(current_setting('updog_backup.rewritten', true), ''),
+                  pg_event_trigger_table_rewrite_oid()::text), true);
+    END IF;
   END IF;
   EXCEPTION WHEN OTHERS THEN
     -- Never the application's migration fails because of us: a restore that meets this
@@ -136,6 +148,70 @@ BEGIN
   END;
   IF payload IS NOT NULL THEN
     PERFORM pg_logical_emit_message(true, 'updog-backup/ddl', payload::text);
+  END IF;
+  IF tg_event = 'ddl_command_end'
+     AND coalesce(current_setting('updog_backup.rewritten', true), '') <> '' THEN
+    BEGIN
+      PERFORM updog_backup_ddl.emit_rows(r::oid, tg_tag)
+         FROM unnest(string_to_array(current_setting('updog_backup.rewritten'), ',')) r;
+    EXCEPTION WHEN OTHERS THEN
+      PERFORM pg_logical_emit_message(true, 'updog-backup/ddl', jsonb_build_object(
+        'version', 1, 'event', 'failed', 'tag', tg_tag, 'error', SQLERRM)::text);
+    END;
+    PERFORM set_config('updog_backup.rewritten', '', true);
+  END IF;
+END
+$$;
+
+-- Every row of a table a statement rewrote with new values, in messages of a thousand rows: the columns pgoutput would send (generated ones are not), each value as its
+-- type's text output (as pgoutput sends them), and the replica identity's columns marked.
+CREATE OR REPLACE FUNCTION updog_backup_ddl.emit_rows(relation oid, tag text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog
+  -- Values as exact as pgoutput's whatever the migrating session set.
+  SET extra_float_digits = 3 SET DateStyle = 'ISO, YMD' SET IntervalStyle = 'postgres'
+  SET bytea_output = 'hex' AS $$
+DECLARE
+  header jsonb;
+  list text;
+  batch text[] := '{}';
+  r record;
+BEGIN
+  SELECT jsonb_build_object('version', 1, 'event', 'rows', 'tag', tag, 'oid', c.oid::int8,
+           'schema', n.nspname, 'name', c.relname, 'replica_identity', c.relreplident,
+           'columns', jsonb_agg(jsonb_build_object(
+               'name', a.attname, 'type_oid', a.atttypid::int8, 'type_modifier', a.atttypmod,
+               'key', CASE c.relreplident
+                        WHEN 'f' THEN true
+                        ELSE EXISTS (SELECT 1 FROM pg_index i
+                                      WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey)
+                                        AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
+                                                 ELSE i.indisreplident END)
+                      END)
+             ORDER BY a.attnum)),
+         string_agg(format('%I::text', a.attname), ', ' ORDER BY a.attnum)
+    INTO header, list
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+                       AND a.attgenerated = ''
+   WHERE c.oid = relation
+   GROUP BY c.oid, n.nspname, c.relname, c.relreplident;
+  -- First a message without rows: logical decoding (PostgreSQL 15) places a subtransaction
+  -- whose only change is one message after the rest of its transaction, and this runs in one
+  -- (the caller's EXCEPTION block); with two or more, each keeps its place.
+  PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
+    (header || jsonb_build_object('rows', '[]'::jsonb))::text);
+  FOR r IN EXECUTE format('SELECT to_jsonb(ARRAY[%s])::text AS v FROM %s', list, relation::regclass)
+  LOOP
+    batch := batch || r.v;
+    IF cardinality(batch) >= 1000 THEN
+      PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
+        (header || jsonb_build_object('rows', ('[' || array_to_string(batch, ',') || ']')::jsonb))::text);
+      batch := '{}';
+    END IF;
+  END LOOP;
+  IF cardinality(batch) > 0 THEN
+    PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
+      (header || jsonb_build_object('rows', ('[' || array_to_string(batch, ',') || ']')::jsonb))::text);
   END IF;
 END
 $$;

@@ -293,7 +293,7 @@ pub enum ReplicaIdentity {
 }
 
 impl ReplicaIdentity {
-    fn from_byte(byte: u8) -> Option<ReplicaIdentity> {
+    pub fn from_byte(byte: u8) -> Option<ReplicaIdentity> {
         match byte {
             b'd' => Some(ReplicaIdentity::Default),
             b'n' => Some(ReplicaIdentity::Nothing),

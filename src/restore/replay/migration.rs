@@ -192,6 +192,8 @@ impl Migrations {
                     });
                 }
             }
+            // Capture stores them as the UPDATEs they are.
+            SchemaEvent::Rows { .. } => {}
             SchemaEvent::Drop {
                 tag,
                 dropped,
@@ -722,21 +724,33 @@ fn add_column(table: &str, c: &ColumnDefinition) -> Result<Vec<String>, String> 
         return Err(format!("column {} is generated or an identity", c.name));
     }
     let column = quote_ident(&c.name);
-    let mut statements = vec![match &c.missing {
+    let mut statements = match (&c.missing, &c.default) {
         // `attmissingval` is a one-element array of the column's type; as text[] its element
         // is the value's text, which the type's input reads back (arrays included).
-        Some(missing) => format!(
-            "ALTER TABLE {table} ADD COLUMN {column} {} DEFAULT ({}::text[])[1]::{}",
-            c.type_name,
-            quote_literal(missing),
+        (Some(missing), default) => vec![
+            format!(
+                "ALTER TABLE {table} ADD COLUMN {column} {} DEFAULT ({}::text[])[1]::{}",
+                c.type_name,
+                quote_literal(missing),
+                c.type_name
+            ),
+            match default {
+                Some(d) => format!("ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT {d}"),
+                None => format!("ALTER TABLE {table} ALTER COLUMN {column} DROP DEFAULT"),
+            },
+        ],
+        // No value kept for the rows there: the statement rewrote the table and wrote the
+        // default into every row — the same value for a stable one, which this gives them
+        // too; a volatile one's values follow as UPDATEs.
+        (None, Some(default)) => vec![format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {} DEFAULT {default}",
             c.type_name
-        ),
-        None => format!("ALTER TABLE {table} ADD COLUMN {column} {}", c.type_name),
-    }];
-    statements.push(match &c.default {
-        Some(default) => format!("ALTER TABLE {table} ALTER COLUMN {column} SET DEFAULT {default}"),
-        None => format!("ALTER TABLE {table} ALTER COLUMN {column} DROP DEFAULT"),
-    });
+        )],
+        (None, None) => vec![format!(
+            "ALTER TABLE {table} ADD COLUMN {column} {}",
+            c.type_name
+        )],
+    };
     if c.not_null {
         statements.push(format!(
             "ALTER TABLE {table} ALTER COLUMN {column} SET NOT NULL"
