@@ -127,10 +127,14 @@ BEGIN
              -- test is on the whole text the client sent, so it errs towards "maybe".
              'using', position('using' in lower(current_query())) > 0,
              -- Rows given new values (a default's, a type change's) are sent after the
-             -- statement, when the table has a primary key to find them by.
+             -- statement, when the table has a primary key to find them by and a publication
+             -- carries it (itself or its partition root): nothing else is captured.
              'rows', pg_event_trigger_table_rewrite_reason() & 6 <> 0
                      AND EXISTS (SELECT 1 FROM pg_index i
-                                  WHERE i.indrelid = c.oid AND i.indisprimary))
+                                  WHERE i.indrelid = c.oid AND i.indisprimary)
+                     AND EXISTS (SELECT 1 FROM pg_publication_tables p
+                                  WHERE format('%I.%I', p.schemaname, p.tablename)::regclass
+                                        IN (c.oid, pg_partition_root(c.oid))))
       INTO payload
       FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
      WHERE c.oid = pg_event_trigger_table_rewrite_oid();
