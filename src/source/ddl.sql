@@ -155,19 +155,19 @@ BEGIN
   END IF;
   IF tg_event = 'ddl_command_end'
      AND coalesce(current_setting('updog_backup.rewritten', true), '') <> '' THEN
-    BEGIN
-      PERFORM updog_backup_ddl.emit_rows(r::oid, tg_tag)
-         FROM unnest(string_to_array(current_setting('updog_backup.rewritten'), ',')) r;
-    EXCEPTION WHEN OTHERS THEN
-      PERFORM pg_logical_emit_message(true, 'updog-backup/ddl', jsonb_build_object(
-        'version', 1, 'event', 'failed', 'tag', tg_tag, 'error', SQLERRM)::text);
-    END;
+    -- Not in an EXCEPTION block: logical decoding does not always keep the messages of a
+    -- subtransaction in their place among the transaction's changes (PostgreSQL 15 puts one
+    -- whose only change is a message after everything else), and these must precede the
+    -- statements after this one.
+    PERFORM updog_backup_ddl.emit_rows(r::oid, tg_tag)
+       FROM unnest(string_to_array(current_setting('updog_backup.rewritten'), ',')) r;
     PERFORM set_config('updog_backup.rewritten', '', true);
   END IF;
 END
 $$;
 
--- Every row of a table a statement rewrote with new values, in messages of a thousand rows: the columns pgoutput would send (generated ones are not), each value as its
+-- Every row of a table a statement rewrote with new values, in messages of up to a thousand
+-- rows or 8 MB: the columns pgoutput would send (generated ones are not), each value as its
 -- type's text output (as pgoutput sends them), and the replica identity's columns marked.
 CREATE OR REPLACE FUNCTION updog_backup_ddl.emit_rows(relation oid, tag text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog
@@ -178,6 +178,7 @@ DECLARE
   header jsonb;
   list text;
   batch text[] := '{}';
+  bytes bigint := 0;
   r record;
 BEGIN
   SELECT jsonb_build_object('version', 1, 'event', 'rows', 'tag', tag, 'oid', c.oid::int8,
@@ -199,18 +200,15 @@ BEGIN
                        AND a.attgenerated = ''
    WHERE c.oid = relation
    GROUP BY c.oid, n.nspname, c.relname, c.relreplident;
-  -- First a message without rows: logical decoding (PostgreSQL 15) places a subtransaction
-  -- whose only change is one message after the rest of its transaction, and this runs in one
-  -- (the caller's EXCEPTION block); with two or more, each keeps its place.
-  PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
-    (header || jsonb_build_object('rows', '[]'::jsonb))::text);
   FOR r IN EXECUTE format('SELECT to_jsonb(ARRAY[%s])::text AS v FROM %s', list, relation::regclass)
   LOOP
     batch := batch || r.v;
-    IF cardinality(batch) >= 1000 THEN
+    bytes := bytes + octet_length(r.v);
+    IF cardinality(batch) >= 1000 OR bytes >= 8388608 THEN
       PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
         (header || jsonb_build_object('rows', ('[' || array_to_string(batch, ',') || ']')::jsonb))::text);
       batch := '{}';
+      bytes := 0;
     END IF;
   END LOOP;
   IF cardinality(batch) > 0 THEN

@@ -396,6 +396,7 @@ async fn a_table_the_publication_lacks_is_a_gap_from_its_creation() {
         .batch_execute(&format!(
             "CREATE TABLE app.tasks (id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
                                      organization_id uuid NOT NULL, title text);
+             ALTER TABLE app.tasks REPLICA IDENTITY FULL;
              GRANT SELECT ON app.tasks TO updog_backup;
              INSERT INTO app.tasks (organization_id, title) VALUES ('{tenant}', 'lost');"
         ))
