@@ -166,9 +166,10 @@ BEGIN
 END
 $$;
 
--- Every row of a table a statement rewrote with new values, in messages of up to a thousand
--- rows or 8 MB: the columns pgoutput would send (generated ones are not), each value as its
--- type's text output (as pgoutput sends them), and the replica identity's columns marked.
+-- Every row of a table a statement rewrote with new values, read by ranges of 128 heap pages
+-- (1 MB), one message per range: the columns pgoutput would send (generated ones are not),
+-- each value as its type's text output (as pgoutput sends them), and the replica identity's
+-- columns marked.
 CREATE OR REPLACE FUNCTION updog_backup_ddl.emit_rows(relation oid, tag text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog
   -- Values as exact as pgoutput's whatever the migrating session set.
@@ -177,9 +178,9 @@ LANGUAGE plpgsql SET search_path = pg_catalog
 DECLARE
   header jsonb;
   list text;
-  batch text[] := '{}';
-  bytes bigint := 0;
-  r record;
+  pages bigint;
+  first bigint;
+  chunk text;
 BEGIN
   SELECT jsonb_build_object('version', 1, 'event', 'rows', 'tag', tag, 'oid', c.oid::int8,
            'schema', n.nspname, 'name', c.relname, 'replica_identity', c.relreplident,
@@ -200,21 +201,21 @@ BEGIN
                        AND a.attgenerated = ''
    WHERE c.oid = relation
    GROUP BY c.oid, n.nspname, c.relname, c.relreplident;
-  FOR r IN EXECUTE format('SELECT to_jsonb(ARRAY[%s])::text AS v FROM %s', list, relation::regclass)
-  LOOP
-    batch := batch || r.v;
-    bytes := bytes + octet_length(r.v);
-    IF cardinality(batch) >= 1000 OR bytes >= 8388608 THEN
+  pages := pg_relation_size(relation) / current_setting('block_size')::bigint;
+  first := 0;
+  WHILE first <= pages LOOP
+    EXECUTE format('SELECT string_agg(to_jsonb(ARRAY[%s])::text, %L) FROM %s
+                     WHERE ctid >= %L::tid AND ctid < %L::tid',
+                   list, ',', relation::regclass,
+                   format('(%s,0)', first), format('(%s,0)', first + 128))
+      INTO chunk;
+    IF chunk IS NOT NULL THEN
+      -- The header's text ends with its last value's closing quote and the object's brace.
       PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
-        (header || jsonb_build_object('rows', ('[' || array_to_string(batch, ',') || ']')::jsonb))::text);
-      batch := '{}';
-      bytes := 0;
+        left(header::text, -1) || ', "rows": [' || chunk || ']}');
     END IF;
+    first := first + 128;
   END LOOP;
-  IF cardinality(batch) > 0 THEN
-    PERFORM pg_logical_emit_message(true, 'updog-backup/ddl',
-      (header || jsonb_build_object('rows', ('[' || array_to_string(batch, ',') || ']')::jsonb))::text);
-  END IF;
 END
 $$;
 
