@@ -99,7 +99,7 @@ pub enum ReplayError {
     )]
     MissingTable { table: String },
     #[error(
-        "table {table}: {message}; the table was altered after the snapshot was taken: restore to a time after a later snapshot"
+        "table {table}: {message}; the table was altered after the snapshot was taken and the change stream does not say how (the source's schema-change triggers were not installed then: `updog-backup check`): restore to a time after a later snapshot"
     )]
     ColumnMismatch { table: String, message: String },
     #[error(
