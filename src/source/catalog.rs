@@ -438,8 +438,11 @@ impl Catalog {
         // Through NOT NULL keys first, whatever the route's length: a row whose key is NULL
         // reaches no tenant, so a nullable route is taken only when there is no other (a
         // nullable `shared_with → organizations.id` must not override `fund_id → funds`).
-        for allow_nullable in [false, true] {
-            if allow_nullable {
+        // Three rounds: NOT NULL routes only; then the nullable tenant columns no NOT NULL
+        // route reached, and again NOT NULL routes through them; then nullable routes.
+        for round in 0..3 {
+            let allow_nullable = round == 2;
+            if round == 1 {
                 for &t in &nullable_tenant {
                     if scope[t].is_none() {
                         scope[t] = Some(Route::Direct { column: tc.clone() });
@@ -929,6 +932,35 @@ mod tests {
         assert_eq!(
             after.describe_route(&after.tables[1]),
             "own column organization_id"
+        );
+    }
+
+    #[test]
+    fn a_nullable_tenant_column_taken_last_still_leaves_not_null_routes_through_it_first() {
+        // `docs` has a nullable tenant column and no NOT NULL route; `sections` reaches it by
+        // a NOT NULL key, `notes` by a NOT NULL key to `sections` and a nullable one to `docs`:
+        // the NOT NULL route wins, as when `docs.organization_id` is NOT NULL.
+        let catalog = classified(
+            vec![
+                table("orgs", &[("id", true)]),
+                table("docs", &[("id", true), ("organization_id", false)]),
+                table("sections", &[("id", true), ("doc_id", true)]),
+                table("notes", &[("section_id", true), ("a_doc_id", false)]),
+            ],
+            &[
+                fk("docs_org", 1, "organization_id", 0, "id"),
+                fk("sections_doc", 2, "doc_id", 1, "id"),
+                fk("a_notes_doc", 3, "a_doc_id", 1, "id"),
+                fk("notes_section", 3, "section_id", 2, "id"),
+            ],
+        );
+        assert_eq!(
+            catalog.describe_route(&catalog.tables[1]),
+            "own column organization_id"
+        );
+        assert_eq!(
+            catalog.describe_route(&catalog.tables[3]),
+            "(section_id) → m.sections(id) → (doc_id) → m.docs(id).organization_id"
         );
     }
 
