@@ -48,8 +48,10 @@ pub enum Command {
     /// Capture every change, take scheduled snapshots, apply retention and serve /status and
     /// /metrics (until SIGTERM / Ctrl-C); a second instance stands by and takes over
     Daemon,
-    /// Print the SQL that installs the event triggers putting schema changes into the change
-    /// stream, for a superuser to run on the source database (init installs them when it may)
+    /// Print the SQL that installs the triggers putting schema changes, and the rows that move
+    /// with a parent moved to another tenant, into the change stream, for a superuser to run on
+    /// the source database (init installs them when it may); run it again after a migration
+    /// that adds a table reaching its tenant through another
     SchemaTriggers,
     /// Preflight report: settings, privileges, replica identities, how every table reaches its tenant
     Check {
@@ -220,16 +222,13 @@ pub struct RewindArgs {
 pub async fn run(cli: Cli) -> Result<(), Error> {
     match cli.command {
         Command::Keygen { output } => keygen(output.as_deref()),
-        Command::SchemaTriggers => {
-            print!("{}", crate::source::ddl::SCRIPT);
-            Ok(())
-        }
         command => {
             let config = Config::load(cli.config.as_deref())?;
             match command {
                 Command::Init { format_version } => init(&config, format_version).await,
                 Command::Daemon => daemon(&config).await,
                 Command::Check { json } => check(&config, json).await,
+                Command::SchemaTriggers => schema_triggers(&config).await,
                 Command::Backup { orgs } => backup(&config, orgs).await,
                 Command::List { org, tenants, json } => list(&config, org, tenants, json).await,
                 Command::Restore(args) => restore(&config, args).await,
@@ -239,7 +238,7 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
                 Command::Prune { dry_run, keep } => prune(&config, dry_run, keep).await,
                 Command::Forget { org, yes, json } => forget(&config, &org, yes, json).await,
                 Command::Rotate { add, remove, json } => rotate(&config, add, remove, json).await,
-                Command::Keygen { .. } | Command::SchemaTriggers => unreachable!("handled above"),
+                Command::Keygen { .. } => unreachable!("handled above"),
             }
         }
     }
@@ -433,6 +432,18 @@ async fn prune(config: &Config, dry_run: bool, keep: Option<u64>) -> Result<(), 
     let deleted = crate::retention::apply(&repo, &plan, |_, bytes| progress.advance(bytes)).await?;
     progress.finish();
     println!("deleted {deleted} object(s)");
+    Ok(())
+}
+
+/// The triggers' SQL: the event triggers, and those of parent moves for the source's routes now.
+async fn schema_triggers(config: &Config) -> Result<(), Error> {
+    let client = crate::pg::connect(&config.source.url)
+        .await
+        .map_err(crate::source::SourceError::from)?;
+    let catalog = crate::source::catalog::Catalog::load(&client, &config.source)
+        .await
+        .map_err(crate::source::SourceError::from)?;
+    print!("{}", crate::source::ddl::script(&catalog));
     Ok(())
 }
 

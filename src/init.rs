@@ -125,7 +125,7 @@ pub async fn run(
     let publication_created =
         crate::source::publication::ensure(&client, &config.source.publication, &catalog).await?;
     // Before the slot: a migration right after the first snapshot is in the stream.
-    let schema_changes = crate::source::ddl::ensure(&client).await?;
+    let schema_changes = crate::source::ddl::ensure(&client, &catalog).await?;
     let report = |stream| InitReport {
         repository: repo.location(),
         source: info.source_label(),

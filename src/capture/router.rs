@@ -129,6 +129,12 @@ pub struct Router {
     maps: HashMap<usize, Vec<KeyMap>>,
     /// Keys deleted by the open transaction, removed at its commit.
     doomed: HashSet<(usize, usize, KeyHash)>,
+    /// Keys of rows the open transaction moved to another tenant, with the tenant each left:
+    /// the rows below them follow ([`Router::route_moved`]).
+    moved_from: HashMap<(usize, usize, KeyHash), Option<Arc<str>>>,
+    /// Tables whose rows the open transaction moved with no word yet of the rows below them
+    /// (their trigger's first message), and the tenants those moves touched.
+    unaccompanied: HashMap<usize, HashSet<Arc<str>>>,
     // A mutex, not a RefCell: `snapshot::take` holds a router across awaits in a task that
     // must be Send (the daemon's schedule). Never contended.
     interned: std::sync::Mutex<HashSet<Arc<str>>>,
@@ -205,6 +211,8 @@ impl Router {
             relations: HashMap::new(),
             maps,
             doomed: HashSet::new(),
+            moved_from: HashMap::new(),
+            unaccompanied: HashMap::new(),
             interned: std::sync::Mutex::new(HashSet::new()),
             schemas: schemas.iter().cloned().collect(),
             salt: salt_bytes(salt),
@@ -618,7 +626,20 @@ impl Router {
         for (i, key) in doomed {
             self.doomed.insert((table, i, key));
         }
+        let moved = matches!(message, Message::Update(_)) && from != to;
+        if moved && !remembered.is_empty() {
+            // Rows below it may have moved too: its trigger says which.
+            self.unaccompanied
+                .entry(table)
+                .or_default()
+                .extend(from.iter().chain(&to).cloned());
+        }
         for (i, key, tenant) in remembered {
+            if moved {
+                self.moved_from.insert((table, i, key), from.clone());
+            } else {
+                self.moved_from.remove(&(table, i, key));
+            }
             self.doomed.remove(&(table, i, key));
             if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i))
                 && m.tenants.get(&key) != Some(&tenant)
@@ -639,6 +660,105 @@ impl Router {
             Message::Update(_) if from != to => Routed::Moved { from, to },
             Message::Delete(_) => Routed::One(destination(from)),
             _ => Routed::One(destination(to)),
+        })
+    }
+
+    /// The trigger of parent moves on the table `parent` (an oid) spoke: the rows below the
+    /// moves follow, if any.
+    pub fn moves_described(&mut self, parent: u32) {
+        if let Some(table) = self.catalog.tables.iter().position(|t| t.oid == parent) {
+            self.unaccompanied.remove(&table);
+        }
+    }
+
+    /// The tables whose rows the open transaction moved to another tenant without the rows
+    /// below them following (their trigger is missing), with the tenants concerned.
+    pub fn take_unaccompanied(&mut self) -> Vec<(String, Vec<Arc<str>>)> {
+        let mut out: Vec<(String, Vec<Arc<str>>)> = self
+            .unaccompanied
+            .drain()
+            .map(|(t, tenants)| {
+                let mut tenants: Vec<Arc<str>> = tenants.into_iter().collect();
+                tenants.sort();
+                (self.catalog.tables[t].qualified(), tenants)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Routes a row the trigger of parent moves read below a moved row (as it is now, with
+    /// `relation`'s columns): `Moved` from the tenant its parent left to the one it joined,
+    /// or `Skip` when its parent's route changed without its tenant. Its own keys follow, for
+    /// the rows below it.
+    pub fn route_moved(&mut self, oid: u32, tuple: &Tuple) -> Result<Routed, RouteError> {
+        let rel = self
+            .relations
+            .get(&oid)
+            .ok_or(RouteError::UnknownRelation(oid))?;
+        let Some(table) = rel.table else {
+            return Ok(Routed::One(Destination::Skip));
+        };
+        let TableScope::Tenant(Route::Via {
+            columns,
+            parent,
+            parent_columns,
+            ..
+        }) = &self.catalog.tables[table].scope
+        else {
+            return Ok(Routed::One(Destination::Skip));
+        };
+        let row = RowView::Tuple {
+            relation: &rel.relation,
+            tuple,
+            key_only: false,
+        };
+        let to = self.tenant_of(table, "a moved row", &row)?;
+        let mut parts = Vec::new();
+        for c in columns {
+            match row.get(c) {
+                Lookup::Value(v) => parts.push(v),
+                // Below no row at all: it did not move.
+                _ => return Ok(Routed::One(Destination::Skip)),
+            }
+        }
+        let from = self
+            .maps
+            .get(parent)
+            .and_then(|l| l.iter().position(|m| &m.columns == parent_columns))
+            .and_then(|i| {
+                let name = &self.maps[parent][i].name;
+                self.moved_from
+                    .get(&(*parent, i, hash_key(&self.salt, name, &parts)))
+            })
+            .cloned()
+            .unwrap_or_else(|| to.clone());
+        let own: Vec<(usize, KeyHash)> = self
+            .maps
+            .get(&table)
+            .into_iter()
+            .flatten()
+            .enumerate()
+            .filter_map(|(i, m)| keys_of(&self.salt, m, &row).map(|k| (i, k)))
+            .collect();
+        for (i, key) in own {
+            if from != to {
+                self.moved_from.insert((table, i, key), from.clone());
+            }
+            let m = &mut self.maps.get_mut(&table).expect("listed above")[i];
+            if m.tenants.get(&key) != Some(&to) {
+                m.tenants.insert(key, to.clone());
+                self.delta.push(Delta::Set {
+                    map: m.name.clone(),
+                    key,
+                    tenant: to.clone(),
+                });
+            }
+        }
+        Ok(if from == to {
+            Routed::One(Destination::Skip)
+        } else {
+            Routed::Moved { from, to }
         })
     }
 
@@ -737,6 +857,8 @@ impl Router {
 
     /// The open transaction committed: forget the keys it deleted.
     pub fn commit(&mut self) {
+        self.moved_from.clear();
+        self.unaccompanied.clear();
         for (table, i, key) in self.doomed.drain() {
             if let Some(m) = self.maps.get_mut(&table).and_then(|l| l.get_mut(i))
                 && m.tenants.remove(&key).is_some()

@@ -95,6 +95,10 @@ pub(super) async fn session(
 
     let mut router = Router::new(catalog, &config.source.schemas, &system.system_id);
     router.set_schema_changes_captured(ddl::installed(admin).await?);
+    let unmoved = crate::source::moves::missing(admin, router.catalog()).await?;
+    if !unmoved.is_empty() {
+        tracing::warn!(tables = %unmoved.join(", "), "these tables have no current trigger of parent moves: a row of theirs moved to another tenant makes both tenants' restores after it refused until the next snapshot (`updog-backup check` says how to install it)");
+    }
     restore_routing(repo, &stream_state, &progress, start, &mut router, admin).await?;
     // Before the replication stream starts: indexing a long unindexed stream takes a while.
     let indexer = Indexer::resume(repo, &stream_state, config.stream.index_window).await?;
@@ -475,6 +479,15 @@ impl Capture {
     }
 
     fn commit(&mut self, commit: &Commit) -> Result<(), CaptureError> {
+        for (table, tenants) in self.router.take_unaccompanied() {
+            // The rows below the moved ones stay with the tenant they left, in both tenants'
+            // restores from here on: refused there, until a snapshot has them where they are.
+            tracing::warn!(%table, tenants = tenants.len(), "rows moved to another tenant without the rows below them (no current trigger of parent moves: run `updog-backup schema-triggers` as a superuser); both tenants' restores after this transaction are refused until the next snapshot");
+            let marker = ddl::unaccompanied_move(&table, commit.commit_lsn);
+            for tenant in tenants {
+                self.writer.tenant_message(tenant, &marker)?;
+            }
+        }
         self.writer.commit(commit)?;
         self.router.commit();
         self.received = self.received.max(commit.end_lsn);
@@ -533,6 +546,13 @@ impl Capture {
             Message::LogicalMessage(m) if m.transactional && m.prefix == ddl::PREFIX => {
                 // One this build cannot read is kept: the restore that meets it refuses.
                 let event = ddl::SchemaEvent::parse(&m.content).ok();
+                if let Some(ddl::SchemaEvent::Moved { parent, table, .. }) = &event {
+                    self.router.moves_described(*parent);
+                    if let Some(rows) = table {
+                        self.moved(rows)?;
+                    }
+                    return Ok(());
+                }
                 if let Some((relation, updates)) = event.as_ref().and_then(|e| e.as_updates()) {
                     // Rows a volatile default rewrote: routed and stored as UPDATEs, which
                     // restores apply after the schema change that precedes them.
@@ -561,6 +581,37 @@ impl Capture {
             }
             // Types travel as text; origins and other logical messages say nothing about rows.
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// Rows that moved to another tenant with their parent (the trigger read them as they
+    /// are): a DELETE for the tenant each left, an INSERT for the one it joined.
+    fn moved(&mut self, rows: &ddl::MovedRows) -> Result<(), CaptureError> {
+        let (relation, tuples) = rows.tuples().map_err(|e| {
+            CaptureError::Protocol(format!("a message of the trigger of parent moves: {e}"))
+        })?;
+        self.data(&Message::Relation(relation.clone()))?;
+        let oid = relation.oid;
+        let full = relation.replica_identity == pgoutput::ReplicaIdentity::Full;
+        let mut moved = 0u64;
+        for tuple in tuples {
+            let Routed::Moved { from, to } = self.router.route_moved(oid, &tuple)? else {
+                continue;
+            };
+            let update = Message::Update(pgoutput::Update {
+                xid: None,
+                relation: oid,
+                old: full.then(|| OldTuple::Full(tuple.clone())),
+                new: tuple,
+            });
+            for (tenant, change) in split_move(&relation, &update, from, to)? {
+                self.writer.change(Some(tenant), oid, &change)?;
+            }
+            moved += 1;
+        }
+        if moved > 0 {
+            tracing::info!(table = %router::relation_name(&relation), rows = moved, "rows moved to another tenant with their parent");
         }
         Ok(())
     }

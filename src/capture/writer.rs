@@ -252,6 +252,24 @@ impl PackWriter {
         Ok(())
     }
 
+    /// A message of one tenant that names no table.
+    pub fn tenant_message(
+        &mut self,
+        tenant: Arc<str>,
+        message: &Message,
+    ) -> Result<(), CaptureError> {
+        self.untabled(&Some(tenant), message)
+    }
+
+    /// A message that names no table, counted as a change of `section`.
+    fn untabled(&mut self, section: &SectionKey, message: &Message) -> Result<(), CaptureError> {
+        self.join(section)?;
+        self.append(section, message);
+        self.open.get_mut(section).expect("joined").piece.changes += 1;
+        self.changes += 1;
+        self.maybe_seal(section)
+    }
+
     /// A TRUNCATE of a tenant table: into every tenant section of the transaction (now and
     /// when one joins later) and into the global section.
     pub fn truncate_tenant_table(
@@ -269,11 +287,7 @@ impl PackWriter {
     /// tenant's restore.
     pub fn schema_change(&mut self, message: &Message) -> Result<(), CaptureError> {
         self.inline(None, message)?;
-        self.join(&None)?;
-        self.append(&None, message);
-        self.open.get_mut(&None).expect("joined").piece.changes += 1;
-        self.changes += 1;
-        self.maybe_seal(&None)
+        self.untabled(&None, message)
     }
 
     /// Into every tenant section the transaction has opened, and remembered for those it

@@ -17,14 +17,23 @@ use serde::Deserialize;
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
+use super::catalog::Catalog;
 use super::{SourceError, query_context};
-use crate::pg::pgoutput::{Column, Relation, ReplicaIdentity, Tuple, Update, Value};
+use crate::pg::pgoutput::{
+    Column, LogicalMessage, Message, Relation, ReplicaIdentity, Tuple, Update, Value,
+};
 
 /// The prefix of the logical messages the triggers emit.
 pub const PREFIX: &str = "updog-backup/ddl";
 
-/// The script installing the triggers (idempotent: run again, it replaces them).
-pub const SCRIPT: &str = include_str!("ddl.sql");
+/// The event triggers' script.
+const SCRIPT: &str = include_str!("ddl.sql");
+
+/// The script installing the triggers (idempotent: run again, it replaces them): the event
+/// triggers, then the triggers of parent moves generated from `catalog`'s routes.
+pub fn script(catalog: &Catalog) -> String {
+    format!("{SCRIPT}\n{}", super::moves::script(catalog))
+}
 
 /// The event triggers the script creates.
 const TRIGGERS: [&str; 3] = [
@@ -44,8 +53,9 @@ pub enum Capture {
 }
 
 /// Installs (or refreshes) the triggers when this role may; otherwise says why not.
-pub async fn ensure(client: &Client) -> Result<Capture, SourceError> {
-    match client.batch_execute(SCRIPT).await {
+pub async fn ensure(client: &Client, catalog: &Catalog) -> Result<Capture, SourceError> {
+    // One implicit transaction: all of it or nothing.
+    match client.batch_execute(&script(catalog)).await {
         Ok(()) => Ok(Capture::Installed),
         Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
             // Installed earlier by a superuser: nothing is missing.
@@ -120,6 +130,143 @@ pub enum SchemaEvent {
     /// The trigger failed to describe the statement (it lets the migration go on): what it
     /// did is unknown.
     Failed { tag: String, error: String },
+    /// Not from the source: capture's mark, in one tenant's section, that rows of `table`
+    /// moved to or from the tenant without word of the rows below them (their trigger of
+    /// parent moves was missing).
+    IncompleteMove { tag: String, table: String },
+    /// An UPDATE changed the route of rows of `parent` (a table other tables route through):
+    /// first a message without `table`, then the rows below the moved ones, a table at a time
+    /// from the top (`source::moves`).
+    Moved {
+        tag: String,
+        parent: u32,
+        #[serde(default)]
+        table: Option<MovedRows>,
+    },
+}
+
+/// Rows of one table below a moved parent row, as the trigger read them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct MovedRows {
+    pub oid: u32,
+    pub schema: String,
+    pub name: String,
+    /// `relreplident`: `d`, `f`, `i` or `n`.
+    pub replica_identity: String,
+    /// Every column of the record text, generated ones included.
+    pub columns: Vec<RowColumn>,
+    /// Each row's record text: `(1,"a b",)`.
+    pub rows: Vec<String>,
+}
+
+/// What capture stores in a tenant's stream when rows of `table` moved to or from it without
+/// the rows below them (their trigger is missing): [`SchemaEvent::IncompleteMove`], which a
+/// restore after it refuses (a release before it: as a message it cannot read).
+pub fn unaccompanied_move(table: &str, lsn: crate::pg::Lsn) -> Message {
+    let content = serde_json::json!({
+        "version": 1,
+        "event": "incomplete_move",
+        "tag": "UPDATE",
+        "table": table,
+    });
+    Message::LogicalMessage(LogicalMessage {
+        xid: None,
+        transactional: true,
+        lsn,
+        prefix: PREFIX.to_string(),
+        content: Bytes::from(content.to_string()),
+    })
+}
+
+impl MovedRows {
+    /// The table's Relation message as pgoutput would send it, and each row as the tuple it
+    /// would send.
+    pub fn tuples(&self) -> Result<(Relation, Vec<Tuple>), String> {
+        let relation = relation(
+            self.oid,
+            &self.schema,
+            &self.name,
+            &self.replica_identity,
+            &self.columns,
+        )?;
+        let tuples = self
+            .rows
+            .iter()
+            .map(|text| {
+                let fields = parse_record(text)?;
+                if fields.len() != self.columns.len() {
+                    return Err(format!(
+                        "a row of {}.{} has {} values for {} columns",
+                        self.schema,
+                        self.name,
+                        fields.len(),
+                        self.columns.len()
+                    ));
+                }
+                Ok(Tuple(
+                    fields
+                        .into_iter()
+                        .zip(&self.columns)
+                        .filter(|(_, c)| !c.generated)
+                        .map(|(v, _)| match v {
+                            Some(text) => Value::Text(Bytes::from(text)),
+                            None => Value::Null,
+                        })
+                        .collect(),
+                ))
+            })
+            .collect::<Result<_, String>>()?;
+        Ok((relation, tuples))
+    }
+}
+
+/// The fields of a record's text output (`record_out`): `None` for NULL (nothing between the
+/// commas), quoted fields unescaped (`""` and `\x`).
+fn parse_record(text: &str) -> Result<Vec<Option<String>>, String> {
+    let bad = || format!("not a record's text: {text:?}");
+    let inner = text
+        .strip_prefix('(')
+        .and_then(|t| t.strip_suffix(')'))
+        .ok_or_else(bad)?;
+    let mut fields = Vec::new();
+    let mut chars = inner.chars().peekable();
+    loop {
+        let mut value = String::new();
+        let mut quoted = false;
+        let mut any = false;
+        while let Some(&c) = chars.peek() {
+            match c {
+                ',' if !quoted => break,
+                '"' => {
+                    chars.next();
+                    if quoted && chars.peek() == Some(&'"') {
+                        chars.next();
+                        value.push('"');
+                    } else {
+                        quoted = !quoted;
+                    }
+                    any = true;
+                }
+                '\\' => {
+                    chars.next();
+                    value.push(chars.next().ok_or_else(bad)?);
+                    any = true;
+                }
+                _ => {
+                    chars.next();
+                    value.push(c);
+                    any = true;
+                }
+            }
+        }
+        if quoted {
+            return Err(bad());
+        }
+        fields.push(any.then_some(value));
+        if chars.next().is_none() {
+            return Ok(fields);
+        }
+    }
 }
 
 fn maybe() -> bool {
@@ -188,6 +335,41 @@ pub struct RowColumn {
     pub type_modifier: i32,
     /// Part of the replica identity.
     pub key: bool,
+    /// pgoutput does not send them (the target computes them); only moved rows hold them.
+    #[serde(default)]
+    pub generated: bool,
+}
+
+/// A table's Relation message as pgoutput would send it: without generated columns.
+fn relation(
+    oid: u32,
+    schema: &str,
+    name: &str,
+    replica_identity: &str,
+    columns: &[RowColumn],
+) -> Result<Relation, String> {
+    let replica_identity = replica_identity
+        .as_bytes()
+        .first()
+        .and_then(|b| ReplicaIdentity::from_byte(*b))
+        .ok_or_else(|| format!("unknown replica identity {replica_identity:?}"))?;
+    Ok(Relation {
+        xid: None,
+        oid,
+        namespace: schema.to_string(),
+        name: name.to_string(),
+        replica_identity,
+        columns: columns
+            .iter()
+            .filter(|c| !c.generated)
+            .map(|c| Column {
+                part_of_key: c.key,
+                name: c.name.clone(),
+                type_oid: c.type_oid,
+                type_modifier: c.type_modifier,
+            })
+            .collect(),
+    })
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -278,6 +460,8 @@ impl SchemaEvent {
             | SchemaEvent::Drop { tag, .. }
             | SchemaEvent::Rewrite { tag, .. }
             | SchemaEvent::Rows { tag, .. }
+            | SchemaEvent::Moved { tag, .. }
+            | SchemaEvent::IncompleteMove { tag, .. }
             | SchemaEvent::Failed { tag, .. } => tag,
         }
     }
@@ -297,22 +481,7 @@ impl SchemaEvent {
         else {
             return None;
         };
-        let relation = Relation {
-            xid: None,
-            oid: *oid,
-            namespace: schema.clone(),
-            name: name.clone(),
-            replica_identity: ReplicaIdentity::from_byte(*replica_identity.as_bytes().first()?)?,
-            columns: columns
-                .iter()
-                .map(|c| Column {
-                    part_of_key: c.key,
-                    name: c.name.clone(),
-                    type_oid: c.type_oid,
-                    type_modifier: c.type_modifier,
-                })
-                .collect(),
-        };
+        let relation = relation(*oid, schema, name, replica_identity, columns).ok()?;
         let updates = rows
             .iter()
             .map(|row| Update {
@@ -353,8 +522,11 @@ impl SchemaEvent {
             SchemaEvent::Rewrite { schema, .. } | SchemaEvent::Rows { schema, .. } => {
                 backed_up(schema)
             }
+            SchemaEvent::Moved { table, .. } => {
+                table.as_ref().is_some_and(|t| backed_up(&t.schema))
+            }
             // It may have touched anything.
-            SchemaEvent::Failed { .. } => true,
+            SchemaEvent::Failed { .. } | SchemaEvent::IncompleteMove { .. } => true,
         }
     }
 }
@@ -362,6 +534,45 @@ impl SchemaEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn record_text_splits_into_the_values_pgoutput_would_send() {
+        let fields = parse_record(r#"(1,"a b",,"","q""uote","back\\slash","(,)")"#).unwrap();
+        let want: Vec<Option<&str>> = vec![
+            Some("1"),
+            Some("a b"),
+            None,
+            Some(""),
+            Some("q\"uote"),
+            Some("back\\slash"),
+            Some("(,)"),
+        ];
+        assert_eq!(
+            fields.iter().map(|f| f.as_deref()).collect::<Vec<_>>(),
+            want
+        );
+        assert!(parse_record("1,2").is_err());
+        assert!(parse_record(r#"("open)"#).is_err());
+        // Generated columns are in the record, not in what pgoutput sends.
+        let moved = br#"{"version": 1, "event": "moved", "tag": "UPDATE", "parent": 7, "table": {"oid": 9, "schema": "app", "name": "lots", "replica_identity": "d", "columns": [{"name": "id", "type_oid": 20, "type_modifier": -1, "generated": false, "key": true}, {"name": "twice", "type_oid": 20, "type_modifier": -1, "generated": true, "key": false}, {"name": "t", "type_oid": 1009, "type_modifier": -1, "generated": false, "key": false}], "rows": ["(1,2,\"{\"\"a b\"\",c}\")"]}}"#;
+        let SchemaEvent::Moved {
+            parent: 7,
+            table: Some(rows),
+            ..
+        } = SchemaEvent::parse(moved).unwrap()
+        else {
+            panic!("not a move")
+        };
+        let (relation, tuples) = rows.tuples().unwrap();
+        assert_eq!(relation.columns.len(), 2);
+        assert_eq!(
+            tuples[0].0,
+            vec![
+                Value::Text(Bytes::from_static(b"1")),
+                Value::Text(Bytes::from_static(br#"{"a b",c}"#))
+            ]
+        );
+    }
 
     #[test]
     fn messages_of_each_event_parse() {

@@ -166,6 +166,17 @@ BEGIN
 END
 $$;
 
+-- Whether column `attnum` is part of what pgoutput marks as the replica identity: every column
+-- with REPLICA IDENTITY FULL, else the primary key's or the identity index's.
+CREATE OR REPLACE FUNCTION updog_backup_ddl.in_replica_identity(relation oid, identity "char",
+                                                                attnum int2) RETURNS boolean
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+  SELECT identity = 'f'
+      OR EXISTS (SELECT 1 FROM pg_index i
+                  WHERE i.indrelid = relation AND attnum = ANY (i.indkey)
+                    AND CASE identity WHEN 'd' THEN i.indisprimary ELSE i.indisreplident END)
+$$;
+
 -- Every row of a table a statement rewrote with new values, read by ranges of 128 heap pages
 -- (1 MB), one message per range: the columns pgoutput would send (generated ones are not),
 -- each value as its type's text output (as pgoutput sends them), and the replica identity's
@@ -186,13 +197,7 @@ BEGIN
            'schema', n.nspname, 'name', c.relname, 'replica_identity', c.relreplident,
            'columns', jsonb_agg(jsonb_build_object(
                'name', a.attname, 'type_oid', a.atttypid::int8, 'type_modifier', a.atttypmod,
-               'key', CASE c.relreplident
-                        WHEN 'f' THEN true
-                        ELSE EXISTS (SELECT 1 FROM pg_index i
-                                      WHERE i.indrelid = c.oid AND a.attnum = ANY (i.indkey)
-                                        AND CASE c.relreplident WHEN 'd' THEN i.indisprimary
-                                                 ELSE i.indisreplident END)
-                      END)
+               'key', updog_backup_ddl.in_replica_identity(c.oid, c.relreplident, a.attnum))
              ORDER BY a.attnum)),
          string_agg(format('%I::text', a.attname), ', ' ORDER BY a.attnum)
     INTO header, list
@@ -217,6 +222,27 @@ BEGIN
     first := first + 128;
   END LOOP;
 END
+$$;
+
+-- One message of the rows that moved with their parent (`moves.rs` generates the triggers that
+-- call it, one per table others reach their tenant through): `relation`'s rows, each as its
+-- record's text (its columns' text output, as pgoutput sends them), with the columns that text
+-- holds (generated ones included, marked) and the replica identity's.
+CREATE OR REPLACE FUNCTION updog_backup_ddl.moved_message(tag text, parent oid, relation oid,
+                                                          rows jsonb) RETURNS text
+LANGUAGE sql STABLE SET search_path = pg_catalog AS $$
+  SELECT jsonb_build_object('version', 1, 'event', 'moved', 'tag', tag, 'parent', parent::int8,
+           'table', jsonb_build_object('oid', c.oid::int8, 'schema', n.nspname, 'name', c.relname,
+             'replica_identity', c.relreplident,
+             'columns', (SELECT jsonb_agg(jsonb_build_object(
+                 'name', a.attname, 'type_oid', a.atttypid::int8, 'type_modifier', a.atttypmod,
+                 'generated', a.attgenerated <> '',
+                 'key', updog_backup_ddl.in_replica_identity(c.oid, c.relreplident, a.attnum))
+               ORDER BY a.attnum)
+               FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped),
+             'rows', rows))::text
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+   WHERE c.oid = relation
 $$;
 
 DROP EVENT TRIGGER IF EXISTS updog_backup_ddl_command;

@@ -45,6 +45,8 @@ UNION ALL SELECT 'pg_catalog.pg_attrdef'::regclass, d.oid FROM pg_catalog.pg_att
             JOIN pg_catalog.pg_class c ON c.oid = d.adrelid WHERE c.relnamespace IN (SELECT oid FROM schemas)
 UNION ALL SELECT 'pg_catalog.pg_trigger'::regclass, t.oid FROM pg_catalog.pg_trigger t
             JOIN pg_catalog.pg_class c ON c.oid = t.tgrelid WHERE c.relnamespace IN (SELECT oid FROM schemas)
+             -- The backup's own (source::moves): a restore leaves it out.
+             AND t.tgname <> 'updog_backup_move'
 UNION ALL SELECT 'pg_catalog.pg_policy'::regclass, p.oid FROM pg_catalog.pg_policy p
             JOIN pg_catalog.pg_class c ON c.oid = p.polrelid WHERE c.relnamespace IN (SELECT oid FROM schemas)
 UNION ALL SELECT 'pg_catalog.pg_rewrite'::regclass, r.oid FROM pg_catalog.pg_rewrite r

@@ -12,6 +12,7 @@ pub mod ddl;
 pub mod dependencies;
 pub mod extensions;
 pub mod identity;
+pub mod moves;
 pub mod pg_tools;
 pub mod publication;
 

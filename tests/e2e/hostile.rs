@@ -1428,6 +1428,9 @@ async fn a_row_moved_to_another_tenant_leaves_one_and_joins_the_other() {
     let source = pg.client(&db).await;
     let mut env = TestEnv::new(&db, Repo::Directory).await;
     capture_env(&mut env);
+    // Funds are what investments reach their tenant through: moving one needs the trigger of
+    // parent moves (without it both restores after the move are refused).
+    env.install_schema_triggers(&db).await;
     env.ok(&["init"]);
     let (a, b) = (fixture_tenant(1).await, fixture_tenant(2).await);
     let mut daemon = Daemon::start(&env);

@@ -12,9 +12,9 @@
 //! excluded table, and random rows for 2–5 tenants of type uuid, text or bigint (values that
 //! differ only by case, whitespace or prefix, quotes, slashes). Then `init`, and `restore
 //! --latest` of every tenant. In half the cases the daemon then captures 30 random steps (single
-//! changes or transactions of 2–3, some rolled back): inserts, 50-row inserts (1000 rows,
-//! streamed, with `UPDOG_ISOLATION_KNOWN_BUGS=1`), updates (payloads, TOASTed values, keys with ON UPDATE CASCADE, moves to
-//! another parent of the same tenant, unreferenced rows moved to another tenant), deletes (ON
+//! changes or transactions of 2–3, some rolled back): inserts, 1000-row inserts (streamed),
+//! updates (payloads, TOASTed values, keys with ON UPDATE CASCADE, moves to another parent of
+//! the same tenant, rows moved to another tenant or to none with their subtree), deletes (ON
 //! DELETE CASCADE / SET NULL / NO ACTION), TRUNCATEs, changes of global and excluded tables;
 //! sometimes the daemon is SIGKILLed and restarted, or a snapshot is taken while it captures.
 //! Then every tenant is restored `--latest` again, and one `--at` an instant in the middle.
@@ -33,10 +33,6 @@
 //! a failure prints the schema and every change applied), `UPDOG_ISOLATION_STEPS` (default 30)
 //! shortens a capture case to minimise it. Run it long with
 //! `UPDOG_ISOLATION_CASES=200 cargo test --test e2e isolation:: -- --nocapture`.
-//!
-//! By default the generator avoids the shapes of the bugs that the ignored tests at the end of
-//! this file pin down (one each, minimised); `UPDOG_ISOLATION_KNOWN_BUGS=1` generates them too
-//! (a seed replays the same case only under the same setting).
 //!
 //! The generators and the oracle are test support: `support::schema_gen` (the schema and its
 //! rows), `support::change_gen` (the capture cases' changes), `support::oracle::schemas` (each
@@ -164,8 +160,12 @@ async fn run_case(seed: u64, stats: &mut Stats, cleanup: &mut Cleanup) -> Vec<St
     if spec.capture {
         capture_env(&mut env);
     }
-    // What the DBA does before init: the replica identities `check` asks for.
+    // What the DBA does before init: the replica identities `check` asks for, and (before a
+    // capture) the triggers that put schema changes and parent moves into the stream.
     env.apply_identity_fixes(&source).await;
+    if spec.capture {
+        env.install_schema_triggers(&db).await;
+    }
     let init = env.run(&["init"]);
     if !init.status.success() {
         failures.push(format!(
@@ -754,6 +754,9 @@ async fn a_row_moved_to_another_tenant_in_a_table_routed_through_by_key() {
         None,
     )
     .await;
+    // Without the trigger of parent moves, a move of a fund is refused in both tenants' restores
+    // (its investments cannot be known to follow): `a_parent_moved_without_its_trigger_…`.
+    m.env.install_schema_triggers(&m.db).await;
     m.capture().await;
     // Fund 2 has no investments: only the fund itself changes tenant.
     m.change("UPDATE m.funds SET organization_id = '$B' WHERE id = 2")
@@ -766,35 +769,93 @@ async fn a_row_moved_to_another_tenant_in_a_table_routed_through_by_key() {
     .await;
 }
 
-/// BUG (design): a parent moved to another tenant leaves its children (reached through it by
-/// foreign key, unchanged themselves, so absent from the change stream) in the old tenant:
-/// A's restore keeps B's investment, B's restore lacks it. Same with a parent whose route
-/// becomes NULL: its subtree stays in the old tenant.
+/// A parent moved to another tenant takes its children (reached through it by foreign key,
+/// unchanged themselves, so absent from the change stream) and theirs: the trigger of parent
+/// moves (`schema-triggers`) sends them after the UPDATE, and capture stores them as DELETEs
+/// for the tenant they left and INSERTs for the one they joined. They used to stay in the old
+/// tenant: A's restore kept B's investment, B's lacked it. The same for a parent moved to
+/// another parent (of another tenant), and one whose route becomes NULL (its subtree leaves
+/// every tenant); a change of a moved child later in the same transaction meets it in its new
+/// tenant.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "BUG: a parent moved to another tenant leaves its children in the old tenant's restore"]
 async fn a_parent_moved_to_another_tenant_takes_its_children() {
-    let mut m = Mini::new(
-        "CREATE SCHEMA m;
-         CREATE TABLE m.orgs (rid bigint, id uuid PRIMARY KEY);
-         CREATE TABLE m.funds (rid bigint, id bigint PRIMARY KEY, organization_id uuid NOT NULL REFERENCES m.orgs);
-         CREATE TABLE m.investments (rid bigint, id bigint PRIMARY KEY, fund_id bigint NOT NULL REFERENCES m.funds);
-         ALTER TABLE m.funds REPLICA IDENTITY FULL;
-         INSERT INTO m.orgs VALUES (1, '$A'), (2, '$B');
-         INSERT INTO m.funds VALUES (3, 1, '$A'), (4, 2, '$A'), (5, 3, '$B');
-         INSERT INTO m.investments VALUES (6, 1, 1), (7, 2, 2);",
-        None,
+    let mut m = Mini::new(MOVES, None).await;
+    m.env.install_schema_triggers(&m.db).await;
+    m.capture().await;
+    m.change(
+        "BEGIN;
+         UPDATE m.funds SET organization_id = '$B' WHERE id = 1;
+         UPDATE m.investments SET note = 'moved' WHERE id = 1;
+         COMMIT;",
     )
     .await;
+    m.change("UPDATE m.investments SET fund_id = 3 WHERE id = 2")
+        .await;
+    m.change("UPDATE m.investments SET fund_id = NULL WHERE id = 3")
+        .await;
+    m.covered().await;
+    m.assert_restores(&[
+        (A, &[("funds", &[4]), ("investments", &[]), ("txns", &[])]),
+        (
+            B,
+            &[
+                ("funds", &[3, 5]),
+                ("investments", &[6, 7]),
+                ("txns", &[9, 10, 11]),
+            ],
+        ),
+        (
+            C,
+            &[("funds", &[13]), ("investments", &[14]), ("txns", &[15])],
+        ),
+    ])
+    .await;
+}
+
+/// Without the trigger of parent moves (no superuser ran `schema-triggers`), the children of a
+/// moved parent cannot follow it: both tenants' restores after the move are refused, naming
+/// the table, instead of A's keeping B's rows and B's lacking them; another tenant's restore
+/// is exact, and `check` says what is missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_moved_without_its_trigger_refuses_both_tenants_restores() {
+    let mut m = Mini::new(MOVES, None).await;
+    let check = m.env.run(&["check"]);
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        report.contains("parent moves") && report.contains("m.funds"),
+        "check does not say the trigger of parent moves is missing:\n{report}"
+    );
     m.capture().await;
     m.change("UPDATE m.funds SET organization_id = '$B' WHERE id = 1")
         .await;
     m.covered().await;
-    m.assert_restores(&[
-        (A, &[("funds", &[4]), ("investments", &[7])]),
-        (B, &[("funds", &[3, 5]), ("investments", &[6])]),
-    ])
+    for tenant in [A, B] {
+        match m.restored(tenant, &["funds"]).await {
+            Err(e) => assert!(
+                e.contains("moved rows of m.funds") && e.contains("trigger of parent moves"),
+                "tenant {tenant}: refused, but not saying why: {e}"
+            ),
+            Ok(got) => panic!("tenant {tenant}: restored {got:?} without the moved rows' children"),
+        }
+    }
+    m.assert_restores(&[(
+        C,
+        &[("funds", &[13]), ("investments", &[14]), ("txns", &[15])],
+    )])
     .await;
 }
+
+/// Funds reach their tenant by its column, investments through funds (nullable), txns through
+/// investments.
+const MOVES: &str = "CREATE SCHEMA m;
+     CREATE TABLE m.orgs (rid bigint, id uuid PRIMARY KEY);
+     CREATE TABLE m.funds (rid bigint, id bigint PRIMARY KEY, organization_id uuid NOT NULL REFERENCES m.orgs);
+     CREATE TABLE m.investments (rid bigint, id bigint PRIMARY KEY, fund_id bigint REFERENCES m.funds, note text);
+     CREATE TABLE m.txns (rid bigint, id bigint PRIMARY KEY, investment_id bigint NOT NULL REFERENCES m.investments);
+     INSERT INTO m.orgs VALUES (1, '$A'), (2, '$B'), (12, '$C');
+     INSERT INTO m.funds VALUES (3, 1, '$A'), (4, 2, '$A'), (5, 3, '$B'), (13, 4, '$C');
+     INSERT INTO m.investments VALUES (6, 1, 1), (7, 2, 2), (8, 3, 2), (14, 4, 4);
+     INSERT INTO m.txns VALUES (9, 1, 1), (10, 2, 1), (11, 3, 2), (16, 4, 3), (15, 5, 4);";
 
 /// A row whose parent belongs to no tenant (`funds.organization_id` NULL) is a row of no tenant
 /// too: the router's key maps hold the keys of rows of no tenant, so capture skips it. They used

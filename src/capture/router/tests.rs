@@ -307,3 +307,64 @@ fn persisted_deltas_rebuild_the_same_maps() {
         "i1 was deleted"
     );
 }
+
+#[test]
+fn rows_below_a_moved_parent_follow_it_and_their_own_children_follow_them() {
+    let mut r = router();
+    r.route(&insert(1, &["f1", "t1"])).unwrap();
+    r.route(&insert(2, &["i1", "f1"])).unwrap();
+    r.route(&insert(3, &["l1", "i1"])).unwrap();
+    r.commit();
+    let moving = update(1, Some(OldTuple::Full(tuple(&["f1", "t1"]))), &["f1", "t2"]);
+    r.route(&moving).unwrap();
+    // Without the trigger's word, the move is unaccompanied; its first message says it spoke.
+    assert_eq!(r.unaccompanied.len(), 1);
+    r.moves_described(0);
+    assert!(r.take_unaccompanied().is_empty());
+    // The rows below, from the top: each leaves t1 for t2, and keeps its own key current.
+    let expected = (Some("t1".to_string()), Some("t2".to_string()));
+    assert_eq!(
+        moved(r.route_moved(2, &tuple(&["i1", "f1"])).unwrap()),
+        expected
+    );
+    assert_eq!(
+        moved(r.route_moved(3, &tuple(&["l1", "i1"])).unwrap()),
+        expected
+    );
+    r.commit();
+    // A child inserted later under the moved investment is t2's.
+    assert_eq!(tenant(r.route(&insert(3, &["l2", "i1"])).unwrap()), "t2");
+    // A route changed without a tenant change (a parent moved within its tenant) moves nothing.
+    r.route(&insert(1, &["f2", "t2"])).unwrap();
+    let within = update(2, None, &["i1", "f2"]);
+    assert_eq!(tenant(r.route(&within).unwrap()), "t2");
+    assert!(matches!(
+        r.route_moved(3, &tuple(&["l1", "i1"])).unwrap(),
+        Routed::One(Destination::Skip)
+    ));
+}
+
+#[test]
+fn a_move_nobody_describes_names_its_table_and_both_tenants() {
+    let mut r = router();
+    r.route(&insert(1, &["f1", "t1"])).unwrap();
+    r.route(&insert(1, &["f2", "t2"])).unwrap();
+    r.route(&insert(2, &["i1", "f1"])).unwrap();
+    r.route(&insert(2, &["i2", "f2"])).unwrap();
+    r.route(&insert(3, &["l1", "i1"])).unwrap();
+    r.commit();
+    let moving = update(1, Some(OldTuple::Full(tuple(&["f1", "t1"]))), &["f1", "t2"]);
+    r.route(&moving).unwrap();
+    assert_eq!(
+        r.take_unaccompanied(),
+        vec![(
+            "app.funds".to_string(),
+            vec![Arc::from("t1"), Arc::from("t2")]
+        )]
+    );
+    r.commit();
+    // No table routes through lots: a lot moved to another tenant takes nothing along.
+    let lot = update(3, Some(OldTuple::Full(tuple(&["l1", "i1"]))), &["l1", "i2"]);
+    assert!(matches!(r.route(&lot).unwrap(), Routed::Moved { .. }));
+    assert!(r.take_unaccompanied().is_empty());
+}

@@ -179,6 +179,12 @@ impl Migrations {
                     ),
                 });
             }
+            SchemaEvent::IncompleteMove { table, .. } => {
+                return Err(ReplayError::IncompleteMove {
+                    table: table.clone(),
+                    time: when,
+                });
+            }
             SchemaEvent::Rewrite {
                 tag, schema, name, ..
             } => {
@@ -192,8 +198,8 @@ impl Migrations {
                     });
                 }
             }
-            // Capture stores them as the UPDATEs they are.
-            SchemaEvent::Rows { .. } => {}
+            // Capture stores them as the UPDATEs (DELETEs and INSERTs) they are.
+            SchemaEvent::Rows { .. } | SchemaEvent::Moved { .. } => {}
             SchemaEvent::Drop {
                 tag,
                 dropped,

@@ -153,6 +153,10 @@ pub enum ReplayError {
         reason: String,
     },
     #[error(
+        "the transaction committed at {time} moved rows of {table} to or from this tenant, and the rows that reach their tenant through them were not captured with them (the source lacked its trigger of parent moves: `updog-backup check`); restore to an instant before it, or to one after a snapshot taken after it"
+    )]
+    IncompleteMove { table: String, time: String },
+    #[error(
         "a schema change in the stream cannot be read ({message}): it was captured by a newer updog-backup; restore with that version"
     )]
     UnreadableSchemaChange { message: String },

@@ -211,11 +211,6 @@ pub fn plan_change(
             if is_root {
                 return None;
             }
-            // A SET NULL on a route below moves rows to no tenant and their subtree with them on
-            // the source, which the stream never says: the known design gap of the moves below.
-            if !spec.known_bugs && set_null_above_children(spec, i) {
-                return None;
-            }
             let row = mine.get(rng.usize(..mine.len().max(1)))?;
             Some((
                 format!("DELETE FROM {table} WHERE rid = {};", row.rid),
@@ -255,22 +250,21 @@ pub fn plan_change(
                 format!("move {name} rid {} to parent {to:?} (same tenant)", row.rid),
             ))
         }
-        // Move an unreferenced row to another tenant, or to none, or from none to a tenant.
+        // Move a row to another tenant, or to none, or from none to a tenant. A row others
+        // reference takes its subtree along (the trigger of parent moves sends it).
         72..=86 => {
             if is_root {
                 return None;
             }
             let other = (tenant + 1 + rng.usize(..nt - 1)) % nt;
-            // A row that others reference by key takes its children along on the source, but
-            // their changes never say so (a known design gap: see the ignored test
-            // `a_parent_moved_to_another_tenant_takes_its_children` in tests/e2e/isolation.rs).
-            if !spec.known_bugs && spec.referenced().contains(&i) {
-                return None;
-            }
+            let movable = if rng.bool() { &leaves } else { &mine };
             // To another tenant, to no tenant, or from no tenant into one.
             let (row, to): (&Row, Option<usize>) = match rng.u32(..3) {
-                0 => (*leaves.get(rng.usize(..leaves.len().max(1)))?, Some(other)),
-                1 => (*leaves.get(rng.usize(..leaves.len().max(1)))?, None),
+                0 => (
+                    *movable.get(rng.usize(..movable.len().max(1)))?,
+                    Some(other),
+                ),
+                1 => (*movable.get(rng.usize(..movable.len().max(1)))?, None),
                 _ => {
                     let none: Vec<&Row> = state[i]
                         .iter()
@@ -333,7 +327,7 @@ pub fn plan_change(
                     row.rid
                 ),
                 format!(
-                    "move unreferenced {name} rid {} from {:?} to {}",
+                    "move {name} rid {} from {:?} to {}",
                     row.rid,
                     row.tenant.map(|k| &spec.tenants[k]),
                     to.map_or("no tenant".to_string(), |k| format!(
@@ -404,29 +398,4 @@ pub fn plan_change(
             Some((format!("TRUNCATE {table};"), format!("truncate {name}")))
         }
     }
-}
-
-/// Whether deleting a row of table `i` can SET NULL the route of rows that have children of
-/// their own: some table routed through `i` (at any depth) by an `ON DELETE SET NULL` key, that
-/// other tables reference.
-fn set_null_above_children(spec: &Spec, i: usize) -> bool {
-    let referenced = spec.referenced();
-    let mut below = vec![i];
-    let mut seen = BTreeSet::new();
-    while let Some(t) = below.pop() {
-        for (j, child) in spec.tables.iter().enumerate() {
-            if let Route::Via {
-                parent, on_delete, ..
-            } = &child.route
-                && *parent == t
-                && seen.insert(j)
-            {
-                if *on_delete == "SET NULL" && referenced.contains(&j) {
-                    return true;
-                }
-                below.push(j);
-            }
-        }
-    }
-    false
 }

@@ -97,8 +97,6 @@ pub struct Spec {
     /// `scratch`: has the tenant column, listed in `exclude_tables`.
     pub excluded: bool,
     pub capture: bool,
-    /// Also generate the shapes of the bugs the ignored tests of tests/e2e/isolation.rs pin down.
-    pub known_bugs: bool,
 }
 
 pub const CURRENCIES: &[&str] = &["EUR", "USD", "JPY", "CHF"];
@@ -800,14 +798,8 @@ pub fn pick<T: Clone>(rng: &mut fastrand::Rng, items: &[T]) -> T {
     items[rng.usize(..items.len())].clone()
 }
 
-/// Whether `UPDOG_ISOLATION_KNOWN_BUGS=1`: generate the shapes of known bugs too.
-pub fn known_bugs() -> bool {
-    std::env::var("UPDOG_ISOLATION_KNOWN_BUGS").is_ok_and(|v| v == "1")
-}
-
 pub fn generate(seed: u64) -> (Spec, State, String) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let known_bugs = known_bugs();
     let ttype = pick(
         &mut rng,
         &[
@@ -876,7 +868,6 @@ pub fn generate(seed: u64) -> (Spec, State, String) {
         forced_global: rng.u32(..10) < 3,
         excluded: rng.u32(..10) < 3,
         capture: rng.bool(),
-        known_bugs,
     };
     if root_col.is_some() {
         spec.tables.push(TableSpec {
