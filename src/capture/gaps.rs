@@ -9,6 +9,10 @@
 //! did not exist then, so nothing before it is missing), or at the start of the repository when
 //! every snapshot has them. It is resolved when the publication covers them again; from then
 //! on a snapshot taken after the resolution is a complete base.
+//!
+//! A *reshaped* gap is the other kind: without the schema-change triggers, a table's new
+//! definition shows only with its next change, so the stream does not know its definition
+//! between the last instant it knew the old one and that change ([`check_reshaped`]).
 
 use chrono::Utc;
 use tokio_postgres::Client;
@@ -103,6 +107,69 @@ pub async fn check_created(
     Ok(())
 }
 
+/// A table whose definition changed while schema changes are not captured (no triggers): the
+/// stream shows it only with the table's next change, not when the migration ran.
+#[derive(Debug, Clone)]
+pub struct Reshaped {
+    /// Quoted, qualified.
+    pub table: String,
+    /// Its columns now.
+    pub columns: Vec<String>,
+    /// The last transaction stored with a change of the table, this session (the migration
+    /// came after it).
+    pub since: Option<(Lsn, chrono::DateTime<Utc>)>,
+    /// The transaction that showed the new definition: a snapshot from there on has it.
+    pub seen: Option<Lsn>,
+}
+
+/// Records when a restore can no longer know `reshaped`'s definition: from the later of its
+/// last change with the old one and the newest snapshot with other columns (the migration came
+/// after both), to the transaction that showed the new one. A restore from an earlier
+/// snapshot to an instant after that start is refused (it would have the old definition where
+/// the source had the new), instead of only from the first change with the new definition.
+/// Without either bound nothing is recorded: the replay still refuses at that first change.
+pub async fn check_reshaped(repo: &Repository, reshaped: &Reshaped) -> Result<(), GapError> {
+    let mut from = reshaped.since;
+    for id in repo.snapshots().await?.into_iter().rev() {
+        let manifest = match repo.manifest(&id).await {
+            Ok(m) => m,
+            Err(RepositoryError::NoSuchSnapshot(_)) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        if from.is_some_and(|(lsn, _)| manifest.consistent_lsn <= lsn) {
+            break;
+        }
+        let entry = manifest.tables.iter().find(|e| {
+            format!("{}.{}", quote_ident(&e.schema), quote_ident(&e.name)) == reshaped.table
+        });
+        if entry.is_some_and(|e| e.columns != reshaped.columns) {
+            from = Some((manifest.consistent_lsn, manifest.consistent_time));
+            break;
+        }
+    }
+    let Some((mut from_lsn, from_time)) = from else {
+        return Ok(());
+    };
+    // Keyed by its start: never over another gap.
+    let taken: Vec<Lsn> = repo.gaps().await?.iter().map(|g| g.from_lsn).collect();
+    while taken.contains(&from_lsn) {
+        from_lsn = Lsn(from_lsn.0 + 1);
+    }
+    let gap = Gap {
+        format_version: FORMAT_2,
+        from_lsn,
+        from_time: Some(from_time),
+        tables: vec![reshaped.table.clone()],
+        detected_at: Utc::now(),
+        resolved_lsn: reshaped.seen,
+        resolved_at: reshaped.seen.map(|_| Utc::now()),
+        reshaped: true,
+    };
+    repo.put_gap(&gap).await?;
+    tracing::warn!(table = %reshaped.table, from_lsn = %gap.from_lsn, "a table's definition changed and schema changes are not captured: restores from earlier snapshots to instants after its last change with the old definition are refused (`updog-backup check`)");
+    Ok(())
+}
+
 fn open_for<'a>(open: &'a [Gap], unpublished: &[String]) -> Option<&'a Gap> {
     open.iter()
         .find(|g| unpublished.iter().all(|t| g.tables.contains(t)))
@@ -159,6 +226,7 @@ async fn put(
         detected_at: Utc::now(),
         resolved_lsn: None,
         resolved_at: None,
+        reshaped: false,
     };
     repo.put_gap(&gap).await?;
     tracing::error!(

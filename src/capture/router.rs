@@ -454,8 +454,10 @@ impl Router {
         self.schemas.contains(schema)
     }
 
-    /// Records (or replaces) a relation's definition.
-    pub fn relation(&mut self, relation: &Relation) -> Result<(), RouteError> {
+    /// Records (or replaces) a relation's definition. True when the definition of a table of
+    /// the backed-up schemas changed and the stream does not say how (no schema-change
+    /// triggers).
+    pub fn relation(&mut self, relation: &Relation) -> Result<bool, RouteError> {
         let table = self
             .by_name
             .get(&(relation.namespace.clone(), relation.name.clone()))
@@ -466,7 +468,16 @@ impl Router {
             });
         }
         let changed = match self.relations.get(&relation.oid) {
-            Some(old) => old.relation.columns != relation.columns,
+            // Names and types: a replica identity changed (key flags) is no new shape.
+            Some(old) => {
+                let shape = |r: &Relation| -> Vec<(String, u32, i32)> {
+                    r.columns
+                        .iter()
+                        .map(|c| (c.name.clone(), c.type_oid, c.type_modifier))
+                        .collect()
+                };
+                shape(&old.relation) != shape(relation)
+            }
             // The table's first definition this session: against the catalog read at its start
             // (a session often begins with the change that follows an ALTER).
             None => table.is_some_and(|t| {
@@ -492,7 +503,7 @@ impl Router {
                 table,
             },
         );
-        Ok(())
+        Ok(changed && table.is_some() && !self.schema_changes_captured)
     }
 
     pub fn relation_of(&self, oid: u32) -> Result<&Relation, RouteError> {

@@ -129,6 +129,8 @@ pub(super) async fn session(
     let mut capture = Capture {
         source: config.source.clone(),
         created: Vec::new(),
+        touched: HashMap::new(),
+        reshaped: Vec::new(),
         indexer,
         writer: PackWriter::new(
             repo.clone(),
@@ -170,6 +172,11 @@ struct Capture {
     source: crate::config::SourceConfig,
     /// Tables created by the transactions being captured (quoted, qualified) and their commit.
     created: Vec<(String, (Lsn, chrono::DateTime<Utc>))>,
+    /// The last transaction stored with a change of each relation (by oid), this session.
+    touched: HashMap<u32, (Lsn, chrono::DateTime<Utc>)>,
+    /// Tables whose definition changed with no schema change in the stream: (quoted,
+    /// qualified) name, its columns now, and the last transaction with the old definition.
+    reshaped: Vec<gaps::Reshaped>,
     writer: PackWriter,
     indexer: Indexer,
     repo: Repository,
@@ -441,8 +448,7 @@ impl Capture {
                 // outlives this one if it aborts), where an xid cannot be encoded.
                 let other = strip_xid(other);
                 if let Message::Relation(r) = &other {
-                    self.router.relation(r)?;
-                    self.writer.relation(r);
+                    self.relation(r)?;
                 }
                 let top = self.in_stream.expect("checked");
                 if let Some(spool) = self.streamed.get_mut(&top) {
@@ -459,6 +465,11 @@ impl Capture {
                 self.commit(&c)?;
             }
             other => self.data(&other)?,
+        }
+        if !self.reshaped.is_empty() && !self.writer.in_transaction() {
+            for reshaped in std::mem::take(&mut self.reshaped) {
+                gaps::check_reshaped(&self.repo, &reshaped).await?;
+            }
         }
         if !self.created.is_empty() && !self.writer.in_transaction() {
             // Tables created by transactions now committed: a publication that does not carry
@@ -495,13 +506,25 @@ impl Capture {
         Ok(())
     }
 
+    /// A table's definition, before its changes.
+    fn relation(&mut self, r: &pgoutput::Relation) -> Result<(), CaptureError> {
+        if self.router.relation(r)? {
+            // The migration came after the last change stored with the old definition.
+            self.reshaped.push(gaps::Reshaped {
+                table: format!("{}.{}", quote_ident(&r.namespace), quote_ident(&r.name)),
+                columns: r.columns.iter().map(|c| c.name.clone()).collect(),
+                since: self.touched.get(&r.oid).copied(),
+                seen: self.writer.current().map(|(lsn, _)| lsn),
+            });
+        }
+        self.writer.relation(r);
+        Ok(())
+    }
+
     /// A data message of the current transaction.
     fn data(&mut self, message: &Message) -> Result<(), CaptureError> {
         match message {
-            Message::Relation(r) => {
-                self.router.relation(r)?;
-                self.writer.relation(r);
-            }
+            Message::Relation(r) => self.relation(r)?,
             Message::Insert(_) | Message::Update(_) | Message::Delete(_) => {
                 let op = match message {
                     Message::Insert(_) => Operation::Insert,
@@ -510,6 +533,9 @@ impl Capture {
                 };
                 self.telemetry.metrics.change(op).inc();
                 let oid = relation_oid(message);
+                if let Some(point) = self.writer.current() {
+                    self.touched.insert(oid, point);
+                }
                 match self.router.route(message)? {
                     Routed::One(Destination::Tenant(t)) => {
                         self.writer.change(Some(t), oid, message)?;

@@ -25,6 +25,11 @@ pub struct Gap {
     pub resolved_lsn: Option<Lsn>,
     #[serde(default)]
     pub resolved_at: Option<DateTime<Utc>>,
+    /// Not a publication's gap: the tables' definition changed at an unknown instant after
+    /// `from_time` (schema changes were not captured), shown by the transaction at
+    /// `resolved_lsn`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub reshaped: bool,
 }
 
 impl Gap {
@@ -102,6 +107,7 @@ mod tests {
             detected_at: Utc::now(),
             resolved_lsn: resolved.map(Lsn),
             resolved_at: None,
+            reshaped: false,
         }
     }
 

@@ -72,6 +72,15 @@ pub enum PlanError {
         covered_until: DateTime<Utc>,
     },
     #[error(
+        "the definition of {} changed after {} (the last instant the backup knows it had the old one), and the stream does not say when: schema changes are not captured (`updog-backup check`); restore a point before that, or from a snapshot taken after the change (`updog-backup backup`)",
+        .tables.join(", "),
+        .from.to_rfc3339_opts(SecondsFormat::Micros, true)
+    )]
+    Reshaped {
+        tables: Vec<String>,
+        from: DateTime<Utc>,
+    },
+    #[error(
         "the change stream lacks the changes of {} after {} (a stream gap: they were not in the publication{}); restore a point before that, or from a snapshot taken after the publication covered them again (`updog-backup backup`)",
         .tables.join(", "),
         .from.map_or("the repository's start".to_string(), |t| t.to_rfc3339_opts(SecondsFormat::Micros, true)),
@@ -302,6 +311,12 @@ pub async fn plan(
             .into_iter()
             .find(|g| g.breaks(manifest.consistent_lsn, at))
     {
+        if gap.reshaped {
+            return Err(PlanError::Reshaped {
+                tables: gap.tables,
+                from: gap.from_time.unwrap_or_default(),
+            });
+        }
         return Err(PlanError::StreamGap {
             tables: gap.tables,
             from: gap.from_time,
@@ -383,7 +398,8 @@ impl Classify for PlanError {
             | PlanError::UnknownTenant { .. }
             | PlanError::OutsideWindow { .. }
             | PlanError::Stream { .. }
-            | PlanError::StreamGap { .. } => ErrorClass::Usage,
+            | PlanError::StreamGap { .. }
+            | PlanError::Reshaped { .. } => ErrorClass::Usage,
         }
     }
 }

@@ -368,3 +368,39 @@ fn a_move_nobody_describes_names_its_table_and_both_tenants() {
     assert!(matches!(r.route(&lot).unwrap(), Routed::Moved { .. }));
     assert!(r.take_unaccompanied().is_empty());
 }
+
+#[test]
+fn a_new_shape_is_news_only_when_the_stream_does_not_describe_it() {
+    let mut r = router();
+    let relation = |columns: &[(&str, bool)]| Relation {
+        xid: None,
+        oid: 1,
+        namespace: "app".into(),
+        name: "funds".into(),
+        replica_identity: ReplicaIdentity::Default,
+        columns: columns
+            .iter()
+            .map(|(c, key)| Column {
+                part_of_key: *key,
+                name: c.to_string(),
+                type_oid: 25,
+                type_modifier: -1,
+            })
+            .collect(),
+    };
+    // A replica identity changed is no new shape; a column added is.
+    assert!(
+        !r.relation(&relation(&[("id", true), ("org", true)]))
+            .unwrap()
+    );
+    assert!(
+        r.relation(&relation(&[("id", true), ("org", true), ("note", false)]))
+            .unwrap()
+    );
+    // With the schema-change triggers the stream says when it changed.
+    r.set_schema_changes_captured(true);
+    assert!(
+        !r.relation(&relation(&[("id", true), ("org", true)]))
+            .unwrap()
+    );
+}
