@@ -80,6 +80,23 @@ impl Progress {
         }
     }
 
+    /// Work before the first item is done (a snapshot reading its tables): shown on the
+    /// bar, logged every few seconds otherwise.
+    pub fn status(&self, message: String) {
+        let mut state = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &self.bar {
+            Some(bar) => bar.set_message(message),
+            None if state.2.elapsed() >= LOG_EVERY => {
+                state.2 = Instant::now();
+                tracing::info!(work = self.work, status = %message, "progress");
+            }
+            None => {}
+        }
+    }
+
     fn describe(&self, amount: u64) -> String {
         match self.unit {
             Unit::StoredBytes => format!("{:.1} MiB stored", amount as f64 / f64::from(1 << 20)),

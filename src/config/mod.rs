@@ -118,8 +118,9 @@ pub struct SnapshotConfig {
     /// Database connections exporting tenants in parallel (each one holds the same snapshot).
     #[serde(default = "default_parallel")]
     pub parallel: usize,
-    /// What the exporting connections may hold of their batches' rows in memory, together;
-    /// beyond it a batch's rows wait in an encrypted scratch file in `stream.spool_dir`.
+    /// What the exporting connections may hold of gathered rows in memory, together: a
+    /// snapshot's rows wait in encrypted scratch partitions in `stream.spool_dir` and are
+    /// gathered by tenant within it (a tenant that would not fit is exported alone).
     #[serde(default = "default_batch_memory", deserialize_with = "units::bytes")]
     pub batch_memory: u64,
 }

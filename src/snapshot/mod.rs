@@ -4,13 +4,14 @@
 //! The consistent point comes from a temporary logical replication slot created with
 //! `SNAPSHOT 'export'`: its LSN is where a change stream started from the same slot position
 //! continues without gap or overlap. Worker connections import the snapshot and export
-//! tenants in parallel: small tenants in batches, one `COPY` per table per batch whose rows
-//! are split by tenant here (`plan`, `batch`, `runs`); a larger tenant with its own
-//! tenant-filtered `COPY (SELECT …) TO STDOUT`s, streamed into its archive.
+//! tenants in parallel: all but the largest by a sweep, one `COPY` per table (or slice of
+//! one) whose rows are split by tenant here, scattered and gathered again (`plan`, `sweep`,
+//! `runs`); a large tenant with its own tenant-filtered `COPY (SELECT …) TO STDOUT`s,
+//! streamed into its archive.
 
-mod batch;
 mod plan;
 mod runs;
+mod sweep;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,7 +42,8 @@ use crate::source::catalog::{Catalog, CatalogError, Table};
 use crate::source::identity::{SourceIdentity, source_identity};
 use crate::source::{SourceError, dependencies, pg_tools, query_context};
 
-use plan::{Job, Queue};
+use plan::{Division, Job, Queue};
+use sweep::Sweep;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SnapshotError {
@@ -98,9 +100,11 @@ struct Exporter {
     level: i32,
     /// The work still to hand out.
     queue: Mutex<Queue>,
-    /// Where a batch's rows wait when memory is used up (ciphertext only).
+    /// Where the routing checkpoint waits until its header is known (ciphertext only).
     scratch: PathBuf,
-    /// What each worker may hold of a batch's rows in memory.
+    /// The tenants exported by one pass over each table (none for named tenants).
+    sweep: Option<Sweep>,
+    /// What each worker may hold of a sweep's gathered rows in memory.
     run_memory: usize,
     /// The consistent point, where the routing checkpoint holds the state.
     lsn: Lsn,
@@ -263,11 +267,35 @@ async fn export(
     let archives = tenants.len() as u64 + 1;
     let run_memory = usize::try_from(config.snapshot.batch_memory / workers.len().max(1) as u64)
         .unwrap_or(usize::MAX);
-    let queue = if request.tenants.is_empty() {
+    let scratch = config.stream.scratch_dir();
+    let division = if request.tenants.is_empty() {
         let sizes = plan::estimate(&workers[0], &catalog, tenants.len()).await?;
-        Queue::new(tenants, sizes, workers.len(), run_memory as u64)
+        Division::new(tenants, &sizes, workers.len(), run_memory as u64)
     } else {
-        Queue::singles(tenants)
+        Division {
+            alone: tenants,
+            ..Division::default()
+        }
+    };
+    let slices = if division.partitions() > 0 {
+        plan::slices(
+            &plan::table_sizes(&workers[0], &catalog).await?,
+            workers.len(),
+        )
+    } else {
+        Vec::new()
+    };
+    let (count, partitions) = (slices.len(), division.partitions());
+    let queue = Queue::new(slices, partitions, division.alone.clone());
+    let sweep = if partitions > 0 {
+        Some(Sweep::new(division, count, &scratch).map_err(|source| {
+            RepositoryError::from(crate::storage::StorageError::Io {
+                key: format!("a scratch file in {}", scratch.display()),
+                source,
+            })
+        })?)
+    } else {
+        None
     };
     let exporter = Arc::new(Exporter {
         catalog,
@@ -277,7 +305,8 @@ async fn export(
         consistent_time: point.time,
         level: config.compression.level,
         queue: Mutex::new(queue),
-        scratch: config.stream.scratch_dir(),
+        scratch,
+        sweep,
         run_memory,
         lsn: point.lsn,
         salt: identity.system_identifier.clone(),
@@ -461,14 +490,22 @@ impl Exporter {
             let job = self.queue().next();
             let Some(job) = job else { break };
             let result = match &job {
-                Job::Routing => self.routing_checkpoint(&client).await,
-                Job::Global => self.export_archive(&client, None).await,
-                Job::Tenant(tenant) => self.export_archive(&client, Some(tenant)).await,
-                Job::Batch(tenants) => self.export_batch(&client, tenants).await,
+                Job::Routing => self.routing_checkpoint(&client).await.map(|()| Vec::new()),
+                Job::Global => self.export_archive(&client, None).await.map(|a| vec![a]),
+                Job::Tenant(tenant) => self
+                    .export_archive(&client, Some(tenant))
+                    .await
+                    .map(|a| vec![a]),
+                Job::Scatter(slice) => self.scatter(&client, *slice).await.map(|()| Vec::new()),
+                Job::Wait => {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    Ok(Vec::new())
+                }
+                Job::Gather(partition) => self.gather(&client, *partition).await,
             };
             match result {
-                Ok((entries, copy_bytes)) => {
-                    self.queue().done(&job, copy_bytes);
+                Ok(entries) => {
+                    self.queue().done(&job);
                     done.extend(entries);
                 }
                 Err(e) => {
@@ -490,10 +527,7 @@ impl Exporter {
     /// delete every pack before this snapshot (a restart rebuilds its routing from the newest
     /// checkpoint plus the packs after it; replaying a pack's routing changes from before the
     /// checkpoint again ends in the same maps). Written as it is read: never held in memory.
-    async fn routing_checkpoint(
-        &self,
-        client: &Client,
-    ) -> Result<(Vec<(Option<String>, ArchiveEntry)>, u64), SnapshotError> {
+    async fn routing_checkpoint(&self, client: &Client) -> Result<(), SnapshotError> {
         let started = Instant::now();
         let mut checkpoint = CheckpointWriter::new(self.lsn, &self.scratch).map_err(|source| {
             RepositoryError::from(crate::storage::StorageError::Io {
@@ -514,16 +548,16 @@ impl Exporter {
             seconds = started.elapsed().as_secs_f64(),
             "routing checkpoint stored"
         );
-        Ok((Vec::new(), 0))
+        Ok(())
     }
 
     /// One archive, its tables exported with their own (tenant-filtered) statements and
-    /// streamed into it. Returns it and the bytes the COPYs produced.
+    /// streamed into it.
     async fn export_archive(
         &self,
         client: &Client,
         tenant: Option<&str>,
-    ) -> Result<(Vec<(Option<String>, ArchiveEntry)>, u64), SnapshotError> {
+    ) -> Result<(Option<String>, ArchiveEntry), SnapshotError> {
         let started = Instant::now();
         let (key, kind, tables): (String, ArchiveKind, Vec<&Table>) = match tenant {
             Some(t) => (
@@ -551,7 +585,7 @@ impl Exporter {
         writer
             .write(&archive::end_record(tables.len() as u64))
             .await?;
-        let (object, summary) = writer.finish().await?;
+        let (object, _) = writer.finish().await?;
         let entry = ArchiveEntry { object, rows };
         tracing::debug!(
             tenant = tenant.unwrap_or("(global)"),
@@ -561,10 +595,7 @@ impl Exporter {
             "archive stored"
         );
         self.progress.advance(entry.object.bytes);
-        Ok((
-            vec![(tenant.map(str::to_string), entry)],
-            summary.plain_bytes,
-        ))
+        Ok((tenant.map(str::to_string), entry))
     }
 
     /// An archive's writer, its header written.

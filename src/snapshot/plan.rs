@@ -1,18 +1,20 @@
-//! Which tenants a snapshot exports together.
+//! Which tenants a snapshot exports with one pass over each table, and how their rows are
+//! divided to be gathered again.
 //!
 //! Exporting each tenant with its own filtered `COPY` of every table costs a statement per
-//! table per tenant: at thousands of small tenants the server spends its time finding rows,
-//! not sending them. So consecutive tenants (in the tenant column's order) are exported in
-//! batches, one `COPY` per table per batch, and their rows split by tenant in the client
-//! ([`super::runs`]). A tenant of a few MiB or more is exported on its own, its rows found
-//! through indexes and streamed straight into its archive: a batch's statements join whole
-//! tables, which only pays for tenants too small to be worth their own statements.
+//! table per tenant, and each statement of a table that reaches its tenant through foreign
+//! keys joins its route: at thousands of small tenants the server spends its time finding
+//! rows, not sending them. So every tenant but the largest is exported by a sweep
+//! ([`super::sweep`]): one `COPY` per table with the route joined once, its rows cut by tenant
+//! in the client and scattered into encrypted scratch partitions of consecutive tenants, each
+//! then gathered in memory and written as its tenants' archives. A tenant too large to gather
+//! in memory is exported on its own, its rows found through indexes and streamed straight into
+//! its archive.
 //!
-//! Batch sizes come from the tables' sizes on disk and the planner's statistics of the
-//! tenant column (the most common values name the large tenants), corrected as batches finish
-//! by what their rows really weighed (TOASTed values are larger in a COPY than on disk). The
-//! estimate only shapes the work: a batch larger than memory allows spills to an encrypted
-//! scratch file, so a wrong estimate costs time, never memory.
+//! Sizes come from the tables' sizes on disk and the planner's statistics of the tenant
+//! column (the most common values name the large tenants). They only shape the work: the
+//! sweep counts every tenant's bytes exactly, and a partition larger than memory is gathered
+//! in several passes, so a wrong estimate costs time, never memory.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -21,16 +23,9 @@ use tokio_postgres::Client;
 use crate::source::catalog::{Catalog, Route, Table, TableScope};
 use crate::source::{SourceError, query_context};
 
-/// The rows a batch aims at, in COPY bytes.
-pub const BATCH_BYTES: u64 = 32 << 20;
-/// Fewer bytes per batch are not worth a statement per table.
-const MIN_BATCH_BYTES: u64 = 1 << 20;
-/// A tenant with this many COPY bytes is exported alone: its own statements find its rows
-/// through indexes, at a cost proportional to them, while a batch's statements join whole
-/// tables (scanned once per batch). Measured at scale 10 with 200 tenants of a few MiB each:
-/// batches took 1.6× the time of tenants exported alone; at 5,000 tenants of tens of KiB,
-/// half.
-const ALONE_BYTES: f64 = (2u64 << 20) as f64;
+/// At most this many partitions: each is a scratch file open during the sweep, with a frame
+/// buffer per worker.
+pub const MAX_PARTITIONS: usize = 256;
 
 /// One piece of a snapshot's work.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,10 +34,171 @@ pub enum Job {
     Routing,
     /// The global tables' archive.
     Global,
+    /// One slice of a tenant table's rows of every swept tenant, scattered into the
+    /// partitions.
+    Scatter(Slice),
     /// One tenant, exported with its own statements.
     Tenant(String),
-    /// Consecutive tenants (at least two), exported with a statement per table.
-    Batch(Vec<String>),
+    /// Nothing to hand out until the scatters still running end.
+    Wait,
+    /// One partition's tenants, gathered from the scratch and written as archives.
+    Gather(usize),
+}
+
+/// A tenant table (its index among the catalog's tenant tables), or a range of its blocks:
+/// a large table is read by several workers at once, so that the sweep does not wait for
+/// one statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slice {
+    pub table: usize,
+    pub from_block: u32,
+    /// `None`: to the end (rows added to the end after the sizes were read are still read).
+    pub to_block: Option<u32>,
+}
+
+impl Slice {
+    pub fn whole(table: usize) -> Self {
+        Self {
+            table,
+            from_block: 0,
+            to_block: None,
+        }
+    }
+}
+
+/// A tenant table's size: its own relation's blocks (`None`: a partitioned table, which is
+/// never cut) and its bytes with its TOAST (what reading it costs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableSize {
+    pub blocks: Option<u32>,
+    pub bytes: u64,
+}
+
+/// The size of each tenant table, in the catalog's order.
+pub async fn table_sizes(
+    client: &Client,
+    catalog: &Catalog,
+) -> Result<Vec<TableSize>, SourceError> {
+    let names: Vec<String> = catalog.tenant_tables().map(|t| t.sql_name()).collect();
+    let rows = client
+        .query(
+            "SELECT CASE WHEN c.relkind = 'r'
+                         THEN pg_relation_size(c.oid) / current_setting('block_size')::bigint END,
+                    coalesce((SELECT sum(pg_table_size(p.relid)) FROM pg_partition_tree(c.oid) AS p),
+                             pg_table_size(c.oid))::bigint
+               FROM unnest($1::text[]) WITH ORDINALITY AS t(name, i)
+               JOIN pg_class c ON c.oid = t.name::regclass
+              ORDER BY t.i",
+            &[&names],
+        )
+        .await
+        .map_err(query_context("reading the tenant tables' sizes"))?;
+    Ok(rows
+        .iter()
+        .map(|r| TableSize {
+            blocks: r
+                .get::<_, Option<i64>>(0)
+                .map(|b| b.clamp(0, i64::from(u32::MAX)) as u32),
+            bytes: r.get::<_, i64>(1).max(0) as u64,
+        })
+        .collect())
+}
+
+/// The slices a sweep reads, largest first (the last to start are the shortest). A table of
+/// more than a third of a worker's share of the bytes is cut into that many ranges of blocks:
+/// each range joins the table's route again, so tables are cut only as far as keeping the
+/// workers busy to the end needs.
+pub fn slices(sizes: &[TableSize], workers: usize) -> Vec<Slice> {
+    let total: u64 = sizes.iter().map(|s| s.bytes).sum();
+    let piece = (total / (3 * workers.max(1) as u64)).max(1 << 20);
+    let mut slices = Vec::new();
+    for (table, size) in sizes.iter().enumerate() {
+        let pieces = match size.blocks {
+            Some(blocks) => size
+                .bytes
+                .div_ceil(piece)
+                .clamp(1, u64::from(blocks).max(1)),
+            None => 1,
+        };
+        let blocks = u64::from(size.blocks.unwrap_or(0));
+        for k in 0..pieces {
+            let from_block = (blocks * k / pieces) as u32;
+            let to_block = (k + 1 < pieces).then(|| (blocks * (k + 1) / pieces) as u32);
+            slices.push((
+                size.bytes / pieces,
+                Slice {
+                    table,
+                    from_block,
+                    to_block,
+                },
+            ));
+        }
+    }
+    slices.sort_by_key(|(bytes, slice)| (std::cmp::Reverse(*bytes), slice.table, slice.from_block));
+    slices.into_iter().map(|(_, slice)| slice).collect()
+}
+
+/// Which tenants go alone, and the swept ones divided into partitions.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Division {
+    /// Exported on their own, in order.
+    pub alone: Vec<String>,
+    /// Swept, in the tenant column's order.
+    pub swept: Vec<String>,
+    /// Partition `p` holds `swept[bounds[p]..bounds[p + 1]]`.
+    pub bounds: Vec<usize>,
+}
+
+impl Division {
+    /// Divides `tenants` (in the tenant column's order) for `workers` that each gather up to
+    /// `memory` bytes at a time. A tenant estimated at a quarter of that goes alone (COPY bytes
+    /// run up to a few times the bytes on disk, and gathering may take twice them); the others
+    /// fill partitions of about that size, at least two per worker so that the gathers end
+    /// together.
+    pub fn new(tenants: Vec<String>, sizes: &Sizes, workers: usize, memory: u64) -> Self {
+        let share = (memory / 4).max(1) as f64;
+        let (alone, swept): (Vec<String>, Vec<String>) =
+            tenants.into_iter().partition(|t| sizes.of(t) >= share);
+        if swept.is_empty() {
+            return Self {
+                alone,
+                ..Self::default()
+            };
+        }
+        let total: f64 = swept.iter().map(|t| sizes.of(t)).sum();
+        let partitions = ((total / share).ceil() as usize)
+            .max(2 * workers.max(1))
+            .clamp(1, MAX_PARTITIONS)
+            .min(swept.len());
+        let each = total / partitions as f64;
+        let mut bounds = vec![0];
+        let mut sum = 0.0;
+        for (i, tenant) in swept.iter().enumerate() {
+            sum += sizes.of(tenant);
+            // Cut where the running total passes the next share, leaving every remaining
+            // partition at least one tenant.
+            let left = partitions - bounds.len();
+            if left > 0 && sum >= each * bounds.len() as f64 && swept.len() - (i + 1) >= left {
+                bounds.push(i + 1);
+            }
+        }
+        while bounds.len() < partitions {
+            // Too few cuts (sizes all in the last tenants): split the rest evenly.
+            let last = *bounds.last().expect("starts at 0");
+            bounds.push(last + (swept.len() - last) / (partitions + 1 - bounds.len()));
+        }
+        bounds.push(swept.len());
+        bounds.dedup();
+        Self {
+            alone,
+            swept,
+            bounds,
+        }
+    }
+
+    pub fn partitions(&self) -> usize {
+        self.bounds.len().saturating_sub(1)
+    }
 }
 
 /// Estimated on-disk bytes of each tenant's rows.
@@ -148,50 +304,34 @@ fn root_of(catalog: &Catalog, table: &Table) -> usize {
     current
 }
 
-/// The work still to do, handed out a job at a time.
+/// The work still to do, handed out a job at a time: the routing checkpoint and the global
+/// archive, the scatters, the tenants that go alone (while the last scatters run), then the
+/// gathers, which need every scatter ended.
 #[derive(Debug)]
 pub struct Queue {
     routing: bool,
     global: bool,
-    tenants: VecDeque<String>,
-    sizes: Sizes,
-    /// Bytes a batch aims at.
-    target: f64,
-    /// COPY bytes per estimated byte, learnt from the batches done.
-    exported: f64,
-    estimated: f64,
+    scatters: VecDeque<Slice>,
+    /// Scatters handed out and not yet done.
+    scattering: usize,
+    alone: VecDeque<String>,
+    gathers: VecDeque<usize>,
 }
 
 impl Queue {
-    /// `tenants` in the order of the tenant column; `workers` that share the queue, each
-    /// holding up to `memory` bytes of its batch's rows before it spills.
-    pub fn new(tenants: Vec<String>, sizes: Sizes, workers: usize, memory: u64) -> Self {
-        let total: f64 = tenants.iter().map(|t| sizes.of(t)).sum();
-        // Enough batches for every worker to have several (the last ones finish together),
-        // each fitting in memory as estimated.
-        let largest = (BATCH_BYTES.min(memory * 3 / 4)).max(MIN_BATCH_BYTES);
-        let target =
-            (total / (4 * workers.max(1)) as f64).clamp(MIN_BATCH_BYTES as f64, largest as f64);
+    /// A sweep of `slices` into `partitions` (none: no sweep), and `alone` tenants.
+    pub fn new(slices: Vec<Slice>, partitions: usize, alone: Vec<String>) -> Self {
         Self {
             routing: true,
             global: true,
-            tenants: tenants.into(),
-            sizes,
-            target,
-            exported: 0.0,
-            estimated: 0.0,
+            scatters: slices.into(),
+            scattering: 0,
+            alone: alone.into(),
+            gathers: (0..partitions).collect(),
         }
     }
 
-    /// Each tenant on its own (the tenants a user named).
-    pub fn singles(tenants: Vec<String>) -> Self {
-        let mut queue = Self::new(tenants, Sizes::default(), 1, 0);
-        queue.target = 0.0;
-        queue
-    }
-
-    /// The next job: the routing checkpoint and the global archive first, then tenants in
-    /// order.
+    /// The next job (`None`: nothing is left).
     pub fn next(&mut self) -> Option<Job> {
         if std::mem::take(&mut self.routing) {
             return Some(Job::Routing);
@@ -199,50 +339,36 @@ impl Queue {
         if std::mem::take(&mut self.global) {
             return Some(Job::Global);
         }
-        let ratio = if self.estimated > 0.0 {
-            (self.exported / self.estimated).max(0.01)
-        } else {
-            1.0
-        };
-        let size = |t: &str| self.sizes.of(t) * ratio;
-        let alone = self.target.min(ALONE_BYTES);
-        let first = self.tenants.pop_front()?;
-        let mut total = size(&first);
-        if total >= alone {
-            return Some(Job::Tenant(first));
+        if let Some(slice) = self.scatters.pop_front() {
+            self.scattering += 1;
+            return Some(Job::Scatter(slice));
         }
-        let mut batch = vec![first];
-        while let Some(next) = self.tenants.front() {
-            let more = size(next);
-            if more >= alone || total + more > self.target {
-                break;
-            }
-            total += more;
-            batch.push(self.tenants.pop_front().expect("just looked"));
+        if let Some(tenant) = self.alone.pop_front() {
+            return Some(Job::Tenant(tenant));
         }
-        Some(if batch.len() == 1 {
-            Job::Tenant(batch.pop().expect("one"))
-        } else {
-            Job::Batch(batch)
-        })
+        if self.gathers.is_empty() {
+            return None;
+        }
+        if self.scattering > 0 {
+            return Some(Job::Wait);
+        }
+        self.gathers.pop_front().map(Job::Gather)
     }
 
-    /// Learns from a finished job how many COPY bytes its estimate stood for.
-    pub fn done(&mut self, job: &Job, copy_bytes: u64) {
-        let estimated: f64 = match job {
-            Job::Routing | Job::Global => return,
-            Job::Tenant(t) => self.sizes.of(t),
-            Job::Batch(ts) => ts.iter().map(|t| self.sizes.of(t)).sum(),
-        };
-        self.estimated += estimated;
-        self.exported += copy_bytes as f64;
+    /// A job ended well.
+    pub fn done(&mut self, job: &Job) {
+        if matches!(job, Job::Scatter(_)) {
+            self.scattering -= 1;
+        }
     }
 
     /// Stops handing out work (a job failed: the snapshot is lost).
     pub fn clear(&mut self) {
         self.routing = false;
         self.global = false;
-        self.tenants.clear();
+        self.scatters.clear();
+        self.alone.clear();
+        self.gathers.clear();
     }
 }
 
@@ -250,77 +376,122 @@ impl Queue {
 mod tests {
     use super::*;
 
-    impl Job {
-        fn archives(&self) -> usize {
-            match self {
-                Job::Routing => 0,
-                Job::Global | Job::Tenant(_) => 1,
-                Job::Batch(tenants) => tenants.len(),
-            }
+    fn uniform(total: u64, tenants: usize) -> Sizes {
+        Sizes {
+            typical: total as f64 / tenants as f64,
+            named: HashMap::new(),
         }
     }
 
-    impl Sizes {
-        fn uniform(total: u64, tenants: usize) -> Self {
-            Self {
-                typical: total as f64 / tenants as f64,
-                named: HashMap::new(),
-            }
-        }
-    }
-
-    fn drain(mut queue: Queue) -> Vec<Job> {
-        std::iter::from_fn(|| queue.next()).collect()
+    fn names(n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("t{i:05}")).collect()
     }
 
     #[test]
-    fn small_tenants_are_batched_in_order_and_a_large_one_goes_alone() {
-        let tenants: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
-        let mut sizes = Sizes::uniform(10 << 20, 10);
-        sizes.named.insert("t3".into(), 40.0 * (1 << 20) as f64);
-        let jobs = drain(Queue::new(tenants, sizes, 1, 64 << 20));
-        assert_eq!(jobs[..2], [Job::Routing, Job::Global]);
-        assert_eq!(
-            jobs[2],
-            Job::Batch(vec!["t0".into(), "t1".into(), "t2".into()])
-        );
-        assert_eq!(jobs[3], Job::Tenant("t3".into()));
-        let rest: Vec<String> = jobs[4..]
-            .iter()
-            .flat_map(|j| match j {
-                Job::Batch(ts) => ts.clone(),
-                Job::Tenant(t) => vec![t.clone()],
-                Job::Routing | Job::Global => unreachable!(),
-            })
-            .collect();
-        assert_eq!(rest, ["t4", "t5", "t6", "t7", "t8", "t9"]);
-    }
+    fn large_tenants_go_alone_and_the_rest_fill_partitions_in_order() {
+        let mut sizes = uniform(10 << 20, 10);
+        sizes.named.insert("t00003".into(), 40.0 * (1 << 20) as f64);
+        let division = Division::new(names(10), &sizes, 1, 64 << 20);
+        assert_eq!(division.alone, ["t00003"]);
+        assert_eq!(division.swept.len(), 9);
+        assert_eq!(division.partitions(), 2, "two per worker");
+        assert_eq!(division.bounds, [0, 5, 9]);
 
-    #[test]
-    fn batches_shrink_when_rows_weigh_more_than_their_estimate() {
-        // 10,000 tenants of 100 KiB: batches of 24 MiB (three quarters of 32 MiB of memory).
-        let tenants: Vec<String> = (0..10_000).map(|i| format!("t{i:05}")).collect();
-        let mut queue = Queue::new(
-            tenants,
-            Sizes::uniform(10_000 * 102_400, 10_000),
+        // 10,000 tenants of 100 KiB, 32 MiB to gather with: partitions of about 8 MiB.
+        let division = Division::new(
+            names(10_000),
+            &uniform(10_000 * 102_400, 10_000),
             2,
             32 << 20,
+        );
+        assert!(division.alone.is_empty());
+        assert_eq!(division.partitions(), 123);
+        let sizes: Vec<usize> = division.bounds.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(sizes.iter().all(|&n| (80..=82).contains(&n)), "{sizes:?}");
+
+        // Never more partitions than tenants, nor than the limit.
+        assert_eq!(
+            Division::new(names(3), &uniform(1 << 40, 3), 1, 1 << 20)
+                .alone
+                .len(),
+            3
+        );
+        assert_eq!(
+            Division::new(names(3), &uniform(3, 3), 4, 1 << 20).partitions(),
+            3
+        );
+        assert_eq!(
+            Division::new(names(100_000), &uniform(1 << 40, 1 << 30), 1, 1 << 20).partitions(),
+            MAX_PARTITIONS
+        );
+    }
+
+    fn size(blocks: Option<u32>, mib: u64) -> TableSize {
+        TableSize {
+            blocks,
+            bytes: mib << 20,
+        }
+    }
+
+    #[test]
+    fn large_tables_are_cut_into_slices_read_largest_first() {
+        // A third of a worker's share of 600 MiB for 2 workers: pieces of 100 MiB.
+        let sizes = [
+            size(Some(10), 10),
+            size(None, 150),
+            size(Some(17_000), 340),
+            size(Some(100), 100),
+        ];
+        let slices = slices(&sizes, 2);
+        assert_eq!(slices.len(), 4 + 1 + 1 + 1);
+        assert_eq!(
+            slices[..2],
+            [Slice::whole(1), Slice::whole(3)],
+            "largest first; a partitioned table is never cut"
+        );
+        assert_eq!(slices[6], Slice::whole(0));
+        let mut cut: Vec<_> = slices.iter().filter(|s| s.table == 2).collect();
+        cut.sort_by_key(|s| s.from_block);
+        let ranges: Vec<_> = cut.iter().map(|s| (s.from_block, s.to_block)).collect();
+        assert_eq!(
+            ranges,
+            [
+                (0, Some(4250)),
+                (4250, Some(8500)),
+                (8500, Some(12750)),
+                (12750, None)
+            ],
+            "every block read once, the last range to the end"
+        );
+        // Small tables are never cut.
+        assert_eq!(
+            super::slices(&[size(Some(100), 1), size(Some(50), 1)], 2),
+            [Slice::whole(0), Slice::whole(1)]
+        );
+    }
+
+    #[test]
+    fn gathers_wait_for_every_scatter() {
+        let mut queue = Queue::new(
+            vec![Slice::whole(0), Slice::whole(1)],
+            2,
+            vec!["big".into()],
         );
         assert_eq!(queue.next(), Some(Job::Routing));
         assert_eq!(queue.next(), Some(Job::Global));
         let first = queue.next().unwrap();
-        assert_eq!(first.archives(), 245);
-        // Its rows were 4 times the estimate: the next batch holds a quarter as many.
-        queue.done(&first, 4 * 245 * 102_400);
-        assert_eq!(queue.next().unwrap().archives(), 61);
-        // 40 times: each tenant now weighs 4 MiB, and goes alone.
-        queue.done(&Job::Batch(vec!["t09999".into()]), 40 * 102_400 * 306);
-        assert!(matches!(queue.next(), Some(Job::Tenant(_))));
-    }
+        assert_eq!(first, Job::Scatter(Slice::whole(0)));
+        assert_eq!(queue.next(), Some(Job::Scatter(Slice::whole(1))));
+        assert_eq!(queue.next(), Some(Job::Tenant("big".into())));
+        queue.done(&first);
+        assert_eq!(queue.next(), Some(Job::Wait));
+        queue.done(&Job::Scatter(Slice::whole(1)));
+        assert_eq!(queue.next(), Some(Job::Gather(0)));
+        assert_eq!(queue.next(), Some(Job::Gather(1)));
+        assert_eq!(queue.next(), None);
 
-    #[test]
-    fn named_tenants_go_one_by_one() {
-        let jobs = drain(Queue::singles(vec!["a".into(), "b".into()]));
+        let mut queue = Queue::new(Vec::new(), 0, vec!["a".into(), "b".into()]);
+        let jobs: Vec<Job> = std::iter::from_fn(|| queue.next()).collect();
         assert_eq!(
             jobs,
             [
@@ -330,5 +501,9 @@ mod tests {
                 Job::Tenant("b".into())
             ]
         );
+        let mut queue = Queue::new(vec![Slice::whole(0)], 2, Vec::new());
+        queue.next();
+        queue.clear();
+        assert_eq!(queue.next(), None);
     }
 }

@@ -1,23 +1,13 @@
-//! A batch's rows, cut by tenant: each table of a batch is exported by one `COPY` whose rows
-//! carry their tenant's value first ([`Catalog::batch_query`]). [`Splitter`] cuts that stream
+//! A sweep's rows, cut by tenant: each tenant table is exported by one `COPY` whose rows
+//! carry their tenant's value first ([`Catalog::sweep_query`]). [`Splitter`] cuts that stream
 //! into rows; each tenant's rows of a table, without the tenant field, form its run, so that
 //! every tenant's archive can be written afterwards as if its rows had been exported alone
-//! (binary COPY streams get their own header and trailer).
+//! (binary COPY streams get their own header and trailer). [`Gather`] collects a group of
+//! tenants' rows by tenant in memory, within a budget.
 //!
-//! Rows in the server's order are [`Gather`]ed by tenant in memory: no sort on the server.
-//! A table that would not fit in the batch's memory is read again ordered by tenant, and its
-//! [`Runs`] then go to an unlinked scratch file beyond the budget, encrypted to a key made for
-//! the batch and held only in memory (no plaintext tenant data on local disk), read back once
-//! in the order they were written.
-//!
-//! [`Catalog::batch_query`]: crate::source::catalog::Catalog::batch_query
-
-use std::fs::File;
-use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::Path;
+//! [`Catalog::sweep_query`]: crate::source::catalog::Catalog::sweep_query
 
 use crate::repository::copy_binary::CopyFormat;
-use crate::scratch::anonymous_file;
 
 /// The header every binary COPY stream starts with (signature, no flags, no extension).
 pub const BINARY_HEADER: &[u8; 19] = b"PGCOPY\n\xff\r\n\0\0\0\0\0\0\0\0\0";
@@ -202,52 +192,22 @@ pub fn text_field(value: &str) -> Vec<u8> {
 /// One tenant's consecutive rows of one table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
-    /// The tenant's position in its batch.
+    /// The tenant's position in its group.
     pub tenant: u32,
     pub len: u64,
     pub rows: u64,
 }
 
-/// One table's runs of a batch, in tenant order.
-pub struct Runs {
-    runs: Vec<Run>,
-    body: Body,
-}
-
-/// Memory holds runs in blocks of this size: a growing Vec would reserve up to twice what it
-/// holds, twice the budget.
-const BLOCK: usize = 1 << 20;
-
-enum Body {
-    Memory(Vec<Vec<u8>>),
-    Spilled(age::stream::StreamWriter<BufWriter<File>>),
-}
-
-impl std::fmt::Debug for Runs {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runs")
-            .field("runs", &self.runs.len())
-            .field("spilled", &matches!(self.body, Body::Spilled(_)))
-            .finish()
-    }
-}
-
-/// Where a batch's runs go when memory is used up, and the key that reads them back.
-pub struct Spill<'a> {
-    pub dir: &'a Path,
-    pub key: &'a age::x25519::Identity,
-}
-
-/// One table's rows of a batch, in the order the server sends them, gathered by tenant in
+/// One table's rows of a group of tenants, in the order they come, gathered by tenant in
 /// memory.
 #[derive(Debug)]
 pub struct Gather {
-    /// Per tenant of the batch: its rows and how many.
+    /// Per tenant of the group: its rows and how many.
     tenants: Vec<(Vec<u8>, u64)>,
 }
 
 impl Gather {
-    /// For a batch of `tenants`.
+    /// For a group of `tenants`.
     pub fn new(tenants: usize) -> Self {
         Self {
             tenants: vec![(Vec::new(), 0); tenants],
@@ -275,19 +235,10 @@ impl Gather {
         true
     }
 
-    /// Gives back what it took of `memory`.
-    pub fn release(self, memory: &mut usize) {
-        *memory += self
-            .tenants
-            .iter()
-            .map(|(b, _)| b.capacity())
-            .sum::<usize>();
-    }
-
-    /// The tenants' runs, in tenant order.
-    pub fn into_runs(self) -> Runs {
+    /// The tenants' runs, in tenant order, to be read back.
+    pub fn into_runs(self) -> RunReader {
         let mut runs = Vec::new();
-        let mut blocks = Vec::new();
+        let mut blocks = std::collections::VecDeque::new();
         for (tenant, (buffer, rows)) in self.tenants.into_iter().enumerate() {
             if rows > 0 {
                 runs.push(Run {
@@ -295,198 +246,29 @@ impl Gather {
                     len: buffer.len() as u64,
                     rows,
                 });
-                blocks.push(buffer);
+                blocks.push_back(buffer);
             }
         }
-        Runs {
-            runs,
-            body: Body::Memory(blocks),
+        RunReader {
+            runs: runs.into_iter().peekable(),
+            blocks,
         }
-    }
-}
-
-impl Default for Runs {
-    fn default() -> Self {
-        Self {
-            runs: Vec::new(),
-            body: Body::Memory(Vec::new()),
-        }
-    }
-}
-
-impl Runs {
-    /// Appends a row of tenant `tenant` (its position in the batch). `memory` is what the
-    /// batch may still hold in memory; once a row would exceed it, this table's runs move to
-    /// a scratch file.
-    pub fn push(
-        &mut self,
-        tenant: u32,
-        pieces: &[&[u8]],
-        memory: &mut usize,
-        spill: &Spill<'_>,
-    ) -> Result<(), String> {
-        match self.runs.last_mut() {
-            Some(run) if run.tenant == tenant => run.rows += 1,
-            Some(run) if run.tenant > tenant => {
-                return Err(
-                    "rows did not arrive ordered by tenant (the tenant column's order differs \
-                     between the tables that carry it)"
-                        .into(),
-                );
-            }
-            _ => self.runs.push(Run {
-                tenant,
-                len: 0,
-                rows: 1,
-            }),
-        }
-        let size: usize = pieces.iter().map(|p| p.len()).sum();
-        self.runs.last_mut().expect("just pushed").len += size as u64;
-        if let Body::Memory(blocks) = &mut self.body {
-            if size <= *memory {
-                *memory -= size;
-                for piece in pieces {
-                    match blocks.last_mut() {
-                        Some(block) if block.capacity() - block.len() >= piece.len() => {
-                            block.extend_from_slice(piece);
-                        }
-                        _ => {
-                            let mut block = Vec::with_capacity(BLOCK.max(piece.len()));
-                            block.extend_from_slice(piece);
-                            blocks.push(block);
-                        }
-                    }
-                }
-                return Ok(());
-            }
-            *memory += blocks.iter().map(Vec::len).sum::<usize>();
-            let file = anonymous_file(spill.dir, "snapshot")
-                .map_err(|e| format!("creating a scratch file in {}: {e}", spill.dir.display()))?;
-            let recipient = spill.key.to_public();
-            let mut writer =
-                age::Encryptor::with_recipients(std::iter::once(&recipient as &dyn age::Recipient))
-                    .map_err(|e| e.to_string())?
-                    .wrap_output(BufWriter::with_capacity(1 << 20, file))
-                    .map_err(|e| format!("scratch file: {e}"))?;
-            for block in blocks.iter() {
-                writer
-                    .write_all(block)
-                    .map_err(|e| format!("scratch file: {e}"))?;
-            }
-            self.body = Body::Spilled(writer);
-        }
-        let Body::Spilled(writer) = &mut self.body else {
-            unreachable!("moved to a scratch file above")
-        };
-        for piece in pieces {
-            writer
-                .write_all(piece)
-                .map_err(|e| format!("scratch file: {e}"))?;
-        }
-        Ok(())
-    }
-
-    /// The bytes of every run.
-    pub fn bytes(&self) -> u64 {
-        self.runs.iter().map(|r| r.len).sum()
-    }
-
-    /// Whether the runs went to a scratch file.
-    pub fn spilled(&self) -> bool {
-        matches!(self.body, Body::Spilled(_))
-    }
-
-    /// The runs, for reading back in the order they were written.
-    pub fn into_reader(self, key: &age::x25519::Identity) -> io::Result<RunReader> {
-        let source = match self.body {
-            Body::Memory(blocks) => Source::Memory {
-                blocks: blocks.into(),
-                at: 0,
-            },
-            Body::Spilled(writer) => {
-                let mut file = writer
-                    .finish()?
-                    .into_inner()
-                    .map_err(io::IntoInnerError::into_error)?;
-                file.flush()?;
-                file.seek(SeekFrom::Start(0))?;
-                let decryptor = age::Decryptor::new(BufReader::with_capacity(1 << 16, file))
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                let reader = decryptor
-                    .decrypt(std::iter::once(key as &dyn age::Identity))
-                    .map_err(|e| io::Error::other(e.to_string()))?;
-                Source::Spilled {
-                    reader: Box::new(reader),
-                    buf: Vec::new(),
-                }
-            }
-        };
-        Ok(RunReader {
-            runs: self.runs.into_iter().peekable(),
-            source,
-        })
     }
 }
 
 /// Reads a table's runs back, tenant by tenant.
 pub struct RunReader {
     runs: std::iter::Peekable<std::vec::IntoIter<Run>>,
-    source: Source,
-}
-
-enum Source {
-    Memory {
-        blocks: std::collections::VecDeque<Vec<u8>>,
-        /// Read so far of the first block.
-        at: usize,
-    },
-    Spilled {
-        reader: Box<dyn Read + Send>,
-        buf: Vec<u8>,
-    },
+    /// A run each, freed as it is read.
+    blocks: std::collections::VecDeque<Vec<u8>>,
 }
 
 impl RunReader {
-    /// The run of tenant `tenant` if it has one (tenants must be asked for in order).
-    pub fn next_for(&mut self, tenant: u32) -> Option<Run> {
-        self.runs.next_if(|run| run.tenant == tenant)
-    }
-
-    /// Up to `max` (> 0) of the next bytes of the current run; the caller counts them
-    /// against the run's length.
-    pub fn take(&mut self, max: usize) -> io::Result<&[u8]> {
-        match &mut self.source {
-            Source::Memory { blocks, at } => {
-                // A block read to its end is freed.
-                while blocks.front().is_some_and(|b| *at == b.len()) {
-                    blocks.pop_front();
-                    *at = 0;
-                }
-                let Some(block) = blocks.front() else {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "runs ended early",
-                    ));
-                };
-                let end = (*at + max).min(block.len());
-                let piece = &block[*at..end];
-                *at = end;
-                Ok(piece)
-            }
-            // Ciphertext from an unlinked local file, read once in order: the page cache
-            // answers these reads, so they are done in place.
-            Source::Spilled { reader, buf } => {
-                buf.resize(max, 0);
-                let n = reader.read(buf)?;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "scratch file ended early",
-                    ));
-                }
-                Ok(&buf[..n])
-            }
-        }
+    /// The run of tenant `tenant` and its bytes, if it has one (tenants must be asked for in
+    /// order).
+    pub fn next_for(&mut self, tenant: u32) -> Option<(Run, Vec<u8>)> {
+        let run = self.runs.next_if(|run| run.tenant == tenant)?;
+        Some((run, self.blocks.pop_front().expect("a block per run")))
     }
 }
 
@@ -572,25 +354,19 @@ mod tests {
         assert!(splitter.feed(b"\\N\tx\n", |_, _| Ok(())).is_err());
     }
 
-    fn read_back(runs: Runs, key: &age::x25519::Identity, tenants: u32) -> Vec<(u32, Vec<u8>)> {
-        let mut reader = runs.into_reader(key).unwrap();
-        let mut out = Vec::new();
-        for t in 0..tenants {
-            if let Some(run) = reader.next_for(t) {
-                let mut bytes = Vec::new();
-                while (bytes.len() as u64) < run.len {
-                    let left = (run.len - bytes.len() as u64) as usize;
-                    bytes.extend_from_slice(reader.take(left.min(3)).unwrap());
-                }
-                out.push((t, bytes));
-            }
-        }
-        out
+    fn read_back(gather: Gather, tenants: u32) -> Vec<(u32, Vec<u8>)> {
+        let mut reader = gather.into_runs();
+        (0..tenants)
+            .filter_map(|t| reader.next_for(t))
+            .map(|(run, bytes)| {
+                assert_eq!(run.len, bytes.len() as u64);
+                (run.tenant, bytes)
+            })
+            .collect()
     }
 
     #[test]
     fn gathered_rows_read_back_by_tenant_and_memory_is_respected() {
-        let key = age::x25519::Identity::generate();
         let mut memory = 10_000;
         let mut gather = Gather::new(6);
         for (tenant, row) in [
@@ -602,7 +378,7 @@ mod tests {
             assert!(gather.push(tenant, &[row], &mut memory));
         }
         assert_eq!(
-            read_back(gather.into_runs(), &key, 6),
+            read_back(gather, 6),
             vec![
                 (0, b"onetwo".to_vec()),
                 (2, b"three".to_vec()),
@@ -616,39 +392,9 @@ mod tests {
             !gather.push(1, &[&[2; 200]], &mut memory),
             "over the budget"
         );
-        gather.release(&mut memory);
-        assert_eq!(memory, 300);
-    }
-
-    #[test]
-    fn runs_read_back_the_same_from_memory_and_from_an_encrypted_spill() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = age::x25519::Identity::generate();
-        let spill = Spill {
-            dir: dir.path(),
-            key: &key,
-        };
-        let rows: &[(u32, &[u8])] = &[(0, b"one"), (0, b"two"), (2, b"three"), (5, b"secret")];
-        let expected = vec![
-            (0, b"onetwo".to_vec()),
-            (2, b"three".to_vec()),
-            (5, b"secret".to_vec()),
-        ];
-        for budget in [1000, 7, 0] {
-            let mut memory = budget;
-            let mut runs = Runs::default();
-            for (tenant, row) in rows {
-                runs.push(*tenant, &[row], &mut memory, &spill).unwrap();
-            }
-            assert_eq!(runs.spilled(), budget < 17);
-            assert_eq!(read_back(runs, &key, 6), expected);
-        }
-        // Nothing readable was left in the directory (the file is unlinked at once).
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-
-        let mut memory = 100;
-        let mut runs = Runs::default();
-        runs.push(3, &[b"x"], &mut memory, &spill).unwrap();
-        assert!(runs.push(1, &[b"y"], &mut memory, &spill).is_err());
+        assert_eq!(
+            memory, 44,
+            "only what the first row took (its buffer's 256 bytes)"
+        );
     }
 }

@@ -586,7 +586,7 @@ impl Catalog {
     }
 
     /// Every distinct tenant value found in the tables that carry it, as text, in the order
-    /// of the tenant column's type: the order [`Catalog::batch_query`] returns rows in.
+    /// of the tenant column's type.
     pub fn tenants_query(&self) -> String {
         let ty = self.tenant_type();
         let parts: Vec<String> = self
@@ -668,18 +668,17 @@ impl Catalog {
         })
     }
 
-    /// The rows of `table` of every tenant from `first` to `last` (values, quoted here; in
-    /// the order of [`Catalog::tenants_query`]), each preceded by its tenant's value as text:
-    /// one statement exports a table for a whole batch of tenants. `ordered`: the rows of one
-    /// tenant arrive together, tenants in order (a sort on the server). A row reaching its
-    /// tenant through foreign keys is joined along them (each key is unique in its parent, so a
-    /// row is selected at most once, and exactly when [`Catalog::tenant_filter`] would select it).
-    pub fn batch_query(
+    /// The rows of `table` of every tenant but the `excluded` ones (values, quoted here),
+    /// each preceded by its tenant's value as text: one statement exports a table for every
+    /// tenant. A row reaching its tenant through foreign keys is joined along them (each key
+    /// is unique in its parent, so a row is selected at most once, and exactly when
+    /// [`Catalog::tenant_filter`] would select it); a row with no tenant is left out.
+    /// `blocks`: only the rows of `table` in these blocks (from, and to if any).
+    pub fn sweep_query(
         &self,
         table: &Table,
-        first: &str,
-        last: &str,
-        ordered: bool,
+        excluded: &[String],
+        blocks: Option<(u32, Option<u32>)>,
     ) -> Option<String> {
         let ty = self.tenant_type();
         let RouteJoins { joins, tenant, .. } = self.route_joins(table, "JOIN")?;
@@ -689,16 +688,28 @@ impl Catalog {
             .iter()
             .map(|c| format!(", r0.{}", quote_ident(&c.name)))
             .collect();
-        Some(format!(
-            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} BETWEEN {}::{ty} AND {}::{ty}{}",
-            table.sql_name(),
-            quote_literal(first),
-            quote_literal(last),
-            if ordered {
-                format!(" ORDER BY {tenant}")
-            } else {
-                String::new()
+        let excluded = if excluded.is_empty() {
+            String::new()
+        } else {
+            let values: Vec<String> = excluded
+                .iter()
+                .map(|t| format!("{}::{ty}", quote_literal(t)))
+                .collect();
+            format!(" AND {tenant} <> ALL (ARRAY[{}])", values.join(", "))
+        };
+        let blocks = match blocks {
+            None => String::new(),
+            Some((from, to)) => {
+                let mut range = format!(" AND r0.ctid >= '({from},0)'::tid");
+                if let Some(to) = to {
+                    range.push_str(&format!(" AND r0.ctid < '({to},0)'::tid"));
+                }
+                range
             }
+        };
+        Some(format!(
+            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} IS NOT NULL{excluded}{blocks}",
+            table.sql_name(),
         ))
     }
 
