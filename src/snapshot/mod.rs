@@ -501,7 +501,7 @@ impl Exporter {
                     tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                     Ok(Vec::new())
                 }
-                Job::Gather(partition) => self.gather(&client, *partition).await,
+                Job::Gather(partition) => self.gather(*partition).await,
             };
             match result {
                 Ok(entries) => {

@@ -4,17 +4,18 @@
 //! Exporting each tenant with its own filtered `COPY` of every table costs a statement per
 //! table per tenant, and each statement of a table that reaches its tenant through foreign
 //! keys joins its route: at thousands of small tenants the server spends its time finding
-//! rows, not sending them. So every tenant but the largest is exported by a sweep
-//! ([`super::sweep`]): one `COPY` per table with the route joined once, its rows cut by tenant
+//! rows, not sending them; and per-tenant statements of a large tenant join its route again
+//! for each. So a snapshot of every tenant is a sweep ([`super::sweep`]): one `COPY` per table
+//! (or per range of blocks of a large one) with the route joined once, its rows cut by tenant
 //! in the client and scattered into encrypted scratch partitions of consecutive tenants, each
-//! then gathered in memory and written as its tenants' archives. A tenant too large to gather
-//! in memory is exported on its own, its rows found through indexes and streamed straight into
-//! its archive.
+//! then gathered in memory and written as its tenants' archives. Tenants a user names are
+//! exported alone, with their own statements.
 //!
 //! Sizes come from the tables' sizes on disk and the planner's statistics of the tenant
 //! column (the most common values name the large tenants). They only shape the work: the
-//! sweep counts every tenant's bytes exactly, and a partition larger than memory is gathered
-//! in several passes, so a wrong estimate costs time, never memory.
+//! sweep counts every tenant's bytes exactly, a partition larger than memory is gathered in
+//! several passes, and a tenant too large for memory is streamed from the scratch, so a wrong
+//! estimate costs time, never memory.
 
 use std::collections::{HashMap, VecDeque};
 
@@ -138,10 +139,10 @@ pub fn slices(sizes: &[TableSize], workers: usize) -> Vec<Slice> {
     slices.into_iter().map(|(_, slice)| slice).collect()
 }
 
-/// Which tenants go alone, and the swept ones divided into partitions.
+/// The tenants a snapshot sweeps, divided into partitions, and those it exports alone.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Division {
-    /// Exported on their own, in order.
+    /// Exported on their own, in order (the tenants a user named).
     pub alone: Vec<String>,
     /// Swept, in the tenant column's order.
     pub swept: Vec<String>,
@@ -151,46 +152,37 @@ pub struct Division {
 
 impl Division {
     /// Divides `tenants` (in the tenant column's order) for `workers` that each gather up to
-    /// `memory` bytes at a time. A tenant estimated at a quarter of that goes alone (COPY bytes
-    /// run up to a few times the bytes on disk, and gathering may take twice them); the others
-    /// fill partitions of about that size, at least two per worker so that the gathers end
-    /// together.
-    pub fn new(tenants: Vec<String>, sizes: &Sizes, workers: usize, memory: u64) -> Self {
-        let share = (memory / 4).max(1) as f64;
-        let (alone, swept): (Vec<String>, Vec<String>) =
-            tenants.into_iter().partition(|t| sizes.of(t) >= share);
+    /// `memory` bytes at a time: consecutive tenants fill partitions of about a quarter of it
+    /// (COPY bytes run up to a few times the bytes on disk, and gathering may take twice
+    /// them), at least two per worker so that the gathers end together. A tenant estimated
+    /// at that quarter or more gets a partition of its own: if it is too large to gather, it
+    /// is streamed from its partition, which then holds nothing else to read past.
+    pub fn new(swept: Vec<String>, sizes: &Sizes, workers: usize, memory: u64) -> Self {
         if swept.is_empty() {
-            return Self {
-                alone,
-                ..Self::default()
-            };
+            return Self::default();
         }
+        let share = (memory / 4).max(1) as f64;
         let total: f64 = swept.iter().map(|t| sizes.of(t)).sum();
         let partitions = ((total / share).ceil() as usize)
             .max(2 * workers.max(1))
-            .clamp(1, MAX_PARTITIONS)
-            .min(swept.len());
+            .clamp(1, MAX_PARTITIONS);
         let each = total / partitions as f64;
         let mut bounds = vec![0];
-        let mut sum = 0.0;
+        let mut filled = 0.0;
         for (i, tenant) in swept.iter().enumerate() {
-            sum += sizes.of(tenant);
-            // Cut where the running total passes the next share, leaving every remaining
-            // partition at least one tenant.
-            let left = partitions - bounds.len();
-            if left > 0 && sum >= each * bounds.len() as f64 && swept.len() - (i + 1) >= left {
-                bounds.push(i + 1);
+            let size = sizes.of(tenant);
+            if filled > 0.0
+                && (size >= share || filled + size > each)
+                && bounds.len() < MAX_PARTITIONS
+            {
+                bounds.push(i);
+                filled = 0.0;
             }
-        }
-        while bounds.len() < partitions {
-            // Too few cuts (sizes all in the last tenants): split the rest evenly.
-            let last = *bounds.last().expect("starts at 0");
-            bounds.push(last + (swept.len() - last) / (partitions + 1 - bounds.len()));
+            filled += size.max(f64::MIN_POSITIVE);
         }
         bounds.push(swept.len());
-        bounds.dedup();
         Self {
-            alone,
+            alone: Vec::new(),
             swept,
             bounds,
         }
@@ -388,14 +380,17 @@ mod tests {
     }
 
     #[test]
-    fn large_tenants_go_alone_and_the_rest_fill_partitions_in_order() {
+    fn large_tenants_get_partitions_of_their_own_and_the_rest_fill_them_in_order() {
         let mut sizes = uniform(10 << 20, 10);
         sizes.named.insert("t00003".into(), 40.0 * (1 << 20) as f64);
         let division = Division::new(names(10), &sizes, 1, 64 << 20);
-        assert_eq!(division.alone, ["t00003"]);
-        assert_eq!(division.swept.len(), 9);
-        assert_eq!(division.partitions(), 2, "two per worker");
-        assert_eq!(division.bounds, [0, 5, 9]);
+        assert!(division.alone.is_empty());
+        assert_eq!(division.swept.len(), 10);
+        assert_eq!(
+            division.bounds,
+            [0, 3, 4, 10],
+            "t00003 alone in its partition"
+        );
 
         // 10,000 tenants of 100 KiB, 32 MiB to gather with: partitions of about 8 MiB.
         let division = Division::new(
@@ -404,16 +399,16 @@ mod tests {
             2,
             32 << 20,
         );
-        assert!(division.alone.is_empty());
-        assert_eq!(division.partitions(), 123);
         let sizes: Vec<usize> = division.bounds.windows(2).map(|w| w[1] - w[0]).collect();
-        assert!(sizes.iter().all(|&n| (80..=82).contains(&n)), "{sizes:?}");
+        assert!(
+            sizes[..sizes.len() - 1].iter().all(|&n| n == 81),
+            "{sizes:?}"
+        );
+        assert_eq!(division.partitions(), 124);
 
         // Never more partitions than tenants, nor than the limit.
         assert_eq!(
-            Division::new(names(3), &uniform(1 << 40, 3), 1, 1 << 20)
-                .alone
-                .len(),
+            Division::new(names(3), &uniform(1 << 40, 3), 1, 1 << 20).partitions(),
             3
         );
         assert_eq!(
@@ -423,6 +418,10 @@ mod tests {
         assert_eq!(
             Division::new(names(100_000), &uniform(1 << 40, 1 << 30), 1, 1 << 20).partitions(),
             MAX_PARTITIONS
+        );
+        assert_eq!(
+            Division::new(Vec::new(), &uniform(0, 1), 1, 1 << 20).partitions(),
+            0
         );
     }
 

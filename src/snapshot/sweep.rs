@@ -1,4 +1,4 @@
-//! The sweep: every tenant but the largest exported by one pass over each table.
+//! The sweep: every tenant exported by one pass over each table.
 //!
 //! A [`Job::Scatter`](super::plan::Job) runs one `COPY` of a tenant table with its route
 //! joined once ([`Catalog::sweep_query`]); its rows, cut by tenant ([`Splitter`]), are appended
@@ -7,13 +7,15 @@
 //! data on local disk) in an unlinked file. Every tenant's bytes are counted as they pass.
 //! Once every table is scattered, a [`Job::Gather`](super::plan::Job) reads one partition back,
 //! gathers its rows by table and tenant in memory, and writes each tenant's archive exactly as a
-//! tenant exported alone would have it.
+//! tenant exported alone would have it. Frames are compressed (zstd -1) before they are sealed:
+//! the scratch holds about a fifth of the COPY bytes.
 //!
 //! Memory: frame buffers (at most [`FRAME_MEMORY`] per worker whatever the number of
 //! partitions) and one gathered group of tenants. A partition whose counted bytes would not
 //! fit is gathered in several passes over its file, a group of tenants each; a tenant that
-//! alone would not fit is exported with its own statements. Counts are exact: nothing is
-//! estimated here.
+//! alone would not fit is streamed into its archive a table at a time, reading only that
+//! table's frames each time (a frame's table is in its clear, authenticated header). Counts
+//! are exact: nothing is estimated here.
 //!
 //! [`Catalog::sweep_query`]: crate::source::catalog::Catalog::sweep_query
 
@@ -136,71 +138,132 @@ impl Sweep {
         nonce.into()
     }
 
-    /// Compresses and seals `frame` (emptied) and appends it to `partition`'s file.
-    fn append(&self, partition: usize, frame: &mut Vec<u8>) -> Result<(), String> {
+    /// Compresses and seals `frame` (rows of tenant table `table`; emptied) and appends it to
+    /// `partition`'s file. The table's index is written in the clear (and authenticated):
+    /// a tenant streamed from the scratch reads only its table's frames at each step.
+    fn append(&self, partition: usize, table: u32, frame: &mut Vec<u8>) -> Result<(), String> {
         let mut sealed = zstd::bulk::compress(frame, SCRATCH_LEVEL)
             .map_err(|e| format!("compressing a scratch frame: {e}"))?;
         let raw = frame.len() as u32;
         frame.clear();
         let mut state = lock(&self.partitions[partition]);
+        let table = table.to_le_bytes();
         self.cipher
-            .encrypt_in_place(&Self::nonce(partition, state.frames), b"", &mut sealed)
+            .encrypt_in_place(&Self::nonce(partition, state.frames), &table, &mut sealed)
             .map_err(|_| "sealing a scratch frame failed".to_string())?;
         let file = state.file.as_mut().ok_or("partition already gathered")?;
         let write = (|| {
             file.write_all(&(sealed.len() as u32).to_le_bytes())?;
             file.write_all(&raw.to_le_bytes())?;
+            file.write_all(&table)?;
             file.write_all(&sealed)
         })();
         write.map_err(|e| format!("writing a scratch file: {e}"))?;
         state.frames += 1;
-        state.end += 8 + sealed.len() as u64;
+        state.end += FRAME_HEAD + sealed.len() as u64;
         Ok(())
     }
 
-    /// Calls `record(table, tenant, row)` for every row scattered into `partition`, frame by
-    /// frame in the order they were written (`tenant`: its index in `division.swept`).
-    fn read(
-        &self,
-        partition: usize,
-        mut record: impl FnMut(u32, u32, &[u8]) -> Result<(), String>,
-    ) -> Result<(), String> {
-        let state = lock(&self.partitions[partition]);
-        let file = state.file.as_ref().ok_or("partition already gathered")?;
-        let first = self.division.bounds[partition] as u32;
-        let broken = || "a scratch frame is truncated".to_string();
-        let (mut at, mut frame, mut sealed) = (0u64, 0u64, Vec::new());
-        while at < state.end {
-            let mut head = [0u8; 8];
-            file.read_exact_at(&mut head, at)
-                .map_err(|e| format!("reading a scratch file: {e}"))?;
-            let (len, raw) = head.split_at(4);
-            sealed.resize(u32::from_le_bytes(len.try_into().unwrap()) as usize, 0);
-            file.read_exact_at(&mut sealed, at + 8)
-                .map_err(|e| format!("reading a scratch file: {e}"))?;
-            at += 8 + sealed.len() as u64;
-            self.cipher
-                .decrypt_in_place(&Self::nonce(partition, frame), b"", &mut sealed)
-                .map_err(|_| "a scratch frame does not open with its key (changed on disk?)")?;
-            frame += 1;
-            let buf = zstd::bulk::decompress(
-                &sealed,
-                u32::from_le_bytes(raw.try_into().unwrap()) as usize,
-            )
-            .map_err(|e| format!("a scratch frame does not decompress: {e}"))?;
-            let table = u32::from_le_bytes(buf.get(..4).ok_or_else(broken)?.try_into().unwrap());
-            let mut rest = &buf[4..];
-            while !rest.is_empty() {
-                let head = rest.get(..8).ok_or_else(broken)?;
-                let tenant = u32::from_le_bytes(head[..4].try_into().unwrap());
-                let len = u32::from_le_bytes(head[4..].try_into().unwrap()) as usize;
-                let row = rest.get(8..8 + len).ok_or_else(broken)?;
-                record(table, first + tenant, row)?;
-                rest = &rest[8 + len..];
-            }
-        }
-        Ok(())
+    /// `partition`'s scratch file, to be read back (once every slice is scattered).
+    fn take(&self, partition: usize) -> Result<Scratch, String> {
+        let mut state = lock(&self.partitions[partition]);
+        let file = state.file.take().ok_or("partition already gathered")?;
+        Ok(Scratch {
+            file,
+            end: state.end,
+            partition,
+            first: self.division.bounds[partition] as u32,
+        })
     }
+}
+
+/// A frame's length sealed, its length raw, its table.
+const FRAME_HEAD: u64 = 12;
+
+/// One partition's scratch file, read back by its gatherer.
+struct Scratch {
+    file: File,
+    end: u64,
+    partition: usize,
+    /// The partition's first tenant (records number tenants from it).
+    first: u32,
+}
+
+impl Scratch {
+    /// The frames in the order they were written, or only those of table `table`.
+    fn frames<'a>(&'a self, sweep: &'a Sweep, table: Option<u32>) -> Frames<'a> {
+        Frames {
+            scratch: self,
+            sweep,
+            table,
+            at: 0,
+            number: 0,
+        }
+    }
+}
+
+struct Frames<'a> {
+    scratch: &'a Scratch,
+    sweep: &'a Sweep,
+    table: Option<u32>,
+    at: u64,
+    number: u64,
+}
+
+impl Frames<'_> {
+    /// The next frame: its table and its records (see [`records`]).
+    fn next(&mut self) -> Result<Option<(u32, Vec<u8>)>, String> {
+        let read = |e: std::io::Error| format!("reading a scratch file: {e}");
+        let file = &self.scratch.file;
+        while self.at < self.scratch.end {
+            let mut head = [0u8; FRAME_HEAD as usize];
+            file.read_exact_at(&mut head, self.at).map_err(read)?;
+            let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
+            let (len, raw, table) = (word(0) as usize, word(4) as usize, word(8));
+            let (at, number) = (self.at, self.number);
+            self.at += FRAME_HEAD + len as u64;
+            self.number += 1;
+            if self.table.is_some_and(|t| t != table) {
+                continue;
+            }
+            let mut sealed = vec![0; len];
+            file.read_exact_at(&mut sealed, at + FRAME_HEAD)
+                .map_err(read)?;
+            self.sweep
+                .cipher
+                .decrypt_in_place(
+                    &Sweep::nonce(self.scratch.partition, number),
+                    &table.to_le_bytes(),
+                    &mut sealed,
+                )
+                .map_err(|_| "a scratch frame does not open with its key (changed on disk?)")?;
+            let records = zstd::bulk::decompress(&sealed, raw)
+                .map_err(|e| format!("a scratch frame does not decompress: {e}"))?;
+            return Ok(Some((table, records)));
+        }
+        Ok(None)
+    }
+}
+
+/// A frame's records: each row with its tenant's index in the sweep.
+fn records(first: u32, mut frame: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8]), String>> {
+    std::iter::from_fn(move || {
+        if frame.is_empty() {
+            return None;
+        }
+        let record = (|| {
+            let head = frame.get(..8)?;
+            let tenant = u32::from_le_bytes(head[..4].try_into().ok()?);
+            let len = u32::from_le_bytes(head[4..].try_into().ok()?) as usize;
+            let row = frame.get(8..8 + len)?;
+            frame = &frame[8 + len..];
+            Some((first + tenant, row))
+        })();
+        if record.is_none() {
+            frame = &[];
+        }
+        Some(record.ok_or_else(|| "a scratch frame is truncated".to_string()))
+    })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -239,7 +302,6 @@ impl Exporter {
             .catalog
             .sweep_query(
                 table,
-                &sweep.division.alone,
                 (slice != Slice::whole(table_index)).then_some((slice.from_block, slice.to_block)),
             )
             .expect("tenant tables have a route");
@@ -273,9 +335,8 @@ impl Exporter {
                     let p = sweep.partition_of[i as usize] as usize;
                     let len: usize = pieces.iter().map(|p| p.len()).sum();
                     let frame = &mut frames[p];
-                    if frame.is_empty() {
+                    if frame.capacity() == 0 {
                         frame.reserve(frame_bytes + 16);
-                        frame.extend_from_slice(&(table_index as u32).to_le_bytes());
                     }
                     let first = sweep.division.bounds[p] as u32;
                     let row_len = u32::try_from(len).map_err(|_| "a row of 4 GiB or more")?;
@@ -287,7 +348,7 @@ impl Exporter {
                     *counted.entry(i).or_default() += len as u64;
                     total += len as u64;
                     if frame.len() >= frame_bytes {
-                        sweep.append(p, frame)?;
+                        sweep.append(p, table_index as u32, frame)?;
                         if frame.capacity() > 4 * frame_bytes {
                             // A huge row passed: its room is not kept for small ones.
                             *frame = Vec::new();
@@ -300,7 +361,7 @@ impl Exporter {
         splitter.finish().map_err(&fail)?;
         for (p, frame) in frames.iter_mut().enumerate() {
             if !frame.is_empty() {
-                sweep.append(p, frame).map_err(&fail)?;
+                sweep.append(p, table_index as u32, frame).map_err(&fail)?;
             }
         }
         let mut bytes = lock(&sweep.bytes);
@@ -325,32 +386,34 @@ impl Exporter {
 
     /// One partition's tenants: gathered from the scratch a group at a time (as many as
     /// memory holds, by their counted bytes) and written as archives. A tenant that alone
-    /// would not fit is exported with its own statements.
+    /// would not fit is streamed from the scratch into its archive, a table at a time.
     pub(super) async fn gather(
         &self,
-        client: &Client,
         partition: usize,
     ) -> Result<Vec<(Option<String>, ArchiveEntry)>, SnapshotError> {
+        let started = std::time::Instant::now();
         let sweep = self.sweep();
+        let failed = |message: String| SnapshotError::Export {
+            table: "(sweep)".into(),
+            message,
+        };
         let tables: Vec<&Table> = self.catalog.tenant_tables().collect();
         let (start, end) = (
             sweep.division.bounds[partition],
             sweep.division.bounds[partition + 1],
         );
         let bytes: Vec<u64> = lock(&sweep.bytes)[start..end].to_vec();
+        let scratch = sweep.take(partition).map_err(failed)?;
         let memory = self.run_memory as u64;
         // What gathering a tenant may take: its buffers grow by doubling.
         let cost = |b: u64| 2 * b + PER_RUN * tables.len() as u64;
-        let started = std::time::Instant::now();
-        let (mut passes, mut alone) = (0, 0);
+        let (mut passes, mut streamed) = (0, 0);
         let mut done = Vec::with_capacity(end - start);
         let mut at = start;
         while at < end {
             if cost(bytes[at - start]) > memory {
-                let tenant = sweep.division.swept[at].clone();
-                tracing::debug!(%tenant, bytes = bytes[at - start], "a swept tenant larger than memory: exported alone");
-                done.push(self.export_archive(client, Some(&tenant)).await?);
-                alone += 1;
+                done.push(self.stream_tenant(&scratch, at, &tables).await?);
+                streamed += 1;
                 at += 1;
                 continue;
             }
@@ -360,29 +423,28 @@ impl Exporter {
                 total += cost(bytes[group_end - start]);
                 group_end += 1;
             }
-            done.extend(self.gather_group(partition, at, group_end, &tables).await?);
+            done.extend(self.gather_group(&scratch, at, group_end, &tables).await?);
             passes += 1;
             at = group_end;
         }
-        // The partition's file is closed (its space freed) once read.
-        lock(&sweep.partitions[partition]).file = None;
         tracing::debug!(
             partition,
             tenants = end - start,
             copy_bytes = bytes.iter().sum::<u64>(),
             passes,
-            alone,
+            streamed,
             seconds = started.elapsed().as_secs_f64(),
             "partition gathered"
         );
+        // The scratch file is closed (its space freed) here.
         Ok(done)
     }
 
-    /// Tenants `start..end` of the sweep (all of one partition), gathered in one pass over its
-    /// file and written as archives.
+    /// Tenants `start..end` of the sweep (all of `scratch`'s partition), gathered in one pass
+    /// over its file and written as archives.
     async fn gather_group(
         &self,
-        partition: usize,
+        scratch: &Scratch,
         start: usize,
         end: usize,
         tables: &[&Table],
@@ -390,28 +452,105 @@ impl Exporter {
         let sweep = self.sweep();
         let mut memory = self.run_memory;
         let mut gathers: Vec<Gather> = tables.iter().map(|_| Gather::new(end - start)).collect();
-        sweep
-            .read(partition, |table, tenant, row| {
-                let tenant = tenant as usize;
-                if !(start..end).contains(&tenant) {
-                    return Ok(());
-                }
+        let mut frames = scratch.frames(sweep, None);
+        let read = (|| {
+            while let Some((table, frame)) = frames.next()? {
                 let gather = gathers
                     .get_mut(table as usize)
                     .ok_or("a scratch frame names no table")?;
-                if gather.push((tenant - start) as u32, &[row], &mut memory) {
-                    Ok(())
-                } else {
-                    Err("a partition's rows outgrew their counted bytes".into())
+                for record in records(scratch.first, &frame) {
+                    let (tenant, row) = record?;
+                    let tenant = tenant as usize;
+                    if (start..end).contains(&tenant)
+                        && !gather.push((tenant - start) as u32, &[row], &mut memory)
+                    {
+                        return Err("a partition's rows outgrew their counted bytes".to_string());
+                    }
                 }
-            })
-            .map_err(|message| SnapshotError::Export {
-                table: "(sweep)".into(),
-                message,
-            })?;
+            }
+            Ok(())
+        })();
+        read.map_err(|message| SnapshotError::Export {
+            table: "(sweep)".into(),
+            message,
+        })?;
         let readers = gathers.into_iter().map(Gather::into_runs).collect();
         self.write_archives(&sweep.division.swept[start..end], tables, readers)
             .await
+    }
+
+    /// The archive of tenant `tenant` (its index in the sweep), too large to gather: each
+    /// table's frames read from `scratch` in turn, its rows streamed into the archive.
+    async fn stream_tenant(
+        &self,
+        scratch: &Scratch,
+        tenant: usize,
+        tables: &[&Table],
+    ) -> Result<(Option<String>, ArchiveEntry), SnapshotError> {
+        let started = std::time::Instant::now();
+        let sweep = self.sweep();
+        let name = &sweep.division.swept[tenant];
+        let failed = |table: &Table| {
+            let table = table.qualified();
+            move |message: String| SnapshotError::Export { table, message }
+        };
+        let mut writer = self
+            .archive_writer(
+                keys::tenant(&self.id, name),
+                ArchiveKind::Tenant,
+                Some(name),
+            )
+            .await?;
+        let mut rows = BTreeMap::new();
+        for (index, table) in tables.iter().enumerate() {
+            let binary = table.copy_format() == CopyFormat::Binary;
+            writer
+                .write(&archive::table_record(&table_header(table)))
+                .await?;
+            let mut pending = BytesMut::new();
+            if binary {
+                pending.extend_from_slice(BINARY_HEADER);
+            }
+            let mut n = 0;
+            let mut frames = scratch.frames(sweep, Some(index as u32));
+            while let Some((_, frame)) = frames.next().map_err(failed(table))? {
+                for record in records(scratch.first, &frame) {
+                    let (of, row) = record.map_err(failed(table))?;
+                    if of as usize != tenant {
+                        continue;
+                    }
+                    n += 1;
+                    for piece in row.chunks(archive::DATA_RECORD) {
+                        pending.extend_from_slice(piece);
+                        if pending.len() >= archive::DATA_RECORD {
+                            flush_data(&mut writer, &mut pending).await?;
+                        }
+                    }
+                }
+            }
+            if binary {
+                pending.extend_from_slice(BINARY_TRAILER);
+            }
+            if !pending.is_empty() {
+                flush_data(&mut writer, &mut pending).await?;
+            }
+            writer.write(&archive::table_end_record(n)).await?;
+            rows.insert(table.qualified(), n);
+        }
+        writer
+            .write(&archive::end_record(tables.len() as u64))
+            .await?;
+        let (object, _) = writer.finish().await?;
+        let entry = ArchiveEntry { object, rows };
+        tracing::debug!(
+            tenant = %name,
+            rows = entry.total_rows(),
+            bytes = entry.object.bytes,
+            seconds = started.elapsed().as_secs_f64(),
+            "archive streamed from the scratch"
+        );
+        self.progress.advance(entry.object.bytes);
+        Ok((Some(name.clone()), entry))
     }
 }
 
@@ -486,5 +625,98 @@ impl Exporter {
             done.push((tenant, entry));
         }
         Ok(done)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(tenant: u32, row: &[u8]) -> Vec<u8> {
+        let mut out = tenant.to_le_bytes().to_vec();
+        out.extend_from_slice(&(row.len() as u32).to_le_bytes());
+        out.extend_from_slice(row);
+        out
+    }
+
+    fn sweep(dir: &std::path::Path) -> Sweep {
+        let division = Division {
+            alone: Vec::new(),
+            swept: vec!["a".into(), "b".into(), "c".into()],
+            bounds: vec![0, 1, 3],
+        };
+        Sweep::new(division, 1, dir).unwrap()
+    }
+
+    fn all(frames: &mut Frames<'_>, first: u32) -> Vec<(u32, u32, Vec<u8>)> {
+        let mut out = Vec::new();
+        while let Some((table, frame)) = frames.next().unwrap() {
+            for r in records(first, &frame) {
+                let (tenant, row) = r.unwrap();
+                out.push((table, tenant, row.to_vec()));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn frames_read_back_in_order_or_by_table_and_nothing_plain_is_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let sweep = sweep(dir.path());
+        // Partition 1 holds tenants 1 and 2 ("b", "c"); records number them from 0.
+        // Incompressible: zstd would store it as it is, only sealing hides it.
+        let secret: Vec<u8> = (0..500).map(|_| fastrand::u8(..)).collect();
+        let mut frame = [record(0, &secret), record(1, b"c1")].concat();
+        sweep.append(1, 0, &mut frame).unwrap();
+        assert!(frame.is_empty(), "the frame is emptied for the next rows");
+        let mut frame = record(1, b"c2");
+        sweep.append(1, 4, &mut frame).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "unlinked"
+        );
+
+        let scratch = sweep.take(1).unwrap();
+        assert!(sweep.take(1).is_err(), "a partition is gathered once");
+        let mut on_disk = vec![0; scratch.end as usize];
+        scratch.file.read_exact_at(&mut on_disk, 0).unwrap();
+        assert!(!on_disk.windows(16).any(|w| w == &secret[..16]));
+
+        assert_eq!(
+            all(&mut scratch.frames(&sweep, None), scratch.first),
+            [
+                (0, 1, secret.clone()),
+                (0, 2, b"c1".to_vec()),
+                (4, 2, b"c2".to_vec())
+            ]
+        );
+        assert_eq!(
+            all(&mut scratch.frames(&sweep, Some(4)), scratch.first),
+            [(4, 2, b"c2".to_vec())]
+        );
+        assert!(all(&mut scratch.frames(&sweep, Some(1)), scratch.first).is_empty());
+    }
+
+    #[test]
+    fn a_changed_scratch_frame_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sweep = sweep(dir.path());
+        let mut frame = record(0, b"a1");
+        sweep.append(0, 2, &mut frame).unwrap();
+        let scratch = sweep.take(0).unwrap();
+        // The table in the clear header is authenticated too.
+        scratch.file.write_all_at(&3u32.to_le_bytes(), 8).unwrap();
+        let error = scratch.frames(&sweep, None).next().unwrap_err();
+        assert!(error.contains("does not open"), "{error}");
+    }
+
+    #[test]
+    fn truncated_records_are_refused() {
+        let frame = record(0, b"abc");
+        let cut = &frame[..frame.len() - 1];
+        let out: Vec<_> = records(0, cut).collect();
+        assert_eq!(out.len(), 1);
+        assert!(out[0].is_err());
     }
 }

@@ -668,18 +668,13 @@ impl Catalog {
         })
     }
 
-    /// The rows of `table` of every tenant but the `excluded` ones (values, quoted here),
-    /// each preceded by its tenant's value as text: one statement exports a table for every
-    /// tenant. A row reaching its tenant through foreign keys is joined along them (each key
-    /// is unique in its parent, so a row is selected at most once, and exactly when
-    /// [`Catalog::tenant_filter`] would select it); a row with no tenant is left out.
-    /// `blocks`: only the rows of `table` in these blocks (from, and to if any).
-    pub fn sweep_query(
-        &self,
-        table: &Table,
-        excluded: &[String],
-        blocks: Option<(u32, Option<u32>)>,
-    ) -> Option<String> {
+    /// The rows of `table` of every tenant, each preceded by its tenant's value as text: one
+    /// statement exports a table for every tenant. A row reaching its tenant through foreign
+    /// keys is joined along them (each key is unique in its parent, so a row is selected at
+    /// most once, and exactly when [`Catalog::tenant_filter`] would select it); a row with no
+    /// tenant is left out. `blocks`: only the rows of `table` in these blocks (from, and to if
+    /// any).
+    pub fn sweep_query(&self, table: &Table, blocks: Option<(u32, Option<u32>)>) -> Option<String> {
         let ty = self.tenant_type();
         let RouteJoins { joins, tenant, .. } = self.route_joins(table, "JOIN")?;
         let tenant = format!("{tenant}::{ty}");
@@ -688,15 +683,6 @@ impl Catalog {
             .iter()
             .map(|c| format!(", r0.{}", quote_ident(&c.name)))
             .collect();
-        let excluded = if excluded.is_empty() {
-            String::new()
-        } else {
-            let values: Vec<String> = excluded
-                .iter()
-                .map(|t| format!("{}::{ty}", quote_literal(t)))
-                .collect();
-            format!(" AND {tenant} <> ALL (ARRAY[{}])", values.join(", "))
-        };
         let blocks = match blocks {
             None => String::new(),
             Some((from, to)) => {
@@ -708,7 +694,7 @@ impl Catalog {
             }
         };
         Some(format!(
-            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} IS NOT NULL{excluded}{blocks}",
+            "SELECT {tenant}::text{columns} FROM {} AS r0{joins} WHERE {tenant} IS NOT NULL{blocks}",
             table.sql_name(),
         ))
     }

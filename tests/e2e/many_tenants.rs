@@ -1,7 +1,7 @@
 //! Thousands of small tenants: the snapshot sweeps them (one COPY per table, rows split by
 //! tenant in the client and scattered into encrypted scratch partitions, then gathered by
-//! tenant) and, with little memory allowed, gathers partitions in several passes and exports
-//! the tenants that would not fit alone. Every tenant still gets exactly its rows: a sample is
+//! tenant) and, with little memory allowed, gathers partitions in several passes and streams
+//! the tenants that would not fit from the scratch. Every tenant still gets exactly its rows: a sample is
 //! restored and compared with the source, and no restore holds another tenant's row.
 
 use crate::support::oracle::digest;
@@ -97,7 +97,7 @@ async fn thousands_of_tenants_each_restore_exactly_their_rows() {
         String::from_utf8_lossy(&out.stdout)
     );
     // Every table scattered, partitions gathered in several passes, and tenant 4999 (which
-    // would not fit) exported alone.
+    // would not fit) streamed from the scratch.
     let log = String::from_utf8_lossy(&out.stderr);
     let lines = |message: &str| -> Vec<&str> {
         log.lines()
@@ -112,7 +112,7 @@ async fn thousands_of_tenants_each_restore_exactly_their_rows() {
         "{log}"
     );
     assert!(
-        gathered.iter().any(|l| !l.contains("\"alone\":0,")),
+        gathered.iter().any(|l| !l.contains("\"streamed\":0,")),
         "{log}"
     );
     assert_eq!(
