@@ -9,6 +9,7 @@
 //! `runs`); a large tenant with its own tenant-filtered `COPY (SELECT …) TO STDOUT`s,
 //! streamed into its archive.
 
+mod frames;
 mod plan;
 mod runs;
 mod sweep;

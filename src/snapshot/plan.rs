@@ -13,8 +13,8 @@
 //!
 //! Sizes come from the tables' sizes on disk and the planner's statistics of the tenant
 //! column (the most common values name the large tenants). They only shape the work: the
-//! sweep counts every tenant's bytes exactly, a partition larger than memory is gathered in
-//! several passes, and a tenant too large for memory is streamed from the scratch, so a wrong
+//! sweep counts every tenant's bytes exactly, a partition larger than memory is split into
+//! groups that fit, and a tenant too large for memory is streamed from the scratch, so a wrong
 //! estimate costs time, never memory.
 
 use std::collections::{HashMap, VecDeque};

@@ -1,37 +1,31 @@
 //! The sweep: every tenant exported by one pass over each table.
 //!
-//! A [`Job::Scatter`](super::plan::Job) runs one `COPY` of a tenant table with its route
-//! joined once ([`Catalog::sweep_query`]); its rows, cut by tenant ([`Splitter`]), are appended
-//! to the scratch partition of their tenant: consecutive tenants, in frames sealed one by one
-//! (ChaCha20-Poly1305, a key made for the snapshot and held only in memory: no plaintext tenant
-//! data on local disk) in an unlinked file. Every tenant's bytes are counted as they pass.
-//! Once every table is scattered, a [`Job::Gather`](super::plan::Job) reads one partition back,
+//! A [`Job::Scatter`](super::plan::Job) runs one `COPY` of a tenant table (or of a range of its
+//! blocks) with its route joined once ([`Catalog::sweep_query`]); its rows, cut by tenant
+//! ([`Splitter`]), are appended to the scratch partition of their tenant (consecutive tenants)
+//! in sealed frames ([`super::frames`]). Every tenant's bytes are counted as they pass. Once
+//! every slice is scattered, a [`Job::Gather`](super::plan::Job) reads one partition back,
 //! gathers its rows by table and tenant in memory, and writes each tenant's archive exactly as a
-//! tenant exported alone would have it. Frames are compressed (zstd -1) before they are sealed:
-//! the scratch holds about a fifth of the COPY bytes.
+//! tenant exported alone would have it.
 //!
 //! Memory: frame buffers (at most [`FRAME_MEMORY`] per worker whatever the number of
 //! partitions) and one gathered group of tenants. A partition whose counted bytes would not
-//! fit is gathered in several passes over its file, a group of tenants each; a tenant that
-//! alone would not fit is streamed into its archive a table at a time, reading only that
-//! table's frames each time (a frame's table is in its clear, authenticated header). Counts
-//! are exact: nothing is estimated here.
+//! fit is split once into a scratch file per group of tenants that fits (read once, written
+//! once more) and each group gathered from its own; a tenant that alone would not fit is
+//! streamed into its archive a table at a time, reading only that table's frames each time.
+//! Counts are exact: nothing is estimated here.
 //!
 //! [`Catalog::sweep_query`]: crate::source::catalog::Catalog::sweep_query
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
-use std::io::Write;
-use std::os::unix::fs::FileExt;
 use std::sync::Mutex;
 
 use bytes::BytesMut;
-use chacha20poly1305::aead::{AeadInPlace, KeyInit, OsRng};
-use chacha20poly1305::{ChaCha20Poly1305, Nonce};
 use futures::stream::FuturesUnordered;
 use futures::{StreamExt, pin_mut};
 use tokio_postgres::Client;
 
+use super::frames::{self, FrameFile, FrameKey};
 use super::plan::{Division, Slice};
 use super::runs::{self, BINARY_HEADER, BINARY_TRAILER, Gather, RunReader, Splitter};
 use super::{Exporter, SnapshotError, flush_data, table_header};
@@ -39,18 +33,16 @@ use crate::pg::sqlstate;
 use crate::repository::archive::{self, ArchiveKind};
 use crate::repository::copy_binary::CopyFormat;
 use crate::repository::manifest::ArchiveEntry;
+use crate::repository::object::ObjectWriter;
 use crate::repository::{RepositoryError, keys};
-use crate::scratch::anonymous_file;
 use crate::source::catalog::Table;
 
-/// What one worker's frame buffers may hold during a scatter, shared by the partitions.
+/// What one worker's frame buffers may hold at a time, shared by the partitions (or groups).
 pub const FRAME_MEMORY: usize = 8 << 20;
 /// A frame never waits for more than this.
 const FRAME_BYTES: usize = 64 << 10;
-/// Nor is it cut smaller than this (more partitions then cost more than the budget).
+/// Nor is it cut smaller than this (more buffers then cost more than the budget).
 const MIN_FRAME_BYTES: usize = 4 << 10;
-/// Scratch frames are compressed fast: a fifth of the bytes to seal, write and read back.
-const SCRATCH_LEVEL: i32 = 1;
 /// What a gathered tenant's table costs besides its rows (a buffer's smallest size).
 const PER_RUN: u64 = 256;
 
@@ -63,21 +55,14 @@ pub struct Sweep {
     text: Option<HashMap<Vec<u8>, u32>>,
     /// Partition of each swept tenant.
     partition_of: Vec<u32>,
-    partitions: Vec<Mutex<Partition>>,
+    /// Each partition's file, until its gatherer takes it.
+    partitions: Vec<Mutex<Option<FrameFile>>>,
+    key: FrameKey,
     /// COPY bytes of each swept tenant's rows (without the tenant field), all tables.
     bytes: Mutex<Vec<u64>>,
     /// Slices to scatter, and those done with the COPY bytes they read.
     slices: usize,
     scattered: Mutex<(usize, u64)>,
-    cipher: ChaCha20Poly1305,
-}
-
-struct Partition {
-    file: Option<File>,
-    /// Frames written: the next one's nonce.
-    frames: u64,
-    /// Bytes written (the next frame's offset).
-    end: u64,
 }
 
 impl std::fmt::Debug for Sweep {
@@ -105,11 +90,7 @@ impl Sweep {
         let mut partitions = Vec::with_capacity(division.partitions());
         for (p, range) in division.bounds.windows(2).enumerate() {
             partition_of[range[0]..range[1]].fill(p as u32);
-            partitions.push(Mutex::new(Partition {
-                file: Some(anonymous_file(dir, "sweep")?),
-                frames: 0,
-                end: 0,
-            }));
+            partitions.push(Mutex::new(Some(FrameFile::create(dir, p as u32)?)));
         }
         Ok(Self {
             bytes: Mutex::new(vec![0; division.swept.len()]),
@@ -120,7 +101,7 @@ impl Sweep {
             text: escaped.then_some(text),
             partition_of,
             partitions,
-            cipher: ChaCha20Poly1305::new(&ChaCha20Poly1305::generate_key(&mut OsRng)),
+            key: FrameKey::generate(),
         })
     }
 
@@ -131,139 +112,56 @@ impl Sweep {
         }
     }
 
-    fn nonce(partition: usize, frame: u64) -> Nonce {
-        let mut nonce = [0u8; 12];
-        nonce[..4].copy_from_slice(&(partition as u32).to_le_bytes());
-        nonce[4..].copy_from_slice(&frame.to_le_bytes());
-        nonce.into()
+    /// Compresses and seals `frame` (rows of tenant table `table`; emptied) into
+    /// `partition`'s file (compressed before the partition is locked).
+    fn append(&self, partition: usize, table: u32, frame: &mut Vec<u8>) -> Result<(), String> {
+        let compressed = frames::compress(frame)?;
+        lock(&self.partitions[partition])
+            .as_mut()
+            .ok_or("partition already gathered")?
+            .append(&self.key, table, compressed)
     }
 
-    /// Compresses and seals `frame` (rows of tenant table `table`; emptied) and appends it to
-    /// `partition`'s file. The table's index is written in the clear (and authenticated):
-    /// a tenant streamed from the scratch reads only its table's frames at each step.
-    fn append(&self, partition: usize, table: u32, frame: &mut Vec<u8>) -> Result<(), String> {
-        let mut sealed = zstd::bulk::compress(frame, SCRATCH_LEVEL)
-            .map_err(|e| format!("compressing a scratch frame: {e}"))?;
-        let raw = frame.len() as u32;
-        frame.clear();
-        let mut state = lock(&self.partitions[partition]);
-        let table = table.to_le_bytes();
-        self.cipher
-            .encrypt_in_place(&Self::nonce(partition, state.frames), &table, &mut sealed)
-            .map_err(|_| "sealing a scratch frame failed".to_string())?;
-        let file = state.file.as_mut().ok_or("partition already gathered")?;
-        let write = (|| {
-            file.write_all(&(sealed.len() as u32).to_le_bytes())?;
-            file.write_all(&raw.to_le_bytes())?;
-            file.write_all(&table)?;
-            file.write_all(&sealed)
-        })();
-        write.map_err(|e| format!("writing a scratch file: {e}"))?;
-        state.frames += 1;
-        state.end += FRAME_HEAD + sealed.len() as u64;
+    /// `partition`'s file, to be read back (once every slice is scattered).
+    fn take(&self, partition: usize) -> Result<FrameFile, String> {
+        lock(&self.partitions[partition])
+            .take()
+            .ok_or_else(|| "partition already gathered".to_string())
+    }
+}
+
+/// Frame buffers, a budget shared among `count` of them.
+fn frame_bytes(count: usize) -> usize {
+    (FRAME_MEMORY / count.max(1)).clamp(MIN_FRAME_BYTES, FRAME_BYTES)
+}
+
+/// Scratch rows to read back: a file, its key, and the sweep's index of the tenant its
+/// records number from.
+struct Scratch<'a> {
+    file: &'a FrameFile,
+    key: &'a FrameKey,
+    first: usize,
+}
+
+impl Scratch<'_> {
+    /// Calls `row(table, tenant, row)` for every record of every frame (or of table `table`'s
+    /// frames), `tenant` being its index in the sweep. Frames are read one at a time: the
+    /// caller may await between them by handling a frame's rows itself (see
+    /// [`Exporter::stream_tenant`]).
+    fn each(
+        &self,
+        table: Option<u32>,
+        mut row: impl FnMut(u32, usize, &[u8]) -> Result<(), String>,
+    ) -> Result<(), String> {
+        let mut frames = self.file.frames(self.key, table);
+        while let Some((table, frame)) = frames.next()? {
+            for record in frames::records(&frame) {
+                let (tenant, bytes) = record?;
+                row(table, self.first + tenant as usize, bytes)?;
+            }
+        }
         Ok(())
     }
-
-    /// `partition`'s scratch file, to be read back (once every slice is scattered).
-    fn take(&self, partition: usize) -> Result<Scratch, String> {
-        let mut state = lock(&self.partitions[partition]);
-        let file = state.file.take().ok_or("partition already gathered")?;
-        Ok(Scratch {
-            file,
-            end: state.end,
-            partition,
-            first: self.division.bounds[partition] as u32,
-        })
-    }
-}
-
-/// A frame's length sealed, its length raw, its table.
-const FRAME_HEAD: u64 = 12;
-
-/// One partition's scratch file, read back by its gatherer.
-struct Scratch {
-    file: File,
-    end: u64,
-    partition: usize,
-    /// The partition's first tenant (records number tenants from it).
-    first: u32,
-}
-
-impl Scratch {
-    /// The frames in the order they were written, or only those of table `table`.
-    fn frames<'a>(&'a self, sweep: &'a Sweep, table: Option<u32>) -> Frames<'a> {
-        Frames {
-            scratch: self,
-            sweep,
-            table,
-            at: 0,
-            number: 0,
-        }
-    }
-}
-
-struct Frames<'a> {
-    scratch: &'a Scratch,
-    sweep: &'a Sweep,
-    table: Option<u32>,
-    at: u64,
-    number: u64,
-}
-
-impl Frames<'_> {
-    /// The next frame: its table and its records (see [`records`]).
-    fn next(&mut self) -> Result<Option<(u32, Vec<u8>)>, String> {
-        let read = |e: std::io::Error| format!("reading a scratch file: {e}");
-        let file = &self.scratch.file;
-        while self.at < self.scratch.end {
-            let mut head = [0u8; FRAME_HEAD as usize];
-            file.read_exact_at(&mut head, self.at).map_err(read)?;
-            let word = |i: usize| u32::from_le_bytes(head[i..i + 4].try_into().expect("4 bytes"));
-            let (len, raw, table) = (word(0) as usize, word(4) as usize, word(8));
-            let (at, number) = (self.at, self.number);
-            self.at += FRAME_HEAD + len as u64;
-            self.number += 1;
-            if self.table.is_some_and(|t| t != table) {
-                continue;
-            }
-            let mut sealed = vec![0; len];
-            file.read_exact_at(&mut sealed, at + FRAME_HEAD)
-                .map_err(read)?;
-            self.sweep
-                .cipher
-                .decrypt_in_place(
-                    &Sweep::nonce(self.scratch.partition, number),
-                    &table.to_le_bytes(),
-                    &mut sealed,
-                )
-                .map_err(|_| "a scratch frame does not open with its key (changed on disk?)")?;
-            let records = zstd::bulk::decompress(&sealed, raw)
-                .map_err(|e| format!("a scratch frame does not decompress: {e}"))?;
-            return Ok(Some((table, records)));
-        }
-        Ok(None)
-    }
-}
-
-/// A frame's records: each row with its tenant's index in the sweep.
-fn records(first: u32, mut frame: &[u8]) -> impl Iterator<Item = Result<(u32, &[u8]), String>> {
-    std::iter::from_fn(move || {
-        if frame.is_empty() {
-            return None;
-        }
-        let record = (|| {
-            let head = frame.get(..8)?;
-            let tenant = u32::from_le_bytes(head[..4].try_into().ok()?);
-            let len = u32::from_le_bytes(head[4..].try_into().ok()?) as usize;
-            let row = frame.get(8..8 + len)?;
-            frame = &frame[8 + len..];
-            Some((first + tenant, row))
-        })();
-        if record.is_none() {
-            frame = &[];
-        }
-        Some(record.ok_or_else(|| "a scratch frame is truncated".to_string()))
-    })
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -279,14 +177,14 @@ impl Exporter {
             .expect("sweep jobs only exist with a sweep")
     }
 
-    /// One tenant table's rows of every swept tenant, scattered into the partitions.
+    /// One slice of a tenant table's rows of every swept tenant, scattered into the
+    /// partitions.
     pub(super) async fn scatter(&self, client: &Client, slice: Slice) -> Result<(), SnapshotError> {
         let sweep = self.sweep();
-        let table_index = slice.table;
         let table = self
             .catalog
             .tenant_tables()
-            .nth(table_index)
+            .nth(slice.table)
             .expect("a tenant table");
         let fail = |message: String| SnapshotError::Export {
             table: table.qualified(),
@@ -294,15 +192,14 @@ impl Exporter {
         };
         let format = table.copy_format();
         let index = sweep.index(format);
-        let partitions = sweep.partitions.len();
-        let frame_bytes = (FRAME_MEMORY / partitions).clamp(MIN_FRAME_BYTES, FRAME_BYTES);
-        let mut frames: Vec<Vec<u8>> = vec![Vec::new(); partitions];
+        let frame_bytes = frame_bytes(sweep.partitions.len());
+        let mut frames: Vec<Vec<u8>> = vec![Vec::new(); sweep.partitions.len()];
         let mut counted: HashMap<u32, u64> = HashMap::new();
         let query = self
             .catalog
             .sweep_query(
                 table,
-                (slice != Slice::whole(table_index)).then_some((slice.from_block, slice.to_block)),
+                (slice != Slice::whole(slice.table)).then_some((slice.from_block, slice.to_block)),
             )
             .expect("tenant tables have a route");
         let sql = format!("COPY ({query}) TO STDOUT (FORMAT {})", format.sql());
@@ -333,22 +230,17 @@ impl Exporter {
                         }
                     };
                     let p = sweep.partition_of[i as usize] as usize;
-                    let len: usize = pieces.iter().map(|p| p.len()).sum();
                     let frame = &mut frames[p];
                     if frame.capacity() == 0 {
                         frame.reserve(frame_bytes + 16);
                     }
                     let first = sweep.division.bounds[p] as u32;
-                    let row_len = u32::try_from(len).map_err(|_| "a row of 4 GiB or more")?;
-                    frame.extend_from_slice(&(i - first).to_le_bytes());
-                    frame.extend_from_slice(&row_len.to_le_bytes());
-                    for piece in pieces {
-                        frame.extend_from_slice(piece);
-                    }
-                    *counted.entry(i).or_default() += len as u64;
-                    total += len as u64;
+                    frames::push_record(frame, i - first, pieces)?;
+                    let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+                    *counted.entry(i).or_default() += len;
+                    total += len;
                     if frame.len() >= frame_bytes {
-                        sweep.append(p, table_index as u32, frame)?;
+                        sweep.append(p, slice.table as u32, frame)?;
                         if frame.capacity() > 4 * frame_bytes {
                             // A huge row passed: its room is not kept for small ones.
                             *frame = Vec::new();
@@ -361,7 +253,7 @@ impl Exporter {
         splitter.finish().map_err(&fail)?;
         for (p, frame) in frames.iter_mut().enumerate() {
             if !frame.is_empty() {
-                sweep.append(p, table_index as u32, frame).map_err(&fail)?;
+                sweep.append(p, slice.table as u32, frame).map_err(&fail)?;
             }
         }
         let mut bytes = lock(&sweep.bytes);
@@ -384,9 +276,11 @@ impl Exporter {
         Ok(())
     }
 
-    /// One partition's tenants: gathered from the scratch a group at a time (as many as
-    /// memory holds, by their counted bytes) and written as archives. A tenant that alone
-    /// would not fit is streamed from the scratch into its archive, a table at a time.
+    /// One partition's tenants, gathered a group at a time (as many as memory holds, by
+    /// their counted bytes) and written as archives; a tenant that alone would not fit is
+    /// streamed into its archive a table at a time. With more than two groups the partition
+    /// is first split into a file per group: reading it whole once per group would cost its
+    /// size times the groups.
     pub(super) async fn gather(
         &self,
         partition: usize,
@@ -403,79 +297,136 @@ impl Exporter {
             sweep.division.bounds[partition + 1],
         );
         let bytes: Vec<u64> = lock(&sweep.bytes)[start..end].to_vec();
-        let scratch = sweep.take(partition).map_err(failed)?;
         let memory = self.run_memory as u64;
         // What gathering a tenant may take: its buffers grow by doubling.
         let cost = |b: u64| 2 * b + PER_RUN * tables.len() as u64;
-        let (mut passes, mut streamed) = (0, 0);
-        let mut done = Vec::with_capacity(end - start);
+        // (first tenant, end, streamed)
+        let mut groups: Vec<(usize, usize, bool)> = Vec::new();
         let mut at = start;
         while at < end {
             if cost(bytes[at - start]) > memory {
-                done.push(self.stream_tenant(&scratch, at, &tables).await?);
-                streamed += 1;
+                groups.push((at, at + 1, true));
                 at += 1;
                 continue;
             }
-            let mut group_end = at;
             let mut total = 0;
-            while group_end < end && total + cost(bytes[group_end - start]) <= memory {
-                total += cost(bytes[group_end - start]);
-                group_end += 1;
+            let group = at;
+            while at < end && total + cost(bytes[at - start]) <= memory {
+                total += cost(bytes[at - start]);
+                at += 1;
             }
-            done.extend(self.gather_group(&scratch, at, group_end, &tables).await?);
-            passes += 1;
-            at = group_end;
+            groups.push((group, at, false));
+        }
+        let file = sweep.take(partition).map_err(failed)?;
+        let split = groups.len() > 2;
+        let (key, files) = if split {
+            let key = FrameKey::generate();
+            let files = self
+                .split(file, start, &groups, &key, tables.len())
+                .map_err(failed)?;
+            (Some(key), files)
+        } else {
+            (None, vec![file])
+        };
+        let key = key.as_ref().unwrap_or(&sweep.key);
+        let mut done = Vec::with_capacity(end - start);
+        for (g, &(first, last, streamed)) in groups.iter().enumerate() {
+            let scratch = Scratch {
+                file: &files[if split { g } else { 0 }],
+                key,
+                first: start,
+            };
+            if streamed {
+                done.push(self.stream_tenant(&scratch, first, &tables).await?);
+            } else {
+                done.extend(self.gather_group(&scratch, first, last, &tables).await?);
+            }
         }
         tracing::debug!(
             partition,
             tenants = end - start,
             copy_bytes = bytes.iter().sum::<u64>(),
-            passes,
-            streamed,
+            groups = groups.len(),
+            streamed = groups.iter().filter(|g| g.2).count(),
+            split,
             seconds = started.elapsed().as_secs_f64(),
             "partition gathered"
         );
-        // The scratch file is closed (its space freed) here.
+        // The scratch files are closed (their space freed) here.
         Ok(done)
     }
 
-    /// Tenants `start..end` of the sweep (all of `scratch`'s partition), gathered in one pass
-    /// over its file and written as archives.
+    /// A partition's `file` (its tenants numbered from `first`) split into a file per group
+    /// of `groups`, sealed with `key`; the partition's file is closed once read.
+    fn split(
+        &self,
+        file: FrameFile,
+        first: usize,
+        groups: &[(usize, usize, bool)],
+        key: &FrameKey,
+        tables: usize,
+    ) -> Result<Vec<FrameFile>, String> {
+        let mut files = (0..groups.len())
+            .map(|g| FrameFile::create(&self.scratch, g as u32))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("creating a scratch file in {}: {e}", self.scratch.display()))?;
+        let frame_bytes = frame_bytes(groups.len() * tables);
+        let mut buffers: Vec<Vec<u8>> = vec![Vec::new(); groups.len() * tables];
+        let scratch = Scratch {
+            file: &file,
+            key: &self.sweep().key,
+            first,
+        };
+        scratch.each(None, |table, tenant, row| {
+            let table = table as usize;
+            if table >= tables {
+                return Err("a scratch frame names no table".into());
+            }
+            let g = groups.partition_point(|group| group.0 <= tenant) - 1;
+            let buffer = &mut buffers[g * tables + table];
+            frames::push_record(buffer, (tenant - first) as u32, &[row])?;
+            if buffer.len() >= frame_bytes {
+                files[g].append(key, table as u32, frames::compress(buffer)?)?;
+            }
+            Ok(())
+        })?;
+        for (i, buffer) in buffers.iter_mut().enumerate() {
+            if !buffer.is_empty() {
+                files[i / tables].append(key, (i % tables) as u32, frames::compress(buffer)?)?;
+            }
+        }
+        Ok(files)
+    }
+
+    /// Tenants `start..end` of the sweep, gathered in one pass over `scratch` and written as
+    /// archives.
     async fn gather_group(
         &self,
-        scratch: &Scratch,
+        scratch: &Scratch<'_>,
         start: usize,
         end: usize,
         tables: &[&Table],
     ) -> Result<Vec<(Option<String>, ArchiveEntry)>, SnapshotError> {
-        let sweep = self.sweep();
         let mut memory = self.run_memory;
         let mut gathers: Vec<Gather> = tables.iter().map(|_| Gather::new(end - start)).collect();
-        let mut frames = scratch.frames(sweep, None);
-        let read = (|| {
-            while let Some((table, frame)) = frames.next()? {
+        scratch
+            .each(None, |table, tenant, row| {
                 let gather = gathers
                     .get_mut(table as usize)
                     .ok_or("a scratch frame names no table")?;
-                for record in records(scratch.first, &frame) {
-                    let (tenant, row) = record?;
-                    let tenant = tenant as usize;
-                    if (start..end).contains(&tenant)
-                        && !gather.push((tenant - start) as u32, &[row], &mut memory)
-                    {
-                        return Err("a partition's rows outgrew their counted bytes".to_string());
-                    }
+                if (start..end).contains(&tenant)
+                    && !gather.push((tenant - start) as u32, &[row], &mut memory)
+                {
+                    return Err("a partition's rows outgrew their counted bytes".into());
                 }
-            }
-            Ok(())
-        })();
-        read.map_err(|message| SnapshotError::Export {
-            table: "(sweep)".into(),
-            message,
-        })?;
+                Ok(())
+            })
+            .map_err(|message| SnapshotError::Export {
+                table: "(sweep)".into(),
+                message,
+            })?;
         let readers = gathers.into_iter().map(Gather::into_runs).collect();
-        self.write_archives(&sweep.division.swept[start..end], tables, readers)
+        self.write_archives(&self.sweep().division.swept[start..end], tables, readers)
             .await
     }
 
@@ -483,13 +434,12 @@ impl Exporter {
     /// table's frames read from `scratch` in turn, its rows streamed into the archive.
     async fn stream_tenant(
         &self,
-        scratch: &Scratch,
+        scratch: &Scratch<'_>,
         tenant: usize,
         tables: &[&Table],
     ) -> Result<(Option<String>, ArchiveEntry), SnapshotError> {
         let started = std::time::Instant::now();
-        let sweep = self.sweep();
-        let name = &sweep.division.swept[tenant];
+        let name = &self.sweep().division.swept[tenant];
         let failed = |table: &Table| {
             let table = table.qualified();
             move |message: String| SnapshotError::Export { table, message }
@@ -503,39 +453,18 @@ impl Exporter {
             .await?;
         let mut rows = BTreeMap::new();
         for (index, table) in tables.iter().enumerate() {
-            let binary = table.copy_format() == CopyFormat::Binary;
-            writer
-                .write(&archive::table_record(&table_header(table)))
-                .await?;
-            let mut pending = BytesMut::new();
-            if binary {
-                pending.extend_from_slice(BINARY_HEADER);
-            }
-            let mut n = 0;
-            let mut frames = scratch.frames(sweep, Some(index as u32));
+            let mut section = Section::start(&mut writer, table).await?;
+            // Frame by frame, so that the archive is written between them.
+            let mut frames = scratch.file.frames(scratch.key, Some(index as u32));
             while let Some((_, frame)) = frames.next().map_err(failed(table))? {
-                for record in records(scratch.first, &frame) {
+                for record in frames::records(&frame) {
                     let (of, row) = record.map_err(failed(table))?;
-                    if of as usize != tenant {
-                        continue;
-                    }
-                    n += 1;
-                    for piece in row.chunks(archive::DATA_RECORD) {
-                        pending.extend_from_slice(piece);
-                        if pending.len() >= archive::DATA_RECORD {
-                            flush_data(&mut writer, &mut pending).await?;
-                        }
+                    if scratch.first + of as usize == tenant {
+                        section.push(&mut writer, row, 1).await?;
                     }
                 }
             }
-            if binary {
-                pending.extend_from_slice(BINARY_TRAILER);
-            }
-            if !pending.is_empty() {
-                flush_data(&mut writer, &mut pending).await?;
-            }
-            writer.write(&archive::table_end_record(n)).await?;
-            rows.insert(table.qualified(), n);
+            rows.insert(table.qualified(), section.end(&mut writer).await?);
         }
         writer
             .write(&archive::end_record(tables.len() as u64))
@@ -577,32 +506,11 @@ impl Exporter {
                 .await?;
             let mut rows = BTreeMap::new();
             for (table, reader) in tables.iter().zip(&mut readers) {
-                let binary = table.copy_format() == CopyFormat::Binary;
-                writer
-                    .write(&archive::table_record(&table_header(table)))
-                    .await?;
-                let mut pending = BytesMut::new();
-                if binary {
-                    pending.extend_from_slice(BINARY_HEADER);
-                }
-                let mut n = 0;
+                let mut section = Section::start(&mut writer, table).await?;
                 if let Some((run, bytes)) = reader.next_for(position as u32) {
-                    n = run.rows;
-                    for piece in bytes.chunks(archive::DATA_RECORD) {
-                        pending.extend_from_slice(piece);
-                        if pending.len() >= archive::DATA_RECORD {
-                            flush_data(&mut writer, &mut pending).await?;
-                        }
-                    }
+                    section.push(&mut writer, &bytes, run.rows).await?;
                 }
-                if binary {
-                    pending.extend_from_slice(BINARY_TRAILER);
-                }
-                if !pending.is_empty() {
-                    flush_data(&mut writer, &mut pending).await?;
-                }
-                writer.write(&archive::table_end_record(n)).await?;
-                rows.insert(table.qualified(), n);
+                rows.insert(table.qualified(), section.end(&mut writer).await?);
             }
             writer
                 .write(&archive::end_record(tables.len() as u64))
@@ -628,95 +536,57 @@ impl Exporter {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One table's section of an archive, written from its COPY bytes as they come: data records
+/// of about [`archive::DATA_RECORD`] (a binary stream with its own header and trailer).
+struct Section {
+    pending: BytesMut,
+    binary: bool,
+    rows: u64,
+}
 
-    fn record(tenant: u32, row: &[u8]) -> Vec<u8> {
-        let mut out = tenant.to_le_bytes().to_vec();
-        out.extend_from_slice(&(row.len() as u32).to_le_bytes());
-        out.extend_from_slice(row);
-        out
+impl Section {
+    async fn start(writer: &mut ObjectWriter, table: &Table) -> Result<Self, RepositoryError> {
+        writer
+            .write(&archive::table_record(&table_header(table)))
+            .await?;
+        let binary = table.copy_format() == CopyFormat::Binary;
+        let mut pending = BytesMut::new();
+        if binary {
+            pending.extend_from_slice(BINARY_HEADER);
+        }
+        Ok(Self {
+            pending,
+            binary,
+            rows: 0,
+        })
     }
 
-    fn sweep(dir: &std::path::Path) -> Sweep {
-        let division = Division {
-            alone: Vec::new(),
-            swept: vec!["a".into(), "b".into(), "c".into()],
-            bounds: vec![0, 1, 3],
-        };
-        Sweep::new(division, 1, dir).unwrap()
-    }
-
-    fn all(frames: &mut Frames<'_>, first: u32) -> Vec<(u32, u32, Vec<u8>)> {
-        let mut out = Vec::new();
-        while let Some((table, frame)) = frames.next().unwrap() {
-            for r in records(first, &frame) {
-                let (tenant, row) = r.unwrap();
-                out.push((table, tenant, row.to_vec()));
+    /// Adds `bytes`, `rows` whole rows.
+    async fn push(
+        &mut self,
+        writer: &mut ObjectWriter,
+        bytes: &[u8],
+        rows: u64,
+    ) -> Result<(), RepositoryError> {
+        self.rows += rows;
+        for piece in bytes.chunks(archive::DATA_RECORD) {
+            self.pending.extend_from_slice(piece);
+            if self.pending.len() >= archive::DATA_RECORD {
+                flush_data(writer, &mut self.pending).await?;
             }
         }
-        out
+        Ok(())
     }
 
-    #[test]
-    fn frames_read_back_in_order_or_by_table_and_nothing_plain_is_on_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let sweep = sweep(dir.path());
-        // Partition 1 holds tenants 1 and 2 ("b", "c"); records number them from 0.
-        // Incompressible: zstd would store it as it is, only sealing hides it.
-        let secret: Vec<u8> = (0..500).map(|_| fastrand::u8(..)).collect();
-        let mut frame = [record(0, &secret), record(1, b"c1")].concat();
-        sweep.append(1, 0, &mut frame).unwrap();
-        assert!(frame.is_empty(), "the frame is emptied for the next rows");
-        let mut frame = record(1, b"c2");
-        sweep.append(1, 4, &mut frame).unwrap();
-        assert_eq!(
-            std::fs::read_dir(dir.path()).unwrap().count(),
-            0,
-            "unlinked"
-        );
-
-        let scratch = sweep.take(1).unwrap();
-        assert!(sweep.take(1).is_err(), "a partition is gathered once");
-        let mut on_disk = vec![0; scratch.end as usize];
-        scratch.file.read_exact_at(&mut on_disk, 0).unwrap();
-        assert!(!on_disk.windows(16).any(|w| w == &secret[..16]));
-
-        assert_eq!(
-            all(&mut scratch.frames(&sweep, None), scratch.first),
-            [
-                (0, 1, secret.clone()),
-                (0, 2, b"c1".to_vec()),
-                (4, 2, b"c2".to_vec())
-            ]
-        );
-        assert_eq!(
-            all(&mut scratch.frames(&sweep, Some(4)), scratch.first),
-            [(4, 2, b"c2".to_vec())]
-        );
-        assert!(all(&mut scratch.frames(&sweep, Some(1)), scratch.first).is_empty());
-    }
-
-    #[test]
-    fn a_changed_scratch_frame_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        let sweep = sweep(dir.path());
-        let mut frame = record(0, b"a1");
-        sweep.append(0, 2, &mut frame).unwrap();
-        let scratch = sweep.take(0).unwrap();
-        // The table in the clear header is authenticated too.
-        scratch.file.write_all_at(&3u32.to_le_bytes(), 8).unwrap();
-        let error = scratch.frames(&sweep, None).next().unwrap_err();
-        assert!(error.contains("does not open"), "{error}");
-    }
-
-    #[test]
-    fn truncated_records_are_refused() {
-        let frame = record(0, b"abc");
-        let cut = &frame[..frame.len() - 1];
-        let out: Vec<_> = records(0, cut).collect();
-        assert_eq!(out.len(), 1);
-        assert!(out[0].is_err());
+    /// Ends the section; returns its rows.
+    async fn end(mut self, writer: &mut ObjectWriter) -> Result<u64, RepositoryError> {
+        if self.binary {
+            self.pending.extend_from_slice(BINARY_TRAILER);
+        }
+        if !self.pending.is_empty() {
+            flush_data(writer, &mut self.pending).await?;
+        }
+        writer.write(&archive::table_end_record(self.rows)).await?;
+        Ok(self.rows)
     }
 }
