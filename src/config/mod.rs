@@ -144,8 +144,8 @@ pub struct StreamConfig {
     /// Packs per stream index object (`changes/index/`).
     #[serde(default = "default_index_window")]
     pub index_window: usize,
-    /// Where large packs and in-progress large transactions wait, encrypted (default: the
-    /// system's temporary directory).
+    /// Where large packs, in-progress large transactions and a snapshot's scratch partitions
+    /// wait, encrypted (default: the system's temporary directory).
     #[serde(default)]
     pub spool_dir: Option<std::path::PathBuf>,
 }
